@@ -1,0 +1,91 @@
+"""pikku_mq: remote function calls between the instances of a distributed application.
+
+Instances register in a discovery store and keep themselves alive with heartbeats;
+``await rpc.remote("greet", data)`` finds an instance hosting ``greet`` and calls it. It is the Python
+counterpart of the remote RPC of the TypeScript framework Pikku, wire-compatible with it over HTTP.
+"""
+
+from ._errors import (
+    BadRequestError,
+    ConfigurationError,
+    DeadlineExceededError,
+    EndpointUnreachableError,
+    ForbiddenError,
+    FunctionNotFoundError,
+    InputValidationError,
+    InternalServerError,
+    LoopDetectedError,
+    MethodNotAllowedError,
+    MissingSessionError,
+    NotFoundError,
+    OutputValidationError,
+    PayloadTooLargeError,
+    PikkuMQError,
+    ProtocolError,
+    RemoteError,
+    RoutingError,
+    ServiceUnavailableError,
+    TransportError,
+    UnauthorizedError,
+    UnprocessableContentError,
+    UnsupportedMediaTypeError,
+)
+from ._functions import FunctionDefinition, FunctionRegistry, default_registry, pikku_func, pikku_sessionless_func
+from ._rpc import RPC, Wire
+from ._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
+from ._worker import PikkuWorker
+from .backends import DeploymentService, MemoryDeploymentService, MemoryRegistry, deployment_service_from_url
+from .backends.sqlalchemy import SqlAlchemyDeploymentService
+from .backends.sqlite import SqliteDeploymentService
+from .transports import AiohttpTransport, HttpxTransport, MemoryTransport, PikkuASGIApp, TransportSet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AiohttpTransport",
+    "BadRequestError",
+    "ConfigurationError",
+    "DeadlineExceededError",
+    "DeploymentConfig",
+    "DeploymentInfo",
+    "DeploymentRecord",
+    "DeploymentService",
+    "EndpointUnreachableError",
+    "ForbiddenError",
+    "FunctionDefinition",
+    "FunctionNotFoundError",
+    "FunctionRegistry",
+    "HttpxTransport",
+    "InputValidationError",
+    "InternalServerError",
+    "LoopDetectedError",
+    "MemoryDeploymentService",
+    "MemoryRegistry",
+    "MemoryTransport",
+    "MethodNotAllowedError",
+    "MissingSessionError",
+    "NotFoundError",
+    "OutputValidationError",
+    "PayloadTooLargeError",
+    "PikkuASGIApp",
+    "PikkuMQError",
+    "PikkuWorker",
+    "ProtocolError",
+    "RPC",
+    "RemoteError",
+    "RoutingError",
+    "ServiceUnavailableError",
+    "SqlAlchemyDeploymentService",
+    "SqliteDeploymentService",
+    "TransportError",
+    "TransportSet",
+    "UnauthorizedError",
+    "UnprocessableContentError",
+    "UnsupportedMediaTypeError",
+    "Wire",
+    "__version__",
+    "default_registry",
+    "deployment_service_from_url",
+    "pikku_func",
+    "pikku_sessionless_func",
+]

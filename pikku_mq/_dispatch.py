@@ -1,0 +1,216 @@
+"""The serving side, shared by every transport: admit a call, run the function, account for it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ._errors import (
+    BadRequestError,
+    DeadlineExceededError,
+    InternalServerError,
+    LoopDetectedError,
+    OutputValidationError,
+    PikkuMQError,
+    ServiceUnavailableError,
+    function_not_found,
+)
+from ._functions import FunctionDefinition, FunctionRegistry
+from ._rpc import RPC, Wire, run_function
+from ._types import DEFAULT_TIMEOUT, HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP, HEADER_REQUEST_ID, MAX_HOPS
+
+if TYPE_CHECKING:
+    from .backends.base import DeploymentService
+
+__all__ = ["Admitted", "Dispatcher", "Outcome"]
+
+logger = logging.getLogger(__name__)
+
+
+class Admitted:
+    """A call that passed admission: its function and the wire it runs with."""
+
+    __slots__ = ("definition", "wire")
+
+    def __init__(self, definition: FunctionDefinition, wire: Wire) -> None:
+        self.definition = definition
+        self.wire = wire
+
+
+class Outcome:
+    """The result of serving one call, ready for a transport to encode.
+
+    Either ``error`` is set, or ``definition`` and ``result`` are. ``rejected`` marks a call that was
+    declined before its function started.
+    """
+
+    __slots__ = ("definition", "error", "rejected", "result")
+
+    def __init__(
+        self,
+        *,
+        definition: FunctionDefinition | None = None,
+        result: Any = None,
+        error: PikkuMQError | None = None,
+        rejected: bool = False,
+    ) -> None:
+        self.definition = definition
+        self.result = result
+        self.error = error
+        self.rejected = rejected
+
+    def encode_json(self) -> tuple[int, bytes]:
+        """Return the HTTP status and JSON body; a result that cannot be serialised becomes a 500."""
+        if self.error is None:
+            assert self.definition is not None
+            try:
+                return 200, self.definition.dump_json(self.result)
+            except OutputValidationError as exc:
+                self.error = exc
+        return self.error.http_status, json.dumps(self.error.to_envelope()).encode()
+
+    def encode_python(self) -> tuple[int, Any]:
+        """Return the status and a JSON-compatible body (for msgpack and the in-memory transport)."""
+        if self.error is None:
+            assert self.definition is not None
+            try:
+                return 200, self.definition.dump_python(self.result)
+            except OutputValidationError as exc:
+                self.error = exc
+        return self.error.http_status, self.error.to_envelope()
+
+
+class Dispatcher:
+    """Runs exposed functions for the transports and tracks the calls in flight for draining."""
+
+    def __init__(
+        self,
+        registry: FunctionRegistry,
+        *,
+        services: Any = None,
+        deployment_service: DeploymentService | None = None,
+        deployment_id: str = "",
+        default_timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.registry = registry
+        self.services = services
+        self.deployment_service = deployment_service
+        self.deployment_id = deployment_id
+        self.default_timeout = default_timeout
+        self.draining = False
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def handle(self, name: str, data: Any, headers: Mapping[str, str]) -> Outcome:
+        """Admit and run one call; every failure becomes an error outcome, none is raised."""
+        try:
+            admitted = self.admit(name, headers)
+        except PikkuMQError as exc:
+            return Outcome(error=exc, rejected=isinstance(exc, ServiceUnavailableError))
+        try:
+            result = await self.execute(admitted, data)
+        except PikkuMQError as exc:
+            return Outcome(error=exc)
+        return Outcome(definition=admitted.definition, result=result)
+
+    def admit(self, name: str, headers: Mapping[str, str]) -> Admitted:
+        """Check a call before it runs; raise the error to send back if it cannot run.
+
+        A :class:`ServiceUnavailableError` raised here means the function did not start, so the
+        transport marks the reply as rejected and the caller may try another instance.
+        """
+        if self.draining:
+            raise ServiceUnavailableError(
+                f"instance '{self.deployment_id}' is draining and takes no new calls",
+                payload={"deployment_id": self.deployment_id},
+            )
+
+        definition = self.registry.get(name)
+        if definition is None or not definition.expose:
+            raise function_not_found(name)
+
+        budget = _header_float(headers, HEADER_DEADLINE, default=self.default_timeout * 1000.0) / 1000.0
+        if budget <= 0:
+            raise DeadlineExceededError(f"call to '{name}' arrived after its deadline had passed")
+        hop = int(_header_float(headers, HEADER_HOP, default=0))
+        if hop > MAX_HOPS:
+            raise LoopDetectedError(f"call to '{name}' was forwarded {hop} times; the limit is {MAX_HOPS}")
+
+        trace_id = headers.get(HEADER_REQUEST_ID) or uuid.uuid4().hex
+        call_id = headers.get(HEADER_CALL_ID) or uuid.uuid4().hex
+        deadline = time.monotonic() + budget
+        rpc = RPC(
+            registry=self.registry,
+            services=self.services,
+            deployment_service=self.deployment_service,
+            trace_id=trace_id,
+            deadline=deadline,
+            hop=hop,
+        )
+        wire = Wire(rpc=rpc, session=None, trace_id=trace_id, call_id=call_id, deadline=deadline, hop=hop)
+        return Admitted(definition, wire)
+
+    async def execute(self, admitted: Admitted, data: Any) -> Any:
+        """Run an admitted call within its deadline and return the validated result."""
+        definition, wire = admitted.definition, admitted.wire
+        self._enter()
+        try:
+            async with asyncio.timeout(wire.remaining):
+                return await run_function(definition, self.services, data, wire)
+        except TimeoutError as exc:
+            if isinstance(exc, PikkuMQError):
+                raise
+            raise DeadlineExceededError(
+                f"function '{definition.name}' did not finish before the call's deadline"
+            ) from None
+        except PikkuMQError:
+            raise
+        except Exception as exc:
+            error = InternalServerError(f"function '{definition.name}' raised {type(exc).__name__}")
+            logger.exception(
+                "function %s raised %s (errorId=%s, trace_id=%s)",
+                definition.name,
+                type(exc).__name__,
+                error.error_id,
+                wire.trace_id,
+            )
+            raise error from exc
+        finally:
+            self._leave()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in flight; return False if some still are after ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def _leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+
+def _header_float(headers: Mapping[str, str], name: str, *, default: float) -> float:
+    raw = headers.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequestError(f"header {name} must be a number, got {raw[:40]!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise BadRequestError(f"header {name} must be a finite number, got {raw[:40]!r}")
+    return value

@@ -1,0 +1,245 @@
+"""Function definitions: the decorators, the registry and validation against type hints."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar, overload
+
+import pydantic
+import pydantic_core
+
+from ._errors import ConfigurationError, InputValidationError, OutputValidationError
+
+__all__ = [
+    "FunctionDefinition",
+    "FunctionRegistry",
+    "default_registry",
+    "pikku_func",
+    "pikku_sessionless_func",
+]
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+_ANY_ADAPTER: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(Any)
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionDefinition:
+    """A registered function with its options and the validators built from its type hints.
+
+    The adapters are built once here, because a ``TypeAdapter`` built per call costs about a hundred
+    times more than a reused one.
+    """
+
+    name: str
+    func: Callable[..., Awaitable[Any]]
+    expose: bool
+    idempotent: bool
+    auth: bool
+    arity: int
+    input_adapter: pydantic.TypeAdapter[Any] | None
+    output_adapter: pydantic.TypeAdapter[Any] | None
+
+    def validate_input(self, data: Any) -> Any:
+        """Return ``data`` converted to the input type, or raise :class:`InputValidationError`."""
+        if self.input_adapter is None:
+            return data
+        try:
+            return self.input_adapter.validate_python(data)
+        except pydantic.ValidationError as exc:
+            raise InputValidationError(
+                f"invalid input for function '{self.name}': {_describe(exc)}",
+                payload=_error_list(exc),
+            ) from None
+
+    def validate_output(self, result: Any) -> Any:
+        """Return ``result`` checked against the output type, or raise :class:`OutputValidationError`."""
+        if self.output_adapter is None:
+            return result
+        try:
+            return self.output_adapter.validate_python(result)
+        except pydantic.ValidationError as exc:
+            raise OutputValidationError(
+                f"function '{self.name}' returned a value that does not match its return type: {_describe(exc)}",
+                payload=_error_list(exc),
+            ) from None
+
+    def dump_json(self, result: Any) -> bytes:
+        """Serialise a validated result to JSON bytes, or raise :class:`OutputValidationError`."""
+        adapter = self.output_adapter or _ANY_ADAPTER
+        try:
+            return adapter.dump_json(result)
+        except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
+            raise OutputValidationError(f"the result of function '{self.name}' cannot be serialised: {exc}") from None
+
+    def dump_python(self, result: Any) -> Any:
+        """Convert a validated result to JSON-compatible Python values (for msgpack)."""
+        adapter = self.output_adapter or _ANY_ADAPTER
+        try:
+            return adapter.dump_python(result, mode="json")
+        except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
+            raise OutputValidationError(f"the result of function '{self.name}' cannot be serialised: {exc}") from None
+
+
+class FunctionRegistry:
+    """Functions by name. A worker serves the exposed ones; ``rpc.invoke`` runs any of them locally."""
+
+    def __init__(self) -> None:
+        self._functions: dict[str, FunctionDefinition] = {}
+
+    def add(self, definition: FunctionDefinition) -> None:
+        existing = self._functions.get(definition.name)
+        if existing is not None and _origin(existing.func) != _origin(definition.func):
+            raise ConfigurationError(
+                f"function name '{definition.name}' is already registered by "
+                f"{_origin(existing.func)}; pass name= to register {_origin(definition.func)} under another name"
+            )
+        self._functions[definition.name] = definition
+
+    def get(self, name: str) -> FunctionDefinition | None:
+        return self._functions.get(name)
+
+    def exposed_names(self) -> list[str]:
+        return sorted(name for name, d in self._functions.items() if d.expose)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._functions
+
+    def __iter__(self) -> Iterator[FunctionDefinition]:
+        return iter(list(self._functions.values()))
+
+    def __len__(self) -> int:
+        return len(self._functions)
+
+
+default_registry = FunctionRegistry()
+
+
+@overload
+def pikku_func(func: F, /) -> F: ...
+@overload
+def pikku_func(
+    *,
+    name: str | None = None,
+    expose: bool = False,
+    idempotent: bool = False,
+    auth: bool = True,
+    registry: FunctionRegistry | None = None,
+) -> Callable[[F], F]: ...
+def pikku_func(
+    func: F | None = None,
+    /,
+    *,
+    name: str | None = None,
+    expose: bool = False,
+    idempotent: bool = False,
+    auth: bool = True,
+    registry: FunctionRegistry | None = None,
+) -> F | Callable[[F], F]:
+    """Register ``async def f(services, data, wire)`` as a pikku function.
+
+    ``expose=True`` makes it callable from other instances; ``idempotent=True`` allows a retry after
+    a failure that leaves it unknown whether the call ran; ``auth=True`` (the default) rejects a call
+    that carries no session with :class:`MissingSessionError`. The function object is returned
+    unchanged, so it can still be called directly.
+    """
+
+    def decorate(f: F) -> F:
+        definition = define_function(f, name=name, expose=expose, idempotent=idempotent, auth=auth)
+        (registry or default_registry).add(definition)
+        f.__pikku__ = definition  # type: ignore[attr-defined]
+        return f
+
+    return decorate(func) if func is not None else decorate
+
+
+@overload
+def pikku_sessionless_func(func: F, /) -> F: ...
+@overload
+def pikku_sessionless_func(
+    *,
+    name: str | None = None,
+    expose: bool = False,
+    idempotent: bool = False,
+    registry: FunctionRegistry | None = None,
+) -> Callable[[F], F]: ...
+def pikku_sessionless_func(
+    func: F | None = None,
+    /,
+    *,
+    name: str | None = None,
+    expose: bool = False,
+    idempotent: bool = False,
+    registry: FunctionRegistry | None = None,
+) -> F | Callable[[F], F]:
+    """Register a function that runs without a session (``pikku_func`` with ``auth=False``)."""
+    decorator = pikku_func(name=name, expose=expose, idempotent=idempotent, auth=False, registry=registry)
+    return decorator(func) if func is not None else decorator
+
+
+def define_function(
+    func: Callable[..., Awaitable[Any]],
+    *,
+    name: str | None = None,
+    expose: bool = False,
+    idempotent: bool = False,
+    auth: bool = True,
+) -> FunctionDefinition:
+    """Build a :class:`FunctionDefinition` from an async function and its type hints."""
+    if not inspect.iscoroutinefunction(func):
+        raise TypeError(f"{_origin(func)} must be an 'async def' function to be a pikku function")
+
+    parameters = [
+        p for p in inspect.signature(func).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if not 1 <= len(parameters) <= 3:
+        raise TypeError(
+            f"{_origin(func)} must take (services), (services, data) or (services, data, wire); "
+            f"it takes {len(parameters)} positional parameters"
+        )
+
+    signature = inspect.signature(func)
+    input_type = _resolve_hint(func, parameters[1].annotation) if len(parameters) >= 2 else Any
+    output_type = _resolve_hint(func, signature.return_annotation)
+    return FunctionDefinition(
+        name=name or func.__name__,
+        func=func,
+        expose=expose,
+        idempotent=idempotent,
+        auth=auth,
+        arity=len(parameters),
+        input_adapter=None if input_type is Any else pydantic.TypeAdapter(input_type),
+        output_adapter=None if output_type is Any else pydantic.TypeAdapter(output_type),
+    )
+
+
+def _resolve_hint(func: Callable[..., Any], annotation: Any) -> Any:
+    """Resolve one annotation, so an unresolvable hint on an unused parameter (say ``wire``) is harmless."""
+    if annotation is inspect.Parameter.empty:
+        return Any
+    if not isinstance(annotation, str):
+        return annotation
+    try:
+        # Postponed annotations are evaluated in the function's module, as typing.get_type_hints does.
+        return eval(annotation, dict(getattr(func, "__globals__", {})))  # noqa: S307
+    except NameError as exc:
+        raise TypeError(f"cannot resolve the type hint {annotation!r} of {_origin(func)}: {exc}") from None
+
+
+def _origin(func: Callable[..., Any]) -> str:
+    return f"{func.__module__}.{func.__qualname__}"
+
+
+def _error_list(exc: pydantic.ValidationError) -> list[dict[str, Any]]:
+    errors = exc.errors(include_url=False, include_context=False, include_input=False)
+    return [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
+
+
+def _describe(exc: pydantic.ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False, include_context=False, include_input=False):
+        location = ".".join(str(part) for part in error["loc"]) or "data"
+        parts.append(f"{location}: {error['msg']}")
+    return "; ".join(parts)

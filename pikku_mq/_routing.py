@@ -1,0 +1,205 @@
+"""Caller-side routing: a cache of lookups, round-robin balancing and failover."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import (
+    DeadlineExceededError,
+    EndpointUnreachableError,
+    PikkuMQError,
+    RoutingError,
+    TransportError,
+    error_from_envelope,
+    function_not_found,
+)
+from ._types import HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP, HEADER_REQUEST_ID, CallRequest, DeploymentInfo
+from .transports.base import Reply, TransportSet
+
+__all__ = ["Router"]
+
+logger = logging.getLogger(__name__)
+
+Lookup = Callable[[str], Awaitable[list[DeploymentInfo]]]
+
+_EMPTY_RESULT_TTL = 1.0
+"""Seconds to remember that no instance hosts a function, so a stream of such calls stays cheap."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    instances: list[DeploymentInfo]
+    expires: float
+
+
+class Router:
+    """Sends calls to live instances, looking them up through ``lookup`` at most once per ``cache_ttl``.
+
+    An instance whose endpoint refuses a connection is dropped from every cached list at once and
+    ignored for ``suspect_ttl`` seconds, and the call goes to the next instance.
+    """
+
+    def __init__(self, lookup: Lookup, transports: TransportSet, *, cache_ttl: float, suspect_ttl: float) -> None:
+        self._lookup = lookup
+        self.transports = transports
+        self._cache_ttl = cache_ttl
+        self._suspect_ttl = suspect_ttl
+        self._entries: dict[str, _Entry] = {}
+        self._pending: dict[str, asyncio.Future[list[DeploymentInfo]]] = {}
+        self._suspects: dict[str, float] = {}
+        self._counters: dict[str, itertools.count[int]] = {}
+
+    def invalidate(self, name: str | None = None) -> None:
+        """Forget cached lookups, of one function or of all."""
+        if name is None:
+            self._entries.clear()
+        else:
+            self._entries.pop(name, None)
+
+    def drop_instance(self, deployment_id: str) -> None:
+        """Remove an instance from every cached lookup and ignore it for ``suspect_ttl`` seconds."""
+        self._suspects[deployment_id] = time.monotonic() + self._suspect_ttl
+        for entry in self._entries.values():
+            entry.instances = [i for i in entry.instances if i.deployment_id != deployment_id]
+
+    async def call(
+        self,
+        name: str,
+        data: Any,
+        *,
+        deadline: float,
+        trace_id: str | None,
+        hop: int,
+        idempotent: bool,
+    ) -> Any:
+        """Call ``name`` on a live instance and return its result, or raise the error it returned.
+
+        The call moves to another instance when the first certainly did not run it (refused,
+        draining); after a failure that leaves this unknown it moves on only if ``idempotent``.
+        """
+        request = CallRequest(
+            name=name,
+            data=data,
+            headers={
+                HEADER_REQUEST_ID: trace_id or uuid.uuid4().hex,
+                HEADER_CALL_ID: uuid.uuid4().hex,
+                HEADER_HOP: str(hop),
+            },
+        )
+        tried: set[str] = set()
+        refreshed = False
+        while True:
+            instance = await self._pick(name, tried)
+            if instance is None and not refreshed and tried:
+                # Every cached instance failed; the registry may know of newer ones.
+                refreshed = True
+                self.invalidate(name)
+                instance = await self._pick(name, tried)
+            if instance is None:
+                raise self._no_instance(name, tried)
+
+            tried.add(instance.deployment_id)
+            reply = await self._attempt(instance, request, deadline, idempotent)
+            if reply is not None:
+                return _result(reply)
+
+    async def _attempt(
+        self, instance: DeploymentInfo, request: CallRequest, deadline: float, idempotent: bool
+    ) -> Reply | None:
+        """Send one attempt; return None if the call should move to another instance."""
+        endpoint = self._endpoint_for(instance)
+        transport = self.transports.for_endpoint(endpoint)
+        assert transport is not None  # _endpoint_for only returns endpoints with a transport
+
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceededError(f"call to '{request.name}' ran out of time before it could be sent")
+        request.headers[HEADER_DEADLINE] = str(int(remaining * 1000))
+
+        try:
+            reply = await transport.call(endpoint, request, remaining)
+        except EndpointUnreachableError as exc:
+            logger.info("instance %s at %s is unreachable, dropping it: %s", instance.deployment_id, endpoint, exc)
+            self.drop_instance(instance.deployment_id)
+            return None
+        except DeadlineExceededError:
+            raise
+        except TransportError as exc:
+            if not idempotent:
+                raise
+            logger.info("call to %s on %s failed, retrying (idempotent): %s", request.name, instance.deployment_id, exc)
+            return None
+
+        if reply.rejected:
+            logger.debug(
+                "instance %s rejected %s before running it; trying another", instance.deployment_id, request.name
+            )
+            return None
+        return reply
+
+    async def _pick(self, name: str, tried: set[str]) -> DeploymentInfo | None:
+        instances = await self._instances(name)
+        now = time.monotonic()
+        candidates = [
+            i for i in instances if i.deployment_id not in tried and self._suspects.get(i.deployment_id, 0.0) <= now
+        ]
+        if not candidates:
+            return None
+        counter = self._counters.setdefault(name, itertools.count())
+        return candidates[next(counter) % len(candidates)]
+
+    async def _instances(self, name: str) -> list[DeploymentInfo]:
+        entry = self._entries.get(name)
+        if entry is not None and entry.expires > time.monotonic():
+            return entry.instances
+
+        # One lookup per function at a time; concurrent callers share its result.
+        pending = self._pending.get(name)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[list[DeploymentInfo]] = asyncio.get_running_loop().create_future()
+        self._pending[name] = future
+        try:
+            found = [i for i in await self._lookup(name) if self._has_transport(i)]
+            ttl = self._cache_ttl if found else min(self._cache_ttl, _EMPTY_RESULT_TTL)
+            self._entries[name] = _Entry(found, time.monotonic() + ttl)
+            future.set_result(found)
+            return found
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters, if any, get it through shield
+            raise
+        finally:
+            del self._pending[name]
+
+    def _has_transport(self, instance: DeploymentInfo) -> bool:
+        return any(self.transports.supports(e) for e in (instance.endpoint, *instance.fallback_endpoints))
+
+    def _endpoint_for(self, instance: DeploymentInfo) -> str:
+        for endpoint in (instance.endpoint, *instance.fallback_endpoints):
+            if self.transports.supports(endpoint):
+                return endpoint
+        raise RoutingError(f"no transport for any endpoint of instance '{instance.deployment_id}'")
+
+    def _no_instance(self, name: str, tried: set[str]) -> PikkuMQError:
+        if tried:
+            return RoutingError(
+                f"no instance could take the call to '{name}'; tried {', '.join(sorted(tried))}",
+                payload={"function": name, "tried": sorted(tried)},
+            )
+        # Nothing hosts it: the same not-found error as for a hidden function, which rpc.exposed relies on.
+        return function_not_found(name)
+
+
+def _result(reply: Reply) -> Any:
+    if 200 <= reply.status < 300:
+        return reply.body
+    error: PikkuMQError = error_from_envelope(reply.status, reply.body)
+    raise error

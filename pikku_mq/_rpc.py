@@ -1,0 +1,210 @@
+"""RPC as Pikku defines it: ``invoke`` (local first), ``remote`` (always remote) and ``exposed``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from ._errors import (
+    ConfigurationError,
+    DeadlineExceededError,
+    LoopDetectedError,
+    MissingSessionError,
+    function_not_found,
+)
+from ._functions import FunctionDefinition, FunctionRegistry, default_registry
+from ._types import DEFAULT_TIMEOUT, MAX_HOPS
+
+if TYPE_CHECKING:
+    from .backends.base import DeploymentService
+
+__all__ = ["RPC", "Wire", "run_function"]
+
+_function_logger = logging.getLogger("pikku_mq.function")
+
+
+class Wire:
+    """What a function gets besides its services and data: RPC, the session, the trace id and deadline.
+
+    ``deadline`` is a :func:`time.monotonic` instant, or None when the call has no deadline (a local
+    call from application code without a timeout).
+    """
+
+    __slots__ = ("call_id", "deadline", "hop", "rpc", "session", "trace_id")
+
+    def __init__(
+        self,
+        *,
+        rpc: RPC,
+        session: Any,
+        trace_id: str,
+        call_id: str,
+        deadline: float | None,
+        hop: int = 0,
+    ) -> None:
+        self.rpc = rpc
+        self.session = session
+        self.trace_id = trace_id
+        self.call_id = call_id
+        self.deadline = deadline
+        self.hop = hop
+
+    @property
+    def remaining(self) -> float | None:
+        """Seconds left before the call's deadline (never negative), or None without a deadline."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic())
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger that adds the trace id and call id to each record's ``extra``."""
+        return logging.LoggerAdapter(_function_logger, {"trace_id": self.trace_id, "call_id": self.call_id})
+
+
+class RPC:
+    """Calls pikku functions by name, locally or through a deployment service.
+
+    Inside a function, ``wire.rpc`` is bound to the running call, so nested calls keep its trace id,
+    session and deadline and count one more hop. Application code can build its own::
+
+        rpc = RPC(deployment_service=SqliteDeploymentService("pikku.db"))
+        await rpc.remote("greet", {"name": "Ada"})
+    """
+
+    def __init__(
+        self,
+        *,
+        registry: FunctionRegistry | None = None,
+        services: Any = None,
+        deployment_service: DeploymentService | None = None,
+        session: Any = None,
+        trace_id: str | None = None,
+        deadline: float | None = None,
+        hop: int = 0,
+        default_timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        if default_timeout <= 0:
+            raise ConfigurationError(f"default_timeout must be positive seconds, got {default_timeout!r}")
+        self._registry = registry if registry is not None else default_registry
+        self._services = services
+        self._deployment_service = deployment_service
+        self._session = session
+        self._trace_id = trace_id
+        self._deadline = deadline
+        self._hop = hop
+        self._default_timeout = default_timeout
+
+    async def invoke(self, name: str, data: Any = None, *, timeout: float | None = None) -> Any:
+        """Run ``name`` here if this process has it, else remotely.
+
+        Only the registry decides where the call goes: an error raised while the local function runs,
+        not-found included, is raised to the caller and never re-sent to another instance.
+        """
+        definition = self._registry.get(name)
+        if definition is not None:
+            return await self._run_local(definition, data, timeout)
+        return await self.remote(name, data, timeout=timeout)
+
+    async def exposed(self, name: str, data: Any = None, *, timeout: float | None = None) -> Any:
+        """Run ``name`` only if it is exposed: here if this process has it, else remotely.
+
+        A hidden function raises the same :class:`FunctionNotFoundError` as a missing one.
+        """
+        definition = self._registry.get(name)
+        if definition is None:
+            return await self.remote(name, data, timeout=timeout)
+        if not definition.expose:
+            raise function_not_found(name)
+        return await self._run_local(definition, data, timeout)
+
+    async def remote(
+        self,
+        name: str,
+        data: Any = None,
+        *,
+        timeout: float | None = None,
+        idempotent: bool | None = None,
+    ) -> Any:
+        """Call ``name`` on an instance found through the deployment service, even if it is local.
+
+        ``timeout`` (seconds) shortens the deadline for this call; it never extends the deadline of
+        the call this one is part of. ``idempotent`` allows a retry after an uncertain failure; it
+        defaults to the flag of the local definition of ``name``, if this process has one.
+        """
+        if self._deployment_service is None:
+            raise ConfigurationError(
+                f"rpc.remote('{name}') needs a deployment service: pass deployment_service= to PikkuWorker "
+                "or RPC, or set PIKKU_DISCOVERY_URL (for example sqlite:///pikku.db)"
+            )
+        if self._hop + 1 > MAX_HOPS:
+            raise LoopDetectedError(f"call to '{name}' would exceed the hop limit of {MAX_HOPS}")
+
+        if idempotent is None:
+            definition = self._registry.get(name)
+            idempotent = definition.idempotent if definition is not None else False
+        return await self._deployment_service.call(
+            name,
+            data,
+            session=self._session,
+            trace_id=self._trace_id,
+            deadline=self._child_deadline(timeout if timeout is not None else self._default_timeout),
+            hop=self._hop + 1,
+            idempotent=idempotent,
+        )
+
+    async def _run_local(self, definition: FunctionDefinition, data: Any, timeout: float | None) -> Any:
+        deadline = self._child_deadline(timeout) if timeout is not None else self._deadline
+        trace_id = self._trace_id or uuid.uuid4().hex
+        rpc = RPC(
+            registry=self._registry,
+            services=self._services,
+            deployment_service=self._deployment_service,
+            session=self._session,
+            trace_id=trace_id,
+            deadline=deadline,
+            hop=self._hop,
+            default_timeout=self._default_timeout,
+        )
+        wire = Wire(
+            rpc=rpc,
+            session=self._session,
+            trace_id=trace_id,
+            call_id=uuid.uuid4().hex,
+            deadline=deadline,
+            hop=self._hop,
+        )
+        if deadline is None:
+            return await run_function(definition, self._services, data, wire)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await run_function(definition, self._services, data, wire)
+        except DeadlineExceededError:
+            raise
+        except TimeoutError:
+            raise DeadlineExceededError(f"function '{definition.name}' did not finish before its deadline") from None
+
+    def _child_deadline(self, timeout: float) -> float:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        deadline = time.monotonic() + timeout
+        if self._deadline is not None:
+            deadline = min(deadline, self._deadline)
+        return deadline
+
+
+async def run_function(definition: FunctionDefinition, services: Any, data: Any, wire: Wire) -> Any:
+    """Validate ``data``, check the session, run the function and return its validated result."""
+    value = definition.validate_input(data)
+    if definition.auth and wire.session is None:
+        raise MissingSessionError(
+            f"function '{definition.name}' needs a session and the call carried none; declare it with "
+            "pikku_sessionless_func (or auth=False) if it needs none"
+        )
+
+    arguments = (services, value, wire)[: definition.arity]
+    result = await definition.func(*arguments)
+    return definition.validate_output(result)

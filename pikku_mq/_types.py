@@ -1,0 +1,87 @@
+"""Plain data shared by the backends, transports and the worker."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "HEADER_CALL_ID",
+    "HEADER_DEADLINE",
+    "HEADER_HOP",
+    "HEADER_REQUEST_ID",
+    "MAX_HOPS",
+    "CallRequest",
+    "DeploymentConfig",
+    "DeploymentInfo",
+    "DeploymentRecord",
+]
+
+# Metadata headers, named the same on every transport.
+HEADER_REQUEST_ID = "x-request-id"
+HEADER_CALL_ID = "pikku-call-id"
+HEADER_DEADLINE = "pikku-deadline-ms"
+HEADER_HOP = "pikku-hop"
+
+DEFAULT_TIMEOUT = 30.0
+"""Default deadline of a remote call, in seconds."""
+
+MAX_HOPS = 16
+"""A call that has been forwarded this many times is rejected as a loop."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentConfig:
+    """What an instance registers: its id, its preferred endpoint, fallbacks and functions.
+
+    ``functions=None`` lets the worker register its exposed functions.
+    """
+
+    deployment_id: str
+    endpoint: str
+    functions: Sequence[str] | None = None
+    fallback_endpoints: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        if not self.deployment_id:
+            raise ValueError("deployment_id must not be empty")
+        if not self.endpoint:
+            raise ValueError("endpoint must not be empty")
+        if isinstance(self.functions, str):
+            raise TypeError("functions must be a sequence of function names, not a string")
+        if isinstance(self.fallback_endpoints, str):
+            raise TypeError("fallback_endpoints must be a sequence of URLs, not a string")
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentInfo:
+    """A live instance that hosts a function, as ``find_function`` returns it."""
+
+    deployment_id: str
+    endpoint: str
+    fallback_endpoints: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentRecord:
+    """One row of the registry, as ``list_deployments`` returns it (for ``pikku-mq ls``)."""
+
+    deployment_id: str
+    endpoint: str
+    functions: tuple[str, ...]
+    heartbeat_age: float
+    """Seconds since the last heartbeat, by the registry's clock."""
+    state: str
+    """``live`` or ``stale`` (no heartbeat within the TTL)."""
+    fallback_endpoints: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class CallRequest:
+    """One call as the transports carry it: the function name, ``data`` and the metadata headers."""
+
+    name: str
+    data: Any
+    headers: dict[str, str] = field(default_factory=dict)

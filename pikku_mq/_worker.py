@@ -1,0 +1,317 @@
+"""The worker: serve exposed functions, register, heartbeat, and drain on SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import SplitResult, urlsplit, urlunsplit
+
+import uvicorn
+
+from ._dispatch import Dispatcher
+from ._errors import ConfigurationError
+from ._functions import FunctionDefinition, FunctionRegistry, default_registry
+from ._settings import default_discovery_url
+from ._types import DEFAULT_TIMEOUT, DeploymentConfig
+from .backends import deployment_service_from_url
+from .backends.base import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TTL, DeploymentService
+from .transports.http import DEFAULT_MAX_BODY_SIZE, PikkuASGIApp
+from .transports.memory import serve_memory, unserve_memory
+
+__all__ = ["PikkuWorker"]
+
+logger = logging.getLogger(__name__)
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn's server without its signal handling: the worker owns SIGTERM and SIGINT.
+
+    ``Server.serve`` otherwise captures the signals and re-raises them after shutdown, so the code
+    that should run after it (deregistration, the exit status) would not.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class PikkuWorker:
+    """A process that serves pikku functions to the other instances of a mesh.
+
+    ``endpoint`` is the URL other instances call, ``http://host:port`` (port 0 picks a free port and
+    advertises it) or ``memory://name`` for a worker in the caller's process. ``functions`` lists the
+    functions to serve (decorated callables or names); by default every exposed function registered
+    with the decorators is served. ``deployment_service`` is a service or a discovery URL, by default
+    ``PIKKU_DISCOVERY_URL`` or the SQLite file ``pikku-mq.db`` in the working directory; pass
+    ``discovery=False`` to serve without registering.
+
+    On stop the worker deregisters first, then rejects new calls while it finishes the calls in flight
+    for up to ``drain_timeout`` seconds, then closes its listener.
+    """
+
+    def __init__(
+        self,
+        *,
+        endpoint: str = "http://127.0.0.1:0",
+        deployment_id: str | None = None,
+        fallback_endpoints: Sequence[str] = (),
+        functions: Iterable[Callable[..., Any] | FunctionDefinition | str] | None = None,
+        services: Any = None,
+        deployment_service: DeploymentService | str | None = None,
+        discovery: bool = True,
+        registry: FunctionRegistry | None = None,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL,
+        drain_timeout: float = 10.0,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        default_timeout: float = DEFAULT_TIMEOUT,
+        bind_host: str | None = None,
+    ) -> None:
+        if drain_timeout < 0:
+            raise ConfigurationError(f"drain_timeout must not be negative, got {drain_timeout!r}")
+        self._endpoint = urlsplit(endpoint)
+        if self._endpoint.scheme not in ("http", "memory"):
+            raise ConfigurationError(
+                f"endpoint {endpoint!r} is not served by this worker; use http://host:port or memory://name"
+            )
+        if self._endpoint.scheme == "http" and not self._endpoint.hostname:
+            raise ConfigurationError(f"endpoint {endpoint!r} has no host; use http://host:port")
+
+        self.deployment_id = deployment_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.fallback_endpoints = tuple(fallback_endpoints)
+        self.registry = _select_functions(registry or default_registry, functions)
+        self.services = services
+        self.drain_timeout = drain_timeout
+        self.max_body_size = max_body_size
+        self.bind_host = bind_host
+
+        if isinstance(deployment_service, DeploymentService):
+            self.deployment_service: DeploymentService | None = deployment_service
+            self._owns_deployment_service = False
+        elif discovery:
+            self.deployment_service = deployment_service_from_url(
+                deployment_service or default_discovery_url(),
+                heartbeat_interval=heartbeat_interval,
+                heartbeat_ttl=heartbeat_ttl,
+                default_timeout=default_timeout,
+            )
+            self._owns_deployment_service = True
+        else:
+            self.deployment_service = None
+            self._owns_deployment_service = False
+
+        self.dispatcher = Dispatcher(
+            self.registry,
+            services=services,
+            deployment_service=self.deployment_service,
+            deployment_id=self.deployment_id,
+            default_timeout=default_timeout,
+        )
+        self.endpoint: str | None = None
+        """The advertised endpoint, known once the worker listens (the port filled in)."""
+        self._server: _EmbeddedServer | None = None
+        self._server_task: asyncio.Task[None] | None = None
+        self._started = False
+
+    # -- entry point -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then drain and return (the process exits 0).
+
+        Uses uvloop when it is installed.
+        """
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(self.serve_until_signal())
+        else:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(self.serve_until_signal())
+
+    async def serve_until_signal(self) -> None:
+        """Start, wait for SIGTERM or SIGINT, then stop."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, _on_signal, signum, stop)
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+            await self.stop()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen first, then register, so nothing is routed here before the worker can answer."""
+        if self._started:
+            raise ConfigurationError(f"worker {self.deployment_id} is already started")
+        self._started = True
+        logger.info("worker %s starting with functions: %s", self.deployment_id, ", ".join(self._names()) or "none")
+
+        self.endpoint = await self._listen()
+        self.dispatcher.draining = False
+        if self.deployment_service is not None:
+            config = DeploymentConfig(
+                deployment_id=self.deployment_id,
+                endpoint=self.endpoint,
+                functions=self._names(),
+                fallback_endpoints=self.fallback_endpoints,
+            )
+            await self.deployment_service.start(config)
+        logger.info("worker %s serving at %s", self.deployment_id, self.endpoint)
+
+    async def stop(self) -> None:
+        """Deregister, finish the calls in flight (up to ``drain_timeout``), then stop listening."""
+        if not self._started:
+            return
+        self._started = False
+        logger.info(
+            "worker %s draining: deregistering, then finishing %d calls in flight (up to %.1f s)",
+            self.deployment_id,
+            self.dispatcher.in_flight,
+            self.drain_timeout,
+        )
+        try:
+            if self.deployment_service is not None:
+                await self._deregister()
+            self.dispatcher.draining = True
+            if not await self.dispatcher.wait_idle(self.drain_timeout):
+                logger.warning(
+                    "worker %s stops with %d calls still in flight after the %.1f s drain timeout",
+                    self.deployment_id,
+                    self.dispatcher.in_flight,
+                    self.drain_timeout,
+                )
+        finally:
+            await self._close_listener()
+            if self.deployment_service is not None and self._owns_deployment_service:
+                await self.deployment_service.close()
+        logger.info("worker %s stopped", self.deployment_id)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def asgi_app(self) -> PikkuASGIApp:
+        """Return an ASGI app serving this worker's functions, to mount in Starlette or FastAPI."""
+        return PikkuASGIApp(self.dispatcher, max_body_size=self.max_body_size, path_prefix=self._endpoint.path)
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _names(self) -> list[str]:
+        return self.registry.exposed_names()
+
+    async def _deregister(self) -> None:
+        assert self.deployment_service is not None
+        try:
+            await self.deployment_service.stop()
+        except Exception as exc:
+            # Draining goes on: callers drop this instance at the TTL or when its endpoint refuses them.
+            logger.warning("worker %s failed to deregister: %s: %s", self.deployment_id, type(exc).__name__, exc)
+
+    async def _listen(self) -> str:
+        if self._endpoint.scheme == "memory":
+            endpoint = urlunsplit(self._endpoint)
+            serve_memory(endpoint, self.dispatcher)
+            return endpoint
+
+        sock = _bind(self.bind_host or self._endpoint.hostname or "127.0.0.1", self._endpoint.port or 0)
+        config = uvicorn.Config(
+            self.asgi_app(),
+            lifespan="off",
+            access_log=False,
+            log_level=logging.WARNING,
+            timeout_graceful_shutdown=1,
+            timeout_keep_alive=30,
+        )
+        self._server = _EmbeddedServer(config)
+        self._server_task = asyncio.create_task(
+            self._server.serve(sockets=[sock]), name=f"pikku-http-{self.deployment_id}"
+        )
+        while not self._server.started:
+            if self._server_task.done():
+                self._server_task.result()
+                raise RuntimeError(f"the HTTP server of worker {self.deployment_id} exited during startup")
+            await asyncio.sleep(0.005)
+        return _with_port(self._endpoint, sock.getsockname()[1])
+
+    async def _close_listener(self) -> None:
+        if self._endpoint.scheme == "memory":
+            unserve_memory(urlunsplit(self._endpoint))
+            return
+        if self._server is not None and self._server_task is not None:
+            self._server.should_exit = True
+            await self._server_task
+            self._server = None
+            self._server_task = None
+
+
+def _on_signal(signum: int, stop: asyncio.Event) -> None:
+    logger.info("received %s", signal.Signals(signum).name)
+    stop.set()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when the listening socket
+    # says it is TCP, and without it every response waits for the peer's delayed ACK (about 40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+def _with_port(endpoint: SplitResult, port: int) -> str:
+    host = endpoint.hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return urlunsplit((endpoint.scheme, f"{host}:{port}", endpoint.path.rstrip("/"), "", ""))
+
+
+def _select_functions(
+    registry: FunctionRegistry, functions: Iterable[Callable[..., Any] | FunctionDefinition | str] | None
+) -> FunctionRegistry:
+    if functions is None:
+        return registry
+    selected = FunctionRegistry()
+    for item in functions:
+        definition = _definition_of(registry, item)
+        selected.add(definition)
+    return selected
+
+
+def _definition_of(
+    registry: FunctionRegistry, item: Callable[..., Any] | FunctionDefinition | str
+) -> FunctionDefinition:
+    if isinstance(item, FunctionDefinition):
+        return item
+    if isinstance(item, str):
+        definition = registry.get(item)
+        if definition is None:
+            raise ConfigurationError(f"no pikku function named '{item}' is registered")
+        return definition
+    definition = getattr(item, "__pikku__", None)
+    if not isinstance(definition, FunctionDefinition):
+        raise TypeError(f"{item!r} is not a pikku function; decorate it with @pikku_func or @pikku_sessionless_func")
+    return definition

@@ -1,0 +1,251 @@
+"""The deployment service contract shared by every discovery backend.
+
+A backend stores one row per instance (its id, endpoint, fallback endpoints and functions) and the
+time of its last heartbeat, judged by the store's own clock where it has one. This base class owns what
+every backend does alike: configuration checks, the heartbeat loop, and calling functions through the
+caller-side :class:`~pikku_mq._routing.Router`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from abc import ABC, abstractmethod
+from types import TracebackType
+from typing import Any, Self
+
+from .._errors import ConfigurationError
+from .._routing import Router
+from .._types import DEFAULT_TIMEOUT, DeploymentConfig, DeploymentInfo, DeploymentRecord
+from ..transports.base import TransportSet
+
+__all__ = ["DEFAULT_HEARTBEAT_INTERVAL", "DEFAULT_HEARTBEAT_TTL", "DeploymentService"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HEARTBEAT_INTERVAL = 10.0
+DEFAULT_HEARTBEAT_TTL = 30.0
+
+
+class DeploymentService(ABC):
+    """Registers this instance, keeps it alive and finds the instances that host a function.
+
+    ``heartbeat_interval`` and ``heartbeat_ttl`` are in seconds; an instance whose last heartbeat is
+    older than the TTL is stale: lookups skip it and heartbeats of other instances delete it.
+    ``routing_cache_ttl`` (seconds, default ``min(5, heartbeat_interval)``) bounds how long a caller
+    reuses a lookup.
+    """
+
+    def __init__(
+        self,
+        *,
+        heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL,
+        transports: TransportSet | None = None,
+        routing_cache_ttl: float | None = None,
+        default_timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        if not heartbeat_interval > 0:
+            raise ConfigurationError(f"heartbeat_interval must be positive seconds, got {heartbeat_interval!r}")
+        if not heartbeat_ttl > heartbeat_interval:
+            raise ConfigurationError(
+                f"heartbeat_ttl ({heartbeat_ttl!r} s) must be greater than heartbeat_interval "
+                f"({heartbeat_interval!r} s), or every instance would look dead between two heartbeats"
+            )
+        if not default_timeout > 0:
+            raise ConfigurationError(f"default_timeout must be positive seconds, got {default_timeout!r}")
+        cache_ttl = min(5.0, heartbeat_interval) if routing_cache_ttl is None else routing_cache_ttl
+        if cache_ttl < 0:
+            raise ConfigurationError(f"routing_cache_ttl must not be negative, got {routing_cache_ttl!r}")
+
+        self.heartbeat_interval = float(heartbeat_interval)
+        self.heartbeat_ttl = float(heartbeat_ttl)
+        self.default_timeout = float(default_timeout)
+        self.router = Router(
+            self.find_function,
+            transports or TransportSet.default(),
+            cache_ttl=cache_ttl,
+            suspect_ttl=self.heartbeat_ttl,
+        )
+        self._config: DeploymentConfig | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._initialized = False
+
+    # -- the backend's part ------------------------------------------------------------------------
+
+    @abstractmethod
+    async def _create_schema(self) -> None:
+        """Create tables, indexes or keys idempotently."""
+
+    @abstractmethod
+    async def _register(self, config: DeploymentConfig, functions: list[str]) -> None:
+        """Insert or replace this instance's registration and set its heartbeat to now."""
+
+    @abstractmethod
+    async def _heartbeat(self, config: DeploymentConfig, functions: list[str]) -> bool:
+        """Refresh the heartbeat; return False if the registration was missing, in part or whole."""
+
+    @abstractmethod
+    async def _deregister(self, deployment_id: str) -> None:
+        """Delete this instance's registration."""
+
+    @abstractmethod
+    async def _purge_stale(self) -> int:
+        """Delete instances whose heartbeat is older than the TTL; return how many."""
+
+    @abstractmethod
+    async def find_function(self, name: str) -> list[DeploymentInfo]:
+        """Return the live instances that host ``name``, in no particular order."""
+
+    @abstractmethod
+    async def list_deployments(self) -> list[DeploymentRecord]:
+        """Return every registered instance, stale ones included, for operators."""
+
+    async def _close_store(self) -> None:  # noqa: B027 - stores without connections have nothing to close
+        """Release the store's connections."""
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    async def init(self) -> None:
+        """Create the schema if needed. Idempotent; ``start`` calls it too."""
+        if not self._initialized:
+            await self._create_schema()
+            self._initialized = True
+
+    async def start(self, config: DeploymentConfig) -> None:
+        """Register ``config`` and start heartbeating every ``heartbeat_interval`` seconds."""
+        if config.functions is None:
+            raise ConfigurationError(
+                "DeploymentConfig.functions is None; list the function names to register "
+                "(PikkuWorker fills in its exposed functions)"
+            )
+        if self._config is not None:
+            raise ConfigurationError(f"this deployment service already registered '{self._config.deployment_id}'")
+
+        await self.init()
+        functions = sorted(set(config.functions))
+        await self._register(config, functions)
+        self._config = config
+        self._heartbeat_task = asyncio.create_task(
+            self._heartbeat_loop(config, functions), name=f"pikku-heartbeat-{config.deployment_id}"
+        )
+        logger.info(
+            "registered deployment %s at %s with %d functions", config.deployment_id, config.endpoint, len(functions)
+        )
+
+    async def stop(self) -> None:
+        """Stop heartbeating and delete the registration. Safe to call when not started."""
+        config, self._config = self._config, None
+        task, self._heartbeat_task = self._heartbeat_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if config is not None:
+            await self._deregister(config.deployment_id)
+            logger.info("deregistered deployment %s", config.deployment_id)
+
+    async def close(self) -> None:
+        """Stop if started, then close the caller's connections and the store's."""
+        try:
+            await self.stop()
+        finally:
+            await self.router.transports.close()
+            await self._close_store()
+
+    async def __aenter__(self) -> Self:
+        await self.init()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def deployment_id(self) -> str | None:
+        """The id this service registered, or None before ``start``."""
+        return self._config.deployment_id if self._config is not None else None
+
+    # -- calling -----------------------------------------------------------------------------------
+
+    async def invoke(
+        self,
+        name: str,
+        data: Any = None,
+        session: Any = None,
+        trace_id: str | None = None,
+        *,
+        timeout: float | None = None,
+        idempotent: bool = False,
+    ) -> Any:
+        """Call ``name`` on a live instance and return its result (Pikku's ``invoke``).
+
+        ``timeout`` is in seconds and defaults to ``default_timeout``.
+        """
+        budget = self.default_timeout if timeout is None else timeout
+        if not budget > 0:
+            raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        return await self.call(
+            name,
+            data,
+            session=session,
+            trace_id=trace_id,
+            deadline=time.monotonic() + budget,
+            hop=1,
+            idempotent=idempotent,
+        )
+
+    async def call(
+        self,
+        name: str,
+        data: Any,
+        *,
+        session: Any,
+        trace_id: str | None,
+        deadline: float,
+        hop: int,
+        idempotent: bool,
+    ) -> Any:
+        """Route one call with an absolute :func:`time.monotonic` deadline (used by ``RPC.remote``)."""
+        # NOTE: sessions travel only as signed tokens, which need PIKKU_REMOTE_SECRET; without one the
+        # session is not sent.
+        del session
+        return await self.router.call(name, data, deadline=deadline, trace_id=trace_id, hop=hop, idempotent=idempotent)
+
+    # -- heartbeats --------------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self, config: DeploymentConfig, functions: list[str]) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            try:
+                present = await self._heartbeat(config, functions)
+                if not present:
+                    await self._register(config, functions)
+                    logger.warning(
+                        "registration of %s was missing from the registry; registered it again",
+                        config.deployment_id,
+                    )
+                purged = await self._purge_stale()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not failing:
+                    logger.warning(
+                        "heartbeat of %s failed, retrying every %.1f s: %s: %s",
+                        config.deployment_id,
+                        self.heartbeat_interval,
+                        type(exc).__name__,
+                        exc,
+                    )
+                failing = True
+                continue
+
+            if failing:
+                logger.info("heartbeat of %s recovered", config.deployment_id)
+                failing = False
+            if purged:
+                logger.info("removed %d stale deployments", purged)

@@ -1,0 +1,205 @@
+"""Discovery in a relational database through SQLAlchemy Core with an async engine.
+
+The layout is that of Pikku's Kysely deployment service, so both can share one registry::
+
+    pikku_deployments(deployment_id PK, endpoint, last_heartbeat, created_at,
+                      fallback_endpoints NULL)                 -- the last column is pikku_mq's own
+    pikku_deployment_functions(deployment_id FK ON DELETE CASCADE, function_name)
+
+Liveness is judged with the database's clock, so instances whose clocks disagree still agree on who
+is alive. A heartbeat is one UPDATE whatever the number of functions: it also checks that all of the
+instance's function rows are still there, so a registration the store lost is written again.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from .._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
+from .base import DeploymentService
+
+__all__ = ["SqlAlchemyDeploymentService"]
+
+
+def _tables(schema: str | None) -> tuple[sa.MetaData, sa.Table, sa.Table]:
+    metadata = sa.MetaData(schema=schema)
+    deployments = sa.Table(
+        "pikku_deployments",
+        metadata,
+        sa.Column("deployment_id", sa.String(255), primary_key=True),
+        sa.Column("endpoint", sa.Text, nullable=False),
+        sa.Column("last_heartbeat", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("fallback_endpoints", sa.Text, nullable=True),
+        sa.Index("pikku_deployments_last_heartbeat_idx", "last_heartbeat"),
+    )
+    qualified = f"{schema}.pikku_deployments" if schema else "pikku_deployments"
+    functions = sa.Table(
+        "pikku_deployment_functions",
+        metadata,
+        sa.Column(
+            "deployment_id",
+            sa.String(255),
+            sa.ForeignKey(f"{qualified}.deployment_id", ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        sa.Column("function_name", sa.String(255), primary_key=True),
+        sa.Index("pikku_deployment_functions_name_idx", "function_name"),
+    )
+    return metadata, deployments, functions
+
+
+class _Clock:
+    """SQL expressions for the database's current time, a cutoff and an age, per dialect."""
+
+    def __init__(self, dialect: str) -> None:
+        self.dialect = dialect
+
+    def now(self) -> sa.ColumnElement[Any]:
+        if self.dialect == "sqlite":
+            # Millisecond text timestamps, which compare correctly as strings.
+            return sa.func.strftime("%Y-%m-%d %H:%M:%f", "now")
+        if self.dialect in ("mysql", "mariadb"):
+            return sa.func.now(6)
+        return sa.func.now()
+
+    def ago(self, seconds: float) -> sa.ColumnElement[Any]:
+        if self.dialect == "sqlite":
+            return sa.func.strftime("%Y-%m-%d %H:%M:%f", "now", f"-{seconds:.3f} seconds")
+        if self.dialect in ("mysql", "mariadb"):
+            return sa.literal_column(f"NOW(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND")
+        return sa.literal_column(f"now() - interval '{seconds:.6f} seconds'")
+
+    def age(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+        if self.dialect == "sqlite":
+            return (sa.func.julianday("now") - sa.func.julianday(column)) * 86400.0
+        if self.dialect in ("mysql", "mariadb"):
+            return sa.func.timestampdiff(sa.literal_column("MICROSECOND"), column, sa.func.now(6)) / 1e6
+        return sa.extract("epoch", sa.func.now() - column)
+
+
+class SqlAlchemyDeploymentService(DeploymentService):
+    """Discovery in PostgreSQL, MySQL/MariaDB or SQLite through an async SQLAlchemy engine.
+
+    ``engine`` is an :class:`~sqlalchemy.ext.asyncio.AsyncEngine` (the caller keeps ownership) or a
+    URL such as ``postgresql+asyncpg://...`` (the service creates and disposes of the engine).
+    """
+
+    def __init__(self, engine: AsyncEngine | str, *, schema: str | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        self._owns_engine = isinstance(engine, str)
+        self.engine = create_async_engine(engine) if isinstance(engine, str) else engine
+        self._metadata, self._deployments, self._functions = _tables(schema)
+        self._clock = _Clock(self.engine.dialect.name)
+
+    async def _create_schema(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.run_sync(self._metadata.create_all, checkfirst=True)
+
+    async def _register(self, config: DeploymentConfig, functions: list[str]) -> None:
+        async with self.engine.begin() as conn:
+            await self._delete(conn, config.deployment_id)
+            now = self._clock.now()
+            await conn.execute(
+                self._deployments.insert().values(
+                    deployment_id=config.deployment_id,
+                    endpoint=config.endpoint,
+                    last_heartbeat=now,
+                    created_at=now,
+                    fallback_endpoints=json.dumps(list(config.fallback_endpoints))
+                    if config.fallback_endpoints
+                    else None,
+                )
+            )
+            if functions:
+                await conn.execute(
+                    self._functions.insert(),
+                    [{"deployment_id": config.deployment_id, "function_name": name} for name in functions],
+                )
+
+    async def _heartbeat(self, config: DeploymentConfig, functions: list[str]) -> bool:
+        d, f = self._deployments, self._functions
+        registered_functions = (
+            sa.select(sa.func.count()).select_from(f).where(f.c.deployment_id == config.deployment_id).scalar_subquery()
+        )
+        statement = (
+            d.update()
+            .where(d.c.deployment_id == config.deployment_id, registered_functions == len(functions))
+            .values(last_heartbeat=self._clock.now())
+        )
+        async with self.engine.begin() as conn:
+            result = await conn.execute(statement)
+        return result.rowcount == 1
+
+    async def _deregister(self, deployment_id: str) -> None:
+        async with self.engine.begin() as conn:
+            await self._delete(conn, deployment_id)
+
+    async def _delete(self, conn: AsyncConnection, deployment_id: str) -> None:
+        # Delete the function rows explicitly too: SQLite enforces the cascade only with foreign_keys on.
+        await conn.execute(self._functions.delete().where(self._functions.c.deployment_id == deployment_id))
+        await conn.execute(self._deployments.delete().where(self._deployments.c.deployment_id == deployment_id))
+
+    async def _purge_stale(self) -> int:
+        d, f = self._deployments, self._functions
+        stale = sa.select(d.c.deployment_id).where(d.c.last_heartbeat < self._clock.ago(self.heartbeat_ttl))
+        async with self.engine.begin() as conn:
+            await conn.execute(f.delete().where(f.c.deployment_id.in_(stale)))
+            result = await conn.execute(d.delete().where(d.c.last_heartbeat < self._clock.ago(self.heartbeat_ttl)))
+        return max(result.rowcount, 0)
+
+    async def find_function(self, name: str) -> list[DeploymentInfo]:
+        d, f = self._deployments, self._functions
+        statement = (
+            sa.select(d.c.deployment_id, d.c.endpoint, d.c.fallback_endpoints)
+            .join(f, f.c.deployment_id == d.c.deployment_id)
+            .where(f.c.function_name == name, d.c.last_heartbeat >= self._clock.ago(self.heartbeat_ttl))
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(statement)).all()
+        return [DeploymentInfo(row[0], row[1], _decode_endpoints(row[2])) for row in rows]
+
+    async def list_deployments(self) -> list[DeploymentRecord]:
+        d, f = self._deployments, self._functions
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(
+                        d.c.deployment_id, d.c.endpoint, d.c.fallback_endpoints, self._clock.age(d.c.last_heartbeat)
+                    ).order_by(d.c.deployment_id)
+                )
+            ).all()
+            pairs = (await conn.execute(sa.select(f.c.deployment_id, f.c.function_name))).all()
+
+        functions: dict[str, list[str]] = {}
+        for deployment_id, function_name in pairs:
+            functions.setdefault(deployment_id, []).append(function_name)
+        return [
+            DeploymentRecord(
+                deployment_id=row[0],
+                endpoint=row[1],
+                functions=tuple(sorted(functions.get(row[0], []))),
+                heartbeat_age=float(row[3]),
+                state="live" if float(row[3]) <= self.heartbeat_ttl else "stale",
+                fallback_endpoints=_decode_endpoints(row[2]),
+            )
+            for row in rows
+        ]
+
+    async def _close_store(self) -> None:
+        if self._owns_engine:
+            await self.engine.dispose()
+
+
+def _decode_endpoints(raw: str | None) -> tuple[str, ...]:
+    if not raw:
+        return ()
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return ()
+    return tuple(str(e) for e in value) if isinstance(value, list) else ()

@@ -1,0 +1,61 @@
+"""The embedded default: discovery in one SQLite file shared by the processes of one host."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+from .sqlalchemy import SqlAlchemyDeploymentService
+
+__all__ = ["SqliteDeploymentService"]
+
+_BUSY_TIMEOUT_MS = 15_000
+"""How long a writer waits for another process's write lock before failing."""
+
+
+class SqliteDeploymentService(SqlAlchemyDeploymentService):
+    """Discovery in an SQLite file, safe for several processes on one host.
+
+    The file runs in WAL mode, so lookups never wait for a writer, and every write transaction starts
+    with ``BEGIN IMMEDIATE``, so two processes never both hold a read snapshot and then fail to
+    upgrade it to a write lock. A network file system breaks SQLite's locking: keep the file local.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], **options: Any) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A connection per operation: lookups are cached by callers, and an idle pooled connection
+        # would pin the WAL and keep it from being checkpointed.
+        engine = create_async_engine(
+            f"sqlite+aiosqlite:///{self.path}",
+            poolclass=NullPool,
+            connect_args={"timeout": _BUSY_TIMEOUT_MS / 1000},
+        )
+        event.listen(engine.sync_engine, "connect", _configure_connection)
+        event.listen(engine.sync_engine, "begin", _begin_immediate)
+        super().__init__(engine, **options)
+        self._owns_engine = True
+
+    def __repr__(self) -> str:
+        return f"SqliteDeploymentService({str(self.path)!r})"
+
+
+def _configure_connection(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" event issue BEGIN IMMEDIATE instead of the driver's deferred BEGIN.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA journal_mode = WAL")
+    cursor.execute("PRAGMA synchronous = NORMAL")
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.close()
+
+
+def _begin_immediate(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")

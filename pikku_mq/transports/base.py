@@ -1,0 +1,87 @@
+"""The transport contract.
+
+A client transport carries one :class:`~pikku_mq._types.CallRequest` to an endpoint and returns the
+peer's :class:`Reply`. It raises only for failures of the transport itself:
+
+- :class:`~pikku_mq.EndpointUnreachableError` when the call certainly did not reach the function
+  (connection refused, no responders), so the router may send it to another instance;
+- :class:`~pikku_mq.TransportError` when the call may have run (the connection broke mid-call);
+- :class:`~pikku_mq.DeadlineExceededError` when no reply came within the timeout.
+
+Error replies are not raised here: the router turns them into exceptions, so an error that a function
+raised far downstream is never mistaken for a failure of this hop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from .._errors import ConfigurationError
+from .._types import CallRequest
+
+__all__ = ["ClientTransport", "Reply", "TransportSet", "endpoint_scheme"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A peer's reply: the HTTP status and the decoded body (the result, or an error envelope).
+
+    ``rejected`` is set when the worker declined the call before running it (it is draining), so the
+    router can send it to another instance without risking a second run.
+    """
+
+    status: int
+    body: Any
+    rejected: bool = False
+
+
+class ClientTransport(ABC):
+    """Sends calls to endpoints of the schemes it lists."""
+
+    schemes: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    async def call(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
+        """Send ``request`` to ``endpoint`` and wait at most ``timeout`` seconds for the reply."""
+
+    async def close(self) -> None:  # noqa: B027 - closing is optional for transports without connections
+        """Release connections. The transport may be used again afterwards and reconnects."""
+
+
+class TransportSet:
+    """The client transports a caller uses, by endpoint scheme."""
+
+    def __init__(self, transports: Iterable[ClientTransport]) -> None:
+        self._by_scheme: dict[str, ClientTransport] = {}
+        for transport in transports:
+            for scheme in transport.schemes:
+                self._by_scheme[scheme] = transport
+
+    @classmethod
+    def default(cls) -> TransportSet:
+        """Return the built-in transports: HTTP on aiohttp's client and the in-memory transport."""
+        from .http import AiohttpTransport
+        from .memory import MemoryTransport
+
+        return cls([AiohttpTransport(), MemoryTransport()])
+
+    def for_endpoint(self, endpoint: str) -> ClientTransport | None:
+        return self._by_scheme.get(endpoint_scheme(endpoint))
+
+    def supports(self, endpoint: str) -> bool:
+        return endpoint_scheme(endpoint) in self._by_scheme
+
+    async def close(self) -> None:
+        for transport in {id(t): t for t in self._by_scheme.values()}.values():
+            await transport.close()
+
+
+def endpoint_scheme(endpoint: str) -> str:
+    scheme = urlsplit(endpoint).scheme.lower()
+    if not scheme:
+        raise ConfigurationError(f"endpoint {endpoint!r} has no scheme; expected a URL such as http://host:port")
+    return scheme

@@ -1,0 +1,55 @@
+"""In-memory transport: endpoints ``memory://<name>`` served by dispatchers in this process.
+
+It carries calls through the same admission, validation and error envelopes as the network
+transports, with the data converted to JSON-compatible values on the way, so tests that use it see
+what a remote caller would see.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+from urllib.parse import urlsplit
+
+import pydantic_core
+
+from .._errors import BadRequestError, EndpointUnreachableError
+from .._types import CallRequest
+from .base import ClientTransport, Reply
+
+if TYPE_CHECKING:
+    from .._dispatch import Dispatcher
+
+__all__ = ["MemoryTransport", "serve_memory", "unserve_memory"]
+
+_SERVED: dict[str, Dispatcher] = {}
+
+
+def serve_memory(endpoint: str, dispatcher: Dispatcher) -> None:
+    """Make ``dispatcher`` answer calls to ``endpoint`` (``memory://<name>``) in this process."""
+    _SERVED[_address(endpoint)] = dispatcher
+
+
+def unserve_memory(endpoint: str) -> None:
+    """Stop serving ``endpoint``; later calls to it fail as unreachable."""
+    _SERVED.pop(_address(endpoint), None)
+
+
+class MemoryTransport(ClientTransport):
+    schemes: ClassVar[tuple[str, ...]] = ("memory",)
+
+    async def call(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
+        dispatcher = _SERVED.get(_address(endpoint))
+        if dispatcher is None:
+            raise EndpointUnreachableError(f"nothing serves {endpoint} in this process")
+        try:
+            data = pydantic_core.to_jsonable_python(request.data)
+        except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
+            raise BadRequestError(f"data for function '{request.name}' cannot be serialised: {exc}") from None
+
+        outcome = await dispatcher.handle(request.name, data, request.headers)
+        status, body = outcome.encode_python()
+        return Reply(status=status, body=body, rejected=outcome.rejected)
+
+
+def _address(endpoint: str) -> str:
+    return urlsplit(endpoint).netloc
