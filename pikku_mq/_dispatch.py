@@ -152,6 +152,7 @@ class Dispatcher:
             trace_id=trace_id,
             deadline=deadline,
             hop=hop,
+            default_timeout=self.default_timeout,
         )
         wire = Wire(rpc=rpc, session=None, trace_id=trace_id, call_id=call_id, deadline=deadline, hop=hop)
         return Admitted(definition, wire)
