@@ -17,12 +17,17 @@ import json
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
 from .base import DeploymentService
 
 __all__ = ["SqlAlchemyDeploymentService"]
+
+
+# MySQL's DATETIME drops fractions of a second unless it is declared with a precision.
+_TIMESTAMP = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 
 def _tables(schema: str | None) -> tuple[sa.MetaData, sa.Table, sa.Table]:
@@ -32,8 +37,8 @@ def _tables(schema: str | None) -> tuple[sa.MetaData, sa.Table, sa.Table]:
         metadata,
         sa.Column("deployment_id", sa.String(255), primary_key=True),
         sa.Column("endpoint", sa.Text, nullable=False),
-        sa.Column("last_heartbeat", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("last_heartbeat", _TIMESTAMP, nullable=False),
+        sa.Column("created_at", _TIMESTAMP, nullable=False),
         sa.Column("fallback_endpoints", sa.Text, nullable=True),
         sa.Index("pikku_deployments_last_heartbeat_idx", "last_heartbeat"),
     )
