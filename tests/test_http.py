@@ -1,0 +1,563 @@
+"""The HTTP wire, checked with a raw client against a real uvicorn worker, and the HTTP callers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import httpx
+import msgpack
+import pytest
+import uvicorn
+from pydantic import BaseModel
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from pikku_mq import (
+    AiohttpTransport,
+    BadRequestError,
+    DeploymentConfig,
+    FunctionRegistry,
+    HttpxTransport,
+    MemoryDeploymentService,
+    MemoryRegistry,
+    PikkuWorker,
+    ProtocolError,
+    TransportSet,
+    deployment_service_from_url,
+    pikku_sessionless_func,
+)
+from pikku_mq._types import CallRequest
+
+MAX_BODY_SIZE = 4096
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+ENVELOPE_KEYS = {"name", "message", "payload", "errorId", "code", "retryable"}
+
+functions = FunctionRegistry()
+runs: dict[str, int] = {}
+"""How many times each counting function ran, to check that a rejected call did not run."""
+
+
+class GreetIn(BaseModel):
+    name: str
+    times: int = 1
+
+
+class GreetOut(BaseModel):
+    greeting: str
+
+
+class QuotaExceededError(BadRequestError):
+    status = 429
+    code = "quota_exceeded"
+    retryable = True
+
+
+@pikku_sessionless_func(expose=True, registry=functions)
+async def greet(services: Any, data: GreetIn) -> GreetOut:
+    return GreetOut(greeting=" ".join([f"Hello, {data.name}!"] * data.times))
+
+
+@pikku_sessionless_func(expose=True, registry=functions)
+async def nothing(services: Any, data: Any) -> None:
+    return None
+
+
+@pikku_sessionless_func(expose=True, registry=functions)
+async def data_type(services: Any, data: Any) -> str:
+    return type(data).__name__
+
+
+@pikku_sessionless_func(expose=True, registry=functions)
+async def over_quota(services: Any, data: Any) -> None:
+    raise QuotaExceededError("quota of 10 calls per minute exceeded", payload={"limit": 10})
+
+
+@pikku_sessionless_func(expose=True, registry=functions)
+async def crash(services: Any, data: Any) -> None:
+    raise RuntimeError("connection to db://admin:hunter2@db failed")
+
+
+@pikku_sessionless_func(expose=True, registry=functions)
+async def wrong_output(services: Any, data: Any) -> int:
+    return "not a number"  # type: ignore[return-value]
+
+
+@pikku_sessionless_func(expose=True, registry=functions)
+async def unserialisable(services: Any, data: Any) -> Any:
+    return object()
+
+
+@pikku_sessionless_func(expose=True, registry=functions)
+async def counted(services: Any, data: Any) -> int:
+    runs["counted"] = runs.get("counted", 0) + 1
+    return runs["counted"]
+
+
+@pikku_sessionless_func(expose=False, registry=functions)
+async def hidden(services: Any, data: Any) -> str:
+    return "secret"
+
+
+@pikku_sessionless_func(name="billing/charge", expose=True, registry=functions)
+async def billing_charge(services: Any, data: Any) -> str:
+    return "charged"
+
+
+@pikku_sessionless_func(name="say hello", expose=True, registry=functions)
+async def say_hello(services: Any, data: Any) -> str:
+    return "hello"
+
+
+@pikku_sessionless_func(name="grüße", expose=True, registry=functions)
+async def gruesse(services: Any, data: Any) -> str:
+    return "grüße"
+
+
+# -- fixtures and helpers ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def worker() -> AsyncIterator[PikkuWorker]:
+    async with PikkuWorker(
+        endpoint="http://127.0.0.1:0", discovery=False, registry=functions, max_body_size=MAX_BODY_SIZE
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        yield session
+
+
+async def post(
+    client: aiohttp.ClientSession,
+    worker: PikkuWorker,
+    name: str,
+    body: Any,
+    *,
+    content_type: str = JSON,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, str, bytes]:
+    """POST ``body`` (bytes as is, anything else as JSON) to function ``name``; return status, type, body."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    url = f"{worker.endpoint}/remote/rpc/{quote(name, safe='')}"
+    async with client.post(url, data=raw, headers={"content-type": content_type, **(headers or {})}) as response:
+        return response.status, response.content_type, await response.read()
+
+
+def envelope(raw: bytes) -> dict[str, Any]:
+    body = json.loads(raw)
+    assert isinstance(body, dict)
+    assert set(body) == ENVELOPE_KEYS
+    return body
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn's server without its signal handlers, which belong to pytest here."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+@contextlib.asynccontextmanager
+async def serve_asgi(app: Any) -> AsyncIterator[str]:
+    """Serve an ASGI app with uvicorn on a free port of 127.0.0.1 and yield its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    server = _QuietServer(uvicorn.Config(app, lifespan="off", log_level=logging.WARNING))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                assert not task.done(), "uvicorn exited during startup"
+                await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+async def foreign_peer(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A raw ASGI peer that answers as Pikku does (204) or as something that is not a pikku peer."""
+    assert scope["type"] == "http"
+    while (await receive()).get("more_body"):
+        pass
+    replies = {
+        "/remote/rpc/empty": (204, b"text/plain", b""),
+        "/remote/rpc/html_page": (200, b"text/html", b"<html><body>Welcome</body></html>"),
+        "/remote/rpc/html_error": (500, b"text/html", b"<html><body>Internal Server Error</body></html>"),
+        "/remote/rpc/json_error": (500, JSON.encode(), b'{"detail": "boom"}'),
+    }
+    status, content_type, body = replies[scope["path"]]
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type)]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- success ----------------------------------------------------------------------------------------
+
+
+async def test_call_returns_bare_result(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    status, content_type, body = await post(client, worker, "greet", {"data": {"name": "Ada", "times": 2}})
+
+    assert status == 200
+    assert content_type == JSON
+    assert json.loads(body) == {"greeting": "Hello, Ada! Hello, Ada!"}
+
+
+async def test_none_result_is_200_null(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    status, _, body = await post(client, worker, "nothing", {"data": 1})
+
+    assert status == 200
+    assert body == b"null"
+
+
+async def test_empty_object_means_data_none(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    status, _, body = await post(client, worker, "data_type", {})
+
+    assert status == 200
+    assert json.loads(body) == "NoneType"
+
+
+async def test_msgpack_request_gets_msgpack_reply(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    request = msgpack.packb({"data": {"name": "Ada"}})
+    status, content_type, body = await post(client, worker, "greet", request, content_type=MSGPACK)
+
+    assert status == 200
+    assert content_type == MSGPACK
+    assert msgpack.unpackb(body) == {"greeting": "Hello, Ada!"}
+
+
+async def test_msgpack_error_reply(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    request = msgpack.packb({"data": {"name": 5}})
+    status, content_type, body = await post(client, worker, "greet", request, content_type=MSGPACK)
+
+    assert status == 422
+    assert content_type == MSGPACK
+    error = msgpack.unpackb(body)
+    assert set(error) == ENVELOPE_KEYS
+    assert error["name"] == "InputValidationError"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"), [("billing/charge", "charged"), ("say hello", "hello"), ("grüße", "grüße")]
+)
+async def test_percent_encoded_name(
+    worker: PikkuWorker, client: aiohttp.ClientSession, name: str, expected: str
+) -> None:
+    status, _, body = await post(client, worker, name, {"data": None})
+
+    assert status == 200
+    assert json.loads(body) == expected
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+
+async def test_error_envelope(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    status, content_type, body = await post(client, worker, "over_quota", {"data": None})
+
+    assert status == 429
+    assert content_type == JSON
+    error = envelope(body)
+    assert error["name"] == "QuotaExceededError"
+    assert error["message"] == "quota of 10 calls per minute exceeded"
+    assert error["payload"] == {"limit": 10}
+    assert error["code"] == "quota_exceeded"
+    assert error["retryable"] is True
+    assert isinstance(error["errorId"], str)
+    assert error["errorId"]
+
+
+async def test_body_over_limit_with_length(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    body = json.dumps({"data": {"name": "x" * MAX_BODY_SIZE}}).encode()
+    status, _, raw = await post(client, worker, "greet", body)
+
+    assert status == 413
+    error = envelope(raw)
+    assert error["name"] == "PayloadTooLargeError"
+    assert error["payload"] == {"max_body_size": MAX_BODY_SIZE}
+
+
+async def test_body_over_limit_chunked(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"data": {"name": "'
+        for _ in range(3):
+            yield b"x" * 2000
+        yield b'"}}'
+
+    url = f"{worker.endpoint}/remote/rpc/greet"
+    async with client.post(url, data=chunks(), headers={"content-type": JSON}) as response:
+        assert "content-length" not in response.request_info.headers
+        assert response.request_info.headers["transfer-encoding"] == "chunked"
+        assert response.status == 413
+        assert envelope(await response.read())["name"] == "PayloadTooLargeError"
+
+
+async def test_body_at_limit_is_served(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    prefix = b'{"data": {"name": "'
+    suffix = b'"}}'
+    body = prefix + b"x" * (MAX_BODY_SIZE - len(prefix) - len(suffix)) + suffix
+    status, _, _ = await post(client, worker, "greet", body)
+
+    assert len(body) == MAX_BODY_SIZE
+    assert status == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"data": ', b"", b"[1, 2]", b'"data"', b'{"data": 1, "session": {}}', b"\xff\xfe"],
+    ids=["malformed", "empty", "array", "string", "unknown_key", "not_utf8"],
+)
+async def test_bad_body_is_400(worker: PikkuWorker, client: aiohttp.ClientSession, body: bytes) -> None:
+    status, _, raw = await post(client, worker, "greet", body)
+
+    assert status == 400
+    assert envelope(raw)["name"] == "BadRequestError"
+
+
+async def test_malformed_msgpack_is_400(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    status, _, raw = await post(client, worker, "greet", b"\xc1", content_type=MSGPACK)
+
+    assert status == 400
+    assert envelope(raw)["name"] == "BadRequestError"
+
+
+async def test_unknown_function_is_404(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    status, _, raw = await post(client, worker, "no_such_function", {"data": None})
+
+    assert status == 404
+    error = envelope(raw)
+    assert error["name"] == "FunctionNotFoundError"
+    assert error["code"] == "function_not_found"
+
+
+async def test_hidden_function_same_as_unknown(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    hidden_status, _, hidden_raw = await post(client, worker, "hidden", {"data": None})
+    unknown_status, _, unknown_raw = await post(client, worker, "hiddeN", {"data": None})
+    hidden_error = envelope(hidden_raw)
+    unknown_error = envelope(unknown_raw)
+
+    assert hidden_status == unknown_status == 404
+    assert hidden_error["name"] == unknown_error["name"]
+    assert hidden_error["code"] == unknown_error["code"]
+    assert hidden_error["message"].replace("'hidden'", "'hiddeN'") == unknown_error["message"]
+    assert b"secret" not in hidden_raw
+
+
+async def test_get_is_405(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    async with client.get(f"{worker.endpoint}/remote/rpc/greet") as response:
+        assert response.status == 405
+        assert envelope(await response.read())["name"] == "MethodNotAllowedError"
+
+
+async def test_path_outside_rpc_is_404(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    async with client.post(f"{worker.endpoint}/rpc/greet", json={"data": None}) as response:
+        assert response.status == 404
+        assert envelope(await response.read())["name"] == "NotFoundError"
+
+
+async def test_wrong_content_type_is_415(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    status, _, raw = await post(client, worker, "greet", {"data": {"name": "Ada"}}, content_type="text/plain")
+
+    assert status == 415
+    assert envelope(raw)["name"] == "UnsupportedMediaTypeError"
+
+
+async def test_invalid_input_names_fields(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    status, _, raw = await post(client, worker, "greet", {"data": {"times": "many"}})
+
+    assert status == 422
+    error = envelope(raw)
+    assert error["name"] == "InputValidationError"
+    assert "name" in error["message"]
+    assert "times" in error["message"]
+    locations = sorted(tuple(item["loc"]) for item in error["payload"])
+    assert locations == [("name",), ("times",)]
+
+
+async def test_output_mismatch_is_500(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    status, _, raw = await post(client, worker, "wrong_output", {"data": None})
+
+    assert status == 500
+    error = envelope(raw)
+    assert error["name"] == "OutputValidationError"
+    assert "wrong_output" in error["message"]
+    assert "return type" in error["message"]
+
+
+@pytest.mark.parametrize("content_type", [JSON, MSGPACK])
+async def test_unserialisable_output_is_500(
+    worker: PikkuWorker, client: aiohttp.ClientSession, content_type: str
+) -> None:
+    body = msgpack.packb({"data": None}) if content_type == MSGPACK else b'{"data": null}'
+    status, reply_type, raw = await post(client, worker, "unserialisable", body, content_type=content_type)
+
+    assert status == 500
+    error = msgpack.unpackb(raw) if reply_type == MSGPACK else json.loads(raw)
+    assert error["name"] == "OutputValidationError"
+    assert "cannot be serialised" in error["message"]
+
+
+async def test_exception_is_500_without_details(
+    worker: PikkuWorker, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="pikku_mq")
+    status, _, raw = await post(client, worker, "crash", {"data": None})
+
+    assert status == 500
+    error = envelope(raw)
+    assert error["name"] == "InternalServerError"
+    assert "hunter2" not in raw.decode()
+    assert "db://" not in raw.decode()
+    logged = [r for r in caplog.records if r.exc_info and isinstance(r.exc_info[1], RuntimeError)]
+    assert len(logged) == 1
+    assert error["errorId"] in logged[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [("pikku-deadline-ms", "abc"), ("pikku-deadline-ms", "nan"), ("pikku-hop", "two")],
+)
+async def test_invalid_header_is_400(
+    worker: PikkuWorker, client: aiohttp.ClientSession, header: str, value: str
+) -> None:
+    before = runs.get("counted", 0)
+    status, _, raw = await post(client, worker, "counted", {"data": None}, headers={header: value})
+
+    assert status == 400
+    assert header in envelope(raw)["message"]
+    assert runs.get("counted", 0) == before
+
+
+async def test_zero_deadline_is_504_without_running(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    before = runs.get("counted", 0)
+    status, _, raw = await post(client, worker, "counted", {"data": None}, headers={"pikku-deadline-ms": "0"})
+
+    assert status == 504
+    assert envelope(raw)["name"] == "DeadlineExceededError"
+    assert runs.get("counted", 0) == before
+
+
+async def test_worker_serves_after_bad_requests(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    bad_calls: list[tuple[str, bytes, str, dict[str, str]]] = [
+        ("greet", b"{", JSON, {}),
+        ("greet", b"x" * (MAX_BODY_SIZE + 1), JSON, {}),
+        ("greet", b"[]", JSON, {}),
+        ("greet", b"\xc1", MSGPACK, {}),
+        ("greet", b'{"data": {}}', JSON, {}),
+        ("greet", b'{"data": {"name": "Ada"}}', "text/plain", {}),
+        ("greet", b'{"data": {"name": "Ada"}}', JSON, {"pikku-deadline-ms": "abc"}),
+        ("greet", b'{"data": {"name": "Ada"}}', JSON, {"pikku-hop": "999"}),
+        ("crash", b"{}", JSON, {}),
+        ("unserialisable", b"{}", JSON, {}),
+        ("hidden", b"{}", JSON, {}),
+    ]
+    statuses = []
+    for name, body, content_type, headers in bad_calls:
+        status, _, _ = await post(client, worker, name, body, content_type=content_type, headers=headers)
+        statuses.append(status)
+
+    assert statuses == [400, 413, 400, 400, 422, 415, 400, 508, 500, 500, 404]
+    status, _, body = await post(client, worker, "greet", {"data": {"name": "Ada"}})
+    assert status == 200
+    assert json.loads(body) == {"greeting": "Hello, Ada!"}
+
+
+# -- callers ----------------------------------------------------------------------------------------
+
+
+async def test_aiohttp_transport_call(worker: PikkuWorker) -> None:
+    transport = AiohttpTransport()
+    try:
+        assert worker.endpoint is not None
+        reply = await transport.call(worker.endpoint, CallRequest("billing/charge", None), timeout=5)
+        error_reply = await transport.call(worker.endpoint, CallRequest("over_quota", None), timeout=5)
+    finally:
+        await transport.close()
+
+    assert reply.status == 200
+    assert reply.body == "charged"
+    assert error_reply.status == 429
+    assert error_reply.body["name"] == "QuotaExceededError"
+
+
+async def test_httpx_transport_user_client() -> None:
+    shared = MemoryRegistry()
+    async with httpx.AsyncClient() as user_client:
+        caller = MemoryDeploymentService(shared, transports=TransportSet([HttpxTransport(user_client)]))
+        async with PikkuWorker(deployment_service=MemoryDeploymentService(shared), registry=functions):
+            result = await caller.invoke("greet", {"name": "Ada"})
+            empty = await caller.invoke("nothing")
+            with pytest.raises(QuotaExceededError) as raised:
+                await caller.invoke("over_quota")
+        await caller.close()
+
+        assert not user_client.is_closed
+
+    assert result == {"greeting": "Hello, Ada!"}
+    assert empty is None
+    assert raised.value.payload == {"limit": 10}
+
+
+async def test_caller_accepts_204_as_none(discovery_url: str) -> None:
+    async with serve_asgi(foreign_peer) as endpoint:
+        peer = deployment_service_from_url(discovery_url)
+        caller = deployment_service_from_url(discovery_url)
+        try:
+            await peer.start(DeploymentConfig("pikku-ts", endpoint, functions=["empty"]))
+            result = await caller.invoke("empty", {"name": "Ada"})
+        finally:
+            await caller.close()
+            await peer.close()
+
+    assert result is None
+
+
+@pytest.mark.parametrize("name", ["html_page", "html_error", "json_error"])
+async def test_non_pikku_reply_is_protocol_error(discovery_url: str, name: str) -> None:
+    async with serve_asgi(foreign_peer) as endpoint:
+        peer = deployment_service_from_url(discovery_url)
+        caller = deployment_service_from_url(discovery_url)
+        try:
+            await peer.start(DeploymentConfig("not-pikku", endpoint, functions=[name]))
+            with pytest.raises(ProtocolError) as raised:
+                await caller.invoke(name)
+        finally:
+            await caller.close()
+            await peer.close()
+
+    assert "status" in str(raised.value)
+
+
+async def test_starlette_mount_at_prefix(client: aiohttp.ClientSession) -> None:
+    worker = PikkuWorker(discovery=False, registry=functions)
+    app = Starlette(routes=[Mount("/services/pikku", app=worker.asgi_app())])
+    transport = AiohttpTransport()
+    try:
+        async with serve_asgi(app) as base_url:
+            endpoint = f"{base_url}/services/pikku"
+            url = f"{endpoint}/remote/rpc/{quote('billing/charge', safe='')}"
+            async with client.post(url, json={"data": None}) as response:
+                raw_status, raw_body = response.status, await response.read()
+            reply = await transport.call(endpoint, CallRequest("greet", {"name": "Ada"}), timeout=5)
+            missing = await transport.call(endpoint, CallRequest("hidden", None), timeout=5)
+    finally:
+        await transport.close()
+
+    assert raw_status == 200
+    assert json.loads(raw_body) == "charged"
+    assert reply.status == 200
+    assert reply.body == {"greeting": "Hello, Ada!"}
+    assert missing.status == 404
