@@ -148,7 +148,7 @@ def pikku_func(
 
     def decorate(f: F) -> F:
         definition = define_function(f, name=name, expose=expose, idempotent=idempotent, auth=auth)
-        (registry or default_registry).add(definition)
+        (registry if registry is not None else default_registry).add(definition)
         f.__pikku__ = definition  # type: ignore[attr-defined]
         return f
 

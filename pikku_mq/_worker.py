@@ -87,7 +87,7 @@ class PikkuWorker:
 
         self.deployment_id = deployment_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.fallback_endpoints = tuple(fallback_endpoints)
-        self.registry = _select_functions(registry or default_registry, functions)
+        self.registry = _select_functions(registry if registry is not None else default_registry, functions)
         self.services = services
         self.drain_timeout = drain_timeout
         self.max_body_size = max_body_size
