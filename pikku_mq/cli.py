@@ -1,0 +1,438 @@
+"""The ``pikku-mq`` command: run a worker, make one call, list deployments, run the demo.
+
+Exit statuses: 0 on success, 1 when a call or a worker fails at run time, 2 for invalid arguments or
+configuration (argparse's convention), 130 after Ctrl-C where a command does not handle it itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import inspect
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from types import ModuleType
+from typing import Any, NoReturn
+
+from ._errors import ConfigurationError, PikkuMQError
+from ._functions import FunctionDefinition, default_registry
+from ._settings import ENV_DISCOVERY_URL, default_discovery_url
+from ._types import DEFAULT_TIMEOUT, DeploymentRecord
+from ._worker import PikkuWorker
+from .backends import deployment_service_from_url
+from .backends.base import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TTL
+
+__all__ = ["build_parser", "format_deployments", "main", "run"]
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Flags that configure a worker; a worker object named by MODULE:ATTR brings its own configuration.
+_WORKER_FLAGS = {
+    "deployment_id": "--id",
+    "endpoint": "--endpoint",
+    "fallback_endpoints": "--fallback-endpoint",
+    "discovery": "--discovery",
+    "heartbeat_interval": "--heartbeat-interval",
+    "heartbeat_ttl": "--heartbeat-ttl",
+}
+
+
+class UsageError(Exception):
+    """Invalid arguments: reported on stderr with exit status 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``) and exit with its status."""
+    sys.exit(run(argv))
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` and return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status: int = args.handler(args)
+    except UsageError as exc:
+        parser.exit(EXIT_USAGE, f"{parser.prog} {args.command}: error: {exc}\n")
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return status
+
+
+# -- arguments -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the parser of ``pikku-mq`` and its commands."""
+    parser = argparse.ArgumentParser(
+        prog="pikku-mq",
+        description="Run pikku_mq workers and call their functions from the command line.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_worker_parser(commands)
+    _add_call_parser(commands)
+    _add_ls_parser(commands)
+    _add_demo_parser(commands)
+    return parser
+
+
+def _add_discovery_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--discovery",
+        metavar="URL",
+        help=f"discovery URL (sqlite:///path, memory://, an SQLAlchemy async URL); default: ${ENV_DISCOVERY_URL}, "
+        "else the SQLite file pikku-mq.db in the working directory",
+    )
+
+
+def _add_log_level_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--log-level",
+        default=default,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help=f"level of the log lines written to stderr (default: {default})",
+    )
+
+
+def _add_worker_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "worker",
+        help="serve the exposed functions of a module",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve the exposed functions defined in MODULE (and its submodules), register them in the "
+        "discovery store and heartbeat until SIGTERM or SIGINT, then deregister, finish the calls in flight "
+        "and exit 0.\n\n"
+        "MODULE:ATTR names a PikkuWorker object, or a function that takes no arguments and returns one. That "
+        "worker keeps its own configuration, so the worker flags below are rejected with MODULE:ATTR.\n"
+        "The working directory is added to the import path, as `python -m` does.",
+    )
+    parser.add_argument("target", metavar="MODULE[:ATTR]", help="module to serve, e.g. myapp.functions")
+    parser.add_argument("--id", dest="deployment_id", metavar="ID", help="deployment id (default: host-pid-random)")
+    parser.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="URL to listen on and advertise, http://host:port; port 0 picks a free port (default: http://127.0.0.1:0)",
+    )
+    parser.add_argument(
+        "--fallback-endpoint",
+        dest="fallback_endpoints",
+        metavar="URL",
+        action="append",
+        help="endpoint that callers try when they cannot use --endpoint; repeat for several",
+    )
+    _add_discovery_flag(parser)
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help=f"seconds between heartbeats (default: {DEFAULT_HEARTBEAT_INTERVAL:g})",
+    )
+    parser.add_argument(
+        "--heartbeat-ttl",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help=f"seconds without a heartbeat after which callers treat this worker as dead; must be greater "
+        f"than --heartbeat-interval (default: {DEFAULT_HEARTBEAT_TTL:g})",
+    )
+    _add_log_level_flag(parser, "INFO")
+    parser.set_defaults(handler=_run_worker)
+
+
+def _add_call_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "call",
+        help="call a function once and print its result",
+        description="Call NAME on a live instance found through discovery and print the result as JSON on "
+        "stdout. A typed error is printed on stderr and the exit status is 1.",
+    )
+    parser.add_argument("name", metavar="NAME", help="function name")
+    parser.add_argument("data", metavar="JSON", nargs="?", help="input data as JSON (default: null)")
+    _add_discovery_flag(parser)
+    parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"deadline of the call in seconds (default: {DEFAULT_TIMEOUT:g})",
+    )
+    _add_log_level_flag(parser, "WARNING")
+    parser.set_defaults(handler=_run_call)
+
+
+def _add_ls_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "ls",
+        help="list the registered deployments",
+        description="List the deployments in the discovery store with their endpoint, functions, heartbeat "
+        "age and state (live, or stale when the last heartbeat is older than --heartbeat-ttl).",
+    )
+    _add_discovery_flag(parser)
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    parser.add_argument(
+        "--heartbeat-ttl",
+        type=_positive_seconds,
+        default=DEFAULT_HEARTBEAT_TTL,
+        metavar="SECONDS",
+        help=f"heartbeat age in seconds after which a deployment is shown as stale; use the workers' "
+        f"--heartbeat-ttl (default: {DEFAULT_HEARTBEAT_TTL:g})",
+    )
+    _add_log_level_flag(parser, "WARNING")
+    parser.set_defaults(handler=_run_ls)
+
+
+def _add_demo_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "demo",
+        help="run a mesh of worker processes on a temporary SQLite registry",
+        description="Start four worker processes on a temporary SQLite registry, call functions across them, "
+        "kill one instance with SIGKILL while calls go on, show the calls moving to the other instance, then "
+        "stop everything. Needs no server; exits 0 if every step worked.",
+    )
+    _add_log_level_flag(parser, "WARNING")
+    parser.set_defaults(handler=_run_demo)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format=_LOG_FORMAT, stream=sys.stderr)
+
+
+def _discovery_url(args: argparse.Namespace) -> str:
+    url: str | None = args.discovery
+    return url or default_discovery_url()
+
+
+# -- worker ----------------------------------------------------------------------------------------
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level)
+    module_name, _, attr = args.target.partition(":")
+    module = _import_module(module_name)
+
+    try:
+        worker = _worker_from_attr(module, attr, args) if attr else _worker_for_module(module, args)
+    except ConfigurationError as exc:
+        raise UsageError(str(exc)) from None
+
+    try:
+        worker.run()
+    except ConfigurationError as exc:
+        # Raised at start, for example when the endpoint's port is taken.
+        logger.error("worker %s failed to start: %s", worker.deployment_id, exc)  # noqa: TRY400 - no traceback
+        return EXIT_USAGE
+    except PikkuMQError as exc:
+        logger.error("worker %s failed: %s: %s", worker.deployment_id, type(exc).__name__, exc)  # noqa: TRY400
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _import_module(name: str) -> ModuleType:
+    if not name:
+        raise UsageError("missing module name; pass MODULE or MODULE:ATTR, e.g. myapp.functions")
+    # As with `python -m`, modules in the working directory are importable.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
+            raise UsageError(f"module {name!r} was not found in the working directory or the import path") from None
+        raise
+
+
+def _worker_for_module(module: ModuleType, args: argparse.Namespace) -> PikkuWorker:
+    functions = _functions_of(module)
+    if not any(definition.expose for definition in functions):
+        raise UsageError(
+            f"module {module.__name__!r} defines no exposed functions; decorate them with "
+            "@pikku_func(expose=True) or @pikku_sessionless_func(expose=True)"
+        )
+
+    options: dict[str, Any] = {
+        "functions": functions,
+        "deployment_service": _discovery_url(args),
+        "fallback_endpoints": args.fallback_endpoints or (),
+    }
+    for name in ("deployment_id", "endpoint", "heartbeat_interval", "heartbeat_ttl"):
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = value
+    return PikkuWorker(**options)
+
+
+def _functions_of(module: ModuleType) -> list[FunctionDefinition]:
+    """Return the registered functions defined in ``module`` or its submodules.
+
+    Functions of other modules that the process imported are left out, so two services imported in
+    one process do not serve each other's functions.
+    """
+    prefix = module.__name__ + "."
+    return [
+        definition
+        for definition in default_registry
+        if definition.func.__module__ == module.__name__ or definition.func.__module__.startswith(prefix)
+    ]
+
+
+def _worker_from_attr(module: ModuleType, attr: str, args: argparse.Namespace) -> PikkuWorker:
+    given = [flag for name, flag in _WORKER_FLAGS.items() if getattr(args, name) is not None]
+    if given:
+        raise UsageError(
+            f"{', '.join(given)} cannot be combined with MODULE:ATTR, because the worker "
+            f"{module.__name__}:{attr} has its own configuration; set it there or pass MODULE only"
+        )
+
+    target: Any = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise UsageError(f"module {module.__name__!r} has no attribute {attr!r}") from None
+
+    label = f"{module.__name__}:{attr}"
+    if isinstance(target, PikkuWorker):
+        return target
+    _check_factory(target, label)
+    worker = target()
+    if not isinstance(worker, PikkuWorker):
+        raise UsageError(f"{label}() returned {type(worker).__name__}, not a PikkuWorker")
+    return worker
+
+
+def _check_factory(target: Any, label: str) -> None:
+    """Raise :class:`UsageError` unless ``target`` is a plain function that can be called without arguments."""
+    if isinstance(getattr(target, "__pikku__", None), FunctionDefinition):
+        raise UsageError(f"{label} is a pikku function, not a worker; pass the module alone to serve its functions")
+    if not callable(target):
+        raise UsageError(f"{label} is neither a PikkuWorker nor a function that returns one")
+    if inspect.iscoroutinefunction(target):
+        raise UsageError(f"{label} is an async function; the worker factory must be a plain function")
+    try:
+        inspect.signature(target).bind()
+    except TypeError:
+        raise UsageError(f"{label} must be callable without arguments to build the worker") from None
+    except ValueError:
+        pass  # no signature to inspect (some builtins): let the call itself report a problem
+
+
+# -- call ------------------------------------------------------------------------------------------
+
+
+def _run_call(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level)
+    data = _parse_json(args.data)
+    try:
+        result = asyncio.run(_call(_discovery_url(args), args.name, data, args.timeout))
+    except ConfigurationError as exc:
+        raise UsageError(str(exc)) from None
+    except PikkuMQError as exc:
+        _print_error(exc)
+        return EXIT_FAILURE
+
+    print(json.dumps(result, ensure_ascii=False))
+    return EXIT_OK
+
+
+def _parse_json(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"invalid JSON input data: {exc}; quote it for the shell, e.g. '{{\"a\": 1}}'") from None
+
+
+async def _call(url: str, name: str, data: Any, timeout: float) -> Any:
+    async with deployment_service_from_url(url) as service:
+        return await service.invoke(name, data, timeout=timeout)
+
+
+def _print_error(error: PikkuMQError) -> None:
+    envelope = error.to_envelope()
+    print(f"{envelope['name']} ({error.http_status}, {envelope['code']}): {envelope['message']}", file=sys.stderr)
+    if envelope["payload"] is not None:
+        print(f"payload: {json.dumps(envelope['payload'], ensure_ascii=False)}", file=sys.stderr)
+
+
+# -- ls --------------------------------------------------------------------------------------------
+
+
+def _run_ls(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level)
+    url = _discovery_url(args)
+    try:
+        records = asyncio.run(_list(url, args.heartbeat_ttl))
+    except ConfigurationError as exc:
+        raise UsageError(str(exc)) from None
+
+    if args.json:
+        print(json.dumps([asdict(record) for record in records], indent=2))
+    elif records:
+        print(format_deployments(records))
+    else:
+        print(f"no deployments registered in {url}")
+    return EXIT_OK
+
+
+async def _list(url: str, heartbeat_ttl: float) -> list[DeploymentRecord]:
+    # The interval only has to be below the TTL: this service never heartbeats.
+    interval = min(DEFAULT_HEARTBEAT_INTERVAL, heartbeat_ttl / 2)
+    service = deployment_service_from_url(url, heartbeat_interval=interval, heartbeat_ttl=heartbeat_ttl)
+    async with service:
+        records = await service.list_deployments()
+    return sorted(records, key=lambda record: record.deployment_id)
+
+
+def format_deployments(records: Sequence[DeploymentRecord]) -> str:
+    """Format deployments as a table with one row per deployment."""
+    header = ("ID", "STATE", "HEARTBEAT", "ENDPOINT", "FUNCTIONS")
+    rows = [
+        (
+            record.deployment_id,
+            record.state,
+            f"{record.heartbeat_age:.1f} s ago",
+            " ".join((record.endpoint, *record.fallback_endpoints)),
+            ", ".join(record.functions),
+        )
+        for record in records
+    ]
+    widths = [max(len(row[column]) for row in (header, *rows)) for column in range(len(header) - 1)]
+    lines = []
+    for row in (header, *rows):
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        lines.append("  ".join((*cells, row[-1])))
+    return "\n".join(lines)
+
+
+# -- demo ------------------------------------------------------------------------------------------
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    _configure_logging(args.log_level)
+    # Imported here: the other commands do not need the demo.
+    from .demo.runner import run_demo
+
+    return run_demo()

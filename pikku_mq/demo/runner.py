@@ -1,0 +1,364 @@
+"""The driver of ``pikku-mq demo``: a mesh of worker processes on a temporary SQLite registry.
+
+It starts two greeters, a shouter and a concierge as ``pikku-mq worker`` processes and calls their
+functions. Then it kills one greeter with SIGKILL while a stream of calls goes on, checks that the later
+calls reach the other greeter, and stops the rest with SIGTERM. Worker logs go to files in the temporary
+folder and are printed only when the demo fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._errors import PikkuMQError
+from ..backends.sqlite import SqliteDeploymentService
+from ..cli import format_deployments
+
+__all__ = ["DemoError", "run_demo"]
+
+HEARTBEAT_INTERVAL = 1.0
+HEARTBEAT_TTL = 3.0
+STARTUP_TIMEOUT = 15.0
+"""Seconds for every worker to register. The workers start at once and each spends over a second of CPU
+importing the library, so a machine with few cores needs a few seconds."""
+STOP_TIMEOUT = 5.0
+"""Seconds a worker gets to exit after SIGTERM or SIGKILL."""
+CALL_TIMEOUT = 5.0
+DEMO_TIMEOUT = 28.0
+"""Seconds the demo may run before it gives up."""
+
+STREAM_CALLS = 16
+STREAM_LANES = 2
+"""Calls in flight at once during the stream."""
+KILL_AFTER = 5
+"""Number of stream calls to finish before a greeter is killed."""
+STREAM_PAUSE = 0.05
+"""Seconds between two calls of one lane, so the kill lands while calls go on."""
+
+NAMES = ("Ada", "Grace", "Alan", "Barbara", "Edsger", "Margaret", "Donald", "Frances")
+
+# (deployment id, module) of each worker process.
+WORKERS = (
+    ("greeter-1", "pikku_mq.demo.greeter"),
+    ("greeter-2", "pikku_mq.demo.greeter"),
+    ("shouter-1", "pikku_mq.demo.shouter"),
+    ("concierge-1", "pikku_mq.demo.concierge"),
+)
+VICTIM = "greeter-1"
+SURVIVOR = "greeter-2"
+
+
+class DemoError(Exception):
+    """A step of the demo did not give the expected result."""
+
+
+@dataclass(slots=True)
+class _Worker:
+    name: str
+    module: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@dataclass(slots=True)
+class _StreamCall:
+    index: int
+    started: float
+    result: dict[str, Any] | None
+    error: PikkuMQError | None
+
+
+def run_demo() -> int:
+    """Run the demo in a temporary folder and return the exit status: 0 if every check passed."""
+    workdir = Path(tempfile.mkdtemp(prefix="pikku-mq-demo-"))
+    mesh = _Mesh(workdir)
+    try:
+        asyncio.run(_demo(mesh))
+    except DemoError as exc:
+        print(f"\ndemo failed: {exc}", file=sys.stderr)
+        mesh.print_logs()
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("\ndemo interrupted; stopping the workers", file=sys.stderr)
+        return 128 + signal.SIGTERM if mesh.terminated else 128 + signal.SIGINT
+    finally:
+        mesh.kill_all()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+async def _demo(mesh: _Mesh) -> None:
+    # SIGTERM would end this process without cleanup and leave the workers running; cancel instead.
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, mesh.on_sigterm, task)
+
+    service = SqliteDeploymentService(
+        mesh.workdir / "registry.db", heartbeat_interval=HEARTBEAT_INTERVAL, heartbeat_ttl=HEARTBEAT_TTL
+    )
+    try:
+        async with asyncio.timeout(DEMO_TIMEOUT), service:
+            await _start(mesh, service)
+            await _single_calls(mesh, service)
+            await _failover(mesh, service)
+            await _stop(mesh, service)
+    except TimeoutError:
+        raise DemoError(f"the demo did not finish within {DEMO_TIMEOUT:g} s") from None
+
+
+# -- steps -----------------------------------------------------------------------------------------
+
+
+async def _start(mesh: _Mesh, service: SqliteDeploymentService) -> None:
+    print(f"pikku-mq demo: {len(WORKERS)} worker processes sharing the SQLite registry {service.path}\n")
+    await service.init()
+    for name, module in WORKERS:
+        mesh.spawn(name, module)
+    await mesh.wait_registered(service)
+
+    records = sorted(await service.list_deployments(), key=lambda record: record.deployment_id)
+    print("Registered deployments, as `pikku-mq ls` shows them:")
+    print(format_deployments(records))
+
+
+async def _single_calls(mesh: _Mesh, service: SqliteDeploymentService) -> None:
+    print("\nCalls from this process, one line per call, with the instance that served each hop:")
+    for name in NAMES[:2]:
+        result = await _invoke(service, "greet", {"name": name})
+        _print_call(f"greet {name}", result["greeting"], f"greet on {mesh.name_of(result['pid'])}")
+
+    result = await _invoke(service, "shout", {"text": "pikku"})
+    _print_call("shout pikku", result["text"], f"shout on {mesh.name_of(result['pid'])}")
+
+    for name in NAMES[2:4]:
+        result = await _invoke(service, "welcome", {"name": name})
+        _print_call(f"welcome {name}", result["message"], _route(mesh, result))
+
+
+async def _failover(mesh: _Mesh, service: SqliteDeploymentService) -> None:
+    print(
+        f"\n{STREAM_CALLS} welcome calls, {STREAM_LANES} at a time; {VICTIM} is killed with SIGKILL "
+        f"after {KILL_AFTER} of them:"
+    )
+    calls, killed_at = await _stream_with_kill(mesh, service)
+    later = _check_failover(mesh, calls, killed_at)
+    print(f"All {len(calls)} calls succeeded; the {len(later)} sent after the kill were served by {SURVIVOR}.")
+
+
+def _check_failover(mesh: _Mesh, calls: list[_StreamCall], killed_at: float) -> list[_StreamCall]:
+    """Raise :class:`DemoError` unless every call succeeded and those after the kill reached the survivor.
+
+    Return the calls sent after the kill.
+    """
+    failed = [call for call in calls if call.error is not None]
+    if failed:
+        first = failed[0]
+        raise DemoError(f"{len(failed)} of {len(calls)} calls failed; call {first.index}: {first.error!r}")
+
+    victim_pid = mesh.workers[VICTIM].process.pid
+    survivor_pid = mesh.workers[SURVIVOR].process.pid
+    served_by_victim = [call for call in calls if _greeter_pid(call) == victim_pid]
+    if not served_by_victim:
+        raise DemoError(f"no call reached {VICTIM} before the kill, so the calls were not balanced")
+    later = [call for call in calls if call.started > killed_at]
+    if not later:
+        raise DemoError(f"no call was sent after {VICTIM} was killed, so failover was not shown")
+    wrong = [call for call in later if _greeter_pid(call) != survivor_pid]
+    if wrong:
+        raise DemoError(f"call {wrong[0].index} was sent after the kill but not served by {SURVIVOR}")
+    return later
+
+
+async def _stream_with_kill(mesh: _Mesh, service: SqliteDeploymentService) -> tuple[list[_StreamCall], float]:
+    """Run the stream of calls and kill the victim after ``KILL_AFTER`` of them.
+
+    Return the calls and the :func:`time.monotonic` instant at which the victim was reaped.
+    """
+    calls: list[_StreamCall] = []
+    enough_calls = asyncio.Event()
+    killed_at = 0.0
+
+    async def call_welcome(index: int) -> None:
+        call = await _timed_welcome(service, index)
+        calls.append(call)
+        print(f"  call {index:>2}: {_describe(mesh, call)}")
+        if len(calls) >= KILL_AFTER:
+            enough_calls.set()
+
+    async def lane(first: int) -> None:
+        for index in range(first, STREAM_CALLS + 1, STREAM_LANES):
+            await call_welcome(index)
+            await asyncio.sleep(STREAM_PAUSE)
+
+    async def kill_victim() -> None:
+        nonlocal killed_at
+        await enough_calls.wait()
+        victim = mesh.workers[VICTIM]
+        await mesh.signal_and_wait(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        print(f"  -- killed {VICTIM} (pid {victim.process.pid}) with SIGKILL --")
+
+    await asyncio.gather(*(lane(first) for first in range(1, STREAM_LANES + 1)), kill_victim())
+    return calls, killed_at
+
+
+async def _timed_welcome(service: SqliteDeploymentService, index: int) -> _StreamCall:
+    started = time.monotonic()
+    try:
+        result = await _invoke(service, "welcome", {"name": NAMES[index % len(NAMES)]})
+    except PikkuMQError as exc:
+        return _StreamCall(index, started, None, exc)
+    return _StreamCall(index, started, result, None)
+
+
+async def _stop(mesh: _Mesh, service: SqliteDeploymentService) -> None:
+    print("\nStopping the workers with SIGTERM: each one deregisters, finishes its calls and exits.")
+    running = [worker for worker in mesh.workers.values() if worker.process.poll() is None]
+    statuses = await asyncio.gather(*(mesh.signal_and_wait(worker, signal.SIGTERM) for worker in running))
+    for worker, status in zip(running, statuses, strict=True):
+        print(f"  {worker.name} exited with status {status}")
+
+    failed = [worker.name for worker, status in zip(running, statuses, strict=True) if status != 0]
+    if failed:
+        raise DemoError(f"{', '.join(failed)} exited with a non-zero status after SIGTERM")
+
+    # A killed worker never deregisters. Its row stays until a heartbeat of another worker purges it
+    # after the TTL, and no worker is left to do that here.
+    left = [record.deployment_id for record in await service.list_deployments()]
+    if left:
+        print(f"Still in the registry: {', '.join(left)} (killed, so never deregistered; stale after the TTL).")
+    print("\nDemo finished: every check passed.")
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+async def _invoke(service: SqliteDeploymentService, name: str, data: dict[str, Any]) -> dict[str, Any]:
+    result = await service.invoke(name, data, timeout=CALL_TIMEOUT)
+    if not isinstance(result, dict):
+        raise DemoError(f"{name} returned {result!r}, expected a JSON object")
+    return result
+
+
+def _print_call(call: str, result: str, route: str) -> None:
+    print(f"  {call:<15} -> {json.dumps(result):<33} {route}")
+
+
+def _route(mesh: _Mesh, result: dict[str, Any]) -> str:
+    pids: dict[str, int] = result["pids"]
+    return ", ".join(f"{function} on {mesh.name_of(pid)}" for function, pid in pids.items())
+
+
+def _greeter_pid(call: _StreamCall) -> int | None:
+    return None if call.result is None else int(call.result["pids"]["greet"])
+
+
+def _describe(mesh: _Mesh, call: _StreamCall) -> str:
+    if call.result is None:
+        return f"FAILED: {call.error!r}"
+    return _route(mesh, call.result)
+
+
+class _Mesh:
+    """The worker processes of the demo, started with ``python -m pikku_mq worker``."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.url = f"sqlite:///{workdir / 'registry.db'}"
+        self.workers: dict[str, _Worker] = {}
+        self.terminated = False
+        """Whether the demo itself received SIGTERM."""
+
+    def on_sigterm(self, task: asyncio.Task[None]) -> None:
+        self.terminated = True
+        task.cancel()
+
+    def spawn(self, name: str, module: str) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "pikku_mq",
+            "worker",
+            module,
+            "--id",
+            name,
+            "--endpoint",
+            "http://127.0.0.1:0",
+            "--discovery",
+            self.url,
+            "--heartbeat-interval",
+            str(HEARTBEAT_INTERVAL),
+            "--heartbeat-ttl",
+            str(HEARTBEAT_TTL),
+        ]
+        log_path = self.workdir / f"{name}.log"
+        # The workers stay in this process group, so a Ctrl-C in the terminal reaches them too.
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                command, cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+        self.workers[name] = _Worker(name, module, process, log_path)
+
+    def name_of(self, pid: int) -> str:
+        for worker in self.workers.values():
+            if worker.process.pid == pid:
+                return worker.name
+        return f"pid {pid}"
+
+    async def wait_registered(self, service: SqliteDeploymentService) -> None:
+        """Wait until every worker is registered and live, or raise :class:`DemoError`."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            for worker in self.workers.values():
+                status = worker.process.poll()
+                if status is not None:
+                    raise DemoError(f"{worker.name} exited with status {status} during startup")
+            live = {record.deployment_id for record in await service.list_deployments() if record.state == "live"}
+            if live >= self.workers.keys():
+                return
+            await asyncio.sleep(0.1)
+        raise DemoError(f"the workers did not all register within {STARTUP_TIMEOUT:g} s")
+
+    async def signal_and_wait(self, worker: _Worker, signum: signal.Signals) -> int:
+        """Send ``signum`` to a worker and return its exit status; negative means killed by a signal."""
+        worker.process.send_signal(signum)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline:
+            status = worker.process.poll()
+            if status is not None:
+                return status
+            await asyncio.sleep(0.02)
+        raise DemoError(f"{worker.name} did not exit within {STOP_TIMEOUT:g} s of {signum.name}")
+
+    def kill_all(self) -> None:
+        """Stop every worker still running: SIGTERM, then SIGKILL after ``STOP_TIMEOUT``."""
+        running = [worker for worker in self.workers.values() if worker.process.poll() is None]
+        for worker in running:
+            worker.process.terminate()
+        for worker in running:
+            try:
+                worker.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait(STOP_TIMEOUT)
+
+    def print_logs(self, lines: int = 15) -> None:
+        """Print the end of each worker's log to stderr."""
+        for worker in self.workers.values():
+            with contextlib.suppress(OSError):
+                tail = worker.log_path.read_text(errors="replace").splitlines()[-lines:]
+                if not tail:
+                    continue
+                print(f"\n--- last lines of the log of {worker.name} ---", file=sys.stderr)
+                print("\n".join(tail), file=sys.stderr)
