@@ -1,0 +1,175 @@
+"""Worker processes under failure and shutdown: SIGKILL, SIGTERM draining, start order and stale entries."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import aiohttp
+import pytest
+
+from pikku_mq import DeploymentService, deployment_service_from_url
+
+if TYPE_CHECKING:
+    from conftest import WorkerProcess, WorkerProcesses
+
+MESH_WORKER = Path(__file__).parent / "apps" / "mesh_worker.py"
+WHOAMI = ("--functions", "whoami,whoami_once")
+FAST_HEARTBEAT = ("--heartbeat-interval", "0.3", "--heartbeat-ttl", "1")
+
+
+async def poll(description: str, check: Callable[[], Awaitable[bool] | bool], timeout: float) -> None:
+    """Run ``check`` (awaiting it if it is async) every 20 ms until it returns true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{description} did not happen within {timeout} s")
+
+
+async def start_pair(
+    worker_processes: WorkerProcesses, first: str, second: str, *args: str
+) -> tuple[WorkerProcess, WorkerProcess]:
+    """Start two workers that both host whoami and whoami_once, in parallel."""
+    a = worker_processes.launch(MESH_WORKER, first, *WHOAMI, *args)
+    b = worker_processes.launch(MESH_WORKER, second, *WHOAMI, *args)
+    await worker_processes.wait_registered(a)
+    await worker_processes.wait_registered(b)
+    return a, b
+
+
+async def test_sigkill_mid_stream_fails_over(worker_processes: WorkerProcesses, registry: DeploymentService) -> None:
+    a, _ = await start_pair(worker_processes, "instance-a", "instance-b")
+
+    # Four callers run idempotent calls back to back; instance-a is killed while they run, so calls
+    # in flight there fail on the way and are retried on instance-b.
+    results: list[tuple[float, str]] = []
+    killed_at = float("inf")
+    stop = asyncio.Event()
+
+    async def call_in_a_loop() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            served_by = await registry.invoke("whoami", timeout=10, idempotent=True)
+            results.append((started, served_by))
+
+    callers = [asyncio.create_task(call_in_a_loop()) for _ in range(4)]
+    try:
+        await poll("40 calls", lambda: len(results) >= 40, timeout=20)
+        a.kill()
+        killed_at = time.monotonic()
+        await poll("60 calls after the kill", lambda: sum(t > killed_at for t, _ in results) >= 60, timeout=20)
+    finally:
+        stop.set()
+        outcomes = await asyncio.gather(*callers, return_exceptions=True)
+
+    assert [o for o in outcomes if o is not None] == []
+    before = {served_by for started, served_by in results if started < killed_at}
+    after = {served_by for started, served_by in results if started > killed_at}
+    assert before == {"instance-a", "instance-b"}
+    assert after == {"instance-b"}
+
+
+async def test_sigkill_non_idempotent_fails_over(
+    worker_processes: WorkerProcesses, discovery_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, _ = await start_pair(worker_processes, "instance-a", "instance-b")
+    caplog.set_level(logging.INFO, logger="pikku_mq._routing")
+    # One caller has keep-alive connections to both instances when instance-a dies, the other none.
+    # The registry still lists instance-a until its TTL passes, so both callers send calls there:
+    # each is refused at connect, certainly did not run, and moves to instance-b.
+    warm = deployment_service_from_url(discovery_url)
+    cold = deployment_service_from_url(discovery_url)
+    try:
+        warm_before = {await warm.invoke("whoami_once", timeout=10) for _ in range(4)}
+        a.kill()
+        warm_after = [await warm.invoke("whoami_once", timeout=10) for _ in range(6)]
+        listed = {i.deployment_id for i in await cold.find_function("whoami_once")}
+        cold_after = [await cold.invoke("whoami_once", timeout=10) for _ in range(6)]
+    finally:
+        await warm.close()
+        await cold.close()
+
+    assert warm_before == {"instance-a", "instance-b"}
+    assert warm_after == ["instance-b"] * 6
+    assert listed == {"instance-a", "instance-b"}
+    assert cold_after == ["instance-b"] * 6
+    assert any("instance-a" in r.getMessage() and "unreachable" in r.getMessage() for r in caplog.records)
+
+
+async def test_sigterm_drains_in_flight_call(
+    worker_processes: WorkerProcesses, registry: DeploymentService, tmp_path: Path
+) -> None:
+    worker = await worker_processes.start(MESH_WORKER, "draining-worker", "--functions", "slow")
+    marker = tmp_path / "slow-started"
+
+    call = asyncio.create_task(registry.invoke("slow", {"seconds": 1.5, "started_marker": str(marker)}, timeout=20))
+    await poll("the slow call to start", marker.exists, timeout=10)
+    worker.terminate()
+
+    async def deregistered() -> bool:
+        return all(r.deployment_id != worker.deployment_id for r in await registry.list_deployments())
+
+    await poll("deregistration", deregistered, timeout=5)
+    assert worker.process.poll() is None, "the worker exited before its in-flight call finished"
+    assert not call.done()
+
+    assert await asyncio.wait_for(call, timeout=10) == "draining-worker"
+    assert await asyncio.to_thread(worker.process.wait, 10) == 0
+    assert await registry.list_deployments() == []
+
+    info_lines = [line for line in worker.stderr().splitlines() if " INFO " in line and "draining-worker" in line]
+    for step in ("starting", "registered deployment", "draining", "deregistered deployment", "stopped"):
+        assert any(step in line for line in info_lines), f"no INFO line about {step!r} in {info_lines}"
+
+
+async def test_endpoint_answers_once_registered(worker_processes: WorkerProcesses, registry: DeploymentService) -> None:
+    worker = worker_processes.launch(MESH_WORKER, "eager-worker", *WHOAMI)
+
+    async def registered() -> bool:
+        return bool(await registry.find_function("whoami"))
+
+    await poll("registration", registered, timeout=20)
+    [instance] = await registry.find_function("whoami")
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as client,
+        client.post(f"{instance.endpoint}/remote/rpc/whoami", json={"data": None}) as response,
+    ):
+        status, body = response.status, await response.json()
+
+    assert worker.process.poll() is None
+    assert status == 200
+    assert body == "eager-worker"
+
+
+async def test_stale_instance_excluded_after_ttl(worker_processes: WorkerProcesses, discovery_url: str) -> None:
+    a, _ = await start_pair(worker_processes, "stale-a", "live-b", *FAST_HEARTBEAT)
+    # Liveness is judged with the caller's TTL, so the caller uses the workers' settings.
+    caller = deployment_service_from_url(discovery_url, heartbeat_interval=0.3, heartbeat_ttl=1)
+    try:
+        a.kill()
+        rows_at_kill = {r.deployment_id for r in await caller.list_deployments()}
+
+        async def excluded() -> bool:
+            return [i.deployment_id for i in await caller.find_function("whoami")] == ["live-b"]
+
+        async def purged() -> bool:
+            return [r.deployment_id for r in await caller.list_deployments()] == ["live-b"]
+
+        await poll("exclusion of the killed instance", excluded, timeout=5)
+        await poll("removal of the killed instance by live-b's heartbeat", purged, timeout=5)
+        served = [await caller.invoke("whoami_once", timeout=5) for _ in range(4)]
+    finally:
+        await caller.close()
+
+    assert rows_at_kill == {"stale-a", "live-b"}
+    assert served == ["live-b"] * 4
