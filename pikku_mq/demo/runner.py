@@ -29,7 +29,7 @@ __all__ = ["DemoError", "run_demo"]
 
 HEARTBEAT_INTERVAL = 1.0
 HEARTBEAT_TTL = 3.0
-STARTUP_TIMEOUT = 15.0
+STARTUP_TIMEOUT = 20.0
 """Seconds for every worker to register. The workers start at once and each spends over a second of CPU
 importing the library, so a machine with few cores needs a few seconds."""
 STOP_TIMEOUT = 5.0

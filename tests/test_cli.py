@@ -1,0 +1,299 @@
+"""The ``pikku-mq`` command, run as real subprocesses against worker processes on a temporary registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+CLI_TIMEOUT = 30.0
+"""Seconds one short command (call, ls) may take; starting Python and importing pikku_mq takes over a second."""
+DEMO_TIMEOUT = 50.0
+REGISTRATION_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+# The console script next to this interpreter, so the test runs the entry point that pip installed.
+CONSOLE_SCRIPT = shutil.which("pikku-mq", path=str(Path(sys.executable).parent))
+MODULE_COMMAND = [sys.executable, "-m", "pikku_mq"]
+
+CALC_MODULE = textwrap.dedent(
+    """
+    from pydantic import BaseModel
+
+    from pikku_mq import PikkuWorker, pikku_sessionless_func
+
+    import helpers  # registers an exposed function of its own, which this worker must not serve
+
+
+    class AddIn(BaseModel):
+        a: int
+        b: int
+
+
+    @pikku_sessionless_func(expose=True)
+    async def add(services, data: AddIn) -> int:
+        return data.a + data.b
+
+
+    @pikku_sessionless_func
+    async def hidden(services, data: int) -> int:
+        return data
+
+
+    def build() -> PikkuWorker:
+        return PikkuWorker(deployment_id="calc-factory", functions=[add], heartbeat_interval=1, heartbeat_ttl=3)
+    """
+)
+
+HELPERS_MODULE = textwrap.dedent(
+    """
+    from pikku_mq import pikku_sessionless_func
+
+
+    @pikku_sessionless_func(expose=True)
+    async def echo(services, data):
+        return data
+    """
+)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A folder with an application module ``calc`` and a module ``helpers`` that it imports."""
+    (tmp_path / "calc.py").write_text(CALC_MODULE)
+    (tmp_path / "helpers.py").write_text(HELPERS_MODULE)
+    return tmp_path
+
+
+@pytest.fixture
+def discovery(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'registry.db'}"
+
+
+@pytest.fixture
+def cli_env(discovery: str) -> dict[str, str]:
+    """The environment of every command: the test's registry, whatever the developer's shell sets."""
+    return {**os.environ, "PIKKU_DISCOVERY_URL": discovery}
+
+
+@pytest.fixture
+def spawned() -> Iterator[list[subprocess.Popen[Any]]]:
+    """Long-running subprocesses of a test, each in a session of its own.
+
+    One still running at the end is killed with its process group, which holds the workers it started.
+    """
+    processes: list[subprocess.Popen[Any]] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(STOP_TIMEOUT)
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*MODULE_COMMAND, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT
+    )
+
+
+def start_worker(
+    spawned: list[subprocess.Popen[Any]], *args: str, cwd: Path, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    command = [CONSOLE_SCRIPT] if CONSOLE_SCRIPT else MODULE_COMMAND
+    with (cwd / "worker.log").open("ab") as log:
+        # A session of its own, so the fixture can kill the worker with everything it started.
+        process = subprocess.Popen(
+            [*command, "worker", *args],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    spawned.append(process)
+    return process
+
+
+def list_deployments(cwd: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    completed = run_cli("ls", "--json", "--heartbeat-ttl", "3", cwd=cwd, env=env)
+    assert completed.returncode == 0, completed.stderr
+    records: list[dict[str, Any]] = json.loads(completed.stdout)
+    return records
+
+
+def wait_registered(
+    deployment_id: str, process: subprocess.Popen[bytes], cwd: Path, env: dict[str, str]
+) -> dict[str, Any]:
+    """Poll ``pikku-mq ls --json`` until ``deployment_id`` is live; return its record."""
+    deadline = time.monotonic() + REGISTRATION_TIMEOUT
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"worker exited with {process.returncode}: {(cwd / 'worker.log').read_text()}"
+        for record in list_deployments(cwd, env):
+            if record["deployment_id"] == deployment_id and record["state"] == "live":
+                return record
+        time.sleep(0.2)
+    pytest.fail(f"{deployment_id} did not register within {REGISTRATION_TIMEOUT} s: {(cwd / 'worker.log').read_text()}")
+
+
+def stop_worker(process: subprocess.Popen[bytes]) -> int:
+    process.send_signal(signal.SIGTERM)
+    return process.wait(STOP_TIMEOUT)
+
+
+# -- demo ------------------------------------------------------------------------------------------
+
+
+def test_demo_shows_failover(tmp_path: Path, spawned: list[subprocess.Popen[Any]]) -> None:
+    demo = subprocess.Popen(
+        [*MODULE_COMMAND, "demo"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    spawned.append(demo)
+    stdout, stderr = demo.communicate(timeout=DEMO_TIMEOUT)
+    lines = stdout.splitlines()
+
+    assert demo.returncode == 0, stdout + stderr
+    assert "welcome on concierge-1, greet on greeter-1, shout on shouter-1" in stdout
+    assert "welcome on concierge-1, greet on greeter-2, shout on shouter-1" in stdout
+
+    kill_lines = [i for i, line in enumerate(lines) if "killed greeter-1" in line and "SIGKILL" in line]
+    assert len(kill_lines) == 1, stdout
+    calls_after_kill = [line for line in lines[kill_lines[0] + 1 :] if line.startswith("  call ")]
+    assert calls_after_kill, stdout
+    # A call in flight during the kill may finish after this line, but only by failing over to greeter-2.
+    assert all("greet on greeter-2" in line for line in calls_after_kill), stdout
+    assert "FAILED" not in stdout
+
+    for name in ("greeter-2", "shouter-1", "concierge-1"):
+        assert f"{name} exited with status 0" in stdout
+    assert "every check passed" in stdout
+
+    # The first line names the registry file in the demo's temporary folder, which must be gone.
+    registry = Path(lines[0].rsplit(" ", 1)[-1])
+    assert registry.name == "registry.db"
+    assert not registry.parent.exists()
+
+
+# -- worker, call and ls ---------------------------------------------------------------------------
+
+
+def test_worker_call_and_ls(
+    project: Path, discovery: str, cli_env: dict[str, str], spawned: list[subprocess.Popen[Any]]
+) -> None:
+    worker = start_worker(
+        spawned,
+        "calc",
+        "--id",
+        "calc-1",
+        "--endpoint",
+        "http://127.0.0.1:0",
+        "--discovery",
+        discovery,
+        "--heartbeat-interval",
+        "1",
+        "--heartbeat-ttl",
+        "3",
+        cwd=project,
+        env=cli_env,
+    )
+    record = wait_registered("calc-1", worker, project, cli_env)
+
+    assert record["functions"] == ["add"]
+    assert urlsplit(record["endpoint"]).hostname == "127.0.0.1"
+    assert (urlsplit(record["endpoint"]).port or 0) > 0
+    assert 0 <= record["heartbeat_age"] < 3
+
+    added = run_cli("call", "add", '{"a": 2, "b": 3}', "--discovery", discovery, cwd=project, env=cli_env)
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout) == 5
+
+    invalid = run_cli("call", "add", '{"a": "two", "b": 3}', cwd=project, env=cli_env)
+    assert invalid.returncode == 1
+    assert invalid.stdout == ""
+    assert invalid.stderr.startswith("InputValidationError (422, invalid_input):")
+
+    table = run_cli("ls", "--heartbeat-ttl", "3", cwd=project, env=cli_env)
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()
+    assert header.split() == ["ID", "STATE", "HEARTBEAT", "ENDPOINT", "FUNCTIONS"]
+    assert row.split()[:2] == ["calc-1", "live"]
+    assert row.split()[-2:] == [record["endpoint"], "add"]
+
+    assert stop_worker(worker) == 0
+    assert list_deployments(project, cli_env) == []
+
+
+def test_worker_from_factory(project: Path, cli_env: dict[str, str], spawned: list[subprocess.Popen[Any]]) -> None:
+    worker = start_worker(spawned, "calc:build", cwd=project, env=cli_env)
+    record = wait_registered("calc-factory", worker, project, cli_env)
+
+    assert record["functions"] == ["add"]
+    added = run_cli("call", "add", '{"a": 40, "b": 2}', cwd=project, env=cli_env)
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout) == 42
+    assert stop_worker(worker) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["calc:build", "--id", "x"], "--id cannot be combined with MODULE:ATTR"),
+        (["calc:add"], "calc:add is a pikku function, not a worker"),
+        (["calc:missing"], "module 'calc' has no attribute 'missing'"),
+        (["no_such_module"], "module 'no_such_module' was not found"),
+        (["helpers", "--heartbeat-interval", "0"], "must be a positive number of seconds"),
+    ],
+)
+def test_worker_rejects_bad_arguments(project: Path, cli_env: dict[str, str], args: list[str], message: str) -> None:
+    completed = run_cli("worker", *args, cwd=project, env=cli_env)
+
+    assert completed.returncode == 2
+    assert message in completed.stderr
+
+
+def test_call_missing_function(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    completed = run_cli("call", "no_such_function", "{}", cwd=tmp_path, env=cli_env)
+
+    assert completed.returncode == 1
+    assert completed.stdout == ""
+    first_line, payload_line = completed.stderr.splitlines()
+    assert first_line.startswith("FunctionNotFoundError (404, function_not_found):")
+    assert "no_such_function" in first_line
+    assert json.loads(payload_line.removeprefix("payload: ")) == {"function": "no_such_function"}
+
+
+def test_call_invalid_json(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    completed = run_cli("call", "add", "{a: 1}", cwd=tmp_path, env=cli_env)
+
+    assert completed.returncode == 2
+    assert completed.stdout == ""
+    assert "invalid JSON input data" in completed.stderr
+
+
+def test_ls_empty_registry(tmp_path: Path, discovery: str, cli_env: dict[str, str]) -> None:
+    table = run_cli("ls", cwd=tmp_path, env=cli_env)
+    as_json = run_cli("ls", "--json", cwd=tmp_path, env=cli_env)
+
+    assert table.returncode == 0
+    assert table.stdout.strip() == f"no deployments registered in {discovery}"
+    assert as_json.returncode == 0
+    assert json.loads(as_json.stdout) == []
