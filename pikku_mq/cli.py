@@ -19,13 +19,14 @@ from dataclasses import asdict
 from types import ModuleType
 from typing import Any, NoReturn
 
-from ._errors import ConfigurationError, PikkuMQError
+from ._errors import ConfigurationError, PikkuMQError, function_not_found
 from ._functions import FunctionDefinition, default_registry
 from ._settings import ENV_DISCOVERY_URL, default_discovery_url
 from ._types import DEFAULT_TIMEOUT, DeploymentRecord
 from ._worker import PikkuWorker
-from .backends import deployment_service_from_url
+from .backends import DeploymentService, deployment_service_from_url
 from .backends.base import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TTL
+from .backends.sqlite import SqliteDeploymentService
 
 __all__ = ["build_parser", "format_deployments", "main", "run"]
 
@@ -92,7 +93,7 @@ def _add_discovery_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--discovery",
         metavar="URL",
-        help=f"discovery URL (sqlite:///path, memory://, an SQLAlchemy async URL); default: ${ENV_DISCOVERY_URL}, "
+        help=f"discovery URL (sqlite:///path or an SQLAlchemy async URL); default: ${ENV_DISCOVERY_URL}, "
         "else the SQLite file pikku-mq.db in the working directory",
     )
 
@@ -112,12 +113,14 @@ def _add_worker_parser(commands: Any) -> None:
         "worker",
         help="serve the exposed functions of a module",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Serve the exposed functions defined in MODULE (and its submodules), register them in the "
-        "discovery store and heartbeat until SIGTERM or SIGINT, then deregister, finish the calls in flight "
-        "and exit 0.\n\n"
-        "MODULE:ATTR names a PikkuWorker object, or a function that takes no arguments and returns one. That "
-        "worker keeps its own configuration, so the worker flags below are rejected with MODULE:ATTR.\n"
-        "The working directory is added to the import path, as `python -m` does.",
+        description=(
+            "Serve the exposed functions defined in MODULE (and its submodules), register them in the\n"
+            "discovery store and heartbeat until SIGTERM or SIGINT, then deregister, finish the calls in\n"
+            "flight and exit 0. The working directory is added to the import path, as `python -m` does.\n\n"
+            "MODULE:ATTR names a PikkuWorker object, or a function that takes no arguments and returns\n"
+            "one. That worker keeps its own configuration, so the worker flags below are rejected with\n"
+            "MODULE:ATTR."
+        ),
     )
     parser.add_argument("target", metavar="MODULE[:ATTR]", help="module to serve, e.g. myapp.functions")
     parser.add_argument("--id", dest="deployment_id", metavar="ID", help="deployment id (default: host-pid-random)")
@@ -366,8 +369,21 @@ def _parse_json(text: str | None) -> Any:
 
 
 async def _call(url: str, name: str, data: Any, timeout: float) -> Any:
-    async with deployment_service_from_url(url) as service:
+    service = deployment_service_from_url(url)
+    if _registry_file_missing(service):
+        await service.close()
+        raise function_not_found(name)
+    async with service:
         return await service.invoke(name, data, timeout=timeout)
+
+
+def _registry_file_missing(service: DeploymentService) -> bool:
+    """Return whether ``service`` is an SQLite registry whose file does not exist.
+
+    ``call`` and ``ls`` only read, so they report an empty registry instead of creating the file (a
+    mistyped path or the wrong working directory would otherwise leave a stray database behind).
+    """
+    return isinstance(service, SqliteDeploymentService) and not service.path.exists()
 
 
 def _print_error(error: PikkuMQError) -> None:
@@ -401,6 +417,9 @@ async def _list(url: str, heartbeat_ttl: float) -> list[DeploymentRecord]:
     # The interval only has to be below the TTL: this service never heartbeats.
     interval = min(DEFAULT_HEARTBEAT_INTERVAL, heartbeat_ttl / 2)
     service = deployment_service_from_url(url, heartbeat_interval=interval, heartbeat_ttl=heartbeat_ttl)
+    if _registry_file_missing(service):
+        await service.close()
+        return []
     async with service:
         records = await service.list_deployments()
     return sorted(records, key=lambda record: record.deployment_id)

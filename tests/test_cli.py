@@ -231,6 +231,11 @@ def test_worker_call_and_ls(
     assert invalid.stdout == ""
     assert invalid.stderr.startswith("InputValidationError (422, invalid_input):")
 
+    # helpers.echo is exposed and imported by calc, but it is not defined in calc, so it is not served.
+    not_served = run_cli("call", "echo", '"hi"', cwd=project, env=cli_env)
+    assert not_served.returncode == 1
+    assert not_served.stderr.startswith("FunctionNotFoundError (404, function_not_found):")
+
     table = run_cli("ls", "--heartbeat-ttl", "3", cwd=project, env=cli_env)
     assert table.returncode == 0, table.stderr
     header, row = table.stdout.splitlines()
@@ -289,11 +294,15 @@ def test_call_invalid_json(tmp_path: Path, cli_env: dict[str, str]) -> None:
     assert "invalid JSON input data" in completed.stderr
 
 
-def test_ls_empty_registry(tmp_path: Path, discovery: str, cli_env: dict[str, str]) -> None:
+def test_ls_without_registry_file(tmp_path: Path, discovery: str, cli_env: dict[str, str]) -> None:
     table = run_cli("ls", cwd=tmp_path, env=cli_env)
     as_json = run_cli("ls", "--json", cwd=tmp_path, env=cli_env)
+    call = run_cli("call", "add", cwd=tmp_path, env=cli_env)
 
     assert table.returncode == 0
     assert table.stdout.strip() == f"no deployments registered in {discovery}"
     assert as_json.returncode == 0
     assert json.loads(as_json.stdout) == []
+    assert call.returncode == 1
+    # Reading commands must not create the registry file.
+    assert not (tmp_path / "registry.db").exists()
