@@ -39,6 +39,8 @@ from __future__ import annotations
 import uuid
 from typing import Any, ClassVar
 
+import pydantic_core
+
 __all__ = [
     "BadRequestError",
     "ConfigurationError",
@@ -111,7 +113,7 @@ class PikkuMQError(Exception):
         return {
             "name": self.wire_name,
             "message": self.message,
-            "payload": self.payload,
+            "payload": _jsonable(self.payload),
             "errorId": self.error_id,
             "code": self.code,
             "retryable": self.retryable,
@@ -266,6 +268,18 @@ class RemoteError(PikkuMQError):
         envelope["code"] = self.remote_code or "remote"
         envelope["retryable"] = self.remote_retryable
         return envelope
+
+
+def _jsonable(payload: Any) -> Any:
+    """Convert an error payload to JSON-compatible values, so an error carrying a datetime still crosses the wire.
+
+    A value that pydantic cannot convert becomes its ``str``, and a payload that cannot be converted at
+    all (a reference cycle) becomes its ``repr``.
+    """
+    try:
+        return pydantic_core.to_jsonable_python(payload, fallback=str)
+    except (pydantic_core.PydanticSerializationError, ValueError, TypeError):
+        return repr(payload)
 
 
 def function_not_found(name: str) -> FunctionNotFoundError:
