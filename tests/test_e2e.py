@@ -1,4 +1,4 @@
-"""Two worker processes on one SQLite registry call each other over HTTP; the test is a third party."""
+"""Two worker processes on one SQLite registry call each other over HTTP, with the test as a third party."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pikku_mq import DeploymentService
 if TYPE_CHECKING:
     from conftest import WorkerProcesses
 
+# Importing the workers' module registers GreetingRefusedError here, so the caller re-raises that class.
 sys.path.insert(0, str(Path(__file__).parent / "apps"))
 from mesh_worker import GreetingRefusedError
 
@@ -21,7 +22,7 @@ MESH_WORKER = Path(__file__).parent / "apps" / "mesh_worker.py"
 
 @pytest.fixture
 async def mesh(worker_processes: WorkerProcesses) -> WorkerProcesses:
-    """Process A hosts greet and remote_farewell; process B hosts farewell and remote_greet."""
+    """Start process A with greet and remote_farewell, and process B with farewell and remote_greet."""
     a = worker_processes.launch(MESH_WORKER, "process-a", "--functions", "greet,remote_farewell")
     b = worker_processes.launch(MESH_WORKER, "process-b", "--functions", "farewell,remote_greet")
     await worker_processes.wait_registered(a)

@@ -55,9 +55,9 @@ class GreetOut(BaseModel):
     greeting: str
 
 
-class QuotaExceededError(BadRequestError):
+class TooManyGreetingsError(BadRequestError):
     status = 429
-    code = "quota_exceeded"
+    code = "too_many_greetings"
     retryable = True
 
 
@@ -77,8 +77,8 @@ async def data_type(services: Any, data: Any) -> str:
 
 
 @pikku_sessionless_func(expose=True, registry=functions)
-async def over_quota(services: Any, data: Any) -> None:
-    raise QuotaExceededError("quota of 10 calls per minute exceeded", payload={"limit": 10})
+async def over_limit(services: Any, data: Any) -> None:
+    raise TooManyGreetingsError("at most 10 greetings per minute are allowed", payload={"limit": 10})
 
 
 @pikku_sessionless_func(expose=True, registry=functions)
@@ -148,7 +148,7 @@ async def post(
     content_type: str = JSON,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, str, bytes]:
-    """POST ``body`` (bytes as is, anything else as JSON) to function ``name``; return status, type, body."""
+    """POST ``body`` (bytes as is, anything else as JSON) to ``name`` and return status, content type and body."""
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     url = f"{worker.endpoint}/remote/rpc/{quote(name, safe='')}"
     async with client.post(url, data=raw, headers={"content-type": content_type, **(headers or {})}) as response:
@@ -190,7 +190,7 @@ async def serve_asgi(app: Any) -> AsyncIterator[str]:
 
 
 async def foreign_peer(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """A raw ASGI peer that answers as Pikku does (204) or as something that is not a pikku peer."""
+    """Reply as Pikku does to a None result (204), or as a server that is not a pikku peer."""
     assert scope["type"] == "http"
     while (await receive()).get("more_body"):
         pass
@@ -266,15 +266,15 @@ async def test_percent_encoded_name(
 
 
 async def test_error_envelope(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
-    status, content_type, body = await post(client, worker, "over_quota", {"data": None})
+    status, content_type, body = await post(client, worker, "over_limit", {"data": None})
 
     assert status == 429
     assert content_type == JSON
     error = envelope(body)
-    assert error["name"] == "QuotaExceededError"
-    assert error["message"] == "quota of 10 calls per minute exceeded"
+    assert error["name"] == "TooManyGreetingsError"
+    assert error["message"] == "at most 10 greetings per minute are allowed"
     assert error["payload"] == {"limit": 10}
-    assert error["code"] == "quota_exceeded"
+    assert error["code"] == "too_many_greetings"
     assert error["retryable"] is True
     assert isinstance(error["errorId"], str)
     assert error["errorId"]
@@ -483,14 +483,14 @@ async def test_aiohttp_transport_call(worker: PikkuWorker) -> None:
     try:
         assert worker.endpoint is not None
         reply = await transport.call(worker.endpoint, CallRequest("billing/charge", None), timeout=5)
-        error_reply = await transport.call(worker.endpoint, CallRequest("over_quota", None), timeout=5)
+        error_reply = await transport.call(worker.endpoint, CallRequest("over_limit", None), timeout=5)
     finally:
         await transport.close()
 
     assert reply.status == 200
     assert reply.body == "charged"
     assert error_reply.status == 429
-    assert error_reply.body["name"] == "QuotaExceededError"
+    assert error_reply.body["name"] == "TooManyGreetingsError"
 
 
 async def test_httpx_transport_user_client() -> None:
@@ -500,8 +500,8 @@ async def test_httpx_transport_user_client() -> None:
         async with PikkuWorker(deployment_service=MemoryDeploymentService(shared), registry=functions):
             result = await caller.invoke("greet", {"name": "Ada"})
             empty = await caller.invoke("nothing")
-            with pytest.raises(QuotaExceededError) as raised:
-                await caller.invoke("over_quota")
+            with pytest.raises(TooManyGreetingsError) as raised:
+                await caller.invoke("over_limit")
         await caller.close()
 
         assert not user_client.is_closed

@@ -50,8 +50,8 @@ async def start_pair(
 async def test_sigkill_mid_stream_fails_over(worker_processes: WorkerProcesses, registry: DeploymentService) -> None:
     a, _ = await start_pair(worker_processes, "instance-a", "instance-b")
 
-    # Four callers run idempotent calls back to back; instance-a is killed while they run, so calls
-    # in flight there fail on the way and are retried on instance-b.
+    # Four callers run idempotent calls back to back while instance-a is killed. Calls in flight
+    # there fail on the way, and the caller retries them on instance-b.
     results: list[tuple[float, str]] = []
     killed_at = float("inf")
     stop = asyncio.Event()
@@ -85,8 +85,8 @@ async def test_sigkill_non_idempotent_fails_over(
     a, _ = await start_pair(worker_processes, "instance-a", "instance-b")
     caplog.set_level(logging.INFO, logger="pikku_mq._routing")
     # One caller has keep-alive connections to both instances when instance-a dies, the other none.
-    # The registry still lists instance-a until its TTL passes, so both callers send calls there:
-    # each is refused at connect, certainly did not run, and moves to instance-b.
+    # The registry still lists instance-a until its TTL passes, so both callers send calls there.
+    # Each such call gets connection refused, so it certainly did not run and moves to instance-b.
     warm = deployment_service_from_url(discovery_url)
     cold = deployment_service_from_url(discovery_url)
     try:

@@ -33,7 +33,7 @@ class GreetOut(BaseModel):
 class SlowIn(BaseModel):
     seconds: float
     started_marker: str
-    """A file the function creates once it runs, so a test knows the call is in flight."""
+    """A file the function creates once it runs, so a test can tell that the call is in flight."""
 
 
 class GreetingRefusedError(BadRequestError):
