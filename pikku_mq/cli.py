@@ -301,10 +301,10 @@ def _functions_of(module: ModuleType) -> list[FunctionDefinition]:
 
 
 def _worker_from_attr(module: ModuleType, attr: str, args: argparse.Namespace) -> PikkuWorker:
-    given = [flag for name, flag in _WORKER_FLAGS.items() if getattr(args, name) is not None]
-    if given:
+    conflicting_flags = [flag for name, flag in _WORKER_FLAGS.items() if getattr(args, name) is not None]
+    if conflicting_flags:
         raise UsageError(
-            f"{', '.join(given)} cannot be combined with MODULE:ATTR, because the worker "
+            f"{', '.join(conflicting_flags)} cannot be combined with MODULE:ATTR, because the worker "
             f"{module.__name__}:{attr} has its own configuration; set it there or pass MODULE only"
         )
 
