@@ -37,13 +37,22 @@ from ._worker import PikkuWorker
 from .backends import DeploymentService, MemoryDeploymentService, MemoryRegistry, deployment_service_from_url
 from .backends.sqlalchemy import SqlAlchemyDeploymentService
 from .backends.sqlite import SqliteDeploymentService
-from .transports import AiohttpTransport, HttpxTransport, MemoryTransport, PikkuASGIApp, TransportSet
+from .transports import (
+    AiohttpTransport,
+    ClientTransport,
+    HttpxTransport,
+    MemoryTransport,
+    PikkuASGIApp,
+    Reply,
+    TransportSet,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AiohttpTransport",
     "BadRequestError",
+    "ClientTransport",
     "ConfigurationError",
     "DeadlineExceededError",
     "DeploymentConfig",
@@ -73,6 +82,7 @@ __all__ = [
     "ProtocolError",
     "RPC",
     "RemoteError",
+    "Reply",
     "RoutingError",
     "ServiceUnavailableError",
     "SqlAlchemyDeploymentService",

@@ -210,6 +210,8 @@ class DeploymentService(ABC):
         idempotent: bool,
     ) -> Any:
         """Route one call with an absolute :func:`time.monotonic` deadline (used by ``RPC.remote``)."""
+        # Callers need not call init(), and on a fresh store the lookup would query tables that do not exist.
+        await self.init()
         # NOTE: sessions travel only as signed tokens, which need PIKKU_REMOTE_SECRET; without one the
         # session is not sent.
         del session

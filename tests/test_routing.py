@@ -1,0 +1,338 @@
+"""Caller-side routing: the lookup cache, round-robin, failover, draining workers, and the public names."""
+
+import asyncio
+import collections
+import contextlib
+import inspect
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _support_core import Mesh, closed_port, wait_until
+from sqlalchemy import event
+
+import pikku_mq
+from pikku_mq import (
+    RPC,
+    AiohttpTransport,
+    DeploymentConfig,
+    FunctionNotFoundError,
+    FunctionRegistry,
+    PikkuMQError,
+    PikkuWorker,
+    RoutingError,
+    SqliteDeploymentService,
+    pikku_sessionless_func,
+)
+from pikku_mq import _errors as errors_module
+from pikku_mq._types import CallRequest
+
+REG = FunctionRegistry()
+
+RUNS: collections.Counter[str] = collections.Counter()
+"""How many times ``work`` started, by the ``services`` value of the worker that ran it."""
+
+
+@pikku_sessionless_func(expose=True, registry=REG)
+async def whoami(services: Any) -> str:
+    return str(services)
+
+
+@pikku_sessionless_func(expose=True, registry=REG)
+async def work(services: Any, data: float) -> str:
+    RUNS[str(services)] += 1
+    await asyncio.sleep(data)
+    return str(services)
+
+
+@pytest.fixture(autouse=True)
+def _reset_runs() -> Iterator[None]:
+    RUNS.clear()
+    yield
+    RUNS.clear()
+
+
+@pytest.fixture
+async def mesh() -> AsyncIterator[Mesh]:
+    async with Mesh() as shared:
+        yield shared
+
+
+def _http_worker(mesh: Mesh, name: str, **options: Any) -> PikkuWorker:
+    return PikkuWorker(
+        endpoint="http://127.0.0.1:0",
+        deployment_id=name,
+        registry=REG,
+        services=name,
+        deployment_service=mesh.service(),
+        **options,
+    )
+
+
+async def _register_dead(mesh: Mesh, deployment_id: str) -> str:
+    """Register an instance whose endpoint refuses connections; return that endpoint."""
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    await mesh.service().start(DeploymentConfig(deployment_id, endpoint, functions=["whoami", "work"]))
+    return endpoint
+
+
+# -- lookup cache -------------------------------------------------------------------------------------
+
+
+class SelectCounter:
+    """Counts the SELECT statements on pikku tables that an engine sends."""
+
+    def __init__(self) -> None:
+        self.statements: list[str] = []
+
+    def __call__(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "pikku_" in statement:
+            self.statements.append(statement)
+
+
+@contextlib.asynccontextmanager
+async def _sqlite_mesh(path: Path, **caller_options: Any) -> AsyncIterator[tuple[RPC, SelectCounter]]:
+    """Run an HTTP worker on an SQLite registry and yield a caller's RPC with its SELECT counter."""
+    worker_service = SqliteDeploymentService(path)
+    caller_service = SqliteDeploymentService(path, **caller_options)
+    worker = PikkuWorker(
+        endpoint="http://127.0.0.1:0", registry=REG, services="sqlite", deployment_service=worker_service
+    )
+    async with worker_service, caller_service, worker:
+        selects = SelectCounter()
+        event.listen(caller_service.engine.sync_engine, "before_cursor_execute", selects)
+        yield RPC(registry=FunctionRegistry(), deployment_service=caller_service), selects
+
+
+async def test_steady_calls_few_queries(tmp_path: Path) -> None:
+    async with _sqlite_mesh(tmp_path / "registry.db") as (rpc, selects):
+        # A burst shares one lookup, then a steady stream reuses the cached one.
+        burst = await asyncio.gather(*(rpc.remote("whoami") for _ in range(50)))
+        stream = [await rpc.remote("whoami") for _ in range(150)]
+
+    assert burst == ["sqlite"] * 50
+    assert stream == ["sqlite"] * 150
+    assert 1 <= len(selects.statements) <= 2
+
+
+async def test_cache_expires(tmp_path: Path) -> None:
+    async with _sqlite_mesh(tmp_path / "registry.db", routing_cache_ttl=0.3) as (rpc, selects):
+        for _ in range(5):
+            await rpc.remote("whoami")
+        await asyncio.sleep(0.4)
+        for _ in range(5):
+            await rpc.remote("whoami")
+
+    assert len(selects.statements) == 2
+
+
+async def test_fresh_store_not_found(tmp_path: Path) -> None:
+    # The caller never called init() and nothing has created the file's tables yet.
+    async with SqliteDeploymentService(tmp_path / "fresh.db") as caller_service:
+        rpc = RPC(registry=FunctionRegistry(), deployment_service=caller_service)
+
+        with pytest.raises(FunctionNotFoundError, match="'whoami'"):
+            await rpc.remote("whoami")
+
+
+async def test_fresh_store_without_init(tmp_path: Path) -> None:
+    caller_service = SqliteDeploymentService(tmp_path / "fresh.db")
+    try:
+        with pytest.raises(FunctionNotFoundError):
+            await RPC(deployment_service=caller_service).remote("whoami")
+    finally:
+        await caller_service.close()
+
+
+# -- balancing and failover ---------------------------------------------------------------------------
+
+
+async def test_round_robin_sequential(mesh: Mesh) -> None:
+    workers = [_http_worker(mesh, f"w{i}") for i in range(3)]
+    for worker in workers:
+        await worker.start()
+    try:
+        rpc = RPC(registry=FunctionRegistry(), deployment_service=mesh.service())
+        served = collections.Counter([await rpc.remote("whoami") for _ in range(30)])
+        concurrent = collections.Counter(await asyncio.gather(*(rpc.remote("whoami") for _ in range(30))))
+    finally:
+        for worker in workers:
+            await worker.stop()
+
+    assert served == {"w0": 10, "w1": 10, "w2": 10}
+    assert concurrent == {"w0": 10, "w1": 10, "w2": 10}
+
+
+async def test_refused_endpoint_dropped(mesh: Mesh) -> None:
+    dead_endpoint = await _register_dead(mesh, "dead")
+    caller_service, transport = mesh.counting_service()
+    rpc = RPC(registry=FunctionRegistry(), deployment_service=caller_service)
+
+    async with _http_worker(mesh, "live") as live:
+        results = [await rpc.remote("whoami") for _ in range(6)]
+
+    assert results == ["live"] * 6
+    assert transport.attempts.count(dead_endpoint) == 1
+    assert transport.attempts.count(live.endpoint) == 6
+    cached = caller_service.router._entries["whoami"].instances
+    assert [i.deployment_id for i in cached] == ["live"]
+
+
+async def test_refused_endpoint_skipped_elsewhere(mesh: Mesh) -> None:
+    # An instance dropped for one function is not tried for its other functions either.
+    dead_endpoint = await _register_dead(mesh, "dead")
+    caller_service, transport = mesh.counting_service()
+    rpc = RPC(registry=FunctionRegistry(), deployment_service=caller_service)
+
+    async with _http_worker(mesh, "live"):
+        for _ in range(2):
+            await rpc.remote("whoami")
+        for _ in range(4):
+            await rpc.remote("work", 0)
+
+    assert transport.attempts.count(dead_endpoint) == 1
+
+
+async def test_fallback_endpoint_used(mesh: Mesh) -> None:
+    caller_service, transport = mesh.counting_service()
+    async with PikkuWorker(
+        endpoint="http://127.0.0.1:0", registry=REG, services="fallback", discovery=False
+    ) as unregistered:
+        assert unregistered.endpoint is not None
+        await mesh.service().start(
+            DeploymentConfig(
+                "multi",
+                "unsupported://broker/pikku",
+                functions=["whoami"],
+                fallback_endpoints=[unregistered.endpoint],
+            )
+        )
+
+        result = await RPC(deployment_service=caller_service).remote("whoami")
+
+    assert result == "fallback"
+    assert transport.attempts == [unregistered.endpoint]
+
+
+async def test_unsupported_endpoint_ignored(mesh: Mesh) -> None:
+    await mesh.service().start(DeploymentConfig("foreign", "unsupported://broker/pikku", functions=["whoami"]))
+
+    with pytest.raises(FunctionNotFoundError):
+        await RPC(deployment_service=mesh.service()).remote("whoami")
+
+
+async def test_draining_worker_fails_over(mesh: Mesh) -> None:
+    first = _http_worker(mesh, "A", drain_timeout=5)
+    second = _http_worker(mesh, "B")
+    await first.start()
+    await second.start()
+    assert first.endpoint is not None
+    caller_service, transport = mesh.counting_service()
+    rpc = RPC(registry=FunctionRegistry(), deployment_service=caller_service)
+    direct = AiohttpTransport()
+    try:
+        # Both instances are in the caller's cache, then A starts draining around one slow call.
+        assert {await rpc.remote("work", 0), await rpc.remote("work", 0)} == {"A", "B"}
+        slow = asyncio.create_task(direct.call(first.endpoint, CallRequest("work", 0.8), 5))
+        await wait_until(lambda: first.dispatcher.in_flight == 1, timeout=5)
+        stopping = asyncio.create_task(first.stop())
+        await wait_until(lambda: first.dispatcher.draining, timeout=5)
+
+        transport.attempts.clear()
+        results = [await rpc.remote("work", 0) for _ in range(4)]
+        attempts_during_drain = list(transport.attempts)
+
+        slow_reply = await slow
+        await stopping
+    finally:
+        await first.stop()
+        await second.stop()
+        await direct.close()
+
+    assert results == ["B"] * 4
+    assert first.endpoint in attempts_during_drain
+    assert slow_reply.status == 200
+    assert slow_reply.body == "A"
+    assert RUNS == {"A": 2, "B": 5}
+
+
+# -- no instance left ---------------------------------------------------------------------------------
+
+
+async def test_never_registered_not_found(mesh: Mesh) -> None:
+    with pytest.raises(FunctionNotFoundError) as caught:
+        await RPC(deployment_service=mesh.service()).remote("whoami")
+
+    assert caught.value.payload == {"function": "whoami"}
+
+
+async def test_all_refused_routing_error(mesh: Mesh) -> None:
+    await _register_dead(mesh, "dead-1")
+    await _register_dead(mesh, "dead-2")
+
+    with pytest.raises(RoutingError) as caught:
+        await RPC(deployment_service=mesh.service()).remote("whoami")
+
+    error = caught.value
+    assert error.payload == {"function": "whoami", "tried": ["dead-1", "dead-2"]}
+    assert error.status == 503
+    assert error.retryable is True
+
+
+async def test_worker_gone_after_cached(mesh: Mesh) -> None:
+    caller_service = mesh.service()
+    rpc = RPC(registry=FunctionRegistry(), deployment_service=caller_service)
+    async with _http_worker(mesh, "only"):
+        assert await rpc.remote("whoami") == "only"
+
+    # The cached instance refuses the connection, and a fresh lookup finds no other.
+    with pytest.raises(RoutingError, match="tried only"):
+        await rpc.remote("whoami")
+    with pytest.raises(FunctionNotFoundError):
+        await rpc.remote("whoami")
+
+
+# -- public names -------------------------------------------------------------------------------------
+
+
+def test_all_sorted_unique() -> None:
+    names = pikku_mq.__all__
+
+    assert names == sorted(names)
+    assert len(names) == len(set(names))
+
+
+def test_all_importable() -> None:
+    missing = [name for name in pikku_mq.__all__ if not hasattr(pikku_mq, name)]
+
+    assert missing == []
+
+
+def test_all_exports_errors() -> None:
+    error_classes = {
+        name
+        for name, value in vars(errors_module).items()
+        if inspect.isclass(value) and issubclass(value, PikkuMQError) and not name.startswith("_")
+    }
+
+    assert error_classes <= set(pikku_mq.__all__)
+    assert "RemoteError" in error_classes
+
+
+def test_all_exports_subpackages() -> None:
+    exported = set(pikku_mq.__all__)
+
+    assert set(pikku_mq.backends.__all__) <= exported
+    assert set(pikku_mq.transports.__all__) <= exported
+
+
+def test_all_public_names_exported() -> None:
+    # Every public class or function that the package namespace holds is listed in __all__.
+    public = {
+        name
+        for name, value in vars(pikku_mq).items()
+        if not name.startswith("_") and (inspect.isclass(value) or inspect.isfunction(value))
+    }
+
+    assert public <= set(pikku_mq.__all__)
