@@ -9,9 +9,16 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
-from pikku_mq import AiohttpTransport, MemoryDeploymentService, MemoryRegistry, MemoryTransport, TransportSet
+from pikku_mq import (
+    AiohttpTransport,
+    ClientTransport,
+    MemoryDeploymentService,
+    MemoryRegistry,
+    MemoryTransport,
+    Reply,
+    TransportSet,
+)
 from pikku_mq._types import CallRequest
-from pikku_mq.transports.base import ClientTransport, Reply
 
 
 class CountingTransport(ClientTransport):

@@ -289,8 +289,8 @@ async def test_lost_registration_restored(store: Store) -> None:
     async def restored() -> bool:
         return await _ids(observer, "greet") == ["alpha"] and await _ids(observer, "sum") == ["alpha"]
 
-    # Two intervals: the heartbeat that notices the loss may have been mid-sleep for one.
-    await wait_until(restored, timeout=INTERVAL * 2 + 0.3)
+    # Two intervals, because the heartbeat that notices the loss may have been mid-sleep for one.
+    await wait_until(restored, timeout=INTERVAL * 2 + 0.6)
 
 
 async def test_lost_function_row_restored(store: Store) -> None:
@@ -305,7 +305,7 @@ async def test_lost_function_row_restored(store: Store) -> None:
     async def restored() -> bool:
         return await _ids(observer, "sum") == ["alpha"]
 
-    await wait_until(restored, timeout=INTERVAL * 2 + 0.3)
+    await wait_until(restored, timeout=INTERVAL * 2 + 0.6)
     assert await _ids(observer, "greet") == ["alpha"]
 
 
@@ -345,7 +345,7 @@ async def test_list_deployments_states(store: Store) -> None:
     assert live.functions == ("greet", "sum")
     assert live.fallback_endpoints == ("http://127.0.0.1:2",)
     assert live.state == "live"
-    assert 0 <= live.heartbeat_age < INTERVAL
+    assert 0 <= live.heartbeat_age < TTL
 
     _simulate_crash(service)
     await asyncio.sleep(TTL + 0.2)
