@@ -26,7 +26,7 @@ def discovery_url(tmp_path: Path) -> str:
 
 
 @pytest.fixture
-async def registry(discovery_url: str) -> AsyncIterator[DeploymentService]:
+async def caller(discovery_url: str) -> AsyncIterator[DeploymentService]:
     """A caller on the temporary registry with the default settings, which never registers itself."""
     service = deployment_service_from_url(discovery_url)
     await service.init()

@@ -30,19 +30,19 @@ async def mesh(worker_processes: WorkerProcesses) -> WorkerProcesses:
     return worker_processes
 
 
-async def test_calls_both_directions(mesh: WorkerProcesses, registry: DeploymentService) -> None:
-    b_to_a = await registry.invoke("remote_greet", {"name": "Ada"}, timeout=10)
-    a_to_b = await registry.invoke("remote_farewell", {"name": "Ada"}, timeout=10)
+async def test_calls_both_directions(mesh: WorkerProcesses, caller: DeploymentService) -> None:
+    b_to_a = await caller.invoke("remote_greet", {"name": "Ada"}, timeout=10)
+    a_to_b = await caller.invoke("remote_farewell", {"name": "Ada"}, timeout=10)
 
     assert b_to_a == {"greeting": "Hello, Ada!", "served_by": "process-a"}
     assert a_to_b == {"greeting": "Goodbye, Ada!", "served_by": "process-b"}
-    assert [i.deployment_id for i in await registry.find_function("greet")] == ["process-a"]
-    assert [i.deployment_id for i in await registry.find_function("remote_greet")] == ["process-b"]
+    assert [i.deployment_id for i in await caller.find_function("greet")] == ["process-a"]
+    assert [i.deployment_id for i in await caller.find_function("remote_greet")] == ["process-b"]
 
 
-async def test_typed_error_crosses_two_hops(mesh: WorkerProcesses, registry: DeploymentService) -> None:
+async def test_typed_error_crosses_two_hops(mesh: WorkerProcesses, caller: DeploymentService) -> None:
     with pytest.raises(GreetingRefusedError) as raised:
-        await registry.invoke("remote_greet", {"name": "nobody"}, timeout=10)
+        await caller.invoke("remote_greet", {"name": "nobody"}, timeout=10)
 
     assert raised.value.message == "greet refuses to greet 'nobody'"
     assert raised.value.payload == {"name": "nobody"}
