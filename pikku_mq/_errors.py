@@ -37,6 +37,7 @@ message, payload and status.
 from __future__ import annotations
 
 import uuid
+import warnings
 from typing import Any, ClassVar
 
 import pydantic_core
@@ -93,6 +94,15 @@ class PikkuMQError(Exception):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        existing = _REGISTRY.get(cls.__name__)
+        if existing is not None and _origin(existing) != _origin(cls):
+            # Errors are matched by class name on the wire, so the later class wins in this process.
+            warnings.warn(
+                f"error class {_origin(cls)} replaces {_origin(existing)} for the wire name "
+                f"'{cls.__name__}'; callers will re-raise the later one. Give one of them another name.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         _REGISTRY[cls.__name__] = cls
 
     def __str__(self) -> str:
@@ -280,6 +290,10 @@ def _jsonable(payload: Any) -> Any:
         return pydantic_core.to_jsonable_python(payload, fallback=str)
     except (pydantic_core.PydanticSerializationError, ValueError, TypeError):
         return repr(payload)
+
+
+def _origin(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def function_not_found(name: str) -> FunctionNotFoundError:

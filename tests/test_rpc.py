@@ -497,3 +497,14 @@ async def test_hop_header_rejected(worker: PikkuWorker) -> None:
     assert status == 508
     assert body["name"] == "LoopDetectedError"
     assert RUNS["where"] == 0
+
+
+def test_error_name_clash_warns() -> None:
+    original = errors_module.registered_error("RpcQuotaExceededError")
+    assert original is RpcQuotaExceededError
+    try:
+        with pytest.warns(RuntimeWarning, match="wire name 'RpcQuotaExceededError'"):
+            clash = type("RpcQuotaExceededError", (PikkuMQError,), {"__module__": "elsewhere"})
+        assert errors_module.registered_error("RpcQuotaExceededError") is clash
+    finally:
+        errors_module._REGISTRY["RpcQuotaExceededError"] = original
