@@ -4,6 +4,7 @@ Every error that pikku_mq raises derives from :class:`PikkuMQError`::
 
     PikkuMQError
     ├── ConfigurationError (also ValueError)     a setting is missing or invalid; raised locally
+    │   └── DeploymentConflictError              a live instance already holds this deployment id
     ├── BadRequestError                    400   the request is malformed
     │   ├── MethodNotAllowedError          405   the HTTP method is not POST
     │   └── UnsupportedMediaTypeError      415   the body's content type is not JSON or msgpack
@@ -21,6 +22,7 @@ Every error that pikku_mq raises derives from :class:`PikkuMQError`::
     ├── DeadlineExceededError (also TimeoutError)  504   the call's deadline passed
     ├── LoopDetectedError                  508   the hop limit was reached
     ├── RoutingError                       503   no live instance could take the call
+    ├── DiscoveryError                     503   the discovery store failed (unreachable, broken schema)
     ├── TransportError                     502   the call failed on the way; it may have run
     │   └── EndpointUnreachableError       502   the connection was refused; the call did not run
     ├── ProtocolError                      502   the peer's reply is not a pikku_mq reply
@@ -46,6 +48,8 @@ __all__ = [
     "BadRequestError",
     "ConfigurationError",
     "DeadlineExceededError",
+    "DeploymentConflictError",
+    "DiscoveryError",
     "EndpointUnreachableError",
     "ForbiddenError",
     "FunctionNotFoundError",
@@ -72,6 +76,9 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, type[PikkuMQError]] = {}
+
+_MAX_NAME_SHOWN = 200
+"""Characters of a function name echoed in a not-found error; the rest is cut."""
 
 
 class PikkuMQError(Exception):
@@ -135,6 +142,10 @@ _REGISTRY[PikkuMQError.__name__] = PikkuMQError
 
 class ConfigurationError(PikkuMQError, ValueError):
     code = "configuration"
+
+
+class DeploymentConflictError(ConfigurationError):
+    code = "deployment_conflict"
 
 
 class BadRequestError(PikkuMQError):
@@ -220,6 +231,12 @@ class RoutingError(PikkuMQError):
     retryable = True
 
 
+class DiscoveryError(PikkuMQError):
+    status = 503
+    code = "discovery"
+    retryable = True
+
+
 class TransportError(PikkuMQError):
     """The call failed between caller and worker; the function may or may not have run."""
 
@@ -301,7 +318,8 @@ def function_not_found(name: str) -> FunctionNotFoundError:
 
     The message is the same for a missing and a hidden function, so a caller cannot tell them apart.
     """
-    return FunctionNotFoundError(f"function '{name}' was not found or is not exposed", payload={"function": name})
+    shown = name if len(name) <= _MAX_NAME_SHOWN else name[:_MAX_NAME_SHOWN] + "..."
+    return FunctionNotFoundError(f"function '{shown}' was not found or is not exposed", payload={"function": shown})
 
 
 def registered_error(name: str) -> type[PikkuMQError] | None:

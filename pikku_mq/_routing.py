@@ -13,6 +13,7 @@ from typing import Any
 
 from ._errors import (
     DeadlineExceededError,
+    DiscoveryError,
     EndpointUnreachableError,
     PikkuMQError,
     RoutingError,
@@ -167,7 +168,7 @@ class Router:
         future: asyncio.Future[list[DeploymentInfo]] = asyncio.get_running_loop().create_future()
         self._pending[name] = future
         try:
-            found = [i for i in await self._lookup(name) if self._has_transport(i)]
+            found = [i for i in await self._lookup_translated(name) if self._has_transport(i)]
             ttl = self._cache_ttl if found else min(self._cache_ttl, _EMPTY_RESULT_TTL)
             self._entries[name] = _Entry(found, time.monotonic() + ttl)
             future.set_result(found)
@@ -178,6 +179,16 @@ class Router:
             raise
         finally:
             del self._pending[name]
+
+    async def _lookup_translated(self, name: str) -> list[DeploymentInfo]:
+        try:
+            return await self._lookup(name)
+        except PikkuMQError:
+            raise
+        except Exception as exc:
+            raise DiscoveryError(
+                f"looking up instances of '{name}' failed: {type(exc).__name__}: {exc}", payload={"function": name}
+            ) from exc
 
     def _has_transport(self, instance: DeploymentInfo) -> bool:
         return any(self.transports.supports(e) for e in (instance.endpoint, *instance.fallback_endpoints))

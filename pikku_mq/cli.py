@@ -180,7 +180,7 @@ def _add_ls_parser(commands: Any) -> None:
         "ls",
         help="list the registered deployments",
         description="List the deployments in the discovery store with their endpoint, functions, heartbeat "
-        "age and state (live, or stale when the last heartbeat is older than --heartbeat-ttl).",
+        "age and state (live, or stale when the last heartbeat is older than the deployment's TTL).",
     )
     _add_discovery_flag(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
@@ -189,8 +189,8 @@ def _add_ls_parser(commands: Any) -> None:
         type=_positive_seconds,
         default=DEFAULT_HEARTBEAT_TTL,
         metavar="SECONDS",
-        help=f"heartbeat age in seconds after which a deployment is shown as stale; use the workers' "
-        f"--heartbeat-ttl (default: {DEFAULT_HEARTBEAT_TTL:g})",
+        help=f"heartbeat age in seconds after which a deployment that records no TTL of its own (one "
+        f"registered by Pikku) is shown as stale (default: {DEFAULT_HEARTBEAT_TTL:g})",
     )
     _add_log_level_flag(parser, "WARNING")
     parser.set_defaults(handler=_run_ls)
@@ -372,7 +372,9 @@ async def _call(url: str, name: str, data: Any, timeout: float) -> Any:
     service = deployment_service_from_url(url)
     if _registry_file_missing(service):
         await service.close()
-        raise function_not_found(name)
+        missing = function_not_found(name)
+        missing.message += f"; the registry file of {url} does not exist, so no worker is registered there"
+        raise missing
     async with service:
         return await service.invoke(name, data, timeout=timeout)
 
@@ -403,6 +405,9 @@ def _run_ls(args: argparse.Namespace) -> int:
         records = asyncio.run(_list(url, args.heartbeat_ttl))
     except ConfigurationError as exc:
         raise UsageError(str(exc)) from None
+    except PikkuMQError as exc:
+        _print_error(exc)
+        return EXIT_FAILURE
 
     if args.json:
         print(json.dumps([asdict(record) for record in records], indent=2))

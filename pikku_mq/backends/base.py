@@ -13,15 +13,16 @@ import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any, Self
 
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, DeploymentConflictError, DiscoveryError, PikkuMQError
 from .._routing import Router
 from .._types import DEFAULT_TIMEOUT, DeploymentConfig, DeploymentInfo, DeploymentRecord
 from ..transports.base import TransportSet
 
-__all__ = ["DEFAULT_HEARTBEAT_INTERVAL", "DEFAULT_HEARTBEAT_TTL", "DeploymentService"]
+__all__ = ["DEFAULT_HEARTBEAT_INTERVAL", "DEFAULT_HEARTBEAT_TTL", "DeploymentService", "conflict_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,15 +82,23 @@ class DeploymentService(ABC):
 
     @abstractmethod
     async def _register(self, config: DeploymentConfig, functions: list[str]) -> None:
-        """Insert or replace this instance's registration and set its heartbeat to now."""
+        """Insert or replace this instance's registration and set its heartbeat to now.
+
+        Raise :class:`DeploymentConflictError` (see :func:`conflict_error`) if a live instance with
+        another endpoint holds the id, so two processes never take turns on one row.
+        """
 
     @abstractmethod
     async def _heartbeat(self, config: DeploymentConfig, functions: list[str]) -> bool:
-        """Refresh the heartbeat; return False if the registration was missing, in part or whole."""
+        """Refresh the heartbeat; return False if this instance's registration is missing, in part or whole.
+
+        Only a row with this instance's endpoint counts, so a heartbeat never keeps alive a row that
+        another instance wrote under the same id.
+        """
 
     @abstractmethod
-    async def _deregister(self, deployment_id: str) -> None:
-        """Delete this instance's registration."""
+    async def _deregister(self, config: DeploymentConfig) -> None:
+        """Delete this instance's registration, unless another instance has taken the id over."""
 
     @abstractmethod
     async def _purge_stale(self) -> int:
@@ -111,7 +120,8 @@ class DeploymentService(ABC):
     async def init(self) -> None:
         """Create the schema if needed. Idempotent; ``start`` calls it too."""
         if not self._initialized:
-            await self._create_schema()
+            async with self._translate_errors("creating the schema"):
+                await self._create_schema()
             self._initialized = True
 
     async def start(self, config: DeploymentConfig) -> None:
@@ -126,7 +136,8 @@ class DeploymentService(ABC):
 
         await self.init()
         functions = sorted(set(config.functions))
-        await self._register(config, functions)
+        async with self._translate_errors(f"registering {config.deployment_id}"):
+            await self._register(config, functions)
         self._config = config
         self._heartbeat_task = asyncio.create_task(
             self._heartbeat_loop(config, functions), name=f"pikku-heartbeat-{config.deployment_id}"
@@ -144,7 +155,7 @@ class DeploymentService(ABC):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if config is not None:
-            await self._deregister(config.deployment_id)
+            await self._deregister(config)
             logger.info("deregistered deployment %s", config.deployment_id)
 
     async def close(self) -> None:
@@ -217,15 +228,26 @@ class DeploymentService(ABC):
         del session
         return await self.router.call(name, data, deadline=deadline, trace_id=trace_id, hop=hop, idempotent=idempotent)
 
+    @contextlib.asynccontextmanager
+    async def _translate_errors(self, action: str) -> AsyncIterator[None]:
+        """Raise a store's own exceptions as :class:`DiscoveryError`, naming the store and the action."""
+        try:
+            yield
+        except PikkuMQError:
+            raise
+        except Exception as exc:
+            raise DiscoveryError(f"{action} in {self!r} failed: {type(exc).__name__}: {exc}") from exc
+
     # -- heartbeats --------------------------------------------------------------------------------
 
     async def _heartbeat_loop(self, config: DeploymentConfig, functions: list[str]) -> None:
         failing = False
+        fenced = False
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             try:
-                present = await self._heartbeat(config, functions)
-                if not present:
+                await self.init()
+                if not await self._heartbeat(config, functions):
                     await self._register(config, functions)
                     logger.warning(
                         "registration of %s was missing from the registry; registered it again",
@@ -234,7 +256,14 @@ class DeploymentService(ABC):
                 purged = await self._purge_stale()
             except asyncio.CancelledError:
                 raise
+            except DeploymentConflictError as exc:
+                if not fenced:
+                    logger.error("deployment %s is not registered: %s", config.deployment_id, exc)  # noqa: TRY400
+                fenced = True
+                continue
             except Exception as exc:
+                # The store may have been wiped (a deleted SQLite file): create the schema again next time.
+                self._initialized = False
                 if not failing:
                     logger.warning(
                         "heartbeat of %s failed, retrying every %.1f s: %s: %s",
@@ -246,8 +275,18 @@ class DeploymentService(ABC):
                 failing = True
                 continue
 
-            if failing:
+            if failing or fenced:
                 logger.info("heartbeat of %s recovered", config.deployment_id)
-                failing = False
+                failing = fenced = False
             if purged:
                 logger.info("removed %d stale deployments", purged)
+
+
+def conflict_error(deployment_id: str, endpoint: str, age: float, ttl: float) -> DeploymentConflictError:
+    """Return the error for an id that a live instance at ``endpoint`` holds."""
+    return DeploymentConflictError(
+        f"deployment id '{deployment_id}' is held by a live instance at {endpoint} (last heartbeat "
+        f"{age:.1f} s ago); stop that instance, give this one another id, or wait {max(ttl - age, 0):.0f} s "
+        "for that registration to expire",
+        payload={"deployment_id": deployment_id, "endpoint": endpoint},
+    )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
-from .base import DeploymentService
+from .base import DeploymentService, conflict_error
 
 __all__ = ["MemoryDeploymentService", "MemoryRegistry"]
 
@@ -18,6 +18,13 @@ class _Row:
     fallback_endpoints: tuple[str, ...]
     functions: tuple[str, ...]
     last_heartbeat: float
+    heartbeat_ttl: float
+
+    def age(self) -> float:
+        return time.monotonic() - self.last_heartbeat
+
+    def is_live(self) -> bool:
+        return self.age() <= self.heartbeat_ttl
 
 
 class MemoryRegistry:
@@ -54,48 +61,51 @@ class MemoryDeploymentService(DeploymentService):
         return None
 
     async def _register(self, config: DeploymentConfig, functions: list[str]) -> None:
+        holder = self.registry.rows.get(config.deployment_id)
+        if holder is not None and holder.endpoint != config.endpoint and holder.is_live():
+            raise conflict_error(config.deployment_id, holder.endpoint, holder.age(), holder.heartbeat_ttl)
         self.registry.rows[config.deployment_id] = _Row(
             endpoint=config.endpoint,
             fallback_endpoints=tuple(config.fallback_endpoints),
             functions=tuple(functions),
             last_heartbeat=time.monotonic(),
+            heartbeat_ttl=self.heartbeat_ttl,
         )
 
     async def _heartbeat(self, config: DeploymentConfig, functions: list[str]) -> bool:
         row = self.registry.rows.get(config.deployment_id)
-        if row is None:
+        if row is None or row.endpoint != config.endpoint:
             return False
         row.last_heartbeat = time.monotonic()
         return True
 
-    async def _deregister(self, deployment_id: str) -> None:
-        self.registry.rows.pop(deployment_id, None)
+    async def _deregister(self, config: DeploymentConfig) -> None:
+        row = self.registry.rows.get(config.deployment_id)
+        if row is not None and row.endpoint == config.endpoint:
+            del self.registry.rows[config.deployment_id]
 
     async def _purge_stale(self) -> int:
-        cutoff = time.monotonic() - self.heartbeat_ttl
-        stale = [i for i, row in self.registry.rows.items() if row.last_heartbeat < cutoff]
+        stale = [i for i, row in self.registry.rows.items() if not row.is_live()]
         for deployment_id in stale:
             del self.registry.rows[deployment_id]
         return len(stale)
 
     async def find_function(self, name: str) -> list[DeploymentInfo]:
         self.registry.lookups += 1
-        cutoff = time.monotonic() - self.heartbeat_ttl
         return [
             DeploymentInfo(deployment_id, row.endpoint, row.fallback_endpoints)
             for deployment_id, row in self.registry.rows.items()
-            if name in row.functions and row.last_heartbeat >= cutoff
+            if name in row.functions and row.is_live()
         ]
 
     async def list_deployments(self) -> list[DeploymentRecord]:
-        now = time.monotonic()
         return [
             DeploymentRecord(
                 deployment_id=deployment_id,
                 endpoint=row.endpoint,
                 functions=row.functions,
-                heartbeat_age=now - row.last_heartbeat,
-                state="live" if now - row.last_heartbeat <= self.heartbeat_ttl else "stale",
+                heartbeat_age=row.age(),
+                state="live" if row.is_live() else "stale",
                 fallback_endpoints=row.fallback_endpoints,
             )
             for deployment_id, row in sorted(self.registry.rows.items())

@@ -3,25 +3,29 @@
 The layout is that of Pikku's Kysely deployment service, so both can share one registry::
 
     pikku_deployments(deployment_id PK, endpoint, last_heartbeat, created_at,
-                      fallback_endpoints NULL)                 -- the last column is pikku_mq's own
+                      fallback_endpoints NULL, heartbeat_ttl NULL)  -- the last two are pikku_mq's own
     pikku_deployment_functions(deployment_id FK ON DELETE CASCADE, function_name)
 
 Liveness is judged with the database's clock, so instances whose clocks disagree still agree on who
-is alive. A heartbeat is one UPDATE whatever the number of functions: it also checks that all of the
-instance's function rows are still there, so a registration the store lost is written again.
+is alive, and with each row's own TTL, so instances with different heartbeat settings can share the
+store; a row without one (written by Pikku) is judged with the reader's TTL. A heartbeat is one
+UPDATE whatever the number of functions: it also checks that all of the instance's function rows are
+still there, so a registration the store lost is written again.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from .._errors import DeploymentConflictError
 from .._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
-from .base import DeploymentService
+from .base import DeploymentService, conflict_error
 
 __all__ = ["SqlAlchemyDeploymentService"]
 
@@ -40,6 +44,7 @@ def _tables(schema: str | None) -> tuple[sa.MetaData, sa.Table, sa.Table]:
         sa.Column("last_heartbeat", _TIMESTAMP, nullable=False),
         sa.Column("created_at", _TIMESTAMP, nullable=False),
         sa.Column("fallback_endpoints", sa.Text, nullable=True),
+        sa.Column("heartbeat_ttl", sa.Float, nullable=True),
         sa.Index("pikku_deployments_last_heartbeat_idx", "last_heartbeat"),
     )
     qualified = f"{schema}.pikku_deployments" if schema else "pikku_deployments"
@@ -59,25 +64,18 @@ def _tables(schema: str | None) -> tuple[sa.MetaData, sa.Table, sa.Table]:
 
 
 class _Clock:
-    """SQL expressions for the database's current time, a cutoff and an age, per dialect."""
+    """SQL expressions for the database's current time and the age of a timestamp, per dialect."""
 
     def __init__(self, dialect: str) -> None:
         self.dialect = dialect
 
     def now(self) -> sa.ColumnElement[Any]:
         if self.dialect == "sqlite":
-            # Millisecond text timestamps, which compare correctly as strings.
+            # Millisecond resolution; ages are computed with julianday(), which also reads ISO 8601 text.
             return sa.func.strftime("%Y-%m-%d %H:%M:%f", "now")
         if self.dialect in ("mysql", "mariadb"):
             return sa.func.now(6)
         return sa.func.now()
-
-    def ago(self, seconds: float) -> sa.ColumnElement[Any]:
-        if self.dialect == "sqlite":
-            return sa.func.strftime("%Y-%m-%d %H:%M:%f", "now", f"-{seconds:.3f} seconds")
-        if self.dialect in ("mysql", "mariadb"):
-            return sa.literal_column(f"NOW(6) - INTERVAL {int(seconds * 1_000_000)} MICROSECOND")
-        return sa.literal_column(f"now() - interval '{seconds:.6f} seconds'")
 
     def age(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
         if self.dialect == "sqlite":
@@ -101,30 +99,55 @@ class SqlAlchemyDeploymentService(DeploymentService):
         self._metadata, self._deployments, self._functions = _tables(schema)
         self._clock = _Clock(self.engine.dialect.name)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.engine.url.render_as_string(hide_password=True)!r})"
+
     async def _create_schema(self) -> None:
         async with self.engine.begin() as conn:
             await conn.run_sync(self._metadata.create_all, checkfirst=True)
 
     async def _register(self, config: DeploymentConfig, functions: list[str]) -> None:
-        async with self.engine.begin() as conn:
-            await self._delete(conn, config.deployment_id)
-            now = self._clock.now()
-            await conn.execute(
-                self._deployments.insert().values(
-                    deployment_id=config.deployment_id,
-                    endpoint=config.endpoint,
-                    last_heartbeat=now,
-                    created_at=now,
-                    fallback_endpoints=json.dumps(list(config.fallback_endpoints))
-                    if config.fallback_endpoints
-                    else None,
-                )
-            )
-            if functions:
+        d = self._deployments
+        try:
+            async with self.engine.begin() as conn:
+                await self._check_holder(conn, config)
+                await self._delete(conn, config.deployment_id)
+                now = self._clock.now()
                 await conn.execute(
-                    self._functions.insert(),
-                    [{"deployment_id": config.deployment_id, "function_name": name} for name in functions],
+                    d.insert().values(
+                        deployment_id=config.deployment_id,
+                        endpoint=config.endpoint,
+                        last_heartbeat=now,
+                        created_at=now,
+                        fallback_endpoints=_encode_endpoints(config.fallback_endpoints),
+                        heartbeat_ttl=self.heartbeat_ttl,
+                    )
                 )
+                if functions:
+                    await conn.execute(
+                        self._functions.insert(),
+                        [{"deployment_id": config.deployment_id, "function_name": name} for name in functions],
+                    )
+        except sa.exc.IntegrityError as exc:
+            # Another process inserted the same id between our check and our insert.
+            raise DeploymentConflictError(
+                f"deployment id '{config.deployment_id}' was registered by another instance at the same moment; "
+                "give each instance its own id"
+            ) from exc
+
+    async def _check_holder(self, conn: AsyncConnection, config: DeploymentConfig) -> None:
+        d = self._deployments
+        statement = (
+            sa.select(d.c.endpoint, self._clock.age(d.c.last_heartbeat), d.c.heartbeat_ttl)
+            .where(d.c.deployment_id == config.deployment_id)
+            .with_for_update()
+        )
+        row = (await conn.execute(statement)).first()
+        if row is None or row[0] == config.endpoint:
+            return
+        age, ttl = float(row[1]), row[2] if row[2] is not None else self.heartbeat_ttl
+        if age <= ttl:
+            raise conflict_error(config.deployment_id, row[0], age, ttl)
 
     async def _heartbeat(self, config: DeploymentConfig, functions: list[str]) -> bool:
         d, f = self._deployments, self._functions
@@ -133,28 +156,44 @@ class SqlAlchemyDeploymentService(DeploymentService):
         )
         statement = (
             d.update()
-            .where(d.c.deployment_id == config.deployment_id, registered_functions == len(functions))
+            .where(
+                d.c.deployment_id == config.deployment_id,
+                d.c.endpoint == config.endpoint,
+                registered_functions == len(functions),
+            )
             .values(last_heartbeat=self._clock.now())
         )
         async with self.engine.begin() as conn:
             result = await conn.execute(statement)
         return result.rowcount == 1
 
-    async def _deregister(self, deployment_id: str) -> None:
+    async def _deregister(self, config: DeploymentConfig) -> None:
+        d = self._deployments
         async with self.engine.begin() as conn:
-            await self._delete(conn, deployment_id)
+            owned = sa.select(d.c.deployment_id).where(
+                d.c.deployment_id == config.deployment_id, d.c.endpoint == config.endpoint
+            )
+            if (await conn.execute(owned)).first() is not None:
+                await self._delete(conn, config.deployment_id)
 
     async def _delete(self, conn: AsyncConnection, deployment_id: str) -> None:
         # Delete the function rows explicitly too: SQLite enforces the cascade only with foreign_keys on.
         await conn.execute(self._functions.delete().where(self._functions.c.deployment_id == deployment_id))
         await conn.execute(self._deployments.delete().where(self._deployments.c.deployment_id == deployment_id))
 
+    def _is_live(self) -> sa.ColumnElement[bool]:
+        d = self._deployments
+        return self._clock.age(d.c.last_heartbeat) <= sa.func.coalesce(d.c.heartbeat_ttl, self.heartbeat_ttl)
+
     async def _purge_stale(self) -> int:
         d, f = self._deployments, self._functions
-        stale = sa.select(d.c.deployment_id).where(d.c.last_heartbeat < self._clock.ago(self.heartbeat_ttl))
+        stale = sa.select(d.c.deployment_id).where(sa.not_(self._is_live()))
         async with self.engine.begin() as conn:
-            await conn.execute(f.delete().where(f.c.deployment_id.in_(stale)))
-            result = await conn.execute(d.delete().where(d.c.last_heartbeat < self._clock.ago(self.heartbeat_ttl)))
+            stale_ids = [row[0] for row in (await conn.execute(stale)).all()]
+            if not stale_ids:
+                return 0
+            await conn.execute(f.delete().where(f.c.deployment_id.in_(stale_ids)))
+            result = await conn.execute(d.delete().where(d.c.deployment_id.in_(stale_ids), sa.not_(self._is_live())))
         return max(result.rowcount, 0)
 
     async def find_function(self, name: str) -> list[DeploymentInfo]:
@@ -162,7 +201,7 @@ class SqlAlchemyDeploymentService(DeploymentService):
         statement = (
             sa.select(d.c.deployment_id, d.c.endpoint, d.c.fallback_endpoints)
             .join(f, f.c.deployment_id == d.c.deployment_id)
-            .where(f.c.function_name == name, d.c.last_heartbeat >= self._clock.ago(self.heartbeat_ttl))
+            .where(f.c.function_name == name, self._is_live())
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(statement)).all()
@@ -174,7 +213,11 @@ class SqlAlchemyDeploymentService(DeploymentService):
             rows = (
                 await conn.execute(
                     sa.select(
-                        d.c.deployment_id, d.c.endpoint, d.c.fallback_endpoints, self._clock.age(d.c.last_heartbeat)
+                        d.c.deployment_id,
+                        d.c.endpoint,
+                        d.c.fallback_endpoints,
+                        self._clock.age(d.c.last_heartbeat),
+                        d.c.heartbeat_ttl,
                     ).order_by(d.c.deployment_id)
                 )
             ).all()
@@ -183,21 +226,28 @@ class SqlAlchemyDeploymentService(DeploymentService):
         functions: dict[str, list[str]] = {}
         for deployment_id, function_name in pairs:
             functions.setdefault(deployment_id, []).append(function_name)
-        return [
-            DeploymentRecord(
-                deployment_id=row[0],
-                endpoint=row[1],
-                functions=tuple(sorted(functions.get(row[0], []))),
-                heartbeat_age=float(row[3]),
-                state="live" if float(row[3]) <= self.heartbeat_ttl else "stale",
-                fallback_endpoints=_decode_endpoints(row[2]),
+        records = []
+        for deployment_id, endpoint, fallbacks, age, ttl in rows:
+            live = float(age) <= (ttl if ttl is not None else self.heartbeat_ttl)
+            records.append(
+                DeploymentRecord(
+                    deployment_id=deployment_id,
+                    endpoint=endpoint,
+                    functions=tuple(sorted(functions.get(deployment_id, []))),
+                    heartbeat_age=float(age),
+                    state="live" if live else "stale",
+                    fallback_endpoints=_decode_endpoints(fallbacks),
+                )
             )
-            for row in rows
-        ]
+        return records
 
     async def _close_store(self) -> None:
         if self._owns_engine:
             await self.engine.dispose()
+
+
+def _encode_endpoints(endpoints: Sequence[str]) -> str | None:
+    return json.dumps(list(endpoints)) if endpoints else None
 
 
 def _decode_endpoints(raw: str | None) -> tuple[str, ...]:

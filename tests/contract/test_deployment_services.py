@@ -13,13 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 from _support_core import wait_until
 
 from pikku_mq import (
     ConfigurationError,
     DeploymentConfig,
+    DeploymentConflictError,
     DeploymentInfo,
     DeploymentService,
+    DiscoveryError,
     MemoryDeploymentService,
     MemoryRegistry,
     SqlAlchemyDeploymentService,
@@ -189,16 +192,69 @@ async def test_start_without_functions_rejected(store: Store) -> None:
         await service.start(DeploymentConfig("alpha", "http://127.0.0.1:1"))
 
 
-async def test_reregister_replaces_row(store: Store) -> None:
+async def test_restart_replaces_row(store: Store) -> None:
     old, new, observer = store.service(), store.service(), store.service()
     await old.start(_config("alpha", "greet", "legacy"))
     _simulate_crash(old)
 
-    # The same id starting again (a restarted process) replaces the old row and its functions.
+    # The same id restarting on the same endpoint replaces the old row and its functions at once.
+    await new.start(_config("alpha", "greet"))
+
+    assert await observer.find_function("greet") == [DeploymentInfo("alpha", "http://127.0.0.1:1/alpha")]
+    assert await observer.find_function("legacy") == []
+
+
+async def test_live_id_conflict_rejected(store: Store) -> None:
+    holder, intruder, observer = store.service(), store.service(), store.service()
+    await holder.start(_config("alpha", "greet"))
+
+    with pytest.raises(DeploymentConflictError, match=r"held by a live instance at http://127\.0\.0\.1:1/alpha"):
+        await intruder.start(DeploymentConfig("alpha", "http://127.0.0.1:9", functions=["greet"]))
+
+    assert await observer.find_function("greet") == [DeploymentInfo("alpha", "http://127.0.0.1:1/alpha")]
+
+
+async def test_stale_id_taken_over(store: Store) -> None:
+    old, new, observer = store.service(), store.service(), store.service()
+    await old.start(_config("alpha", "greet"))
+    _simulate_crash(old)
+    await asyncio.sleep(TTL * 1.5)
+
+    await new.start(DeploymentConfig("alpha", "http://127.0.0.1:9", functions=["greet"]))
+    await old.stop()
+
+    # The crashed instance's late stop leaves the new holder's row alone.
+    assert await observer.find_function("greet") == [DeploymentInfo("alpha", "http://127.0.0.1:9")]
+
+
+async def test_heartbeat_fenced_by_new_holder(store: Store) -> None:
+    old, new, observer = store.service(), store.service(), store.service()
+    await old.start(_config("alpha", "greet"))
+    await asyncio.sleep(0)
+    assert old._heartbeat_task is not None
+    old._heartbeat_task.cancel()
+    await asyncio.sleep(TTL * 1.5)
     await new.start(DeploymentConfig("alpha", "http://127.0.0.1:9", functions=["greet"]))
 
+    # The old instance wakes up: its heartbeat neither revives its row nor takes the id back.
+    assert not await old._heartbeat(_config("alpha", "greet"), ["greet"])
+    with pytest.raises(DeploymentConflictError):
+        await old._register(_config("alpha", "greet"), ["greet"])
     assert await observer.find_function("greet") == [DeploymentInfo("alpha", "http://127.0.0.1:9")]
-    assert await observer.find_function("legacy") == []
+
+
+async def test_each_row_keeps_its_ttl(store: Store) -> None:
+    slow = store.service(interval=5.0, ttl=15.0)
+    fast, observer = store.service(), store.service()
+    await slow.start(_config("slow", "greet"))
+    await fast.start(_config("fast", "greet"))
+
+    # The fast instance purges on every heartbeat, with its own short TTL; the slow one's row survives.
+    await asyncio.sleep(TTL * 3)
+
+    assert await _ids(observer, "greet") == ["fast", "slow"]
+    states = {record.deployment_id: record.state for record in await observer.list_deployments()}
+    assert states == {"fast": "live", "slow": "live"}
 
 
 # -- heartbeats and liveness ----------------------------------------------------------------------------
@@ -533,3 +589,41 @@ async def test_sqlite_many_processes(tmp_path: Path) -> None:
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+def _remove_files(folder: Path, pattern: str) -> None:
+    for leftover in folder.glob(pattern):
+        leftover.unlink()
+
+
+async def test_sqlite_deleted_file_recovered(tmp_path: Path) -> None:
+    path = tmp_path / "wiped.db"
+    service = SqliteDeploymentService(path, heartbeat_interval=INTERVAL, heartbeat_ttl=TTL)
+    observer = SqliteDeploymentService(path, heartbeat_interval=INTERVAL, heartbeat_ttl=TTL)
+    try:
+        await service.start(_config("alpha", "greet"))
+        _remove_files(tmp_path, "wiped.db*")
+
+        # The first heartbeat after the wipe fails on the missing tables; the next one rebuilds both.
+        async def registered() -> bool:
+            try:
+                return await _ids(observer, "greet") == ["alpha"]
+            except sqlalchemy.exc.OperationalError:
+                return False
+
+        await wait_until(registered, timeout=INTERVAL * 10)
+    finally:
+        await service.close()
+        await observer.close()
+
+
+async def test_broken_store_is_discovery_error(tmp_path: Path) -> None:
+    # A directory where the database file should be: every query fails.
+    (tmp_path / "broken.db").mkdir()
+    caller = SqliteDeploymentService(tmp_path / "broken.db")
+    try:
+        with pytest.raises(DiscoveryError, match="broken.db") as raised:
+            await caller.invoke("greet", timeout=5)
+        assert raised.value.status == 503
+    finally:
+        await caller.close()
