@@ -7,6 +7,7 @@ counterpart of the remote RPC of the TypeScript framework Pikku, wire-compatible
 
 from ._errors import (
     BadRequestError,
+    CallInterruptedError,
     ConfigurationError,
     DeadlineExceededError,
     DeploymentConflictError,
@@ -54,6 +55,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AiohttpTransport",
     "BadRequestError",
+    "CallInterruptedError",
     "ClientTransport",
     "ConfigurationError",
     "DeadlineExceededError",

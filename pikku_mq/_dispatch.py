@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import (
     BadRequestError,
+    CallInterruptedError,
     DeadlineExceededError,
     InternalServerError,
     LoopDetectedError,
@@ -106,6 +107,8 @@ class Dispatcher:
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._running: set[asyncio.Task[Any]] = set()
+        self._aborting = False
 
     async def handle(self, name: str, data: Any, headers: Mapping[str, str]) -> Outcome:
         """Admit and run one call; every failure becomes an error outcome, none is raised."""
@@ -138,7 +141,7 @@ class Dispatcher:
         budget = _header_float(headers, HEADER_DEADLINE, default=self.default_timeout * 1000.0) / 1000.0
         if budget <= 0:
             raise DeadlineExceededError(f"call to '{name}' arrived after its deadline had passed")
-        hop = int(_header_float(headers, HEADER_HOP, default=0))
+        hop = _header_hop(headers)
         if hop > MAX_HOPS:
             raise LoopDetectedError(f"call to '{name}' was forwarded {hop} times; the limit is {MAX_HOPS}")
 
@@ -160,10 +163,20 @@ class Dispatcher:
     async def execute(self, admitted: Admitted, data: Any) -> Any:
         """Run an admitted call within its deadline and return the validated result."""
         definition, wire = admitted.definition, admitted.wire
-        self._enter()
+        task = self._enter()
         try:
             async with asyncio.timeout(wire.remaining):
                 return await run_function(definition, self.services, data, wire)
+        except asyncio.CancelledError:
+            if not self._aborting or task is None:
+                raise
+            # The worker is stopping: answer with an error instead of letting the server drop the request.
+            task.uncancel()
+            raise CallInterruptedError(
+                f"instance '{self.deployment_id}' stopped before function '{definition.name}' finished; "
+                "it may have partly run",
+                payload={"deployment_id": self.deployment_id},
+            ) from None
         except TimeoutError as exc:
             if isinstance(exc, PikkuMQError):
                 raise
@@ -194,14 +207,36 @@ class Dispatcher:
             return False
         return True
 
-    def _enter(self) -> None:
+    def abort(self) -> None:
+        """Cancel the calls still running; each answers :class:`CallInterruptedError` to its caller."""
+        self._aborting = True
+        for task in list(self._running):
+            task.cancel()
+
+    def _enter(self) -> asyncio.Task[Any] | None:
         self.in_flight += 1
         self._idle.clear()
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
+        return task
 
     def _leave(self) -> None:
         self.in_flight -= 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.discard(task)
         if self.in_flight == 0:
             self._idle.set()
+
+
+def _header_hop(headers: Mapping[str, str]) -> int:
+    raw = headers.get(HEADER_HOP)
+    if raw is None or raw == "":
+        return 0
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 6:
+        raise BadRequestError(f"header {HEADER_HOP} must be a non-negative integer, got {raw[:40]!r}")
+    return int(raw)
 
 
 def _header_float(headers: Mapping[str, str], name: str, *, default: float) -> float:

@@ -19,6 +19,7 @@ Every error that pikku_mq raises derives from :class:`PikkuMQError`::
     ├── InternalServerError                500   the function raised an unexpected exception
     │   └── OutputValidationError          500   the result does not match the output type
     ├── ServiceUnavailableError            503   the worker is draining (retryable)
+    │   └── CallInterruptedError           503   the worker stopped while the function ran
     ├── DeadlineExceededError (also TimeoutError)  504   the call's deadline passed
     ├── LoopDetectedError                  508   the hop limit was reached
     ├── RoutingError                       503   no live instance could take the call
@@ -46,6 +47,7 @@ import pydantic_core
 
 __all__ = [
     "BadRequestError",
+    "CallInterruptedError",
     "ConfigurationError",
     "DeadlineExceededError",
     "DeploymentConflictError",
@@ -213,6 +215,13 @@ class ServiceUnavailableError(PikkuMQError):
     status = 503
     code = "unavailable"
     retryable = True
+
+
+class CallInterruptedError(ServiceUnavailableError):
+    """The worker stopped while the function ran, so it may have partly run: not retryable as such."""
+
+    code = "interrupted"
+    retryable = False
 
 
 class DeadlineExceededError(PikkuMQError, TimeoutError):

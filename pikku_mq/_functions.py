@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
@@ -70,9 +71,16 @@ class FunctionDefinition:
         """Serialise a validated result to JSON bytes, or raise :class:`OutputValidationError`."""
         adapter = self.output_adapter or _ANY_ADAPTER
         try:
-            return adapter.dump_json(result)
+            body = adapter.dump_json(result)
+            # pydantic writes NaN and Infinity as null; look closer only when a null is there at all.
+            non_finite = b"null" in body and _has_non_finite(adapter.dump_python(result))
         except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
             raise OutputValidationError(f"the result of function '{self.name}' cannot be serialised: {exc}") from None
+        if non_finite:
+            raise OutputValidationError(
+                f"the result of function '{self.name}' contains NaN or Infinity, which JSON cannot carry"
+            )
+        return body
 
     def dump_python(self, result: Any) -> Any:
         """Convert a validated result to JSON-compatible Python values (for msgpack)."""
@@ -213,6 +221,21 @@ def define_function(
         input_adapter=None if input_type is Any else pydantic.TypeAdapter(input_type),
         output_adapter=None if output_type is Any else pydantic.TypeAdapter(output_type),
     )
+
+
+def _has_non_finite(value: Any) -> bool:
+    text = pydantic_core.to_json(value, inf_nan_mode="constants", fallback=str)
+    if b"NaN" not in text and b"Infinity" not in text:
+        return False
+    try:
+        json.loads(text, parse_constant=_raise_constant)
+    except ValueError:
+        return True
+    return False
+
+
+def _raise_constant(constant: str) -> Any:
+    raise ValueError(constant)
 
 
 def _resolve_hint(func: Callable[..., Any], annotation: Any) -> Any:

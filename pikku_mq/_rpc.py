@@ -115,6 +115,8 @@ class RPC:
         A hidden function raises the same :class:`FunctionNotFoundError` as a missing one.
         """
         definition = self._registry.get(name)
+        if definition is None and self._deployment_service is None:
+            raise function_not_found(name)
         if definition is None:
             return await self.remote(name, data, timeout=timeout)
         if not definition.expose:
@@ -137,8 +139,8 @@ class RPC:
         """
         if self._deployment_service is None:
             raise ConfigurationError(
-                f"rpc.remote('{name}') needs a deployment service: pass deployment_service= to PikkuWorker "
-                "or RPC, or set PIKKU_DISCOVERY_URL (for example sqlite:///pikku.db)"
+                f"rpc.remote('{name}') needs a deployment service: pass deployment_service= to RPC, or run "
+                "the function in a PikkuWorker, which reads PIKKU_DISCOVERY_URL (for example sqlite:///pikku.db)"
             )
         if self._hop + 1 > MAX_HOPS:
             raise LoopDetectedError(f"call to '{name}' would exceed the hop limit of {MAX_HOPS}")

@@ -30,6 +30,9 @@ __all__ = ["PikkuWorker"]
 
 logger = logging.getLogger(__name__)
 
+_ABORT_GRACE = 1.0
+"""Seconds the interrupted calls get to send their error replies before the listener closes."""
+
 
 class _EmbeddedServer(uvicorn.Server):
     """uvicorn's server without its signal handling: the worker owns SIGTERM and SIGINT.
@@ -188,11 +191,13 @@ class PikkuWorker:
             self.dispatcher.draining = True
             if not await self.dispatcher.wait_idle(self.drain_timeout):
                 logger.warning(
-                    "worker %s stops with %d calls still in flight after the %.1f s drain timeout",
+                    "worker %s interrupts %d calls still in flight after the %.1f s drain timeout",
                     self.deployment_id,
                     self.dispatcher.in_flight,
                     self.drain_timeout,
                 )
+                self.dispatcher.abort()
+                await self.dispatcher.wait_idle(_ABORT_GRACE)
         finally:
             await self._close_listener()
             if self.deployment_service is not None and self._owns_deployment_service:

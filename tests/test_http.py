@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -120,6 +121,21 @@ async def say_hello(services: Any, data: Any) -> str:
 @pikku_sessionless_func(name="grüße", expose=True, registry=functions)
 async def gruesse(services: Any, data: Any) -> str:
     return "grüße"
+
+
+@pikku_sessionless_func(expose=True, registry=functions)
+async def not_a_number(services: Any, data: Any) -> float:
+    return math.nan
+
+
+@pikku_sessionless_func(expose=True, registry=functions)
+async def nested_infinity(services: Any, data: Any) -> dict[str, Any]:
+    return {"values": [1.0, None, math.inf], "label": "NaN"}
+
+
+@pikku_sessionless_func(expose=True, registry=functions)
+async def stuck(services: Any, data: Any) -> None:
+    await asyncio.sleep(60)
 
 
 # -- fixtures and helpers ---------------------------------------------------------------------------
@@ -328,10 +344,15 @@ async def test_bad_body_is_400(worker: PikkuWorker, client: aiohttp.ClientSessio
 
 
 async def test_malformed_msgpack_is_400(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
-    status, _, raw = await post(client, worker, "greet", b"\xc1", content_type=MSGPACK)
+    status, content_type, raw = await post(client, worker, "greet", b"\xc1", content_type=MSGPACK)
 
+    # The error comes back in the codec the caller used.
     assert status == 400
-    assert envelope(raw)["name"] == "BadRequestError"
+    assert content_type == MSGPACK
+    error = msgpack.unpackb(raw)
+    assert error["name"] == "BadRequestError"
+    assert error["message"].startswith("request body is not valid msgpack: ")
+    assert error["message"] != "request body is not valid msgpack: "
 
 
 async def test_unknown_function_is_404(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
@@ -561,3 +582,76 @@ async def test_starlette_mount_at_prefix(client: aiohttp.ClientSession) -> None:
     assert reply.status == 200
     assert reply.body == {"greeting": "Hello, Ada!"}
     assert missing.status == 404
+
+
+@pytest.mark.parametrize("body", [b'{"data": NaN}', b'{"data": [Infinity]}', b'{"data": -Infinity}'])
+async def test_non_finite_input_is_400(worker: PikkuWorker, client: aiohttp.ClientSession, body: bytes) -> None:
+    status, _, raw = await post(client, worker, "data_type", body)
+
+    assert status == 400
+    assert "not valid JSON" in envelope(raw)["message"]
+
+
+async def test_deep_nesting_is_400(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    body = b'{"data": ' + b"[" * 2_000 + b"]" * 2_000 + b"}"
+
+    status, _, raw = await post(client, worker, "data_type", body)
+
+    assert status == 400
+    assert "nested too deeply" in envelope(raw)["message"]
+
+
+@pytest.mark.parametrize("name", ["not_a_number", "nested_infinity"])
+async def test_non_finite_output_is_500(worker: PikkuWorker, client: aiohttp.ClientSession, name: str) -> None:
+    status, _, raw = await post(client, worker, name, {"data": None})
+
+    # Never a silent null in place of the number.
+    assert status == 500
+    error = envelope(raw)
+    assert error["name"] == "OutputValidationError"
+    assert "NaN or Infinity" in error["message"]
+
+
+async def test_string_nan_output_kept(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    status, _, raw = await post(client, worker, "data_type", {"data": "NaN"})
+
+    assert status == 200
+    assert json.loads(raw) == "str"
+
+
+@pytest.mark.parametrize("hop", ["-1", "1.5", "abc", "9999999"])
+async def test_bad_hop_header_is_400(worker: PikkuWorker, client: aiohttp.ClientSession, hop: str) -> None:
+    status, _, raw = await post(client, worker, "counted", {"data": None}, headers={"pikku-hop": hop})
+
+    assert status == 400
+    assert "pikku-hop" in envelope(raw)["message"]
+
+
+async def test_caller_rejects_non_finite_data(worker: PikkuWorker) -> None:
+    registry = MemoryRegistry()
+    caller, registrar = MemoryDeploymentService(registry), MemoryDeploymentService(registry)
+    await registrar.start(DeploymentConfig("nan-target", worker.endpoint or "", functions=["data_type"]))
+    try:
+        with pytest.raises(BadRequestError, match="NaN or Infinity"):
+            await caller.invoke("data_type", {"x": math.nan})
+        assert await caller.invoke("data_type", {"x": "NaN"}) == "dict"
+    finally:
+        await caller.close()
+        await registrar.close()
+
+
+async def test_stop_interrupts_stuck_call(client: aiohttp.ClientSession) -> None:
+    running = PikkuWorker(endpoint="http://127.0.0.1:0", discovery=False, registry=functions, drain_timeout=0.2)
+    await running.start()
+    call = asyncio.create_task(post(client, running, "stuck", {"data": None}))
+    await asyncio.sleep(0.2)
+
+    await running.stop()
+    status, headers_content_type, raw = await call
+
+    # An envelope, not uvicorn's plain-text 500, and not marked as rejected: the function had started.
+    assert status == 503
+    assert headers_content_type == JSON
+    error = envelope(raw)
+    assert error["name"] == "CallInterruptedError"
+    assert error["retryable"] is False

@@ -223,6 +223,15 @@ async def test_remote_without_service() -> None:
     assert isinstance(caught.value, ValueError)
 
 
+async def test_exposed_missing_without_service() -> None:
+    with pytest.raises(FunctionNotFoundError) as hidden:
+        await RPC(registry=REG).exposed("secret")
+    with pytest.raises(FunctionNotFoundError) as missing:
+        await RPC(registry=FunctionRegistry()).exposed("secret")
+
+    assert str(hidden.value) == str(missing.value)
+
+
 async def test_service_invoke(mesh: Mesh, worker: PikkuWorker) -> None:
     service = mesh.service()
 

@@ -86,11 +86,12 @@ class PikkuASGIApp:
             return
 
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        binary = _content_type(headers) == MSGPACK
         try:
             name = self._function_name(scope)
-            data, binary = await self._read_call(headers, receive)
+            data = await self._read_call(headers, receive)
         except PikkuMQError as exc:
-            await _send_error(send, exc)
+            await _send_error(send, exc, binary=binary)
             return
 
         outcome = await self.dispatcher.handle(name, data, headers)
@@ -121,19 +122,18 @@ class PikkuASGIApp:
                 return unquote(encoded[index + len(prefix) :])
         return path[len(prefix) :]
 
-    async def _read_call(self, headers: dict[str, str], receive: Receive) -> tuple[Any, bool]:
-        content_type = headers.get("content-type", JSON).split(";", 1)[0].strip().lower()
+    async def _read_call(self, headers: dict[str, str], receive: Receive) -> Any:
+        content_type = _content_type(headers)
         if content_type not in (JSON, MSGPACK, ""):
             raise UnsupportedMediaTypeError(
                 f"content type {content_type[:100]!r} is not supported; send {JSON} or {MSGPACK}"
             )
-        binary = content_type == MSGPACK
 
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_size:
             raise self._too_large()
         body = await self._read_body(receive)
-        return _decode_call_body(body, binary), binary
+        return _decode_call_body(body, content_type == MSGPACK)
 
     async def _read_body(self, receive: Receive) -> bytes:
         chunks: list[bytes] = []
@@ -161,10 +161,11 @@ def _decode_call_body(body: bytes, binary: bool) -> Any:
     if not body:
         raise BadRequestError('request body is empty; send a JSON object {"data": ...}')
     try:
-        call = msgpack.unpackb(body, raw=False) if binary else json.loads(body)
-    except (ValueError, msgpack.UnpackException) as exc:
+        call = msgpack.unpackb(body, raw=False) if binary else json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError, msgpack.UnpackException) as exc:
         kind = "msgpack" if binary else "JSON"
-        raise BadRequestError(f"request body is not valid {kind}: {exc}") from None
+        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc) or type(exc).__name__
+        raise BadRequestError(f"request body is not valid {kind}: {reason}") from None
 
     if not isinstance(call, dict):
         raise BadRequestError(f'request body must be an object {{"data": ...}}, got {type(call).__name__}')
@@ -173,6 +174,14 @@ def _decode_call_body(body: bytes, binary: bool) -> Any:
         raise BadRequestError(f"request body has unknown fields {unknown[:10]}; only 'data' is allowed")
     # Pikku sends {} when its data is undefined, so a missing field means None.
     return call.get("data")
+
+
+def _content_type(headers: dict[str, str]) -> str:
+    return headers.get("content-type", JSON).split(";", 1)[0].strip().lower()
+
+
+def _reject_constant(constant: str) -> Any:
+    raise ValueError(f"{constant} is not valid JSON; send finite numbers only")
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
@@ -185,9 +194,11 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-async def _send_error(send: Send, error: PikkuMQError) -> None:
-    body = json.dumps(error.to_envelope()).encode()
-    await _send(send, error.http_status, body, JSON, rejected=False)
+async def _send_error(send: Send, error: PikkuMQError, *, binary: bool) -> None:
+    if binary:
+        await _send(send, error.http_status, msgpack.packb(error.to_envelope()), MSGPACK, rejected=False)
+    else:
+        await _send(send, error.http_status, json.dumps(error.to_envelope()).encode(), JSON, rejected=False)
 
 
 async def _send(send: Send, status: int, body: bytes, content_type: str, *, rejected: bool) -> None:
@@ -201,9 +212,23 @@ async def _send(send: Send, status: int, body: bytes, content_type: str, *, reje
 def encode_request(request: CallRequest) -> bytes:
     """Serialise ``{"data": ...}`` to JSON; pydantic models, dataclasses and the like are accepted."""
     try:
-        return pydantic_core.to_json({"data": request.data})
+        body = pydantic_core.to_json({"data": request.data})
     except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
         raise BadRequestError(f"data for function '{request.name}' cannot be serialised to JSON: {exc}") from None
+    if has_non_finite_number(body):
+        raise BadRequestError(f"data for function '{request.name}' contains NaN or Infinity, which JSON cannot carry")
+    return body
+
+
+def has_non_finite_number(body: bytes) -> bool:
+    """Return whether JSON text written with NaN/Infinity constants contains one outside a string."""
+    if b"NaN" not in body and b"Infinity" not in body:
+        return False
+    try:
+        json.loads(body, parse_constant=_reject_constant)
+    except ValueError:
+        return True
+    return False
 
 
 def decode_reply(status: int, raw: bytes, content_type: str) -> Reply:

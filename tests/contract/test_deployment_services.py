@@ -622,7 +622,7 @@ async def test_broken_store_is_discovery_error(tmp_path: Path) -> None:
     (tmp_path / "broken.db").mkdir()
     caller = SqliteDeploymentService(tmp_path / "broken.db")
     try:
-        with pytest.raises(DiscoveryError, match="broken.db") as raised:
+        with pytest.raises(DiscoveryError, match=r"broken\.db") as raised:
             await caller.invoke("greet", timeout=5)
         assert raised.value.status == 503
     finally:
