@@ -159,19 +159,26 @@ class PikkuWorker:
         """Listen first, then register, so nothing is routed here before the worker can answer."""
         if self._started:
             raise ConfigurationError(f"worker {self.deployment_id} is already started")
-        self._started = True
         logger.info("worker %s starting with functions: %s", self.deployment_id, ", ".join(self._names()) or "none")
 
         self.endpoint = await self._listen()
         self.dispatcher.draining = False
-        if self.deployment_service is not None:
-            config = DeploymentConfig(
-                deployment_id=self.deployment_id,
-                endpoint=self.endpoint,
-                functions=self._names(),
-                fallback_endpoints=self.fallback_endpoints,
-            )
-            await self.deployment_service.start(config)
+        try:
+            if self.deployment_service is not None:
+                config = DeploymentConfig(
+                    deployment_id=self.deployment_id,
+                    endpoint=self.endpoint,
+                    functions=self._names(),
+                    fallback_endpoints=self.fallback_endpoints,
+                )
+                await self.deployment_service.start(config)
+        except BaseException:
+            # Not registered, so there is nothing to drain: just release the listener and the store.
+            await self._close_listener()
+            if self.deployment_service is not None and self._owns_deployment_service:
+                await self.deployment_service.close()
+            raise
+        self._started = True
         logger.info("worker %s serving at %s", self.deployment_id, self.endpoint)
 
     async def stop(self) -> None:

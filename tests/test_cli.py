@@ -247,6 +247,22 @@ def test_worker_call_and_ls(
     assert list_deployments(project, cli_env) == []
 
 
+def test_worker_duplicate_id_rejected(
+    project: Path, discovery: str, cli_env: dict[str, str], spawned: list[subprocess.Popen[Any]]
+) -> None:
+    holder = start_worker(spawned, "calc", "--id", "calc-dup", "--discovery", discovery, cwd=project, env=cli_env)
+    record = wait_registered("calc-dup", holder, project, cli_env)
+
+    second = run_cli("worker", "calc", "--id", "calc-dup", "--discovery", discovery, cwd=project, env=cli_env)
+
+    assert second.returncode == 2
+    assert "deployment id 'calc-dup' is held by a live instance" in second.stderr
+    assert "draining" not in second.stderr
+    [still] = list_deployments(project, cli_env)
+    assert still["endpoint"] == record["endpoint"]
+    assert stop_worker(holder) == 0
+
+
 def test_worker_from_factory(project: Path, cli_env: dict[str, str], spawned: list[subprocess.Popen[Any]]) -> None:
     worker = start_worker(spawned, "calc:build", cwd=project, env=cli_env)
     record = wait_registered("calc-factory", worker, project, cli_env)
