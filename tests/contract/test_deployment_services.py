@@ -107,7 +107,7 @@ class Store:
 
 
 # Backends that keep one row per function, where a single function row can go missing.
-ROW_BACKENDS = [param for param in BACKENDS if param.values[0].delete_function_row is not None]  # type: ignore[union-attr]
+ROW_BACKENDS = [param for param in BACKENDS if param.values[0].delete_function_row is not None]
 
 
 async def _open_store(backend: Backend, tmp_path: Path) -> AsyncIterator[Store]:
