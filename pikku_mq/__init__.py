@@ -38,6 +38,7 @@ from ._rpc import RPC, Wire
 from ._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
 from ._worker import PikkuWorker
 from .backends import DeploymentService, MemoryDeploymentService, MemoryRegistry, deployment_service_from_url
+from .backends.postgres import PgDeploymentService
 from .backends.sqlalchemy import SqlAlchemyDeploymentService
 from .backends.sqlite import SqliteDeploymentService
 from .transports import (
@@ -82,6 +83,7 @@ __all__ = [
     "NotFoundError",
     "OutputValidationError",
     "PayloadTooLargeError",
+    "PgDeploymentService",
     "PikkuASGIApp",
     "PikkuMQError",
     "PikkuWorker",

@@ -24,6 +24,7 @@ def deployment_service_from_url(url: str, **options: Any) -> DeploymentService:
 
     - ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``: the embedded SQLite file;
     - ``memory://`` (a registry of its own) or ``memory://name`` (shared by that name in this process);
+    - ``postgresql://...`` or ``postgres://...``: PostgreSQL through asyncpg (:class:`PgDeploymentService`);
     - an SQLAlchemy async URL such as ``postgresql+asyncpg://...`` or ``mysql+aiomysql://...``.
     """
     parts = urlsplit(url)
@@ -41,14 +42,19 @@ def deployment_service_from_url(url: str, **options: Any) -> DeploymentService:
             raise ConfigurationError(f"discovery URL {url!r} names no file; use sqlite:///path/to/pikku.db")
         return SqliteDeploymentService(path, **options)
 
+    if scheme in ("postgresql", "postgres"):
+        from .postgres import PgDeploymentService
+
+        return PgDeploymentService(url, **options)
+
     if any(driver in scheme for driver in _SQLALCHEMY_ASYNC_DRIVERS):
         from .sqlalchemy import SqlAlchemyDeploymentService
 
         return SqlAlchemyDeploymentService(url, **options)
 
     raise ConfigurationError(
-        f"unsupported discovery URL {_redact(url)!r}; use sqlite:///path, memory:// or an SQLAlchemy "
-        "async URL such as postgresql+asyncpg://host/db"
+        f"unsupported discovery URL {_redact(url)!r}; use sqlite:///path, memory://, postgresql://host/db "
+        "or an SQLAlchemy async URL such as mysql+aiomysql://host/db"
     )
 
 
