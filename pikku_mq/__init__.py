@@ -39,6 +39,7 @@ from ._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
 from ._worker import PikkuWorker
 from .backends import DeploymentService, MemoryDeploymentService, MemoryRegistry, deployment_service_from_url
 from .backends.postgres import PgDeploymentService
+from .backends.redis import RedisDeploymentService
 from .backends.sqlalchemy import SqlAlchemyDeploymentService
 from .backends.sqlite import SqliteDeploymentService
 from .transports import (
@@ -89,6 +90,7 @@ __all__ = [
     "PikkuWorker",
     "ProtocolError",
     "RPC",
+    "RedisDeploymentService",
     "RemoteError",
     "Reply",
     "RoutingError",

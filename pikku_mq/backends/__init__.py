@@ -24,6 +24,8 @@ def deployment_service_from_url(url: str, **options: Any) -> DeploymentService:
 
     - ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``: the embedded SQLite file;
     - ``memory://`` (a registry of its own) or ``memory://name`` (shared by that name in this process);
+    - ``redis://host:6379/0`` or ``rediss://...`` (TLS): Redis (:class:`RedisDeploymentService`), with
+      options such as ``key_prefix``;
     - ``postgresql://...`` or ``postgres://...``: PostgreSQL through asyncpg (:class:`PgDeploymentService`);
     - an SQLAlchemy async URL such as ``postgresql+asyncpg://...`` or ``mysql+aiomysql://...``.
     """
@@ -33,6 +35,11 @@ def deployment_service_from_url(url: str, **options: Any) -> DeploymentService:
     if scheme == "memory":
         registry = named_registry(parts.netloc) if parts.netloc else MemoryRegistry()
         return MemoryDeploymentService(registry, **options)
+
+    if scheme in ("redis", "rediss"):
+        from .redis import RedisDeploymentService
+
+        return RedisDeploymentService(url, **options)
 
     if scheme == "sqlite":
         from .sqlite import SqliteDeploymentService
@@ -53,8 +60,8 @@ def deployment_service_from_url(url: str, **options: Any) -> DeploymentService:
         return SqlAlchemyDeploymentService(url, **options)
 
     raise ConfigurationError(
-        f"unsupported discovery URL {_redact(url)!r}; use sqlite:///path, memory://, postgresql://host/db "
-        "or an SQLAlchemy async URL such as mysql+aiomysql://host/db"
+        f"unsupported discovery URL {_redact(url)!r}; use sqlite:///path, memory://, postgresql://host/db, "
+        "redis://host or an SQLAlchemy async URL such as mysql+aiomysql://host/db"
     )
 
 
