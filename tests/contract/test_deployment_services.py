@@ -8,13 +8,14 @@ import asyncio
 import sqlite3
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import sqlalchemy
 from _support_core import wait_until
+from _support_redis import REDIS_URL, drop_redis_prefixes, redis_prefix, sync_client
 
 from pikku_mq import (
     ConfigurationError,
@@ -25,6 +26,7 @@ from pikku_mq import (
     DiscoveryError,
     MemoryDeploymentService,
     MemoryRegistry,
+    RedisDeploymentService,
     SqlAlchemyDeploymentService,
     SqliteDeploymentService,
     deployment_service_from_url,
@@ -83,9 +85,32 @@ def _delete_sqlite_function(tmp_path: Path, deployment_id: str, function: str) -
     assert deleted == 1
 
 
+def _make_redis(tmp_path: Path, interval: float, ttl: float) -> DeploymentService:
+    prefix = redis_prefix(tmp_path)
+    return RedisDeploymentService(REDIS_URL, key_prefix=prefix, heartbeat_interval=interval, heartbeat_ttl=ttl)
+
+
+def _delete_redis(tmp_path: Path, deployment_id: str) -> None:
+    with sync_client() as client:
+        assert client.delete(f"{redis_prefix(tmp_path)}deployment:{deployment_id}") == 1
+
+
+def _delete_redis_function(tmp_path: Path, deployment_id: str, function: str) -> None:
+    with sync_client() as client:
+        assert client.zrem(f"{redis_prefix(tmp_path)}fn:{function}", deployment_id) == 1
+
+
+@pytest.fixture(autouse=True)
+def _redis_keys_dropped() -> Iterator[None]:
+    """Delete the Redis keys of the test's prefix after its services have closed."""
+    yield
+    drop_redis_prefixes()
+
+
 BACKENDS = [
     pytest.param(Backend("memory", _make_memory, _delete_memory), id="memory"),
     pytest.param(Backend("sqlite", _make_sqlite, _delete_sqlite, _delete_sqlite_function), id="sqlite"),
+    pytest.param(Backend("redis", _make_redis, _delete_redis, _delete_redis_function), id="redis"),
 ]
 
 
