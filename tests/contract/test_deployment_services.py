@@ -16,6 +16,16 @@ import pytest
 import sqlalchemy
 from _support_core import wait_until
 from _support_redis import REDIS_URL, drop_redis_prefixes, redis_prefix, sync_client
+from _support_sql import (
+    create_mariadb_database,
+    drop_mariadb_database,
+    drop_postgres_schema,
+    mariadb_execute,
+    mariadb_url,
+    postgres_execute,
+    postgres_url,
+    unique_name,
+)
 
 from pikku_mq import (
     ConfigurationError,
@@ -26,6 +36,7 @@ from pikku_mq import (
     DiscoveryError,
     MemoryDeploymentService,
     MemoryRegistry,
+    PgDeploymentService,
     RedisDeploymentService,
     SqlAlchemyDeploymentService,
     SqliteDeploymentService,
@@ -45,12 +56,14 @@ class Backend:
     with the same ``tmp_path`` shares one store. ``delete_registration(tmp_path, deployment_id)`` removes a
     registration directly in the store, as if the store had lost it. ``delete_function_row``, where the
     store keeps one row per function, removes one of them.
+    ``drop_store(tmp_path)``, where the store lives on a shared server, deletes it after the test.
     """
 
     name: str
     make: Callable[[Path, float, float], DeploymentService]
     delete_registration: Callable[[Path, str], None]
     delete_function_row: Callable[[Path, str, str], None] | None = None
+    drop_store: Callable[[Path], None] | None = None
 
 
 def _make_memory(tmp_path: Path, interval: float, ttl: float) -> DeploymentService:
@@ -107,10 +120,109 @@ def _redis_keys_dropped() -> Iterator[None]:
     drop_redis_prefixes()
 
 
+# The servers' stores are named per test: a PostgreSQL schema or a MariaDB database of the test's own.
+_STORE_NAMES: dict[Path, str] = {}
+
+
+def _store_name(tmp_path: Path) -> str:
+    if tmp_path not in _STORE_NAMES:
+        _STORE_NAMES[tmp_path] = unique_name()
+    return _STORE_NAMES[tmp_path]
+
+
+def _make_postgres(tmp_path: Path, interval: float, ttl: float) -> DeploymentService:
+    return PgDeploymentService(
+        postgres_url(), schema=_store_name(tmp_path), heartbeat_interval=interval, heartbeat_ttl=ttl
+    )
+
+
+def _delete_postgres(tmp_path: Path, deployment_id: str) -> None:
+    table = f"{_store_name(tmp_path)}.pikku_deployments"
+    assert postgres_execute(f"DELETE FROM {table} WHERE deployment_id = $1", deployment_id) == "DELETE 1"
+
+
+def _drop_postgres(tmp_path: Path) -> None:
+    if tmp_path in _STORE_NAMES:
+        drop_postgres_schema(_STORE_NAMES.pop(tmp_path))
+
+
+def _make_sqlalchemy_postgres(tmp_path: Path, interval: float, ttl: float) -> DeploymentService:
+    # SQLAlchemy creates tables in an existing schema, but not the schema itself.
+    new = tmp_path not in _STORE_NAMES
+    schema = _store_name(tmp_path)
+    if new:
+        postgres_execute(f"CREATE SCHEMA {schema}")
+    return SqlAlchemyDeploymentService(
+        postgres_url("asyncpg"), schema=schema, heartbeat_interval=interval, heartbeat_ttl=ttl
+    )
+
+
+def _delete_sqlalchemy_postgres(tmp_path: Path, deployment_id: str) -> None:
+    schema = _store_name(tmp_path)
+    postgres_execute(f"DELETE FROM {schema}.pikku_deployment_functions WHERE deployment_id = $1", deployment_id)
+    deleted = postgres_execute(f"DELETE FROM {schema}.pikku_deployments WHERE deployment_id = $1", deployment_id)
+    assert deleted == "DELETE 1"
+
+
+def _delete_sqlalchemy_postgres_function(tmp_path: Path, deployment_id: str, function: str) -> None:
+    table = f"{_store_name(tmp_path)}.pikku_deployment_functions"
+    deleted = postgres_execute(
+        f"DELETE FROM {table} WHERE deployment_id = $1 AND function_name = $2", deployment_id, function
+    )
+    assert deleted == "DELETE 1"
+
+
+def _make_mariadb(tmp_path: Path, interval: float, ttl: float) -> DeploymentService:
+    new = tmp_path not in _STORE_NAMES
+    database = _store_name(tmp_path)
+    if new:
+        create_mariadb_database(database)
+    return SqlAlchemyDeploymentService(mariadb_url(database), heartbeat_interval=interval, heartbeat_ttl=ttl)
+
+
+def _delete_mariadb(tmp_path: Path, deployment_id: str) -> None:
+    database = _store_name(tmp_path)
+    mariadb_execute(database, "DELETE FROM pikku_deployment_functions WHERE deployment_id = %s", deployment_id)
+    assert mariadb_execute(database, "DELETE FROM pikku_deployments WHERE deployment_id = %s", deployment_id) == 1
+
+
+def _delete_mariadb_function(tmp_path: Path, deployment_id: str, function: str) -> None:
+    deleted = mariadb_execute(
+        _store_name(tmp_path),
+        "DELETE FROM pikku_deployment_functions WHERE deployment_id = %s AND function_name = %s",
+        deployment_id,
+        function,
+    )
+    assert deleted == 1
+
+
+def _drop_mariadb(tmp_path: Path) -> None:
+    if tmp_path in _STORE_NAMES:
+        drop_mariadb_database(_STORE_NAMES.pop(tmp_path))
+
+
 BACKENDS = [
     pytest.param(Backend("memory", _make_memory, _delete_memory), id="memory"),
     pytest.param(Backend("sqlite", _make_sqlite, _delete_sqlite, _delete_sqlite_function), id="sqlite"),
     pytest.param(Backend("redis", _make_redis, _delete_redis, _delete_redis_function), id="redis"),
+    pytest.param(
+        Backend("postgres", _make_postgres, _delete_postgres, drop_store=_drop_postgres),
+        id="postgres",
+    ),
+    pytest.param(
+        Backend(
+            "sqlalchemy-postgres",
+            _make_sqlalchemy_postgres,
+            _delete_sqlalchemy_postgres,
+            _delete_sqlalchemy_postgres_function,
+            drop_store=_drop_postgres,
+        ),
+        id="sqlalchemy-postgres",
+    ),
+    pytest.param(
+        Backend("sqlalchemy-mariadb", _make_mariadb, _delete_mariadb, _delete_mariadb_function, _drop_mariadb),
+        id="sqlalchemy-mariadb",
+    ),
 ]
 
 
@@ -137,9 +249,13 @@ ROW_BACKENDS = [param for param in BACKENDS if param.values[0].delete_function_r
 
 async def _open_store(backend: Backend, tmp_path: Path) -> AsyncIterator[Store]:
     shared = Store(backend, tmp_path)
-    yield shared
-    for service in shared.services:
-        await service.close()
+    try:
+        yield shared
+        for service in shared.services:
+            await service.close()
+    finally:
+        if backend.drop_store is not None:
+            backend.drop_store(tmp_path)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -1,0 +1,361 @@
+"""PgDeploymentService against the real PostgreSQL server: what the contract suite cannot show.
+
+Each test uses a schema of its own and drops it at the end. An unreachable server fails the tests.
+"""
+
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from _support_sql import drop_postgres_schema, postgres_execute, postgres_fetch, postgres_url, unique_name
+
+import pikku_mq
+from pikku_mq import (
+    ConfigurationError,
+    DeploymentConfig,
+    DeploymentInfo,
+    DiscoveryError,
+    PgDeploymentService,
+    SqlAlchemyDeploymentService,
+    deployment_service_from_url,
+)
+
+# Child processes import the same pikku_mq as this process, wherever the installed one points.
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(Path(pikku_mq.__file__).parent.parent)}
+
+# The DDL of @pikku/pg's deployment service, without pikku_mq's columns.
+PIKKU_DDL = """
+CREATE SCHEMA {schema};
+CREATE TABLE {schema}.pikku_deployments (
+    deployment_id TEXT PRIMARY KEY,
+    endpoint TEXT NOT NULL,
+    functions TEXT[] NOT NULL,
+    last_heartbeat TIMESTAMPTZ NOT NULL DEFAULT now(),
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX idx_pikku_deployments_functions ON {schema}.pikku_deployments USING GIN (functions);
+CREATE INDEX idx_pikku_deployments_heartbeat ON {schema}.pikku_deployments (last_heartbeat);
+"""
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    """A schema name of this test's own, dropped at the end whether or not anything created it."""
+    name = unique_name()
+    yield name
+    drop_postgres_schema(name)
+
+
+@pytest.fixture
+async def make_service(schema: str) -> AsyncIterator[Callable[..., PgDeploymentService]]:
+    """Build services on the test's schema; all are closed at the end."""
+    services: list[PgDeploymentService] = []
+
+    def make(**options: float) -> PgDeploymentService:
+        service = PgDeploymentService(postgres_url(), schema=schema, **options)
+        services.append(service)
+        return service
+
+    yield make
+    for service in services:
+        await service.close()
+
+
+def _config(deployment_id: str, *functions: str) -> DeploymentConfig:
+    return DeploymentConfig(deployment_id, f"http://127.0.0.1:1/{deployment_id}", functions=list(functions))
+
+
+async def _ids(service: PgDeploymentService, name: str) -> list[str]:
+    return sorted(info.deployment_id for info in await service.find_function(name))
+
+
+# -- schema ---------------------------------------------------------------------------------------------
+
+_INIT_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pikku_mq import PgDeploymentService
+
+    async def main():
+        service = PgDeploymentService(sys.argv[1], schema=sys.argv[2])
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+        try:
+            await service.init()
+        finally:
+            await service.close()
+        print("initialized", flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+INIT_PROCESSES = 10
+
+
+async def _read_line(process: asyncio.subprocess.Process) -> str:
+    assert process.stdout is not None
+    line = await asyncio.wait_for(process.stdout.readline(), timeout=30)
+    return line.decode().strip()
+
+
+async def test_init_from_ten_processes(schema: str) -> None:
+    processes = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _INIT_CHILD,
+            postgres_url(),
+            schema,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=CHILD_ENV,
+        )
+        for _ in range(INIT_PROCESSES)
+    ]
+    try:
+        assert await asyncio.gather(*(_read_line(p) for p in processes)) == ["ready"] * INIT_PROCESSES
+
+        # Release them together on a database where the schema does not exist yet.
+        for process in processes:
+            assert process.stdin is not None
+            process.stdin.write(b"go\n")
+        outputs = await asyncio.gather(*(asyncio.wait_for(p.communicate(), timeout=60) for p in processes))
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    for process, (stdout, stderr) in zip(processes, outputs, strict=True):
+        assert stderr.decode() == ""
+        assert stdout.decode().split() == ["initialized"]
+        assert process.returncode == 0
+
+    indexes = postgres_fetch("SELECT indexname FROM pg_indexes WHERE schemaname = $1 ORDER BY indexname", schema)
+    assert [row[0] for row in indexes] == [
+        "idx_pikku_deployments_functions",
+        "idx_pikku_deployments_heartbeat",
+        "pikku_deployments_pkey",
+    ]
+
+
+async def test_init_creates_pikku_layout(schema: str, make_service: Callable[..., PgDeploymentService]) -> None:
+    await make_service().init()
+
+    columns = postgres_fetch(
+        """
+        SELECT column_name, data_type, is_nullable FROM information_schema.columns
+        WHERE table_schema = $1 AND table_name = 'pikku_deployments' ORDER BY ordinal_position
+        """,
+        schema,
+    )
+    assert [tuple(row) for row in columns] == [
+        ("deployment_id", "text", "NO"),
+        ("endpoint", "text", "NO"),
+        ("functions", "ARRAY", "NO"),
+        ("last_heartbeat", "timestamp with time zone", "NO"),
+        ("created_at", "timestamp with time zone", "NO"),
+        ("fallback_endpoints", "ARRAY", "YES"),
+        ("heartbeat_ttl", "double precision", "YES"),
+    ]
+    [gin] = postgres_fetch(
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND indexname = 'idx_pikku_deployments_functions'",
+        schema,
+    )
+    assert "USING gin (functions)" in gin[0]
+
+
+async def test_find_uses_gin_index(schema: str, make_service: Callable[..., PgDeploymentService]) -> None:
+    service = make_service()
+    await service.init()
+
+    conn = await asyncpg.connect(postgres_url())
+    try:
+        # On an empty table the planner prefers a sequential scan; forbid it to see which index the query can use.
+        await conn.execute("SET enable_seqscan = off")
+        plan = await conn.fetch("EXPLAIN " + service._sql.find, "greet", 30.0)
+    finally:
+        await conn.close()
+
+    assert "idx_pikku_deployments_functions" in "\n".join(row[0] for row in plan)
+
+
+def test_invalid_schema_rejected() -> None:
+    for name in ["Pikku", "pikku-mq", "1pikku", "pikku; DROP TABLE x", "", "p" * 64]:
+        with pytest.raises(ConfigurationError, match="invalid PostgreSQL schema name"):
+            PgDeploymentService(postgres_url(), schema=name)
+
+
+# -- liveness by the database's clock -----------------------------------------------------------------
+
+
+async def test_app_clock_ignored(
+    schema: str, make_service: Callable[..., PgDeploymentService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = make_service()
+    await service.start(_config("alpha", "greet"))
+    table = f"{schema}.pikku_deployments"
+
+    # This process believes it is ten minutes later; the database's clock decides.
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 600)
+    postgres_execute(f"UPDATE {table} SET last_heartbeat = now() WHERE deployment_id = 'alpha'")
+
+    assert await _ids(service, "greet") == ["alpha"]
+    [record] = await service.list_deployments()
+    assert record.state == "live"
+    assert record.heartbeat_age < 5
+
+    postgres_execute(f"UPDATE {table} SET last_heartbeat = now() - interval '1 hour' WHERE deployment_id = 'alpha'")
+
+    assert await service.find_function("greet") == []
+    [record] = await service.list_deployments()
+    assert record.state == "stale"
+    assert 3590 < record.heartbeat_age < 3700
+
+
+async def test_pikku_row_uses_reader_ttl(schema: str, make_service: Callable[..., PgDeploymentService]) -> None:
+    for statement in PIKKU_DDL.format(schema=schema).split(";"):
+        if statement.strip():
+            postgres_execute(statement)
+    # A row as a Pikku instance writes it: no heartbeat_ttl, no fallbacks, last heartbeat 45 s ago.
+    postgres_execute(
+        f"""
+        INSERT INTO {schema}.pikku_deployments (deployment_id, endpoint, functions, last_heartbeat)
+        VALUES ('pikku-ts', 'http://127.0.0.1:3000', ARRAY['greet', 'sum'], now() - interval '45 seconds')
+        """
+    )
+    short = make_service(heartbeat_interval=10.0, heartbeat_ttl=30.0)
+    long = make_service(heartbeat_interval=10.0, heartbeat_ttl=60.0)
+
+    # init() adds pikku_mq's nullable columns to the table Pikku created, and keeps its row.
+    await short.init()
+
+    assert await short.find_function("greet") == []
+    assert await long.find_function("greet") == [DeploymentInfo("pikku-ts", "http://127.0.0.1:3000")]
+    assert await _ids(long, "sum") == ["pikku-ts"]
+    [record] = await long.list_deployments()
+    assert record.functions == ("greet", "sum")
+    assert record.fallback_endpoints == ()
+    assert record.state == "live"
+    [record] = await short.list_deployments()
+    assert record.state == "stale"
+
+
+async def test_pikku_reads_our_rows(schema: str, make_service: Callable[..., PgDeploymentService]) -> None:
+    service = make_service()
+    await service.start(_config("alpha", "greet", "sum"))
+
+    # A lookup in Pikku's form (name = ANY(functions)) returns pikku_mq's row.
+    rows = postgres_fetch(
+        f"SELECT deployment_id, endpoint FROM {schema}.pikku_deployments WHERE $1 = ANY(functions)", "sum"
+    )
+    assert [tuple(row) for row in rows] == [("alpha", "http://127.0.0.1:1/alpha")]
+
+
+async def test_lost_function_restored(schema: str, make_service: Callable[..., PgDeploymentService]) -> None:
+    service = make_service(heartbeat_interval=0.2, heartbeat_ttl=0.6)
+    await service.start(_config("alpha", "greet", "sum"))
+
+    postgres_execute(f"UPDATE {schema}.pikku_deployments SET functions = array_remove(functions, 'sum')")
+    assert await service.find_function("sum") == []
+
+    deadline = time.monotonic() + 2.0
+    while await _ids(service, "sum") != ["alpha"]:
+        assert time.monotonic() < deadline, "the heartbeat did not restore the lost function"
+        await asyncio.sleep(0.05)
+
+
+# -- pools, URLs and passwords ------------------------------------------------------------------------
+
+
+async def test_borrowed_pool_left_open(schema: str) -> None:
+    pool = await asyncpg.create_pool(postgres_url(), min_size=1, max_size=2)
+    try:
+        service = PgDeploymentService(pool, schema=schema)
+        await service.start(_config("alpha", "greet"))
+        assert service.pool is pool
+
+        await service.close()
+
+        assert not pool._closed
+        assert await pool.fetchval(f"SELECT count(*) FROM {schema}.pikku_deployments") == 0
+    finally:
+        await pool.close()
+
+
+async def test_owned_pool_closed(make_service: Callable[..., PgDeploymentService]) -> None:
+    service = make_service()
+    await service.init()
+    pool = service.pool
+    assert pool is not None
+    # The service replaces asyncpg's reset query, which costs a round trip per release, with nothing.
+    assert pool._reset is not None
+
+    await service.close()
+
+    assert pool._closed
+    assert service.pool is None
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "postgres", "POSTGRESQL"])
+def test_url_builds_pg_service(scheme: str) -> None:
+    service = deployment_service_from_url(f"{scheme}://user@127.0.0.1:5432/test", schema="pikku_x")
+
+    assert type(service) is PgDeploymentService
+    assert service.schema == "pikku_x"
+
+
+def test_url_with_driver_builds_sqlalchemy() -> None:
+    service = deployment_service_from_url("postgresql+asyncpg://user@127.0.0.1:5432/test")
+
+    assert type(service) is SqlAlchemyDeploymentService
+
+
+def test_repr_hides_password() -> None:
+    service = PgDeploymentService("postgresql://app:hunter2@127.0.0.1:5432/test?password=hunter3&sslmode=disable")
+
+    assert "hunter2" not in repr(service)
+    assert "hunter3" not in repr(service)
+    assert "app:***@127.0.0.1:5432" in repr(service)
+    assert "sslmode=disable" in repr(service)
+
+
+async def test_unreachable_error_hides_password() -> None:
+    # Port 1 on the loopback address refuses connections at once.
+    service = PgDeploymentService("postgresql://app:hunter2@127.0.0.1:1/test", pool_options={"timeout": 5})
+    try:
+        with pytest.raises(DiscoveryError, match="creating the schema") as raised:
+            await service.init()
+    finally:
+        await service.close()
+
+    assert "hunter2" not in str(raised.value)
+    assert "app:***@127.0.0.1:1" in str(raised.value)
+
+
+def test_missing_asyncpg_names_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "asyncpg", None)
+
+    with pytest.raises(ImportError, match=r"pip install 'pikku-mq\[postgres\]'"):
+        PgDeploymentService("postgresql://127.0.0.1/test")
+
+
+def test_module_imports_without_asyncpg(tmp_path: Path) -> None:
+    # Importing pikku_mq must not need asyncpg: only building a PgDeploymentService does.
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import sys\nsys.modules['asyncpg'] = None\nimport pikku_mq\nprint(pikku_mq.PgDeploymentService)\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=CHILD_ENV)
+
+    assert result.returncode == 0, result.stderr
