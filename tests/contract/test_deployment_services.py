@@ -276,10 +276,11 @@ def _config(deployment_id: str, *functions: str, fallbacks: tuple[str, ...] = ()
     )
 
 
-async def _simulate_crash(service: DeploymentService) -> None:
+def _simulate_crash(service: DeploymentService) -> None:
     """Stop the heartbeat loop without deregistering, as a killed process would."""
-    assert service._heartbeat_task is not None
-    await service._stop_heartbeats()
+    task = service._heartbeat_task
+    assert task is not None
+    task.cancel()
 
 
 async def _ids(service: DeploymentService, name: str) -> list[str]:
@@ -347,7 +348,7 @@ async def test_start_without_functions_rejected(store: Store) -> None:
 async def test_restart_replaces_row(store: Store) -> None:
     old, new, observer = store.service(), store.service(), store.service()
     await old.start(_config("alpha", "greet", "legacy"))
-    await _simulate_crash(old)
+    _simulate_crash(old)
 
     # The same id restarting on the same endpoint replaces the old row and its functions at once.
     await new.start(_config("alpha", "greet"))
@@ -369,7 +370,7 @@ async def test_live_id_conflict_rejected(store: Store) -> None:
 async def test_stale_id_taken_over(store: Store) -> None:
     old, new, observer = store.service(), store.service(), store.service()
     await old.start(_config("alpha", "greet"))
-    await _simulate_crash(old)
+    _simulate_crash(old)
     await asyncio.sleep(TTL * 1.5)
 
     await new.start(DeploymentConfig("alpha", "http://127.0.0.1:9", functions=["greet"]))
@@ -382,7 +383,9 @@ async def test_stale_id_taken_over(store: Store) -> None:
 async def test_heartbeat_fenced_by_new_holder(store: Store) -> None:
     old, new, observer = store.service(), store.service(), store.service()
     await old.start(_config("alpha", "greet"))
-    await _simulate_crash(old)
+    await asyncio.sleep(0)
+    assert old._heartbeat_task is not None
+    old._heartbeat_task.cancel()
     await asyncio.sleep(TTL * 1.5)
     await new.start(DeploymentConfig("alpha", "http://127.0.0.1:9", functions=["greet"]))
 
@@ -425,7 +428,7 @@ async def test_heartbeat_keeps_instance_live(store: Store) -> None:
 async def test_stale_instance_excluded(store: Store) -> None:
     crashed, observer = store.service(), store.service()
     await crashed.start(_config("crashed", "greet"))
-    await _simulate_crash(crashed)
+    _simulate_crash(crashed)
     assert await _ids(observer, "greet") == ["crashed"]
 
     async def gone() -> bool:
@@ -441,7 +444,7 @@ async def test_stale_instance_purged(store: Store) -> None:
     crashed, survivor, observer = store.service(), store.service(), store.service()
     await crashed.start(_config("crashed", "greet"))
     await survivor.start(_config("survivor", "greet"))
-    await _simulate_crash(crashed)
+    _simulate_crash(crashed)
 
     async def purged() -> bool:
         return [r.deployment_id for r in await observer.list_deployments()] == ["survivor"]
@@ -454,7 +457,7 @@ async def test_stale_instance_purged(store: Store) -> None:
 async def test_stale_row_kept_without_heartbeats(store: Store) -> None:
     crashed, observer = store.service(), store.service()
     await crashed.start(_config("crashed", "greet"))
-    await _simulate_crash(crashed)
+    _simulate_crash(crashed)
 
     await asyncio.sleep(TTL * 1.5)
 
@@ -553,7 +556,7 @@ async def test_list_deployments_states(store: Store) -> None:
     assert live.state == "live"
     assert 0 <= live.heartbeat_age < TTL
 
-    await _simulate_crash(service)
+    _simulate_crash(service)
     await asyncio.sleep(TTL + 0.2)
 
     [stale] = await observer.list_deployments()
