@@ -107,6 +107,8 @@ class Dispatcher:
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.last_rejection = 0.0
+        """:func:`time.monotonic` of the last call rejected while draining."""
         self._running: set[asyncio.Task[Any]] = set()
         self._aborting = False
 
@@ -129,6 +131,7 @@ class Dispatcher:
         transport marks the reply as rejected and the caller may try another instance.
         """
         if self.draining:
+            self.last_rejection = time.monotonic()
             raise ServiceUnavailableError(
                 f"instance '{self.deployment_id}' is draining and takes no new calls",
                 payload={"deployment_id": self.deployment_id},
@@ -206,6 +209,17 @@ class Dispatcher:
         except TimeoutError:
             return False
         return True
+
+    async def wait_quiet(self, quiet: float, limit: float) -> None:
+        """Wait until no call has been rejected for ``quiet`` seconds, or at most ``limit`` seconds.
+
+        Callers that still route here learn from the rejection and stop; the wait lets them do so
+        before the listener closes their keep-alive connections under a request in transit.
+        """
+        end = time.monotonic() + limit
+        # Polls because the condition is the absence of an event; at most limit / quiet wake-ups.
+        while (now := time.monotonic()) < end and now - self.last_rejection < quiet:  # noqa: ASYNC110
+            await asyncio.sleep(min(self.last_rejection + quiet, end) - now)
 
     def abort(self) -> None:
         """Cancel the calls still running; each answers :class:`CallInterruptedError` to its caller."""

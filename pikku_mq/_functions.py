@@ -83,12 +83,11 @@ class FunctionDefinition:
         return body
 
     def dump_python(self, result: Any) -> Any:
-        """Convert a validated result to JSON-compatible Python values (for msgpack)."""
-        adapter = self.output_adapter or _ANY_ADAPTER
-        try:
-            return adapter.dump_python(result, mode="json")
-        except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
-            raise OutputValidationError(f"the result of function '{self.name}' cannot be serialised: {exc}") from None
+        """Convert a validated result to JSON-compatible Python values (for msgpack and in-memory calls).
+
+        It goes through :meth:`dump_json`, so every transport accepts and rejects the same results.
+        """
+        return json.loads(self.dump_json(result))
 
 
 class FunctionRegistry:
@@ -212,7 +211,7 @@ def define_function(
     input_type = _resolve_hint(func, parameters[1].annotation) if len(parameters) >= 2 else Any
     output_type = _resolve_hint(func, signature.return_annotation)
     return FunctionDefinition(
-        name=name or func.__name__,
+        name=_checked_name(func.__name__ if name is None else name, func),
         func=func,
         expose=expose,
         idempotent=idempotent,
@@ -221,6 +220,21 @@ def define_function(
         input_adapter=None if input_type is Any else pydantic.TypeAdapter(input_type),
         output_adapter=None if output_type is Any else pydantic.TypeAdapter(output_type),
     )
+
+
+MAX_NAME_LENGTH = 255
+"""Longest function name, in characters: the SQL backends store names in 255-character columns."""
+
+
+def _checked_name(name: str, func: Callable[..., Any]) -> str:
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"function name of {_origin(func)} must be 1 to {MAX_NAME_LENGTH} characters long")
+    if name in (".", "..") or not name.isprintable():
+        raise ValueError(
+            f"function name {name[:80]!r} of {_origin(func)} is not usable in a URL path; "
+            "use printable characters and not '.' or '..'"
+        )
+    return name
 
 
 def _has_non_finite(value: Any) -> bool:

@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 Lookup = Callable[[str], Awaitable[list[DeploymentInfo]]]
 
+_FIRST_BACKOFF = 0.5
+"""Seconds an instance that refused a call is skipped the first time; it doubles on each repeat."""
+
 _EMPTY_RESULT_TTL = 1.0
 """Seconds to remember that no instance hosts a function, so a stream of such calls stays cheap."""
 
@@ -40,21 +43,29 @@ class _Entry:
     expires: float
 
 
+@dataclass(slots=True)
+class _Suspect:
+    until: float
+    backoff: float
+
+
 class Router:
     """Sends calls to live instances, looking them up through ``lookup`` at most once per ``cache_ttl``.
 
-    An instance whose endpoint refuses a connection is dropped from every cached list at once and
-    ignored for ``suspect_ttl`` seconds, and the call goes to the next instance.
+    An instance that refuses a connection or rejects a call while draining is skipped, and the call
+    goes to the next instance. The skipped instance is tried again after a backoff that starts at
+    ``_FIRST_BACKOFF`` and doubles up to ``suspect_ttl`` while it keeps failing, so an instance that
+    restarts under the same id is back in use within one backoff.
     """
 
     def __init__(self, lookup: Lookup, transports: TransportSet, *, cache_ttl: float, suspect_ttl: float) -> None:
         self._lookup = lookup
         self.transports = transports
         self._cache_ttl = cache_ttl
-        self._suspect_ttl = suspect_ttl
+        self._suspect_ttl = max(suspect_ttl, _FIRST_BACKOFF)
         self._entries: dict[str, _Entry] = {}
         self._pending: dict[str, asyncio.Future[list[DeploymentInfo]]] = {}
-        self._suspects: dict[str, float] = {}
+        self._suspects: dict[str, _Suspect] = {}
         self._counters: dict[str, itertools.count[int]] = {}
 
     def invalidate(self, name: str | None = None) -> None:
@@ -65,10 +76,14 @@ class Router:
             self._entries.pop(name, None)
 
     def drop_instance(self, deployment_id: str) -> None:
-        """Remove an instance from every cached lookup and ignore it for ``suspect_ttl`` seconds."""
-        self._suspects[deployment_id] = time.monotonic() + self._suspect_ttl
-        for entry in self._entries.values():
-            entry.instances = [i for i in entry.instances if i.deployment_id != deployment_id]
+        """Skip an instance until its backoff passes; each repeated failure doubles the backoff."""
+        previous = self._suspects.get(deployment_id)
+        backoff = _FIRST_BACKOFF if previous is None else min(previous.backoff * 2, self._suspect_ttl)
+        self._suspects[deployment_id] = _Suspect(time.monotonic() + backoff, backoff)
+
+    def _is_suspect(self, deployment_id: str, now: float) -> bool:
+        suspect = self._suspects.get(deployment_id)
+        return suspect is not None and suspect.until > now
 
     async def call(
         self,
@@ -142,14 +157,16 @@ class Router:
             logger.debug(
                 "instance %s rejected %s before running it; trying another", instance.deployment_id, request.name
             )
+            self.drop_instance(instance.deployment_id)
             return None
+        self._suspects.pop(instance.deployment_id, None)
         return reply
 
     async def _pick(self, name: str, tried: set[str]) -> DeploymentInfo | None:
         instances = await self._instances(name)
         now = time.monotonic()
         candidates = [
-            i for i in instances if i.deployment_id not in tried and self._suspects.get(i.deployment_id, 0.0) <= now
+            i for i in instances if i.deployment_id not in tried and not self._is_suspect(i.deployment_id, now)
         ]
         if not candidates:
             return None
@@ -204,6 +221,14 @@ class Router:
             return RoutingError(
                 f"no instance could take the call to '{name}'; tried {', '.join(sorted(tried))}",
                 payload={"function": name, "tried": sorted(tried)},
+            )
+        entry = self._entries.get(name)
+        if entry is not None and entry.instances:
+            skipped = sorted(i.deployment_id for i in entry.instances)
+            return RoutingError(
+                f"every instance of '{name}' failed a call moments ago ({', '.join(skipped)}); "
+                "each is tried again after a short backoff",
+                payload={"function": name, "skipped": skipped},
             )
         # Nothing hosts it: the same not-found error as for a hidden function, which rpc.exposed relies on.
         return function_not_found(name)

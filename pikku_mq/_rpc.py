@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -190,8 +191,8 @@ class RPC:
             raise DeadlineExceededError(f"function '{definition.name}' did not finish before its deadline") from None
 
     def _child_deadline(self, timeout: float) -> float:
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        if not 0 < timeout < math.inf:
+            raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
         deadline = time.monotonic() + timeout
         if self._deadline is not None:
             deadline = min(deadline, self._deadline)

@@ -30,6 +30,11 @@ __all__ = ["PikkuWorker"]
 
 logger = logging.getLogger(__name__)
 
+_QUIET_PERIOD = 0.3
+_MAX_LINGER = 2.0
+"""A draining worker keeps rejecting calls until none came for ``_QUIET_PERIOD`` s, for at most
+``_MAX_LINGER`` s, so callers that still route here move on before their connections are closed."""
+
 _ABORT_GRACE = 1.0
 """Seconds the interrupted calls get to send their error replies before the listener closes."""
 
@@ -205,6 +210,7 @@ class PikkuWorker:
                 )
                 self.dispatcher.abort()
                 await self.dispatcher.wait_idle(_ABORT_GRACE)
+            await self.dispatcher.wait_quiet(_QUIET_PERIOD, min(_MAX_LINGER, self.drain_timeout))
         finally:
             await self._close_listener()
             if self.deployment_service is not None and self._owns_deployment_service:

@@ -281,7 +281,7 @@ def test_worker_from_factory(project: Path, cli_env: dict[str, str], spawned: li
         (["calc:add"], "calc:add is a pikku function, not a worker"),
         (["calc:missing"], "module 'calc' has no attribute 'missing'"),
         (["no_such_module"], "module 'no_such_module' was not found"),
-        (["helpers", "--heartbeat-interval", "0"], "must be a positive number of seconds"),
+        (["helpers", "--heartbeat-interval", "0"], "must be a positive, finite number of seconds"),
     ],
 )
 def test_worker_rejects_bad_arguments(project: Path, cli_env: dict[str, str], args: list[str], message: str) -> None:

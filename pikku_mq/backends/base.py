@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -28,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
 DEFAULT_HEARTBEAT_TTL = 30.0
+
+_HEARTBEAT_STOP_TIMEOUT = 10.0
+"""Seconds ``stop`` waits for a heartbeat in progress before cancelling it."""
 
 
 class DeploymentService(ABC):
@@ -72,6 +76,7 @@ class DeploymentService(ABC):
         )
         self._config: DeploymentConfig | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._heartbeat_stop = asyncio.Event()
         self._initialized = False
 
     # -- the backend's part ------------------------------------------------------------------------
@@ -139,6 +144,7 @@ class DeploymentService(ABC):
         async with self._translate_errors(f"registering {config.deployment_id}"):
             await self._register(config, functions)
         self._config = config
+        self._heartbeat_stop = asyncio.Event()
         self._heartbeat_task = asyncio.create_task(
             self._heartbeat_loop(config, functions), name=f"pikku-heartbeat-{config.deployment_id}"
         )
@@ -149,14 +155,27 @@ class DeploymentService(ABC):
     async def stop(self) -> None:
         """Stop heartbeating and delete the registration. Safe to call when not started."""
         config, self._config = self._config, None
-        task, self._heartbeat_task = self._heartbeat_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._stop_heartbeats()
         if config is not None:
             await self._deregister(config)
             logger.info("deregistered deployment %s", config.deployment_id)
+
+    async def _stop_heartbeats(self) -> None:
+        """End the heartbeat loop between two heartbeats, without deregistering.
+
+        The loop is asked to stop rather than cancelled, so no store operation is cut off halfway (a
+        cancelled aiosqlite call leaves its thread calling back into a loop that may be closed).
+        """
+        task, self._heartbeat_task = self._heartbeat_task, None
+        if task is None:
+            return
+        self._heartbeat_stop.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), _HEARTBEAT_STOP_TIMEOUT)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def close(self) -> None:
         """Stop if started, then close the caller's connections and the store's."""
@@ -197,8 +216,8 @@ class DeploymentService(ABC):
         ``timeout`` is in seconds and defaults to ``default_timeout``.
         """
         budget = self.default_timeout if timeout is None else timeout
-        if not budget > 0:
-            raise ValueError(f"timeout must be positive seconds, got {timeout!r}")
+        if not 0 < budget < math.inf:
+            raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
         return await self.call(
             name,
             data,
@@ -236,7 +255,9 @@ class DeploymentService(ABC):
         except PikkuMQError:
             raise
         except Exception as exc:
-            raise DiscoveryError(f"{action} in {self!r} failed: {type(exc).__name__}: {exc}") from exc
+            # SQLAlchemy appends a "(Background on this error at: <url>)" line that says nothing here.
+            reason = str(exc).split("\n(Background on this error", 1)[0]
+            raise DiscoveryError(f"{action} in {self!r} failed: {type(exc).__name__}: {reason}") from exc
 
     # -- heartbeats --------------------------------------------------------------------------------
 
@@ -244,7 +265,9 @@ class DeploymentService(ABC):
         failing = False
         fenced = False
         while True:
-            await asyncio.sleep(self.heartbeat_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._heartbeat_stop.wait(), self.heartbeat_interval)
+                return
             try:
                 await self.init()
                 if not await self._heartbeat(config, functions):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import quote, unquote
@@ -161,7 +162,11 @@ def _decode_call_body(body: bytes, binary: bool) -> Any:
     if not body:
         raise BadRequestError('request body is empty; send a JSON object {"data": ...}')
     try:
-        call = msgpack.unpackb(body, raw=False) if binary else json.loads(body, parse_constant=_reject_constant)
+        if binary:
+            call = msgpack.unpackb(body, raw=False)
+            _reject_non_finite(call)
+        else:
+            call = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError, msgpack.UnpackException) as exc:
         kind = "msgpack" if binary else "JSON"
         reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc) or type(exc).__name__
@@ -184,6 +189,26 @@ def _reject_constant(constant: str) -> Any:
     raise ValueError(f"{constant} is not valid JSON; send finite numbers only")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is out of the range of a 64-bit float; send finite numbers only")
+    return value
+
+
+def _reject_non_finite(value: Any) -> None:
+    """Raise ValueError if a decoded msgpack value holds NaN or an infinity, which JSON peers cannot read."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("NaN and infinities are not accepted; send finite numbers only")
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+
+
 async def _lifespan(receive: Receive, send: Send) -> None:
     while True:
         message = await receive()
@@ -204,7 +229,9 @@ async def _send_error(send: Send, error: PikkuMQError, *, binary: bool) -> None:
 async def _send(send: Send, status: int, body: bytes, content_type: str, *, rejected: bool) -> None:
     headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
     if rejected:
+        # A rejection means this worker is draining: close the connection so the caller's pool drops it.
         headers.append((HEADER_REJECTED.encode(), b"1"))
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -276,11 +276,10 @@ def _config(deployment_id: str, *functions: str, fallbacks: tuple[str, ...] = ()
     )
 
 
-def _simulate_crash(service: DeploymentService) -> None:
+async def _simulate_crash(service: DeploymentService) -> None:
     """Stop the heartbeat loop without deregistering, as a killed process would."""
-    task = service._heartbeat_task
-    assert task is not None
-    task.cancel()
+    assert service._heartbeat_task is not None
+    await service._stop_heartbeats()
 
 
 async def _ids(service: DeploymentService, name: str) -> list[str]:
@@ -348,7 +347,7 @@ async def test_start_without_functions_rejected(store: Store) -> None:
 async def test_restart_replaces_row(store: Store) -> None:
     old, new, observer = store.service(), store.service(), store.service()
     await old.start(_config("alpha", "greet", "legacy"))
-    _simulate_crash(old)
+    await _simulate_crash(old)
 
     # The same id restarting on the same endpoint replaces the old row and its functions at once.
     await new.start(_config("alpha", "greet"))
@@ -370,7 +369,7 @@ async def test_live_id_conflict_rejected(store: Store) -> None:
 async def test_stale_id_taken_over(store: Store) -> None:
     old, new, observer = store.service(), store.service(), store.service()
     await old.start(_config("alpha", "greet"))
-    _simulate_crash(old)
+    await _simulate_crash(old)
     await asyncio.sleep(TTL * 1.5)
 
     await new.start(DeploymentConfig("alpha", "http://127.0.0.1:9", functions=["greet"]))
@@ -383,9 +382,7 @@ async def test_stale_id_taken_over(store: Store) -> None:
 async def test_heartbeat_fenced_by_new_holder(store: Store) -> None:
     old, new, observer = store.service(), store.service(), store.service()
     await old.start(_config("alpha", "greet"))
-    await asyncio.sleep(0)
-    assert old._heartbeat_task is not None
-    old._heartbeat_task.cancel()
+    await _simulate_crash(old)
     await asyncio.sleep(TTL * 1.5)
     await new.start(DeploymentConfig("alpha", "http://127.0.0.1:9", functions=["greet"]))
 
@@ -428,7 +425,7 @@ async def test_heartbeat_keeps_instance_live(store: Store) -> None:
 async def test_stale_instance_excluded(store: Store) -> None:
     crashed, observer = store.service(), store.service()
     await crashed.start(_config("crashed", "greet"))
-    _simulate_crash(crashed)
+    await _simulate_crash(crashed)
     assert await _ids(observer, "greet") == ["crashed"]
 
     async def gone() -> bool:
@@ -444,7 +441,7 @@ async def test_stale_instance_purged(store: Store) -> None:
     crashed, survivor, observer = store.service(), store.service(), store.service()
     await crashed.start(_config("crashed", "greet"))
     await survivor.start(_config("survivor", "greet"))
-    _simulate_crash(crashed)
+    await _simulate_crash(crashed)
 
     async def purged() -> bool:
         return [r.deployment_id for r in await observer.list_deployments()] == ["survivor"]
@@ -457,7 +454,7 @@ async def test_stale_instance_purged(store: Store) -> None:
 async def test_stale_row_kept_without_heartbeats(store: Store) -> None:
     crashed, observer = store.service(), store.service()
     await crashed.start(_config("crashed", "greet"))
-    _simulate_crash(crashed)
+    await _simulate_crash(crashed)
 
     await asyncio.sleep(TTL * 1.5)
 
@@ -556,7 +553,7 @@ async def test_list_deployments_states(store: Store) -> None:
     assert live.state == "live"
     assert 0 <= live.heartbeat_age < TTL
 
-    _simulate_crash(service)
+    await _simulate_crash(service)
     await asyncio.sleep(TTL + 0.2)
 
     [stale] = await observer.list_deployments()
@@ -692,6 +689,10 @@ PROCESSES = 6
 async def _expect_line(process: asyncio.subprocess.Process, expected: str) -> None:
     assert process.stdout is not None
     line = await asyncio.wait_for(process.stdout.readline(), timeout=20)
+    if not line:
+        assert process.stderr is not None
+        stderr = await asyncio.wait_for(process.stderr.read(), timeout=5)
+        pytest.fail(f"child exited before printing {expected!r}:\n{stderr.decode()[-3000:]}")
     assert line.decode().strip() == expected
 
 

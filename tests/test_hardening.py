@@ -1,0 +1,166 @@
+"""Edge cases found by trying to break workers and callers: restarts, non-finite numbers, odd names."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgpack
+import pytest
+from _support_core import Mesh, closed_port
+
+from pikku_mq import (
+    RPC,
+    BadRequestError,
+    DeploymentConfig,
+    FunctionRegistry,
+    OutputValidationError,
+    PikkuWorker,
+    RoutingError,
+    pikku_sessionless_func,
+)
+
+REG = FunctionRegistry()
+
+
+@pikku_sessionless_func(expose=True, registry=REG)
+async def echo(services: Any, data: Any) -> Any:
+    return data
+
+
+@pikku_sessionless_func(expose=True, registry=REG)
+async def infinite(services: Any, data: Any) -> dict[str, Any]:
+    return {"x": math.nan, "y": [math.inf]}
+
+
+@pytest.fixture
+async def mesh() -> AsyncIterator[Mesh]:
+    async with Mesh() as shared:
+        yield shared
+
+
+async def test_restarted_instance_used_again(mesh: Mesh) -> None:
+    caller = mesh.service()
+    port = closed_port()
+    registrar = mesh.service(heartbeat_interval=5.0, heartbeat_ttl=15.0)
+    await registrar.start(DeploymentConfig("echo-1", f"http://127.0.0.1:{port}", functions=["echo"]))
+
+    # Nothing listens yet: the only instance refused, so it is skipped, and the error says unavailable.
+    with pytest.raises(RoutingError):
+        await caller.invoke("echo", 1, timeout=2)
+    with pytest.raises(RoutingError, match="tried again after a short backoff"):
+        await caller.invoke("echo", 2, timeout=2)
+
+    # The instance comes back on the same endpoint: the caller uses it again within one backoff.
+    async with PikkuWorker(endpoint=f"http://127.0.0.1:{port}", registry=REG, discovery=False):
+        started = time.monotonic()
+        while True:
+            try:
+                assert await caller.invoke("echo", 3, timeout=2) == 3
+                break
+            except RoutingError:
+                assert time.monotonic() - started < 2.0
+                await asyncio.sleep(0.05)
+
+
+async def test_memory_transport_rejects_nan(mesh: Mesh) -> None:
+    worker = PikkuWorker(endpoint="memory://hardening-nan", registry=REG, deployment_service=mesh.service())
+    async with worker:
+        with pytest.raises(OutputValidationError, match="NaN or Infinity"):
+            await mesh.service().invoke("infinite", None)
+
+
+@pytest.fixture
+async def http_worker() -> AsyncIterator[PikkuWorker]:
+    async with PikkuWorker(endpoint="http://127.0.0.1:0", registry=REG, discovery=False) as running:
+        yield running
+
+
+async def _post(worker: PikkuWorker, body: bytes, content_type: str) -> tuple[int, bytes]:
+    url = f"{worker.endpoint}/remote/rpc/echo"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, data=body, headers={"content-type": content_type}) as response,
+    ):
+        return response.status, await response.read()
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+async def test_msgpack_non_finite_is_400(http_worker: PikkuWorker, value: float) -> None:
+    status, raw = await _post(http_worker, msgpack.packb({"data": {"v": [value]}}), "application/msgpack")
+
+    assert status == 400
+    assert "finite numbers only" in msgpack.unpackb(raw)["message"]
+
+
+async def test_json_overflowing_float_is_400(http_worker: PikkuWorker) -> None:
+    status, raw = await _post(http_worker, b'{"data": 1e999}', "application/json")
+
+    assert status == 400
+    assert "finite numbers only" in raw.decode()
+
+
+async def test_msgpack_finite_float_kept(http_worker: PikkuWorker) -> None:
+    status, raw = await _post(http_worker, msgpack.packb({"data": 2.5}), "application/msgpack")
+
+    assert status == 200
+    assert msgpack.unpackb(raw) == 2.5
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "bad\nname", "nul\x00", "x" * 256])
+def test_unusable_names_rejected(name: str) -> None:
+    async def func(services: Any, data: Any) -> None:
+        return None
+
+    with pytest.raises(ValueError, match="function name"):
+        pikku_sessionless_func(name=name, registry=FunctionRegistry())(func)
+
+
+@pytest.mark.parametrize("timeout", [math.inf, math.nan, 0.0, -1.0])
+async def test_non_finite_timeout_rejected(mesh: Mesh, timeout: float) -> None:
+    with pytest.raises(ValueError, match="finite number of seconds"):
+        await mesh.service().invoke("echo", None, timeout=timeout)
+    with pytest.raises(ValueError, match="finite number of seconds"):
+        await RPC(registry=REG, deployment_service=mesh.service()).remote("echo", None, timeout=timeout)
+
+
+async def test_caller_rejects_nan_before_sending(mesh: Mesh, http_worker: PikkuWorker) -> None:
+    registrar = mesh.service()
+    await registrar.start(DeploymentConfig("echo-http", http_worker.endpoint or "", functions=["echo"]))
+
+    with pytest.raises(BadRequestError, match="NaN or Infinity"):
+        await mesh.service().invoke("echo", [1.0, math.nan])
+
+
+@pikku_sessionless_func(expose=True, registry=REG)
+async def pause(services: Any, data: float) -> str:
+    await asyncio.sleep(data)
+    return str(services)
+
+
+async def test_graceful_stop_loses_no_call(mesh: Mesh) -> None:
+    leaving = PikkuWorker(registry=REG, services="leaving", deployment_service=mesh.service())
+    staying = PikkuWorker(registry=REG, services="staying", deployment_service=mesh.service())
+    caller = mesh.service()
+    served: list[str] = []
+
+    async def stream() -> None:
+        for _ in range(60):
+            result = await caller.invoke("pause", 0.01, timeout=5)
+            served.append(result)
+
+    async with staying:
+        await leaving.start()
+        calls = asyncio.gather(*(stream() for _ in range(10)))
+        await asyncio.sleep(0.2)
+        await leaving.stop()
+        await calls
+
+    # pause is not idempotent: every call must have been moved only when it certainly had not run.
+    assert len(served) == 600
+    assert "leaving" in served
+    assert served[-10:] == ["staying"] * 10
