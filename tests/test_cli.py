@@ -177,6 +177,9 @@ def test_demo_shows_failover(tmp_path: Path, spawned: list[subprocess.Popen[Any]
 
     kill_lines = [i for i, line in enumerate(lines) if "killed greeter-1" in line and "SIGKILL" in line]
     assert len(kill_lines) == 1, stdout
+    assert "greeter-1 is killed with SIGKILL once 5 of them have completed" in stdout
+    calls_before_kill = [line for line in lines[: kill_lines[0]] if line.startswith("  call ")]
+    assert len(calls_before_kill) >= 5, stdout
     calls_after_kill = [line for line in lines[kill_lines[0] + 1 :] if line.startswith("  call ")]
     assert calls_after_kill, stdout
     # A call in flight during the kill may finish after this line, but only by failing over to greeter-2.
@@ -191,6 +194,40 @@ def test_demo_shows_failover(tmp_path: Path, spawned: list[subprocess.Popen[Any]
     registry = Path(lines[0].rsplit(" ", 1)[-1])
     assert registry.name == "registry.db"
     assert not registry.parent.exists()
+
+
+def test_demo_interrupt_cleans_up(tmp_path: Path, spawned: list[subprocess.Popen[Any]]) -> None:
+    # TMPDIR points the demo's temporary folder here, so the test finds only the folders of its own run.
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    demo = subprocess.Popen(
+        [*MODULE_COMMAND, "demo"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    spawned.append(demo)
+    started = time.monotonic()
+
+    # A signal during the imports only ends the process, so wait until the demo has made its folder.
+    deadline = started + REGISTRATION_TIMEOUT
+    while not list(tmp_path.glob("pikku-mq-demo-*")):
+        assert demo.poll() is None, f"the demo exited with {demo.returncode} before it made its folder"
+        assert time.monotonic() < deadline, f"the demo made no folder within {REGISTRATION_TIMEOUT} s"
+        time.sleep(0.05)
+    time.sleep(max(0.0, started + 1.5 - time.monotonic()))
+
+    # As a Ctrl-C in a terminal does, send SIGINT to the whole process group, workers included.
+    os.killpg(demo.pid, signal.SIGINT)
+    stdout, stderr = demo.communicate(timeout=DEMO_TIMEOUT)
+
+    assert demo.returncode == 130, stdout + stderr
+    assert list(tmp_path.glob("pikku-mq-demo-*")) == [], stdout + stderr
+    # The workers are in the demo's process group, which is empty once they have all exited.
+    with pytest.raises(ProcessLookupError):
+        os.killpg(demo.pid, 0)
 
 
 # -- worker, call and ls ---------------------------------------------------------------------------

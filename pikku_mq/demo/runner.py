@@ -19,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from .._errors import PikkuMQError
@@ -42,7 +43,8 @@ STREAM_CALLS = 16
 STREAM_LANES = 2
 """Calls in flight at once during the stream."""
 KILL_AFTER = 5
-"""Number of stream calls to finish before a greeter is killed."""
+"""Number of stream calls to finish before a greeter is killed. Calls of the other lane go on meanwhile,
+so more calls may finish before the kill."""
 STREAM_PAUSE = 0.05
 """Seconds between two calls of one lane, so the kill lands while calls go on."""
 
@@ -80,29 +82,51 @@ class _StreamCall:
 
 
 def run_demo() -> int:
-    """Run the demo in a temporary folder and return the exit status: 0 if every check passed."""
+    """Run the demo in a temporary folder and return the exit status.
+
+    The status is 0 if every check passed, 1 if one failed, and 128 plus the signal number after SIGINT or
+    SIGTERM. Every exit stops the workers and removes the folder.
+    """
+    # The default handlers raise KeyboardInterrupt or end the process wherever the signal lands, which
+    # can be before the folder is guarded or in the middle of the cleanup. This handler only records the
+    # signal and cancels the demo task, so the cleanup always runs to its end.
+    stop = _StopSignal()
+    previous_handlers = {signum: signal.signal(signum, stop.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        status = _run_in_folder(stop)
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+    return status if stop.signum is None else 128 + stop.signum
+
+
+def _run_in_folder(stop: _StopSignal) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pikku-mq-demo-"))
     mesh = _Mesh(workdir)
     try:
-        asyncio.run(_demo(mesh))
+        asyncio.run(_demo(mesh, stop))
     except DemoError as exc:
         print(f"\ndemo failed: {exc}", file=sys.stderr)
         mesh.print_logs()
         return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("\ndemo interrupted; stopping the workers", file=sys.stderr)
-        return 128 + signal.SIGTERM if mesh.terminated else 128 + signal.SIGINT
+    except asyncio.CancelledError:
+        # Only the handler of SIGINT and SIGTERM cancels the demo task, and it records the signal.
+        pass
     finally:
+        if stop.signum is not None:
+            print("\ndemo interrupted; stopping the workers", file=sys.stderr)
         mesh.kill_all()
-        shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            shutil.rmtree(workdir)
+        except OSError as exc:
+            print(f"could not remove the temporary folder {workdir}: {exc}", file=sys.stderr)
     return 0
 
 
-async def _demo(mesh: _Mesh) -> None:
-    # SIGTERM would end this process without cleanup and leave the workers running; cancel instead.
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, mesh.on_sigterm, task)
+async def _demo(mesh: _Mesh, stop: _StopSignal) -> None:
+    stop.task = asyncio.current_task()
+    if stop.signum is not None:
+        return
 
     service = SqliteDeploymentService(
         mesh.workdir / "registry.db", heartbeat_interval=HEARTBEAT_INTERVAL, heartbeat_ttl=HEARTBEAT_TTL
@@ -149,7 +173,7 @@ async def _single_calls(mesh: _Mesh, service: SqliteDeploymentService) -> None:
 async def _failover(mesh: _Mesh, service: SqliteDeploymentService) -> None:
     print(
         f"\n{STREAM_CALLS} welcome calls, {STREAM_LANES} at a time; {VICTIM} is killed with SIGKILL "
-        f"after {KILL_AFTER} of them:"
+        f"once {KILL_AFTER} of them have completed:"
     )
     calls, killed_at = await _stream_with_kill(mesh, service)
     later = _check_failover(mesh, calls, killed_at)
@@ -181,7 +205,7 @@ def _check_failover(mesh: _Mesh, calls: list[_StreamCall], killed_at: float) -> 
 
 
 async def _stream_with_kill(mesh: _Mesh, service: SqliteDeploymentService) -> tuple[list[_StreamCall], float]:
-    """Run the stream of calls and kill the victim after ``KILL_AFTER`` of them.
+    """Run the stream of calls and kill the victim once ``KILL_AFTER`` of them have completed.
 
     Return the calls and the :func:`time.monotonic` instant at which the victim was reaped.
     """
@@ -270,6 +294,27 @@ def _describe(mesh: _Mesh, call: _StreamCall) -> str:
     return _route(mesh, call.result)
 
 
+class _StopSignal:
+    """The first SIGINT or SIGTERM that the demo received, and the demo task that it cancels."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.task: asyncio.Task[Any] | None = None
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        """Record the first signal and cancel the demo task if it runs; ignore later signals.
+
+        A later signal, such as a second Ctrl-C, must not cancel the cleanup that the first one started.
+        """
+        if self.signum is not None:
+            return
+        self.signum = signum
+        # Python runs this handler in the main thread, which runs the event loop, so the loop is open
+        # while the task is not done. call_soon_threadsafe wakes the loop if it waits in select().
+        if self.task is not None and not self.task.done():
+            self.task.get_loop().call_soon_threadsafe(self.task.cancel)
+
+
 class _Mesh:
     """The worker processes of the demo, started with ``python -m pikku_mq worker``."""
 
@@ -277,12 +322,6 @@ class _Mesh:
         self.workdir = workdir
         self.url = f"sqlite:///{workdir / 'registry.db'}"
         self.workers: dict[str, _Worker] = {}
-        self.terminated = False
-        """Whether the demo itself received SIGTERM."""
-
-    def on_sigterm(self, task: asyncio.Task[None]) -> None:
-        self.terminated = True
-        task.cancel()
 
     def spawn(self, name: str, module: str) -> None:
         command = [
