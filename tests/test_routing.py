@@ -4,6 +4,7 @@ import asyncio
 import collections
 import contextlib
 import inspect
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -175,8 +176,9 @@ async def test_refused_endpoint_dropped(mesh: Mesh) -> None:
     assert results == ["live"] * 6
     assert transport.attempts.count(dead_endpoint) == 1
     assert transport.attempts.count(live.endpoint) == 6
-    cached = caller_service.router._entries["whoami"].instances
-    assert [i.deployment_id for i in cached] == ["live"]
+    # The dead instance stays in the cached lookup but is skipped until its backoff passes.
+    assert caller_service.router._is_suspect("dead", time.monotonic())
+    assert not caller_service.router._is_suspect("live", time.monotonic())
 
 
 async def test_refused_endpoint_skipped_elsewhere(mesh: Mesh) -> None:

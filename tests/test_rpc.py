@@ -459,7 +459,7 @@ async def test_slow_local_times_out() -> None:
 
 @pytest.mark.parametrize("timeout", [0.0, -1.0])
 async def test_timeout_must_be_positive(caller: RPC, timeout: float) -> None:
-    with pytest.raises(ValueError, match="timeout must be positive"):
+    with pytest.raises(ValueError, match="timeout must be a positive, finite number"):
         await caller.remote("where", timeout=timeout)
 
 

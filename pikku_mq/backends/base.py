@@ -170,12 +170,11 @@ class DeploymentService(ABC):
         if task is None:
             return
         self._heartbeat_stop.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), _HEARTBEAT_STOP_TIMEOUT)
-        except TimeoutError:
+        done, _ = await asyncio.wait({task}, timeout=_HEARTBEAT_STOP_TIMEOUT)
+        if not done:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     async def close(self) -> None:
         """Stop if started, then close the caller's connections and the store's."""
