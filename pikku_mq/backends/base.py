@@ -37,8 +37,8 @@ _HEARTBEAT_STOP_TIMEOUT = 10.0
 class DeploymentService(ABC):
     """Registers this instance, keeps it alive and finds the instances that host a function.
 
-    ``heartbeat_interval`` and ``heartbeat_ttl`` are in seconds; an instance whose last heartbeat is
-    older than the TTL is stale: lookups skip it and heartbeats of other instances delete it.
+    ``heartbeat_interval`` and ``heartbeat_ttl`` are in seconds. An instance whose last heartbeat is
+    older than its TTL is stale, so lookups skip it and heartbeats of other instances delete it.
     ``routing_cache_ttl`` (seconds, default ``min(5, heartbeat_interval)``) bounds how long a caller
     reuses a lookup.
     """
@@ -254,7 +254,7 @@ class DeploymentService(ABC):
         except PikkuMQError:
             raise
         except Exception as exc:
-            # SQLAlchemy appends a "(Background on this error at: <url>)" line that says nothing here.
+            # SQLAlchemy appends a "(Background on this error at: <url>)" line that adds nothing here.
             reason = str(exc).split("\n(Background on this error", 1)[0]
             raise DiscoveryError(f"{action} in {self!r} failed: {type(exc).__name__}: {reason}") from exc
 
