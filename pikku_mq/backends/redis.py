@@ -7,7 +7,8 @@ one registry. With the default key prefix ``pikku:``::
                             fallback_endpoints (a JSON array), heartbeat_ttl (seconds),
                             last_heartbeat_ms and created_at_ms; the key expires after
                             RETENTION_FACTOR times the TTL, so a stale row stays listable for a while
-    pikku:fn:<name>         sorted set: member = deployment id, score = its expiry time in ms
+    pikku:fn:<name>         sorted set: member = deployment id, score = its expiry time in ms; no TTL,
+                            as Pikku writes it, because Pikku's members would expire with the key
     pikku:deployments       sorted set (pikku_mq's own): member = deployment id, score = expiry in ms,
                             so a heartbeat finds the stale rows to purge without scanning keys
 
@@ -19,6 +20,10 @@ instances with different heartbeat settings can share the registry.
 A Pikku peer removes expired members from a function's set by its own host clock when it calls that
 function, so a Pikku host whose clock runs ahead of the server's can drop live pikku_mq members from
 that set; the next heartbeat of each member adds it back.
+
+NOTE: a function set keeps the member of an instance that crashed until a heartbeat of that function,
+a purge that still finds the instance's row, or a Pikku caller of that function removes it. A crashed
+instance's member can outlive its row, and a set that nobody serves any more then stays in Redis.
 
 The scripts build the keys of other deployments and functions from the prefix, so they need a single
 Redis server (or a primary with replicas), not Redis Cluster. ``TIME`` before a write needs Redis 5 or
@@ -120,9 +125,10 @@ redis.call('PEXPIRE', KEYS[1], retention)
 local expiry = int(now + ttl)
 redis.call('ZADD', KEYS[2], expiry, ARGV[1])
 extend_ttl(KEYS[2], retention)
+-- The function sets get no TTL: Pikku never refreshes one, so a TTL left behind by this instance
+-- would delete the live Pikku members of a shared set when it ran out.
 for i = 3, #KEYS do
   redis.call('ZADD', KEYS[i], expiry, ARGV[1])
-  extend_ttl(KEYS[i], retention)
 end
 return {}
 """
@@ -149,7 +155,6 @@ for i = 3, #KEYS do
   -- Drop expired members of this set (rows that Pikku wrote are never in the index).
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', '(' .. int(now))
   redis.call('ZADD', KEYS[i], expiry, ARGV[1])
-  extend_ttl(KEYS[i], retention)
 end
 return 1
 """
