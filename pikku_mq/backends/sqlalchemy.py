@@ -34,6 +34,10 @@ __all__ = ["SqlAlchemyDeploymentService"]
 _TIMESTAMP = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 
+_READ_ONLY = {"pikku_read_only": True}
+"""Execution option of lookups; the SQLite backend starts their transactions without a write lock."""
+
+
 def _tables(schema: str | None) -> tuple[sa.MetaData, sa.Table, sa.Table]:
     metadata = sa.MetaData(schema=schema)
     deployments = sa.Table(
@@ -204,12 +208,14 @@ class SqlAlchemyDeploymentService(DeploymentService):
             .where(f.c.function_name == name, self._is_live())
         )
         async with self.engine.connect() as conn:
+            await conn.execution_options(**_READ_ONLY)
             rows = (await conn.execute(statement)).all()
         return [DeploymentInfo(row[0], row[1], _decode_endpoints(row[2])) for row in rows]
 
     async def list_deployments(self) -> list[DeploymentRecord]:
         d, f = self._deployments, self._functions
         async with self.engine.connect() as conn:
+            await conn.execution_options(**_READ_ONLY)
             rows = (
                 await conn.execute(
                     sa.select(
