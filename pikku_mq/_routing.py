@@ -33,6 +33,9 @@ Lookup = Callable[[str], Awaitable[list[DeploymentInfo]]]
 _FIRST_BACKOFF = 0.5
 """Seconds an instance that refused a call is skipped the first time; it doubles on each repeat."""
 
+_STALE_RETRY = 1.0
+"""Seconds between lookups while discovery fails and calls route from the last lookup."""
+
 _EMPTY_RESULT_TTL = 1.0
 """Seconds to remember that no instance hosts a function, so a stream of such calls stays cheap."""
 
@@ -67,6 +70,7 @@ class Router:
         self._pending: dict[str, asyncio.Future[list[DeploymentInfo]]] = {}
         self._suspects: dict[str, _Suspect] = {}
         self._counters: dict[str, itertools.count[int]] = {}
+        self._discovery_failing = False
 
     def invalidate(self, name: str | None = None) -> None:
         """Forget cached lookups, of one function or of all."""
@@ -185,9 +189,7 @@ class Router:
         future: asyncio.Future[list[DeploymentInfo]] = asyncio.get_running_loop().create_future()
         self._pending[name] = future
         try:
-            found = [i for i in await self._lookup_translated(name) if self._has_transport(i)]
-            ttl = self._cache_ttl if found else min(self._cache_ttl, _EMPTY_RESULT_TTL)
-            self._entries[name] = _Entry(found, time.monotonic() + ttl)
+            found = await self._fresh_or_stale(name, entry)
             future.set_result(found)
             return found
         except BaseException as exc:
@@ -196,6 +198,30 @@ class Router:
             raise
         finally:
             del self._pending[name]
+
+    async def _fresh_or_stale(self, name: str, entry: _Entry | None) -> list[DeploymentInfo]:
+        """Look ``name`` up again; while the store fails, keep routing with the last lookup, if any.
+
+        Refused connections still drop dead instances from a stale lookup, so keeping it is safer
+        than failing every call while discovery is away.
+        """
+        try:
+            found = [i for i in await self._lookup_translated(name) if self._has_transport(i)]
+        except DiscoveryError as exc:
+            if entry is None or not entry.instances:
+                raise
+            if not self._discovery_failing:
+                logger.warning("discovery failed, routing from the last lookups until it is back: %s", exc)
+                self._discovery_failing = True
+            entry.expires = time.monotonic() + min(self._cache_ttl, _STALE_RETRY)
+            return entry.instances
+
+        if self._discovery_failing:
+            logger.info("discovery is back")
+            self._discovery_failing = False
+        ttl = self._cache_ttl if found else min(self._cache_ttl, _EMPTY_RESULT_TTL)
+        self._entries[name] = _Entry(found, time.monotonic() + ttl)
+        return found
 
     async def _lookup_translated(self, name: str) -> list[DeploymentInfo]:
         try:

@@ -207,14 +207,14 @@ class SqlAlchemyDeploymentService(DeploymentService):
             .join(f, f.c.deployment_id == d.c.deployment_id)
             .where(f.c.function_name == name, self._is_live())
         )
-        async with self.engine.connect() as conn:
+        async with self._translate_errors(f"looking up '{name}'"), self.engine.connect() as conn:
             await conn.execution_options(**_READ_ONLY)
             rows = (await conn.execute(statement)).all()
         return [DeploymentInfo(row[0], row[1], _decode_endpoints(row[2])) for row in rows]
 
     async def list_deployments(self) -> list[DeploymentRecord]:
         d, f = self._deployments, self._functions
-        async with self.engine.connect() as conn:
+        async with self._translate_errors("listing deployments"), self.engine.connect() as conn:
             await conn.execution_options(**_READ_ONLY)
             rows = (
                 await conn.execute(

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import sqlalchemy
 from _support_core import wait_until
 from _support_redis import REDIS_URL, drop_redis_prefixes, redis_prefix, sync_client
 from _support_sql import (
@@ -762,7 +761,7 @@ async def test_sqlite_deleted_file_recovered(tmp_path: Path) -> None:
         async def registered() -> bool:
             try:
                 return await _ids(observer, "greet") == ["alpha"]
-            except sqlalchemy.exc.OperationalError:
+            except DiscoveryError:
                 return False
 
         await wait_until(registered, timeout=INTERVAL * 10)
