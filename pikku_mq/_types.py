@@ -34,7 +34,7 @@ MAX_HOPS = 16
 
 @dataclass(frozen=True, slots=True)
 class DeploymentConfig:
-    """What an instance registers: its id, its preferred endpoint, fallbacks and functions.
+    """The registration of an instance: its id, its preferred endpoint, fallbacks and functions.
 
     ``functions=None`` lets the worker register its exposed functions.
     """

@@ -25,7 +25,7 @@ _SERVED: dict[str, Dispatcher] = {}
 
 
 def serve_memory(endpoint: str, dispatcher: Dispatcher) -> None:
-    """Make ``dispatcher`` answer calls to ``endpoint`` (``memory://<name>``) in this process."""
+    """Serve calls to ``endpoint`` (``memory://<name>``) in this process with ``dispatcher``."""
     _SERVED[_address(endpoint)] = dispatcher
 
 
