@@ -173,7 +173,7 @@ class Dispatcher:
         except asyncio.CancelledError:
             if not self._aborting or task is None:
                 raise
-            # The worker is stopping: answer with an error instead of letting the server drop the request.
+            # The worker is stopping, so reply with an error instead of letting the server drop the request.
             task.uncancel()
             raise CallInterruptedError(
                 f"instance '{self.deployment_id}' stopped before function '{definition.name}' finished; "
@@ -213,7 +213,7 @@ class Dispatcher:
     async def wait_quiet(self, quiet: float, limit: float) -> None:
         """Wait until no call has been rejected for ``quiet`` seconds, or at most ``limit`` seconds.
 
-        Callers that still route here learn from the rejection and stop; the wait lets them do so
+        Callers that still route here learn from the rejection and stop. The wait lets them do so
         before the listener closes their keep-alive connections under a request in transit.
         """
         end = time.monotonic() + limit
@@ -222,7 +222,7 @@ class Dispatcher:
             await asyncio.sleep(min(self.last_rejection + quiet, end) - now)
 
     def abort(self) -> None:
-        """Cancel the calls still running; each answers :class:`CallInterruptedError` to its caller."""
+        """Cancel the calls still running, so each replies :class:`CallInterruptedError` to its caller."""
         self._aborting = True
         for task in list(self._running):
             task.cancel()

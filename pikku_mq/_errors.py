@@ -4,7 +4,7 @@ Every error that pikku_mq raises derives from :class:`PikkuMQError`::
 
     PikkuMQError
     ├── ConfigurationError (also ValueError)     a setting is missing or invalid; raised locally
-    │   └── DeploymentConflictError              a live instance already holds this deployment id
+    │   └── DeploymentConflictError              a live instance already has this deployment id
     ├── BadRequestError                    400   the request is malformed
     │   ├── MethodNotAllowedError          405   the HTTP method is not POST
     │   └── UnsupportedMediaTypeError      415   the body's content type is not JSON or msgpack
@@ -327,8 +327,10 @@ def function_not_found(name: str) -> FunctionNotFoundError:
 
     The message is the same for a missing and a hidden function, so a caller cannot tell them apart.
     """
-    shown = name if len(name) <= _MAX_NAME_SHOWN else name[:_MAX_NAME_SHOWN] + "..."
-    return FunctionNotFoundError(f"function '{shown}' was not found or is not exposed", payload={"function": shown})
+    shown_name = name if len(name) <= _MAX_NAME_SHOWN else name[:_MAX_NAME_SHOWN] + "..."
+    return FunctionNotFoundError(
+        f"function '{shown_name}' was not found or is not exposed", payload={"function": shown_name}
+    )
 
 
 def registered_error(name: str) -> type[PikkuMQError] | None:
@@ -343,7 +345,7 @@ def error_from_envelope(status: int, body: Any) -> PikkuMQError:
     becomes a :class:`RemoteError`.
     """
     if not isinstance(body, dict) or not isinstance(body.get("name"), str):
-        return ProtocolError(f"peer answered status {status} without an error envelope: {body!r:.200}")
+        return ProtocolError(f"peer returned status {status} without an error envelope: {body!r:.200}")
 
     name: str = body["name"]
     message = body.get("message")

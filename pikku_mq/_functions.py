@@ -223,7 +223,7 @@ def define_function(
 
 
 MAX_NAME_LENGTH = 255
-"""Longest function name, in characters: the SQL backends store names in 255-character columns."""
+"""Maximum length of a function name, in characters: the SQL backends store names in 255-character columns."""
 
 
 def _checked_name(name: str, func: Callable[..., Any]) -> str:

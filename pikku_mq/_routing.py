@@ -102,7 +102,7 @@ class Router:
         """Call ``name`` on a live instance and return its result, or raise the error it returned.
 
         The call moves to another instance when the first certainly did not run it (refused,
-        draining); after a failure that leaves this unknown it moves on only if ``idempotent``.
+        draining). After a failure that leaves this unknown, it moves on only if ``idempotent``.
         """
         request = CallRequest(
             name=name,

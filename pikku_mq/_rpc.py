@@ -28,7 +28,7 @@ _function_logger = logging.getLogger("pikku_mq.function")
 
 
 class Wire:
-    """What a function gets besides its services and data: RPC, the session, the trace id and deadline.
+    """The call context a function gets besides its services and data: RPC, session, trace id and deadline.
 
     ``deadline`` is a :func:`time.monotonic` instant, or None when the call has no deadline (a local
     call from application code without a timeout).

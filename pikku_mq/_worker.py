@@ -161,7 +161,7 @@ class PikkuWorker:
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Listen first, then register, so nothing is routed here before the worker can answer."""
+        """Listen first, then register, so nothing is routed here before the worker can serve it."""
         if self._started:
             raise ConfigurationError(f"worker {self.deployment_id} is already started")
         logger.info("worker %s starting with functions: %s", self.deployment_id, ", ".join(self._names()) or "none")
@@ -288,7 +288,7 @@ def _on_signal(signum: int, stop: asyncio.Event) -> None:
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when the listening socket
-    # says it is TCP, and without it every response waits for the peer's delayed ACK (about 40 ms).
+    # is declared as TCP, and without it every response waits for the peer's delayed ACK (about 40 ms).
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import time
@@ -23,7 +24,13 @@ from .._routing import Router
 from .._types import DEFAULT_TIMEOUT, DeploymentConfig, DeploymentInfo, DeploymentRecord
 from ..transports.base import TransportSet
 
-__all__ = ["DEFAULT_HEARTBEAT_INTERVAL", "DEFAULT_HEARTBEAT_TTL", "DeploymentService", "conflict_error"]
+__all__ = [
+    "DEFAULT_HEARTBEAT_INTERVAL",
+    "DEFAULT_HEARTBEAT_TTL",
+    "DeploymentService",
+    "conflict_error",
+    "decode_string_list",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +97,7 @@ class DeploymentService(ABC):
         """Insert or replace this instance's registration and set its heartbeat to now.
 
         Raise :class:`DeploymentConflictError` (see :func:`conflict_error`) if a live instance with
-        another endpoint holds the id, so two processes never take turns on one row.
+        another endpoint has the id, so two processes never take turns on one row.
         """
 
     @abstractmethod
@@ -305,10 +312,21 @@ class DeploymentService(ABC):
 
 
 def conflict_error(deployment_id: str, endpoint: str, age: float, ttl: float) -> DeploymentConflictError:
-    """Return the error for an id that a live instance at ``endpoint`` holds."""
+    """Return the error for an id that a live instance at ``endpoint`` already has."""
     return DeploymentConflictError(
         f"deployment id '{deployment_id}' is held by a live instance at {endpoint} (last heartbeat "
         f"{age:.1f} s ago); stop that instance, give this one another id, or wait {max(ttl - age, 0):.0f} s "
         "for that registration to expire",
         payload={"deployment_id": deployment_id, "endpoint": endpoint},
     )
+
+
+def decode_string_list(raw: str | None) -> tuple[str, ...]:
+    """Decode a stored JSON array of strings; a missing or malformed value is an empty tuple."""
+    if not raw:
+        return ()
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return ()
+    return tuple(str(item) for item in value) if isinstance(value, list) else ()

@@ -1,4 +1,4 @@
-"""In-process discovery: every service built on the same :class:`MemoryRegistry` sees the others."""
+"""In-process discovery: every service built on the same :class:`MemoryRegistry` finds the others."""
 
 from __future__ import annotations
 

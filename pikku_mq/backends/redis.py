@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import ConfigurationError
 from .._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
 from . import _redact
-from .base import DeploymentService, conflict_error
+from .base import DeploymentService, conflict_error, decode_string_list
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -336,7 +336,7 @@ class RedisDeploymentService(DeploymentService):
             _text(value)
             for value in await self._find_script(keys=[f"{self._fn_prefix}{name}"], args=[self._row_prefix])
         ]
-        return [DeploymentInfo(flat[i], flat[i + 1], _decode_names(flat[i + 2])) for i in range(0, len(flat), 3)]
+        return [DeploymentInfo(flat[i], flat[i + 1], decode_string_list(flat[i + 2])) for i in range(0, len(flat), 3)]
 
     async def list_deployments(self) -> list[DeploymentRecord]:
         keys = sorted(
@@ -373,10 +373,10 @@ class RedisDeploymentService(DeploymentService):
         return DeploymentRecord(
             deployment_id=deployment_id,
             endpoint=fields["endpoint"],
-            functions=tuple(sorted(_decode_names(fields.get("functions")))),
+            functions=tuple(sorted(decode_string_list(fields.get("functions")))),
             heartbeat_age=age,
             state="live" if age <= ttl else "stale",
-            fallback_endpoints=_decode_names(fields.get("fallback_endpoints")),
+            fallback_endpoints=decode_string_list(fields.get("fallback_endpoints")),
         )
 
     async def _close_store(self) -> None:
@@ -401,16 +401,6 @@ def _connect(url: str, max_connections: int, pool_timeout: float, socket_timeout
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _decode_names(raw: str | None) -> tuple[str, ...]:
-    if not raw:
-        return ()
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return ()
-    return tuple(str(item) for item in value) if isinstance(value, list) else ()
 
 
 def _escape_glob(text: str) -> str:

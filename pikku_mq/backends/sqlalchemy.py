@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from .._errors import DeploymentConflictError
 from .._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
-from .base import DeploymentService, conflict_error
+from .base import DeploymentService, conflict_error, decode_string_list
 
 __all__ = ["SqlAlchemyDeploymentService"]
 
@@ -210,7 +210,7 @@ class SqlAlchemyDeploymentService(DeploymentService):
         async with self._translate_errors(f"looking up '{name}'"), self.engine.connect() as conn:
             await conn.execution_options(**_READ_ONLY)
             rows = (await conn.execute(statement)).all()
-        return [DeploymentInfo(row[0], row[1], _decode_endpoints(row[2])) for row in rows]
+        return [DeploymentInfo(row[0], row[1], decode_string_list(row[2])) for row in rows]
 
     async def list_deployments(self) -> list[DeploymentRecord]:
         d, f = self._deployments, self._functions
@@ -242,7 +242,7 @@ class SqlAlchemyDeploymentService(DeploymentService):
                     functions=tuple(sorted(functions.get(deployment_id, []))),
                     heartbeat_age=float(age),
                     state="live" if live else "stale",
-                    fallback_endpoints=_decode_endpoints(fallbacks),
+                    fallback_endpoints=decode_string_list(fallbacks),
                 )
             )
         return records
@@ -254,13 +254,3 @@ class SqlAlchemyDeploymentService(DeploymentService):
 
 def _encode_endpoints(endpoints: Sequence[str]) -> str | None:
     return json.dumps(list(endpoints)) if endpoints else None
-
-
-def _decode_endpoints(raw: str | None) -> tuple[str, ...]:
-    if not raw:
-        return ()
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return ()
-    return tuple(str(e) for e in value) if isinstance(value, list) else ()

@@ -197,7 +197,7 @@ def _finite_float(text: str) -> float:
 
 
 def _reject_non_finite(value: Any) -> None:
-    """Raise ValueError if a decoded msgpack value holds NaN or an infinity, which JSON peers cannot read."""
+    """Raise ValueError if a decoded msgpack value contains NaN or an infinity, which JSON peers cannot read."""
     pending = [value]
     while pending:
         item = pending.pop()
@@ -265,7 +265,7 @@ def decode_reply(status: int, raw: bytes, content_type: str) -> Reply:
     try:
         body = msgpack.unpackb(raw, raw=False) if content_type.startswith(MSGPACK) else json.loads(raw)
     except (ValueError, msgpack.UnpackException) as exc:
-        raise ProtocolError(f"peer answered status {status} with a body that cannot be decoded: {exc}") from None
+        raise ProtocolError(f"peer returned status {status} with a body that cannot be decoded: {exc}") from None
     return Reply(status=status, body=body)
 
 
