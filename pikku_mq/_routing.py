@@ -71,6 +71,8 @@ class Router:
         self._suspects: dict[str, _Suspect] = {}
         self._counters: dict[str, itertools.count[int]] = {}
         self._discovery_failing = False
+        self._departed: dict[str, float] = {}
+        """Deployment ids that the change feed reported draining or gone, with when to stop filtering them out."""
 
     def invalidate(self, name: str | None = None) -> None:
         """Forget cached lookups, of one function or of all."""
@@ -78,6 +80,47 @@ class Router:
             self._entries.clear()
         else:
             self._entries.pop(name, None)
+
+    def cached_instances(self, name: str) -> tuple[str, ...]:
+        """Return the deployment ids that calls to ``name`` would route to now without a lookup, expired or not."""
+        entry = self._entries.get(name)
+        return tuple(i.deployment_id for i in entry.instances) if entry is not None else ()
+
+    # -- change feed events ------------------------------------------------------------------------
+
+    def instance_left(self, deployment_id: str) -> None:
+        """Stop routing to an instance that is draining or deregistered, without a lookup.
+
+        A lookup that was already running when the event came could still return the instance, so it
+        is kept out of lookups too, until it joins again or ``suspect_ttl`` passes.
+        """
+        now = time.monotonic()
+        self._departed = {i: until for i, until in self._departed.items() if until > now}
+        self._departed[deployment_id] = now + self._suspect_ttl
+        for entry in self._entries.values():
+            remaining = [i for i in entry.instances if i.deployment_id != deployment_id]
+            if len(remaining) != len(entry.instances):
+                entry.instances = remaining
+                if not remaining:
+                    entry.expires = 0.0  # look again on the next call rather than report nothing
+        logger.debug("change feed: %s left", deployment_id)
+
+    def instance_joined(self, deployment_id: str) -> None:
+        """Look every function up again on its next call, since the new instance may host it."""
+        self._departed.pop(deployment_id, None)
+        self._suspects.pop(deployment_id, None)
+        self._expire_all()
+        logger.debug("change feed: %s joined", deployment_id)
+
+    def resync(self) -> None:
+        """Look every function up again, after a gap in the change feed in which events were lost."""
+        self._departed.clear()
+        self._expire_all()
+
+    def _expire_all(self) -> None:
+        # Expired entries stay, so calls can still route from them while discovery is down.
+        for entry in self._entries.values():
+            entry.expires = 0.0
 
     def drop_instance(self, deployment_id: str) -> None:
         """Skip an instance until its backoff passes; each repeated failure doubles the backoff."""
@@ -206,7 +249,7 @@ class Router:
         than failing every call while discovery is away.
         """
         try:
-            found = [i for i in await self._lookup_translated(name) if self._has_transport(i)]
+            found = [i for i in await self._lookup_translated(name) if self._usable(i)]
         except DiscoveryError as exc:
             if entry is None or not entry.instances:
                 raise
@@ -233,7 +276,10 @@ class Router:
                 f"looking up instances of '{name}' failed: {type(exc).__name__}: {exc}", payload={"function": name}
             ) from exc
 
-    def _has_transport(self, instance: DeploymentInfo) -> bool:
+    def _usable(self, instance: DeploymentInfo) -> bool:
+        gone_until = self._departed.get(instance.deployment_id)
+        if gone_until is not None and gone_until > time.monotonic():
+            return False
         return any(self.transports.supports(e) for e in (instance.endpoint, *instance.fallback_endpoints))
 
     def _endpoint_for(self, instance: DeploymentInfo) -> str:

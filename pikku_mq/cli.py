@@ -370,7 +370,8 @@ def _parse_json(text: str | None) -> Any:
 
 
 async def _call(url: str, name: str, data: Any, timeout: float) -> Any:
-    service = deployment_service_from_url(url)
+    # One call needs no change feed, whose subscription would cost a connection and a round trip.
+    service = deployment_service_from_url(url, change_feed=False)
     if _registry_file_missing(service):
         await service.close()
         missing = function_not_found(name)

@@ -2,8 +2,12 @@
 
 A backend stores one row per instance (its id, endpoint, fallback endpoints and functions) and the
 time of its last heartbeat, judged by the store's own clock where it has one. This base class owns what
-every backend does alike: configuration checks, the heartbeat loop, and calling functions through the
-caller-side :class:`~pikku_mq._routing.Router`.
+every backend does alike: configuration checks, the heartbeat loop, the change feed's reconnect loop,
+and calling functions through the caller-side :class:`~pikku_mq._routing.Router`.
+
+A backend with a change feed (PostgreSQL ``LISTEN/NOTIFY``, Redis pub/sub) announces joins, draining
+and leaves as :class:`ChangeEvent` messages, and a caller that subscribed applies them to its routing
+cache at once instead of waiting for the cache to expire.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ import contextlib
 import json
 import logging
 import math
+import random
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, ClassVar, Literal, Self
 
 from .._errors import ConfigurationError, DeploymentConflictError, DiscoveryError, PikkuMQError
 from .._routing import Router
@@ -27,9 +33,13 @@ from ..transports.base import TransportSet
 __all__ = [
     "DEFAULT_HEARTBEAT_INTERVAL",
     "DEFAULT_HEARTBEAT_TTL",
+    "MAX_CHANGE_PAYLOAD",
+    "ChangeEvent",
     "DeploymentService",
     "conflict_error",
+    "decode_change",
     "decode_string_list",
+    "encode_change",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,6 +50,59 @@ DEFAULT_HEARTBEAT_TTL = 30.0
 _HEARTBEAT_STOP_TIMEOUT = 10.0
 """Seconds ``stop`` waits for a heartbeat in progress before cancelling it."""
 
+_FEED_FIRST_RETRY = 0.25
+"""Seconds before the first attempt to subscribe again after the change feed is lost; it doubles."""
+
+_FEED_MAX_RETRY = 5.0
+"""The maximum wait, in seconds, between two attempts to subscribe to the change feed again."""
+
+_FEED_CHECK_INTERVAL = 5.0
+"""Seconds a change feed may stay silent before its connection is checked with a round trip."""
+
+MAX_CHANGE_PAYLOAD = 7000
+"""Bytes an encoded change event may take (PostgreSQL caps a notification's payload near 8000).
+
+A longer event, from a very long deployment id, is sent as a ``resync`` event instead.
+"""
+
+ChangeKind = Literal["join", "draining", "leave", "resync"]
+_CHANGE_KINDS = frozenset({"join", "draining", "leave", "resync"})
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeEvent:
+    """One message of a change feed.
+
+    ``join``: an instance registered, so cached lookups may miss it. ``draining`` and ``leave``: the
+    instance takes no more calls. ``resync``: expire every cached lookup, as after a gap in the feed.
+    """
+
+    kind: ChangeKind
+    deployment_id: str = ""
+
+
+def encode_change(kind: ChangeKind, deployment_id: str) -> str:
+    """Return the JSON text of a change event, or of a ``resync`` event if it would be too long."""
+    payload = json.dumps({"event": kind, "deployment_id": deployment_id}, separators=(",", ":"))
+    if len(payload.encode()) > MAX_CHANGE_PAYLOAD:
+        return json.dumps({"event": "resync"})
+    return payload
+
+
+def decode_change(raw: str | bytes) -> ChangeEvent | None:
+    """Parse a change event; return None for a message that is not one (logged, then ignored)."""
+    try:
+        value = json.loads(raw)
+        kind = value["event"]
+        deployment_id = value.get("deployment_id", "")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        logger.debug("ignoring a malformed change event: %.200r", raw)
+        return None
+    if kind not in _CHANGE_KINDS or not isinstance(deployment_id, str) or (kind != "resync" and not deployment_id):
+        logger.debug("ignoring an unknown change event: %.200r", raw)
+        return None
+    return ChangeEvent(kind, deployment_id)
+
 
 class DeploymentService(ABC):
     """Registers this instance, keeps it alive and finds the instances that host a function.
@@ -48,7 +111,14 @@ class DeploymentService(ABC):
     older than its TTL is stale, so lookups skip it and heartbeats of other instances delete it.
     ``routing_cache_ttl`` (seconds, default ``min(5, heartbeat_interval)``) bounds how long a caller
     reuses a lookup.
+
+    Where the backend has a change feed and ``change_feed`` is true (the default), the first call
+    subscribes to it, so joins, draining and leaves reach this caller's routing cache at once. The
+    subscription keeps one connection to the store open until ``close``.
     """
+
+    has_change_feed: ClassVar[bool] = False
+    """Whether the backend implements :meth:`_watch_changes` and :meth:`_announce`."""
 
     def __init__(
         self,
@@ -58,6 +128,7 @@ class DeploymentService(ABC):
         transports: TransportSet | None = None,
         routing_cache_ttl: float | None = None,
         default_timeout: float = DEFAULT_TIMEOUT,
+        change_feed: bool = True,
     ) -> None:
         if not heartbeat_interval > 0:
             raise ConfigurationError(f"heartbeat_interval must be positive seconds, got {heartbeat_interval!r}")
@@ -85,6 +156,10 @@ class DeploymentService(ABC):
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._heartbeat_stop = asyncio.Event()
         self._initialized = False
+        self.change_feed = change_feed and self.has_change_feed
+        self._feed_task: asyncio.Task[None] | None = None
+        self._feed_failing = False
+        self._feed_subscribed = False
 
     # -- the backend's part ------------------------------------------------------------------------
 
@@ -127,6 +202,19 @@ class DeploymentService(ABC):
     async def _close_store(self) -> None:  # noqa: B027 - stores without connections have nothing to close
         """Release the store's connections."""
 
+    async def _announce(self, kind: ChangeKind, deployment_id: str) -> None:  # noqa: B027 - no feed by default
+        """Publish a change event on the store's change feed, if it has one."""
+
+    async def _watch_changes(self, deliver: Callable[[ChangeEvent | None], None], check_interval: float) -> None:
+        """Subscribe to the change feed and pass each event to ``deliver`` until the connection fails.
+
+        Call ``deliver(None)`` after each successful subscription, since events sent while this
+        caller was not subscribed are lost. Raise when the connection is lost, and check a silent
+        connection with a round trip every ``check_interval`` seconds, so a half-open connection is
+        noticed. Release the connection when cancelled.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no change feed")
+
     # -- lifecycle ---------------------------------------------------------------------------------
 
     async def init(self) -> None:
@@ -160,12 +248,21 @@ class DeploymentService(ABC):
         )
 
     async def stop(self) -> None:
-        """Stop heartbeating and delete the registration. Safe to call when not started."""
+        """Announce draining, stop heartbeating and delete the registration. Safe to call when not started."""
         config, self._config = self._config, None
+        if config is not None and self.has_change_feed:
+            await self._announce_quietly("draining", config.deployment_id)
         await self._stop_heartbeats()
         if config is not None:
             await self._deregister(config)
             logger.info("deregistered deployment %s", config.deployment_id)
+
+    async def _announce_quietly(self, kind: ChangeKind, deployment_id: str) -> None:
+        """Announce a change; if that fails, callers still learn of it by their next lookup."""
+        try:
+            await self._announce(kind, deployment_id)
+        except Exception as exc:  # an announcement is only a hint
+            logger.info("could not announce %s of %s: %s: %s", kind, deployment_id, type(exc).__name__, exc)
 
     async def _stop_heartbeats(self) -> None:
         """End the heartbeat loop between two heartbeats, without deregistering.
@@ -184,10 +281,11 @@ class DeploymentService(ABC):
             await task
 
     async def close(self) -> None:
-        """Stop if started, then close the caller's connections and the store's."""
+        """Stop if started, end the change feed, then close the caller's connections and the store's."""
         try:
             await self.stop()
         finally:
+            await self._stop_feed()
             await self.router.transports.close()
             await self._close_store()
 
@@ -248,6 +346,8 @@ class DeploymentService(ABC):
         """Route one call with an absolute :func:`time.monotonic` deadline (used by ``RPC.remote``)."""
         # Callers need not call init(), and on a fresh store the lookup would query tables that do not exist.
         await self.init()
+        if self.change_feed and self._feed_task is None:
+            self._feed_task = asyncio.create_task(self._feed_loop(), name=f"pikku-change-feed-{id(self):x}")
         # NOTE: sessions travel only as signed tokens, which need PIKKU_REMOTE_SECRET; without one the
         # session is not sent.
         del session
@@ -264,6 +364,63 @@ class DeploymentService(ABC):
             # SQLAlchemy appends a "(Background on this error at: <url>)" line that adds nothing here.
             reason = str(exc).split("\n(Background on this error", 1)[0]
             raise DiscoveryError(f"{action} in {self!r} failed: {type(exc).__name__}: {reason}") from exc
+
+    # -- change feed -------------------------------------------------------------------------------
+
+    @property
+    def change_feed_live(self) -> bool:
+        """Whether this caller is subscribed to the change feed right now."""
+        return self._feed_subscribed
+
+    def _on_change(self, event: ChangeEvent | None) -> None:
+        if event is None:
+            if self._feed_failing:
+                logger.info("change feed of %r is back; looking every function up again", self)
+            self._feed_failing = False
+            self._feed_subscribed = True
+            self.router.resync()
+        elif event.kind == "resync":
+            self.router.resync()
+        elif event.kind == "join":
+            self.router.instance_joined(event.deployment_id)
+        else:
+            self.router.instance_left(event.deployment_id)
+
+    async def _feed_loop(self) -> None:
+        """Keep a subscription to the change feed, subscribing again with backoff after each loss."""
+        check_interval = min(_FEED_CHECK_INTERVAL, self.heartbeat_interval)
+        delay = _FEED_FIRST_RETRY
+        while True:
+            try:
+                await self._watch_changes(self._on_change, check_interval)
+                raise ConnectionError("the change feed ended")  # noqa: TRY301 - handled as any other loss
+            except asyncio.CancelledError:
+                self._feed_subscribed = False
+                raise
+            except Exception as exc:  # the loop must outlive any failure of the store
+                if self._feed_subscribed:
+                    delay = _FEED_FIRST_RETRY  # it was up, so this is a new outage
+                self._feed_subscribed = False
+                if not self._feed_failing:
+                    logger.warning(
+                        "change feed of %r lost, subscribing again with backoff; until then routing "
+                        "caches expire as usual: %s: %s",
+                        self,
+                        type(exc).__name__,
+                        exc,
+                    )
+                self._feed_failing = True
+            # Jitter keeps many callers from subscribing again in step after an outage.
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - not for security
+            delay = min(delay * 2, _FEED_MAX_RETRY)
+
+    async def _stop_feed(self) -> None:
+        task, self._feed_task = self._feed_task, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     # -- heartbeats --------------------------------------------------------------------------------
 

@@ -12,20 +12,33 @@ with a GIN index on ``functions`` and a B-tree index on ``last_heartbeat``, name
 names them. Liveness is judged with the database's clock (``now()``) and each row's own TTL. A row
 without one, as Pikku writes it, is judged with the reader's TTL. Because the functions live in the
 instance's row, a heartbeat is one UPDATE whatever their number.
+
+Joins, draining and leaves (including the stale rows a heartbeat purges) are announced with
+``pg_notify`` on the channel ``pikku_mq_<schema>``, and callers ``LISTEN`` on a connection of their own.
+Pikku's instances send no notifications, so callers learn of them through lookups only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._errors import ConfigurationError, DeploymentConflictError
 from .._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
-from .base import DeploymentService, conflict_error
+from .base import (
+    MAX_CHANGE_PAYLOAD,
+    ChangeEvent,
+    ChangeKind,
+    DeploymentService,
+    conflict_error,
+    decode_change,
+    encode_change,
+)
 
 __all__ = ["DEFAULT_SCHEMA", "PgDeploymentService"]
 
@@ -44,6 +57,14 @@ _SCHEMA_ATTEMPTS = 3
 
 # A few connections suffice: a caller caches lookups, and a heartbeat is one statement.
 _DEFAULT_POOL_OPTIONS: dict[str, Any] = {"min_size": 1, "max_size": 4}
+
+# create_pool's own options, which asyncpg.connect does not take.
+_POOL_ONLY_OPTIONS = frozenset(
+    {"min_size", "max_size", "max_queries", "max_inactive_connection_lifetime", "setup", "init", "reset", "loop"}
+)
+
+_FEED_CLOSE_TIMEOUT = 2.0
+"""Seconds to wait for UNLISTEN before giving up on a change feed connection."""
 
 
 def _import_asyncpg() -> ModuleType:
@@ -97,6 +118,13 @@ class _Statements:
     def __init__(self, schema: str) -> None:
         table = f"{schema}.pikku_deployments"
         self.table = table
+        # A channel name is an identifier of at most 63 bytes.
+        self.channel = f"pikku_mq_{schema}"[:63]
+        leave_payload = f"""
+            CASE WHEN octet_length(deployment_id) <= {MAX_CHANGE_PAYLOAD - 64}
+                 THEN json_build_object('event', 'leave', 'deployment_id', deployment_id)::text
+                 ELSE '{{"event":"resync"}}' END
+            """
         is_live = "last_heartbeat >= now() - make_interval(secs => coalesce(heartbeat_ttl, {ttl}))"
 
         # The upsert replaces a row only if it is this endpoint's or stale, so two live instances with
@@ -126,8 +154,16 @@ class _Statements:
             WHERE deployment_id = $1 AND endpoint = $2 AND functions @> $3::text[]
             RETURNING true
             """  # noqa: S608
-        self.deregister = f"DELETE FROM {table} WHERE deployment_id = $1 AND endpoint = $2"  # noqa: S608
-        self.purge = f"DELETE FROM {table} WHERE NOT ({is_live.format(ttl='$1')})"  # noqa: S608
+        # Deleting and announcing in one statement: the notification goes out when the delete commits.
+        self.deregister = f"""
+            WITH gone AS (DELETE FROM {table} WHERE deployment_id = $1 AND endpoint = $2 RETURNING deployment_id)
+            SELECT count(pg_notify($3, {leave_payload})) FROM gone
+            """  # noqa: S608
+        self.purge = f"""
+            WITH gone AS (DELETE FROM {table} WHERE NOT ({is_live.format(ttl="$1")}) RETURNING deployment_id)
+            SELECT count(pg_notify($2, {leave_payload})) FROM gone
+            """  # noqa: S608
+        self.notify = "SELECT pg_notify($1, $2)"
         # "functions @> ARRAY[name]" rather than "name = ANY(functions)": only the former can use the GIN index.
         self.find = f"""
             SELECT deployment_id, endpoint, fallback_endpoints FROM {table}
@@ -150,7 +186,13 @@ class PgDeploymentService(DeploymentService):
     for example ``{"max_size": 8}`` or ``{"statement_cache_size": 0}`` behind a transaction-mode
     PgBouncer. ``schema`` names the PostgreSQL schema that holds the table (``pikku`` by default, as in
     Pikku).
+
+    The change feed listens on a connection of its own: a new one for a DSN (with ``pool_options``
+    that ``asyncpg.connect`` takes), or one borrowed from the caller's pool while the service is open.
+    LISTEN does not work through a transaction-mode PgBouncer; pass ``change_feed=False`` there.
     """
+
+    has_change_feed = True
 
     def __init__(
         self,
@@ -282,6 +324,7 @@ class PgDeploymentService(DeploymentService):
         if await pool.fetchval(
             sql.register, config.deployment_id, config.endpoint, functions, fallbacks, self.heartbeat_ttl
         ):
+            await self._announce_quietly("join", config.deployment_id)
             return
 
         holder = await pool.fetchrow(sql.holder, config.deployment_id)
@@ -300,13 +343,74 @@ class PgDeploymentService(DeploymentService):
 
     async def _deregister(self, config: DeploymentConfig) -> None:
         pool = await self._connect()
-        await pool.execute(self._sql.deregister, config.deployment_id, config.endpoint)
+        await pool.fetchval(self._sql.deregister, config.deployment_id, config.endpoint, self._sql.channel)
 
     async def _purge_stale(self) -> int:
         pool = await self._connect()
-        status = await pool.execute(self._sql.purge, self.heartbeat_ttl)
-        # The command tag reads "DELETE <count>".
-        return int(str(status).rsplit(" ", 1)[-1])
+        return int(await pool.fetchval(self._sql.purge, self.heartbeat_ttl, self._sql.channel))
+
+    # -- change feed -------------------------------------------------------------------------------
+
+    async def _announce(self, kind: ChangeKind, deployment_id: str) -> None:
+        pool = await self._connect()
+        await pool.execute(self._sql.notify, self._sql.channel, encode_change(kind, deployment_id))
+
+    async def _watch_changes(self, deliver: Callable[[ChangeEvent | None], None], check_interval: float) -> None:
+        # LISTEN needs a connection of its own: a pooled connection's release would UNLISTEN, and
+        # notifications sent while no connection listens are lost (hence deliver(None) on each start).
+        conn, release = await self._feed_connection()
+        events: asyncio.Queue[str | None] = asyncio.Queue()
+
+        def on_notification(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+            events.put_nowait(payload)
+
+        def on_termination(_conn: Any) -> None:
+            events.put_nowait(None)
+
+        try:
+            conn.add_termination_listener(on_termination)
+            await conn.add_listener(self._sql.channel, on_notification)
+            deliver(None)
+            while True:
+                try:
+                    payload = await asyncio.wait_for(events.get(), check_interval)
+                except TimeoutError:
+                    # A half-open connection stays silent, so a quiet feed is checked with a round trip.
+                    await conn.fetchval("SELECT 1", timeout=check_interval)
+                    continue
+                if payload is None:
+                    raise ConnectionError(f"the connection listening on {self._sql.channel} closed")
+                event = decode_change(payload)
+                if event is not None:
+                    deliver(event)
+        finally:
+            await release(conn, on_notification)
+
+    async def _feed_connection(self) -> tuple[Any, Callable[[Any, Any], Any]]:
+        """Return a connection for LISTEN and the coroutine function that gives it back."""
+        if self._dsn is not None:
+            options = {k: v for k, v in self._pool_options.items() if k not in _POOL_ONLY_OPTIONS}
+            conn = await self._asyncpg.connect(self._dsn, **options)
+
+            async def close(conn: Any, _listener: Any) -> None:
+                conn.terminate()  # nothing to wait for: the server ends LISTEN with the session
+
+            return conn, close
+
+        # A pool that the caller passed in: borrow one of its connections for as long as the feed runs.
+        pool = await self._connect()
+        conn = await pool.acquire()
+
+        async def give_back(conn: Any, listener: Any) -> None:
+            if not conn.is_closed():
+                try:
+                    await asyncio.wait_for(conn.remove_listener(self._sql.channel, listener), _FEED_CLOSE_TIMEOUT)
+                except Exception:  # a connection that cannot UNLISTEN is closed instead
+                    conn.terminate()
+            with contextlib.suppress(Exception):
+                await pool.release(conn)
+
+        return conn, give_back
 
     # -- lookups -----------------------------------------------------------------------------------
 

@@ -13,9 +13,13 @@ one registry. With the default key prefix ``pikku:``::
                             so a heartbeat finds the stale rows to purge without scanning keys
 
 Registering, heartbeats, lookups, purges and deregistering are each one Lua script, so each costs one
-round trip whatever the number of functions. Each script reads the time with ``TIME``, so liveness is
-judged by the Redis server's clock, never by the clocks of the hosts. Each row keeps its own TTL, so
-instances with different heartbeat settings can share the registry.
+round trip whatever the number of functions. Registering, deregistering and purging publish join and
+leave events on the channel ``<prefix>changes`` from inside their scripts. So an event goes out in the
+same atomic step as its change, and callers subscribe to that channel.
+
+Each script reads the time with ``TIME``, so liveness is judged by the Redis server's clock, never by
+the clocks of the hosts. Each row keeps its own TTL, so instances with different heartbeat settings can
+share the registry.
 
 A Pikku peer removes expired members from a function's set by its own host clock when it calls that
 function, so a Pikku host whose clock runs ahead of the server's can drop live pikku_mq members from
@@ -32,14 +36,23 @@ newer, where scripts replicate their effects instead of their source.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ConfigurationError
 from .._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
 from . import _redact
-from .base import DeploymentService, conflict_error, decode_string_list
+from .base import (
+    ChangeEvent,
+    ChangeKind,
+    DeploymentService,
+    conflict_error,
+    decode_change,
+    decode_string_list,
+    encode_change,
+)
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -87,7 +100,7 @@ end
 
 # KEYS: row hash, index, then the sets of the new functions.
 # ARGV: id, endpoint, functions JSON, fallbacks JSON or '', TTL ms, retention ms, fn key prefix,
-# TTL in seconds as the row stores it.
+# TTL in seconds as the row stores it, change channel, join event.
 # Returns {} when registered, or {endpoint, age ms, TTL ms} of the live instance registered under the id.
 _REGISTER = (
     _LUA_HELPERS
@@ -130,6 +143,7 @@ extend_ttl(KEYS[2], retention)
 for i = 3, #KEYS do
   redis.call('ZADD', KEYS[i], expiry, ARGV[1])
 end
+redis.call('PUBLISH', ARGV[9], ARGV[10])
 return {}
 """
 )
@@ -160,7 +174,8 @@ return 1
 """
 )
 
-# KEYS: row hash, index. ARGV: id, endpoint, fn key prefix. Returns 1 if the row was ours and deleted.
+# KEYS: row hash, index. ARGV: id, endpoint, fn key prefix, change channel, leave event.
+# Returns 1 if the row was ours and deleted.
 _DEREGISTER = (
     _LUA_HELPERS
     + """
@@ -173,11 +188,13 @@ for _, name in ipairs(decode_names(current[2])) do
 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
 """
 )
 
-# KEYS: index. ARGV: row key prefix, fn key prefix, batch size. Returns how many rows it deleted.
+# KEYS: index. ARGV: row key prefix, fn key prefix, batch size, change channel.
+# Returns how many rows it deleted.
 _PURGE = (
     _LUA_HELPERS
     + """
@@ -201,6 +218,7 @@ for _, id in ipairs(ids) do
       end
       redis.call('DEL', key)
       redis.call('ZREM', KEYS[1], id)
+      redis.call('PUBLISH', ARGV[4], cjson.encode({event = 'leave', deployment_id = id}))
       deleted = deleted + 1
     else
       redis.call('ZADD', KEYS[1], int(expiry), id)
@@ -249,7 +267,12 @@ class RedisDeploymentService(DeploymentService):
     With a URL the connection pool opens at most ``max_connections`` connections, and a caller waits up
     to ``pool_timeout`` seconds for a free one instead of failing at once. ``key_prefix`` (default
     ``pikku:``, Pikku's) starts every key, so registries can share a server.
+
+    The change feed keeps one connection of the client's pool for a pub/sub subscription while the
+    service is open.
     """
+
+    has_change_feed = True
 
     def __init__(
         self,
@@ -274,6 +297,7 @@ class RedisDeploymentService(DeploymentService):
         self._index_key = f"{key_prefix}deployments"
         self._row_prefix = f"{key_prefix}deployment:"
         self._fn_prefix = f"{key_prefix}fn:"
+        self.change_channel = f"{key_prefix}changes"
         self._ttl_ms = round(self.heartbeat_ttl * 1000)
         self._retention_ms = self._ttl_ms * RETENTION_FACTOR
         self._register_script: AsyncScript = self.client.register_script(_REGISTER)
@@ -306,6 +330,8 @@ class RedisDeploymentService(DeploymentService):
             self._retention_ms,
             self._fn_prefix,
             repr(self.heartbeat_ttl),
+            self.change_channel,
+            encode_change("join", config.deployment_id),
         ]
         holder = await self._register_script(keys=keys, args=args)
         if holder:
@@ -325,11 +351,50 @@ class RedisDeploymentService(DeploymentService):
 
     async def _deregister(self, config: DeploymentConfig) -> None:
         keys = [self._row_key(config.deployment_id), self._index_key]
-        await self._deregister_script(keys=keys, args=[config.deployment_id, config.endpoint, self._fn_prefix])
+        args = [
+            config.deployment_id,
+            config.endpoint,
+            self._fn_prefix,
+            self.change_channel,
+            encode_change("leave", config.deployment_id),
+        ]
+        await self._deregister_script(keys=keys, args=args)
 
     async def _purge_stale(self) -> int:
-        args: list[str | int] = [self._row_prefix, self._fn_prefix, _PURGE_BATCH]
+        args: list[str | int] = [self._row_prefix, self._fn_prefix, _PURGE_BATCH, self.change_channel]
         return int(await self._purge_script(keys=[self._index_key], args=args))
+
+    # -- change feed -------------------------------------------------------------------------------
+
+    async def _announce(self, kind: ChangeKind, deployment_id: str) -> None:
+        await self.client.publish(self.change_channel, encode_change(kind, deployment_id))
+
+    async def _watch_changes(self, deliver: Callable[[ChangeEvent | None], None], check_interval: float) -> None:
+        pubsub = self.client.pubsub()
+        loop = asyncio.get_running_loop()
+        try:
+            # redis-py subscribes again by itself after a reconnect. Each confirmation arrives below as a
+            # "subscribe" message and becomes deliver(None), because events sent in the gap are lost.
+            await pubsub.subscribe(self.change_channel)
+            last_message = loop.time()
+            while True:
+                message = await pubsub.get_message(timeout=check_interval)
+                now = loop.time()
+                if message is None:
+                    # A half-open connection stays silent, so ping it and give up if no pong arrives.
+                    if now - last_message > 2 * check_interval:
+                        raise ConnectionError(f"ping on the {self.change_channel} subscription timed out")
+                    await pubsub.ping()
+                    continue
+                last_message = now
+                if message["type"] == "subscribe":
+                    deliver(None)
+                elif message["type"] == "message":
+                    event = decode_change(message["data"])
+                    if event is not None:
+                        deliver(event)
+        finally:
+            await pubsub.aclose()
 
     async def find_function(self, name: str) -> list[DeploymentInfo]:
         flat = [
