@@ -7,6 +7,7 @@ counterpart of the remote RPC of the TypeScript framework Pikku, wire-compatible
 
 from ._errors import (
     BadRequestError,
+    BusyError,
     CallInterruptedError,
     ConfigurationError,
     DeadlineExceededError,
@@ -57,6 +58,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AiohttpTransport",
     "BadRequestError",
+    "BusyError",
     "CallInterruptedError",
     "ClientTransport",
     "ConfigurationError",

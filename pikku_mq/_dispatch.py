@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import (
     BadRequestError,
+    BusyError,
     CallInterruptedError,
+    ConfigurationError,
     DeadlineExceededError,
     InternalServerError,
     LoopDetectedError,
@@ -28,9 +30,15 @@ from ._types import DEFAULT_TIMEOUT, HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP
 if TYPE_CHECKING:
     from .backends.base import DeploymentService
 
-__all__ = ["Admitted", "Dispatcher", "Outcome"]
+__all__ = ["DEFAULT_MAX_CONCURRENCY", "DEFAULT_MAX_IN_FLIGHT", "Admitted", "Dispatcher", "Outcome"]
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_CONCURRENCY = 100
+"""Functions a worker runs at once by default; further admitted calls wait for a free slot."""
+
+DEFAULT_MAX_IN_FLIGHT = 1000
+"""Calls a worker accepts at once by default, running or waiting; past it, it replies busy."""
 
 
 class Admitted:
@@ -87,7 +95,14 @@ class Outcome:
 
 
 class Dispatcher:
-    """Runs exposed functions for the transports and tracks the calls in flight for draining."""
+    """Runs exposed functions for the transports and tracks the calls in flight for draining.
+
+    At most ``max_concurrency`` functions run at once, and admitted calls beyond that wait for a slot
+    (within their deadline), so one slow function never holds up the calls behind it on a connection.
+    At most ``max_in_flight`` calls are held at once, running or waiting. A call past that limit is
+    declined at once with :class:`BusyError`, which the caller's router takes as a cue to try another
+    instance.
+    """
 
     def __init__(
         self,
@@ -97,14 +112,26 @@ class Dispatcher:
         deployment_service: DeploymentService | None = None,
         deployment_id: str = "",
         default_timeout: float = DEFAULT_TIMEOUT,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
+        if max_concurrency < 1:
+            raise ConfigurationError(f"max_concurrency must be at least 1, got {max_concurrency!r}")
+        if max_in_flight < max_concurrency:
+            raise ConfigurationError(
+                f"max_in_flight ({max_in_flight!r}) must be at least max_concurrency ({max_concurrency!r})"
+            )
         self.registry = registry
         self.services = services
         self.deployment_service = deployment_service
         self.deployment_id = deployment_id
         self.default_timeout = default_timeout
         self.draining = False
+        self.max_concurrency = max_concurrency
+        self.max_in_flight = max_in_flight
         self.in_flight = 0
+        """Calls admitted and not finished: running, or waiting for one of the ``max_concurrency`` slots."""
+        self._slots = asyncio.Semaphore(max_concurrency)
         self._idle = asyncio.Event()
         self._idle.set()
         self.last_rejection = 0.0
@@ -135,6 +162,12 @@ class Dispatcher:
             raise ServiceUnavailableError(
                 f"instance '{self.deployment_id}' is draining and takes no new calls",
                 payload={"deployment_id": self.deployment_id},
+            )
+
+        if self.in_flight >= self.max_in_flight:
+            raise BusyError(
+                f"instance '{self.deployment_id}' already has its maximum of {self.max_in_flight} calls in flight",
+                payload={"deployment_id": self.deployment_id, "max_in_flight": self.max_in_flight},
             )
 
         definition = self.registry.get(name)
@@ -168,7 +201,7 @@ class Dispatcher:
         definition, wire = admitted.definition, admitted.wire
         task = self._enter()
         try:
-            async with asyncio.timeout(wire.remaining):
+            async with asyncio.timeout(wire.remaining), self._slots:
                 return await run_function(definition, self.services, data, wire)
         except asyncio.CancelledError:
             if not self._aborting or task is None:

@@ -19,6 +19,7 @@ Every error that pikku_mq raises derives from :class:`PikkuMQError`::
     ├── InternalServerError                500   the function raised an unexpected exception
     │   └── OutputValidationError          500   the result does not match the output type
     ├── ServiceUnavailableError            503   the worker is draining (retryable)
+    │   ├── BusyError                      503   the worker has its maximum of calls in flight (retryable)
     │   └── CallInterruptedError           503   the worker stopped while the function ran
     ├── DeadlineExceededError (also TimeoutError)  504   the call's deadline passed
     ├── LoopDetectedError                  508   the hop limit was reached
@@ -47,6 +48,7 @@ import pydantic_core
 
 __all__ = [
     "BadRequestError",
+    "BusyError",
     "CallInterruptedError",
     "ConfigurationError",
     "DeadlineExceededError",
@@ -215,6 +217,12 @@ class ServiceUnavailableError(PikkuMQError):
     status = 503
     code = "unavailable"
     retryable = True
+
+
+class BusyError(ServiceUnavailableError):
+    """The worker already has its maximum of calls in flight, so it declined this one before running it."""
+
+    code = "busy"
 
 
 class CallInterruptedError(ServiceUnavailableError):

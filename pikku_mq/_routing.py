@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._errors import (
+    BusyError,
     DeadlineExceededError,
     DiscoveryError,
     EndpointUnreachableError,
@@ -157,6 +158,7 @@ class Router:
             },
         )
         tried: set[str] = set()
+        busy: Reply | None = None
         refreshed = False
         while True:
             instance = await self._pick(name, tried)
@@ -166,17 +168,23 @@ class Router:
                 self.invalidate(name)
                 instance = await self._pick(name, tried)
             if instance is None:
+                if busy is not None:
+                    _result(busy)  # every instance that was tried is busy: raise its BusyError
                 raise self._no_instance(name, tried)
 
             tried.add(instance.deployment_id)
             reply = await self._attempt(instance, request, deadline, idempotent)
-            if reply is not None:
-                return _result(reply)
+            if reply is None:
+                continue
+            if reply.rejected:
+                busy = reply if _is_busy(reply) else busy
+                continue
+            return _result(reply)
 
     async def _attempt(
         self, instance: DeploymentInfo, request: CallRequest, deadline: float, idempotent: bool
     ) -> Reply | None:
-        """Send one attempt; return None if the call should move to another instance."""
+        """Send one attempt; return None, or a rejected reply, if the call should move to another instance."""
         endpoint = self._endpoint_for(instance)
         transport = self.transports.for_endpoint(endpoint)
         assert transport is not None  # _endpoint_for only returns endpoints with a transport
@@ -204,8 +212,10 @@ class Router:
             logger.debug(
                 "instance %s rejected %s before running it; trying another", instance.deployment_id, request.name
             )
-            self.drop_instance(instance.deployment_id)
-            return None
+            # A busy instance is tried again on the next call; a draining one is skipped for a while.
+            if not _is_busy(reply):
+                self.drop_instance(instance.deployment_id)
+            return reply
         self._suspects.pop(instance.deployment_id, None)
         return reply
 
@@ -304,6 +314,10 @@ class Router:
             )
         # Nothing hosts it: the same not-found error as for a hidden function, which rpc.exposed relies on.
         return function_not_found(name)
+
+
+def _is_busy(reply: Reply) -> bool:
+    return isinstance(reply.body, dict) and reply.body.get("code") == BusyError.code
 
 
 def _result(reply: Reply) -> Any:

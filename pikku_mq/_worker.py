@@ -3,28 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import socket
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import SplitResult, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import uvicorn
-
-from ._dispatch import Dispatcher
+from ._dispatch import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_IN_FLIGHT, Dispatcher
 from ._errors import ConfigurationError
 from ._functions import FunctionDefinition, FunctionRegistry, default_registry
 from ._settings import default_discovery_url
 from ._types import DEFAULT_TIMEOUT, DeploymentConfig
 from .backends import deployment_service_from_url
 from .backends.base import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TTL, DeploymentService
-from .transports.http import DEFAULT_MAX_BODY_SIZE, PikkuASGIApp
-from .transports.memory import serve_memory, unserve_memory
+from .transports.base import ServerTransport, endpoint_scheme
+from .transports.http import DEFAULT_MAX_BODY_SIZE, HttpServer, PikkuASGIApp
+from .transports.memory import MemoryServer
 
 __all__ = ["PikkuWorker"]
 
@@ -38,17 +36,8 @@ _MAX_LINGER = 2.0
 _ABORT_GRACE = 1.0
 """Seconds the interrupted calls get to send their error replies before the listener closes."""
 
-
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn's server without its signal handling: the worker owns SIGTERM and SIGINT.
-
-    ``Server.serve`` otherwise captures the signals and re-raises them after shutdown, so the code
-    that should run after it (deregistration, the exit status) would not.
-    """
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+_SERVED_SCHEMES = ("http", "memory")
+"""Endpoint schemes a worker can serve."""
 
 
 class PikkuWorker:
@@ -82,16 +71,15 @@ class PikkuWorker:
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         default_timeout: float = DEFAULT_TIMEOUT,
         bind_host: str | None = None,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         if drain_timeout < 0:
             raise ConfigurationError(f"drain_timeout must not be negative, got {drain_timeout!r}")
+        for url in (endpoint, *fallback_endpoints):
+            _check_endpoint(url)
         self._endpoint = urlsplit(endpoint)
-        if self._endpoint.scheme not in ("http", "memory"):
-            raise ConfigurationError(
-                f"endpoint {endpoint!r} is not served by this worker; use http://host:port or memory://name"
-            )
-        if self._endpoint.scheme == "http" and not self._endpoint.hostname:
-            raise ConfigurationError(f"endpoint {endpoint!r} has no host; use http://host:port")
+        self._endpoints = (endpoint, *fallback_endpoints)
 
         self.deployment_id = deployment_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.fallback_endpoints = tuple(fallback_endpoints)
@@ -122,11 +110,12 @@ class PikkuWorker:
             deployment_service=self.deployment_service,
             deployment_id=self.deployment_id,
             default_timeout=default_timeout,
+            max_concurrency=max_concurrency,
+            max_in_flight=max_in_flight,
         )
         self.endpoint: str | None = None
         """The advertised endpoint, known once the worker listens (the port filled in)."""
-        self._server: _EmbeddedServer | None = None
-        self._server_task: asyncio.Task[None] | None = None
+        self._servers: list[ServerTransport] = []
         self._started = False
 
     # -- entry point -------------------------------------------------------------------------------
@@ -244,40 +233,32 @@ class PikkuWorker:
             logger.warning("worker %s failed to deregister: %s: %s", self.deployment_id, type(exc).__name__, exc)
 
     async def _listen(self) -> str:
-        if self._endpoint.scheme == "memory":
-            endpoint = urlunsplit(self._endpoint)
-            serve_memory(endpoint, self.dispatcher)
-            return endpoint
+        """Start one server per endpoint, the fallbacks included, and return the advertised endpoint."""
+        advertised: list[str] = []
+        try:
+            for url in self._endpoints:
+                server = self._server_for(url)
+                self._servers.append(server)
+                advertised.append(await server.start(url, self.dispatcher))
+        except BaseException:
+            await self._close_listener()
+            raise
+        self.fallback_endpoints = tuple(advertised[1:])
+        return advertised[0]
 
-        sock = _bind(self.bind_host or self._endpoint.hostname or "127.0.0.1", self._endpoint.port or 0)
-        config = uvicorn.Config(
-            self.asgi_app(),
-            lifespan="off",
-            access_log=False,
-            log_level=logging.WARNING,
-            timeout_graceful_shutdown=1,
-            timeout_keep_alive=30,
-        )
-        self._server = _EmbeddedServer(config)
-        self._server_task = asyncio.create_task(
-            self._server.serve(sockets=[sock]), name=f"pikku-http-{self.deployment_id}"
-        )
-        while not self._server.started:
-            if self._server_task.done():
-                self._server_task.result()
-                raise RuntimeError(f"the HTTP server of worker {self.deployment_id} exited during startup")
-            await asyncio.sleep(0.005)
-        return _with_port(self._endpoint, sock.getsockname()[1])
+    def _server_for(self, url: str) -> ServerTransport:
+        scheme = endpoint_scheme(url)
+        if scheme == "memory":
+            return MemoryServer()
+        return HttpServer(bind_host=self.bind_host, max_body_size=self.max_body_size)
 
     async def _close_listener(self) -> None:
-        if self._endpoint.scheme == "memory":
-            unserve_memory(urlunsplit(self._endpoint))
-            return
-        if self._server is not None and self._server_task is not None:
-            self._server.should_exit = True
-            await self._server_task
-            self._server = None
-            self._server_task = None
+        servers, self._servers = self._servers, []
+        for server in reversed(servers):
+            try:
+                await server.stop()
+            except Exception:
+                logger.exception("worker %s failed to stop its server %r", self.deployment_id, server)
 
 
 def _on_signal(signum: int, stop: asyncio.Event) -> None:
@@ -285,26 +266,14 @@ def _on_signal(signum: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when the listening socket
-    # is declared as TCP, and without it every response waits for the peer's delayed ACK (about 40 ms).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-    sock.setblocking(False)
-    return sock
-
-
-def _with_port(endpoint: SplitResult, port: int) -> str:
-    host = endpoint.hostname or "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return urlunsplit((endpoint.scheme, f"{host}:{port}", endpoint.path.rstrip("/"), "", ""))
+def _check_endpoint(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in _SERVED_SCHEMES:
+        raise ConfigurationError(
+            f"endpoint {url!r} cannot be served by a worker; use http://host:port or memory://name"
+        )
+    if parts.scheme == "http" and not parts.hostname:
+        raise ConfigurationError(f"endpoint {url!r} has no host; use http://host:port")
 
 
 def _select_functions(

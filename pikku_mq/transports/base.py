@@ -17,13 +17,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from .._errors import ConfigurationError
 from .._types import CallRequest
 
-__all__ = ["ClientTransport", "Reply", "TransportSet", "endpoint_scheme"]
+if TYPE_CHECKING:
+    from .._dispatch import Dispatcher
+
+__all__ = ["ClientTransport", "Reply", "ServerTransport", "TransportSet", "endpoint_scheme"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,21 @@ class ClientTransport(ABC):
 
     async def close(self) -> None:  # noqa: B027 - closing is optional for transports without connections
         """Release connections. The transport may be used again afterwards and reconnects."""
+
+
+class ServerTransport(ABC):
+    """Takes calls at one endpoint and hands them to a :class:`~pikku_mq._dispatch.Dispatcher`.
+
+    A worker starts one server per endpoint it advertises (its endpoint and its fallback endpoints).
+    """
+
+    @abstractmethod
+    async def start(self, endpoint: str, dispatcher: Dispatcher) -> str:
+        """Start taking calls at ``endpoint``; return the endpoint to advertise, with a chosen port filled in."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Stop taking calls and release the listener; the worker has drained the calls in flight by then."""
 
 
 class TransportSet:

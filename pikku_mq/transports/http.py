@@ -9,20 +9,25 @@ a user's own ``httpx.AsyncClient`` where custom TLS or proxies need it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable, MutableMapping
+import socket
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any, ClassVar
-from urllib.parse import quote, unquote
+from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 
 import aiohttp
 import msgpack
 import pydantic_core
+import uvicorn
 
 from .._dispatch import Dispatcher
 from .._errors import (
     BadRequestError,
+    ConfigurationError,
     DeadlineExceededError,
     EndpointUnreachableError,
     MethodNotAllowedError,
@@ -34,12 +39,12 @@ from .._errors import (
     UnsupportedMediaTypeError,
 )
 from .._types import CallRequest
-from .base import ClientTransport, Reply
+from .base import ClientTransport, Reply, ServerTransport
 
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["DEFAULT_MAX_BODY_SIZE", "AiohttpTransport", "HttpxTransport", "PikkuASGIApp", "rpc_path"]
+__all__ = ["DEFAULT_MAX_BODY_SIZE", "AiohttpTransport", "HttpServer", "HttpxTransport", "PikkuASGIApp", "rpc_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -343,3 +348,84 @@ class HttpxTransport(ClientTransport):
         content_type = response.headers.get("content-type", JSON)
         reply = decode_reply(response.status_code, response.content, content_type)
         return Reply(reply.status, reply.body, rejected=response.headers.get(HEADER_REJECTED) == "1")
+
+
+# -- serving -------------------------------------------------------------------------------------------
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn's server without its signal handling: the worker owns SIGTERM and SIGINT.
+
+    ``Server.serve`` otherwise captures the signals and re-raises them after shutdown, so the code
+    that should run after it (deregistration, the exit status) would not.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HttpServer(ServerTransport):
+    """Serves :class:`PikkuASGIApp` with an embedded uvicorn server at an ``http://host:port`` endpoint.
+
+    ``bind_host`` is the address to listen on when it differs from the advertised host, for example
+    ``0.0.0.0`` behind ``http://10.0.0.5:8001``.
+    """
+
+    def __init__(self, *, bind_host: str | None = None, max_body_size: int = DEFAULT_MAX_BODY_SIZE) -> None:
+        self.bind_host = bind_host
+        self.max_body_size = max_body_size
+        self._server: _EmbeddedServer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, endpoint: str, dispatcher: Dispatcher) -> str:
+        parts = urlsplit(endpoint)
+        if not parts.hostname:
+            raise ConfigurationError(f"endpoint {endpoint!r} has no host; use http://host:port")
+        app = PikkuASGIApp(dispatcher, max_body_size=self.max_body_size, path_prefix=parts.path)
+        sock = _bind(self.bind_host or parts.hostname, parts.port or 0)
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            access_log=False,
+            log_level=logging.WARNING,
+            timeout_graceful_shutdown=1,
+            timeout_keep_alive=30,
+        )
+        server = self._server = _EmbeddedServer(config)
+        self._task = asyncio.create_task(server.serve(sockets=[sock]), name=f"pikku-http-{endpoint}")
+        while not server.started:
+            if self._task.done():
+                self._task.result()
+                raise RuntimeError(f"the HTTP server for {endpoint} exited during startup")
+            await asyncio.sleep(0.005)
+        return _with_port(parts, sock.getsockname()[1])
+
+    async def stop(self) -> None:
+        server, task = self._server, self._task
+        self._server = self._task = None
+        if server is not None and task is not None:
+            server.should_exit = True
+            await task
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when the listening socket
+    # is declared as TCP, and without it every response waits for the peer's delayed ACK (about 40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+def _with_port(endpoint: SplitResult, port: int) -> str:
+    host = endpoint.hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return urlunsplit((endpoint.scheme, f"{host}:{port}", endpoint.path.rstrip("/"), "", ""))

@@ -14,12 +14,12 @@ import pydantic_core
 
 from .._errors import BadRequestError, EndpointUnreachableError
 from .._types import CallRequest
-from .base import ClientTransport, Reply
+from .base import ClientTransport, Reply, ServerTransport
 
 if TYPE_CHECKING:
     from .._dispatch import Dispatcher
 
-__all__ = ["MemoryTransport", "serve_memory", "unserve_memory"]
+__all__ = ["MemoryServer", "MemoryTransport", "serve_memory", "unserve_memory"]
 
 _SERVED: dict[str, Dispatcher] = {}
 
@@ -32,6 +32,23 @@ def serve_memory(endpoint: str, dispatcher: Dispatcher) -> None:
 def unserve_memory(endpoint: str) -> None:
     """Stop serving ``endpoint``; later calls to it fail as unreachable."""
     _SERVED.pop(_address(endpoint), None)
+
+
+class MemoryServer(ServerTransport):
+    """Serves a ``memory://<name>`` endpoint to callers in this process."""
+
+    def __init__(self) -> None:
+        self._endpoint: str | None = None
+
+    async def start(self, endpoint: str, dispatcher: Dispatcher) -> str:
+        serve_memory(endpoint, dispatcher)
+        self._endpoint = endpoint
+        return endpoint
+
+    async def stop(self) -> None:
+        if self._endpoint is not None:
+            unserve_memory(self._endpoint)
+            self._endpoint = None
 
 
 class MemoryTransport(ClientTransport):
