@@ -16,6 +16,7 @@ from ._errors import (
     DeadlineExceededError,
     DiscoveryError,
     EndpointUnreachableError,
+    PayloadTooLargeError,
     PikkuMQError,
     RoutingError,
     TransportError,
@@ -159,6 +160,7 @@ class Router:
         )
         tried: set[str] = set()
         busy: Reply | None = None
+        too_large: PayloadTooLargeError | None = None
         refreshed = False
         while True:
             instance = await self._pick(name, tried)
@@ -168,12 +170,18 @@ class Router:
                 self.invalidate(name)
                 instance = await self._pick(name, tried)
             if instance is None:
+                if too_large is not None:
+                    raise too_large
                 if busy is not None:
                     _result(busy)  # every instance that was tried is busy: raise its BusyError
                 raise self._no_instance(name, tried)
 
             tried.add(instance.deployment_id)
-            reply = await self._attempt(instance, request, deadline, idempotent)
+            try:
+                reply = await self._attempt(instance, request, deadline, idempotent)
+            except PayloadTooLargeError as exc:
+                too_large = exc  # another instance may have an endpoint that carries it
+                continue
             if reply is None:
                 continue
             if reply.rejected:
@@ -184,40 +192,58 @@ class Router:
     async def _attempt(
         self, instance: DeploymentInfo, request: CallRequest, deadline: float, idempotent: bool
     ) -> Reply | None:
-        """Send one attempt; return None, or a rejected reply, if the call should move to another instance."""
-        endpoint = self._endpoint_for(instance)
-        transport = self.transports.for_endpoint(endpoint)
-        assert transport is not None  # _endpoint_for only returns endpoints with a transport
+        """Send one attempt; return None, or a rejected reply, if the call should move to another instance.
 
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise DeadlineExceededError(f"call to '{request.name}' ran out of time before it could be sent")
-        request.headers[HEADER_DEADLINE] = str(int(remaining * 1000))
+        The instance's endpoints are tried in order: a fallback takes the call when the preferred
+        endpoint is unreachable (broker down, no responders, unroutable) or cannot carry a payload
+        this large. The instance is dropped only when none of its endpoints was reachable.
+        """
+        too_large: PayloadTooLargeError | None = None
+        for endpoint in self._endpoints_for(instance):
+            transport = self.transports.for_endpoint(endpoint)
+            assert transport is not None  # _endpoints_for only returns endpoints with a transport
 
-        try:
-            reply = await transport.call(endpoint, request, remaining)
-        except EndpointUnreachableError as exc:
-            logger.info("instance %s at %s is unreachable, dropping it: %s", instance.deployment_id, endpoint, exc)
-            self.drop_instance(instance.deployment_id)
-            return None
-        except DeadlineExceededError:
-            raise
-        except TransportError as exc:
-            if not idempotent:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceededError(f"call to '{request.name}' ran out of time before it could be sent")
+            request.headers[HEADER_DEADLINE] = str(int(remaining * 1000))
+
+            try:
+                reply = await transport.call(endpoint, request, remaining)
+            except EndpointUnreachableError as exc:
+                logger.info("instance %s is unreachable at %s: %s", instance.deployment_id, endpoint, exc)
+                continue
+            except PayloadTooLargeError as exc:
+                logger.info("%s cannot carry the call to %s: %s", endpoint, request.name, exc)
+                too_large = exc
+                continue
+            except DeadlineExceededError:
                 raise
-            logger.info("call to %s on %s failed, retrying (idempotent): %s", request.name, instance.deployment_id, exc)
-            return None
+            except TransportError as exc:
+                if not idempotent:
+                    raise
+                logger.info(
+                    "call to %s on %s failed, retrying (idempotent): %s", request.name, instance.deployment_id, exc
+                )
+                return None
 
-        if reply.rejected:
-            logger.debug(
-                "instance %s rejected %s before running it; trying another", instance.deployment_id, request.name
-            )
-            # A busy instance is tried again on the next call; a draining one is skipped for a while.
-            if not _is_busy(reply):
-                self.drop_instance(instance.deployment_id)
+            if reply.rejected:
+                logger.debug(
+                    "instance %s rejected %s before running it; trying another", instance.deployment_id, request.name
+                )
+                # A busy instance is tried again on the next call; a draining one is skipped for a while.
+                if not _is_busy(reply):
+                    self.drop_instance(instance.deployment_id)
+                return reply
+            self._suspects.pop(instance.deployment_id, None)
             return reply
-        self._suspects.pop(instance.deployment_id, None)
-        return reply
+
+        if too_large is not None:
+            # The instance is up, but no endpoint of it can carry this payload.
+            raise too_large
+        logger.info("dropping instance %s: none of its endpoints is reachable", instance.deployment_id)
+        self.drop_instance(instance.deployment_id)
+        return None
 
     async def _pick(self, name: str, tried: set[str]) -> DeploymentInfo | None:
         instances = await self._instances(name)
@@ -292,11 +318,11 @@ class Router:
             return False
         return any(self.transports.supports(e) for e in (instance.endpoint, *instance.fallback_endpoints))
 
-    def _endpoint_for(self, instance: DeploymentInfo) -> str:
-        for endpoint in (instance.endpoint, *instance.fallback_endpoints):
-            if self.transports.supports(endpoint):
-                return endpoint
-        raise RoutingError(f"no transport for any endpoint of instance '{instance.deployment_id}'")
+    def _endpoints_for(self, instance: DeploymentInfo) -> list[str]:
+        endpoints = [e for e in (instance.endpoint, *instance.fallback_endpoints) if self.transports.supports(e)]
+        if not endpoints:
+            raise RoutingError(f"no transport for any endpoint of instance '{instance.deployment_id}'")
+        return endpoints
 
     def _no_instance(self, name: str, tried: set[str]) -> PikkuMQError:
         if tried:

@@ -5,6 +5,7 @@ import collections
 import contextlib
 import inspect
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from pikku_mq import (
 )
 from pikku_mq import _errors as errors_module
 from pikku_mq._types import CallRequest
+from pikku_mq.transports.memory import unserve_memory
 
 REG = FunctionRegistry()
 
@@ -338,3 +340,48 @@ def test_all_public_names_exported() -> None:
     }
 
     assert public <= set(pikku_mq.__all__)
+
+
+# -- fallback endpoints -------------------------------------------------------------------------------
+
+
+async def test_worker_serves_fallback_endpoints(mesh: Mesh) -> None:
+    caller = mesh.service()
+    worker = PikkuWorker(
+        registry=REG,
+        endpoint=f"memory://fallback-{uuid.uuid4().hex[:8]}",
+        fallback_endpoints=["http://127.0.0.1:0"],
+        deployment_id="fb-1",
+        services="fb-1",
+        deployment_service=mesh.service(),
+    )
+    async with worker:
+        [found] = await caller.find_function("whoami")
+        [fallback] = found.fallback_endpoints
+        assert fallback.startswith("http://127.0.0.1:")
+        assert not fallback.endswith(":0")
+
+        # The preferred endpoint goes away, as when a broker is down: calls take the fallback.
+        assert worker.endpoint is not None
+        unserve_memory(worker.endpoint)
+        answers = [await caller.invoke("whoami", timeout=5) for _ in range(3)]
+        assert answers == ["fb-1"] * 3
+        assert "fb-1" not in caller.router._suspects
+
+
+async def test_instance_dropped_when_no_endpoint_reachable(mesh: Mesh) -> None:
+    caller = mesh.service(routing_cache_ttl=60)
+    registrar = mesh.service()
+    await registrar.start(
+        DeploymentConfig(
+            "fb-dead",
+            f"http://127.0.0.1:{closed_port()}",
+            functions=["whoami"],
+            fallback_endpoints=[f"http://127.0.0.1:{closed_port()}"],
+        )
+    )
+    worker = PikkuWorker(registry=REG, deployment_id="fb-live", services="fb-live", deployment_service=mesh.service())
+    async with worker:
+        answers = [await caller.invoke("whoami", timeout=5) for _ in range(4)]
+    assert answers == ["fb-live"] * 4
+    assert "fb-dead" in caller.router._suspects
