@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit
 from ._dispatch import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_IN_FLIGHT, Dispatcher
 from ._errors import ConfigurationError
 from ._functions import FunctionDefinition, FunctionRegistry, default_registry
+from ._presence import ChangeKind
 from ._settings import default_discovery_url
 from ._types import DEFAULT_TIMEOUT, DeploymentConfig
 from .backends import deployment_service_from_url
@@ -35,6 +37,9 @@ _MAX_LINGER = 2.0
 
 _ABORT_GRACE = 1.0
 """Seconds the interrupted calls get to send their error replies before the listener closes."""
+
+_ANNOUNCE_TIMEOUT = 1.0
+"""Seconds a presence announcement may take, so a slow broker never holds up a start or a stop."""
 
 _SERVED_SCHEMES = ("http", "memory")
 """Endpoint schemes a worker can serve."""
@@ -116,6 +121,10 @@ class PikkuWorker:
         self.endpoint: str | None = None
         """The advertised endpoint, known once the worker listens (the port filled in)."""
         self._servers: list[ServerTransport] = []
+        self._presence_task: asyncio.Task[None] | None = None
+        self._presence_interval = (
+            self.deployment_service.heartbeat_interval if self.deployment_service is not None else heartbeat_interval
+        )
         self._started = False
 
     # -- entry point -------------------------------------------------------------------------------
@@ -173,6 +182,8 @@ class PikkuWorker:
                 await self.deployment_service.close()
             raise
         self._started = True
+        await self._announce("join")
+        self._presence_task = asyncio.create_task(self._presence_loop(), name=f"pikku-presence-{self.deployment_id}")
         logger.info("worker %s serving at %s", self.deployment_id, self.endpoint)
 
     async def stop(self) -> None:
@@ -187,6 +198,8 @@ class PikkuWorker:
             self.drain_timeout,
         )
         try:
+            await self._stop_presence()
+            await self._announce("draining")
             if self.deployment_service is not None:
                 await self._deregister()
             self.dispatcher.draining = True
@@ -200,6 +213,7 @@ class PikkuWorker:
                 self.dispatcher.abort()
                 await self.dispatcher.wait_idle(_ABORT_GRACE)
             await self.dispatcher.wait_quiet(_QUIET_PERIOD, min(_MAX_LINGER, self.drain_timeout))
+            await self._announce("leave")
         finally:
             await self._close_listener()
             if self.deployment_service is not None and self._owns_deployment_service:
@@ -231,6 +245,34 @@ class PikkuWorker:
         except Exception as exc:
             # Draining goes on: callers drop this instance at the TTL or when its endpoint refuses them.
             logger.warning("worker %s failed to deregister: %s: %s", self.deployment_id, type(exc).__name__, exc)
+
+    async def _announce(self, kind: ChangeKind) -> None:
+        """Publish a presence event on every server's broker; a failure only delays what callers learn."""
+        for server in self._servers:
+            try:
+                async with asyncio.timeout(_ANNOUNCE_TIMEOUT):
+                    await server.announce(kind, self.deployment_id)
+            except Exception as exc:  # callers still learn of the change from discovery
+                logger.info(
+                    "worker %s could not announce %s on %r: %s: %s",
+                    self.deployment_id,
+                    kind,
+                    server,
+                    type(exc).__name__,
+                    exc,
+                )
+
+    async def _presence_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._presence_interval)
+            await self._announce("heartbeat")
+
+    async def _stop_presence(self) -> None:
+        task, self._presence_task = self._presence_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _listen(self) -> str:
         """Start one server per endpoint, the fallbacks included, and return the advertised endpoint."""

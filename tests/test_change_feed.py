@@ -29,7 +29,7 @@ from pikku_mq import (
     RedisDeploymentService,
     pikku_sessionless_func,
 )
-from pikku_mq.backends.base import MAX_CHANGE_PAYLOAD, ChangeEvent, decode_change, encode_change
+from pikku_mq._presence import MAX_CHANGE_PAYLOAD, ChangeEvent, decode_change, encode_change
 
 REG = FunctionRegistry()
 INTERVAL = 0.2

@@ -21,11 +21,11 @@ import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, Literal, Self
+from typing import Any, ClassVar, Self
 
 from .._errors import ConfigurationError, DeploymentConflictError, DiscoveryError, PikkuMQError
+from .._presence import ChangeEvent, ChangeKind
 from .._routing import Router
 from .._types import DEFAULT_TIMEOUT, DeploymentConfig, DeploymentInfo, DeploymentRecord
 from ..transports.base import TransportSet
@@ -33,13 +33,9 @@ from ..transports.base import TransportSet
 __all__ = [
     "DEFAULT_HEARTBEAT_INTERVAL",
     "DEFAULT_HEARTBEAT_TTL",
-    "MAX_CHANGE_PAYLOAD",
-    "ChangeEvent",
     "DeploymentService",
     "conflict_error",
-    "decode_change",
     "decode_string_list",
-    "encode_change",
 ]
 
 logger = logging.getLogger(__name__)
@@ -58,50 +54,6 @@ _FEED_MAX_RETRY = 5.0
 
 _FEED_CHECK_INTERVAL = 5.0
 """Seconds a change feed may stay silent before its connection is checked with a round trip."""
-
-MAX_CHANGE_PAYLOAD = 7000
-"""Bytes an encoded change event may take (PostgreSQL caps a notification's payload near 8000).
-
-A longer event, from a very long deployment id, is sent as a ``resync`` event instead.
-"""
-
-ChangeKind = Literal["join", "draining", "leave", "resync"]
-_CHANGE_KINDS = frozenset({"join", "draining", "leave", "resync"})
-
-
-@dataclass(frozen=True, slots=True)
-class ChangeEvent:
-    """One message of a change feed.
-
-    ``join``: an instance registered, so cached lookups may miss it. ``draining`` and ``leave``: the
-    instance takes no more calls. ``resync``: expire every cached lookup, as after a gap in the feed.
-    """
-
-    kind: ChangeKind
-    deployment_id: str = ""
-
-
-def encode_change(kind: ChangeKind, deployment_id: str) -> str:
-    """Return the JSON text of a change event, or of a ``resync`` event if it would be too long."""
-    payload = json.dumps({"event": kind, "deployment_id": deployment_id}, separators=(",", ":"))
-    if len(payload.encode()) > MAX_CHANGE_PAYLOAD:
-        return json.dumps({"event": "resync"})
-    return payload
-
-
-def decode_change(raw: str | bytes) -> ChangeEvent | None:
-    """Parse a change event; return None for a message that is not one (logged, then ignored)."""
-    try:
-        value = json.loads(raw)
-        kind = value["event"]
-        deployment_id = value.get("deployment_id", "")
-    except (ValueError, TypeError, KeyError, AttributeError):
-        logger.debug("ignoring a malformed change event: %.200r", raw)
-        return None
-    if kind not in _CHANGE_KINDS or not isinstance(deployment_id, str) or (kind != "resync" and not deployment_id):
-        logger.debug("ignoring an unknown change event: %.200r", raw)
-        return None
-    return ChangeEvent(kind, deployment_id)
 
 
 class DeploymentService(ABC):
@@ -152,6 +104,7 @@ class DeploymentService(ABC):
             cache_ttl=cache_ttl,
             suspect_ttl=self.heartbeat_ttl,
         )
+        self.router.transports.set_presence_listener(self._on_presence)
         self._config: DeploymentConfig | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._heartbeat_stop = asyncio.Event()
@@ -378,12 +331,15 @@ class DeploymentService(ABC):
                 logger.info("change feed of %r is back; looking every function up again", self)
             self._feed_failing = False
             self._feed_subscribed = True
-            self.router.resync()
-        elif event.kind == "resync":
+        self._on_presence(event)
+
+    def _on_presence(self, event: ChangeEvent | None) -> None:
+        """Apply a change or presence event to the routing cache; None means the feed (re)subscribed."""
+        if event is None or event.kind == "resync":
             self.router.resync()
         elif event.kind == "join":
             self.router.instance_joined(event.deployment_id)
-        else:
+        elif event.kind in ("draining", "leave"):
             self.router.instance_left(event.deployment_id)
 
     async def _feed_loop(self) -> None:

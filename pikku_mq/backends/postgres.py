@@ -29,16 +29,9 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._errors import ConfigurationError, DeploymentConflictError
+from .._presence import MAX_CHANGE_PAYLOAD, ChangeEvent, ChangeKind, decode_change, encode_change
 from .._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
-from .base import (
-    MAX_CHANGE_PAYLOAD,
-    ChangeEvent,
-    ChangeKind,
-    DeploymentService,
-    conflict_error,
-    decode_change,
-    encode_change,
-)
+from .base import DeploymentService, conflict_error
 
 __all__ = ["DEFAULT_SCHEMA", "PgDeploymentService"]
 

@@ -42,17 +42,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ConfigurationError
+from .._presence import ChangeEvent, ChangeKind, decode_change, encode_change
 from .._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
 from . import _redact
-from .base import (
-    ChangeEvent,
-    ChangeKind,
-    DeploymentService,
-    conflict_error,
-    decode_change,
-    decode_string_list,
-    encode_change,
-)
+from .base import DeploymentService, conflict_error, decode_string_list
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

@@ -15,18 +15,22 @@ raised far downstream is never mistaken for a failure of this hop.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from .._errors import ConfigurationError
+from .._presence import ChangeEvent, ChangeKind
 from .._types import CallRequest
 
 if TYPE_CHECKING:
     from .._dispatch import Dispatcher
 
-__all__ = ["ClientTransport", "Reply", "ServerTransport", "TransportSet", "endpoint_scheme"]
+__all__ = ["ClientTransport", "PresenceListener", "Reply", "ServerTransport", "TransportSet", "endpoint_scheme"]
+
+PresenceListener = Callable[[ChangeEvent | None], None]
+"""Receives presence events, and None after each (re)subscription, since events in a gap are lost."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +58,12 @@ class ClientTransport(ABC):
     async def close(self) -> None:  # noqa: B027 - closing is optional for transports without connections
         """Release connections. The transport may be used again afterwards and reconnects."""
 
+    def set_presence_listener(self, listener: PresenceListener | None) -> None:  # noqa: B027 - no presence by default
+        """Pass the presence events that workers publish on this transport's brokers to ``listener``.
+
+        A transport without presence ignores the listener. One listener per transport: the last set wins.
+        """
+
 
 class ServerTransport(ABC):
     """Takes calls at one endpoint and hands them to a :class:`~pikku_mq._dispatch.Dispatcher`.
@@ -68,6 +78,9 @@ class ServerTransport(ABC):
     @abstractmethod
     async def stop(self) -> None:
         """Stop taking calls and release the listener; the worker has drained the calls in flight by then."""
+
+    async def announce(self, kind: ChangeKind, deployment_id: str) -> None:  # noqa: B027 - no presence by default
+        """Publish a presence event for this worker, where the transport has a broker to carry it."""
 
 
 class TransportSet:
@@ -92,6 +105,11 @@ class TransportSet:
 
     def supports(self, endpoint: str) -> bool:
         return endpoint_scheme(endpoint) in self._by_scheme
+
+    def set_presence_listener(self, listener: PresenceListener | None) -> None:
+        """Pass the presence events of every transport in the set to ``listener``."""
+        for transport in {id(t): t for t in self._by_scheme.values()}.values():
+            transport.set_presence_listener(listener)
 
     async def close(self) -> None:
         for transport in {id(t): t for t in self._by_scheme.values()}.values():

@@ -7,14 +7,16 @@ what a remote caller would see.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import urlsplit
 
 import pydantic_core
 
 from .._errors import BadRequestError, EndpointUnreachableError
+from .._presence import ChangeEvent, ChangeKind
 from .._types import CallRequest
-from .base import ClientTransport, Reply, ServerTransport
+from .base import ClientTransport, PresenceListener, Reply, ServerTransport
 
 if TYPE_CHECKING:
     from .._dispatch import Dispatcher
@@ -22,6 +24,9 @@ if TYPE_CHECKING:
 __all__ = ["MemoryServer", "MemoryTransport", "serve_memory", "unserve_memory"]
 
 _SERVED: dict[str, Dispatcher] = {}
+
+_CLIENTS: weakref.WeakSet[MemoryTransport] = weakref.WeakSet()
+"""The client transports of this process, which receive the presence events of memory workers."""
 
 
 def serve_memory(endpoint: str, dispatcher: Dispatcher) -> None:
@@ -50,9 +55,22 @@ class MemoryServer(ServerTransport):
             unserve_memory(self._endpoint)
             self._endpoint = None
 
+    async def announce(self, kind: ChangeKind, deployment_id: str) -> None:
+        event = ChangeEvent(kind, deployment_id)
+        for client in list(_CLIENTS):
+            if client.presence_listener is not None:
+                client.presence_listener(event)
+
 
 class MemoryTransport(ClientTransport):
     schemes: ClassVar[tuple[str, ...]] = ("memory",)
+
+    def __init__(self) -> None:
+        self.presence_listener: PresenceListener | None = None
+        _CLIENTS.add(self)
+
+    def set_presence_listener(self, listener: PresenceListener | None) -> None:
+        self.presence_listener = listener
 
     async def call(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
         dispatcher = _SERVED.get(_address(endpoint))

@@ -1,0 +1,91 @@
+"""Presence: workers announce join, heartbeat, draining and leave on their transports, and callers follow.
+
+These tests use the in-memory transport, whose presence reaches every caller in the process. The broker
+transports run the same cases against real servers in their own test files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from _support_core import Mesh, wait_until
+
+from pikku_mq import DeploymentInfo, DeploymentService, FunctionRegistry, PikkuWorker, pikku_sessionless_func
+
+REG = FunctionRegistry()
+INTERVAL = 0.1
+
+
+@pikku_sessionless_func(expose=True, registry=REG)
+async def whoami(services: Any, data: Any) -> str:
+    return str(services)
+
+
+@pytest.fixture
+async def mesh() -> AsyncIterator[Mesh]:
+    async with Mesh() as shared:
+        yield shared
+
+
+def memory_worker(mesh: Mesh, deployment_id: str) -> PikkuWorker:
+    return PikkuWorker(
+        registry=REG,
+        endpoint=f"memory://presence-{uuid.uuid4().hex[:8]}",
+        deployment_id=deployment_id,
+        services=deployment_id,
+        deployment_service=mesh.service(heartbeat_interval=INTERVAL, heartbeat_ttl=5 * INTERVAL),
+    )
+
+
+def count_lookups(service: DeploymentService) -> list[str]:
+    lookups: list[str] = []
+    inner = service.router._lookup
+
+    async def counted(name: str) -> list[DeploymentInfo]:
+        lookups.append(name)
+        return await inner(name)
+
+    service.router._lookup = counted
+    return lookups
+
+
+async def test_stopped_worker_dropped_at_once(mesh: Mesh) -> None:
+    caller = mesh.service(routing_cache_ttl=60)
+    first = memory_worker(mesh, "p-1")
+    async with memory_worker(mesh, "p-2"):
+        await first.start()
+        assert {await caller.invoke("whoami", timeout=5) for _ in range(4)} == {"p-1", "p-2"}
+        lookups = count_lookups(caller)
+
+        stopping = asyncio.create_task(first.stop())
+        started = time.monotonic()
+        await wait_until(lambda: "p-1" not in caller.router.cached_instances("whoami"), timeout=2, interval=0.005)
+        assert time.monotonic() - started < 0.1
+        await stopping
+
+        assert {await caller.invoke("whoami", timeout=5) for _ in range(4)} == {"p-2"}
+        assert lookups == []
+
+
+async def test_joined_worker_found_at_once(mesh: Mesh) -> None:
+    caller = mesh.service(routing_cache_ttl=60)
+    async with memory_worker(mesh, "p-1"):
+        assert await caller.invoke("whoami", timeout=5) == "p-1"
+        async with memory_worker(mesh, "p-2"):
+            answers = {await caller.invoke("whoami", timeout=5) for _ in range(4)}
+    assert answers == {"p-1", "p-2"}
+
+
+async def test_heartbeats_keep_cache(mesh: Mesh) -> None:
+    caller = mesh.service(routing_cache_ttl=60)
+    async with memory_worker(mesh, "p-1"):
+        assert await caller.invoke("whoami", timeout=5) == "p-1"
+        lookups = count_lookups(caller)
+        await asyncio.sleep(4 * INTERVAL)
+        assert await caller.invoke("whoami", timeout=5) == "p-1"
+    assert lookups == []
