@@ -165,8 +165,11 @@ async def _survive_outage(
         await caller.close()
         await worker_service.close()
 
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 2, warnings
+    # One WARNING per kind of trouble for the whole outage, and none from the drivers' own loggers.
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    templates = [str(r.msg) for r in warnings]
+    assert len(templates) == len(set(templates)), templates
+    assert not [r.getMessage() for r in warnings if not r.name.startswith("pikku_mq.")]
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(_messages(caplog, logging.INFO, HEARTBEAT_RECOVERED.format(deployment_id))) == 1
     gc.collect()
