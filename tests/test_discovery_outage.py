@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 from _support_core import wait_until
 
-from pikku_mq import DiscoveryError, FunctionRegistry, PikkuWorker, SqliteDeploymentService, pikku_sessionless_func
+from pikku_mq import (
+    DeploymentConfig,
+    DiscoveryError,
+    FunctionRegistry,
+    PikkuWorker,
+    SqliteDeploymentService,
+    pikku_sessionless_func,
+)
 
 REG = FunctionRegistry()
 INTERVAL = 0.3
@@ -71,3 +78,34 @@ async def test_store_outage_survived(tmp_path: Path, caplog: pytest.LogCaptureFi
 
     await caller.close()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+class _StrayCancellationStore(SqliteDeploymentService):
+    """A real SQLite store whose next heartbeat raises CancelledError, as a buggy driver might."""
+
+    stray = 1
+
+    async def _heartbeat(self, config: DeploymentConfig, functions: list[str]) -> bool:
+        if self.stray:
+            self.stray -= 1
+            raise asyncio.CancelledError
+        return await super()._heartbeat(config, functions)
+
+
+async def test_stray_cancellation_keeps_heartbeats(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Only a cancellation of the heartbeat task itself may end it. A CancelledError from a store is a failure.
+    caplog.set_level(logging.INFO)
+    service = _StrayCancellationStore(tmp_path / "pikku.db", heartbeat_interval=INTERVAL, heartbeat_ttl=TTL)
+    await service.start(DeploymentConfig("stray", "http://127.0.0.1:9", functions=["ping"]))
+    try:
+        recovered = "heartbeat of stray recovered"
+        await wait_until(lambda: any(recovered in r.getMessage() for r in caplog.records), timeout=INTERVAL * 10)
+        heartbeats = service._heartbeat_task
+        assert heartbeats is not None
+        assert not heartbeats.done()
+    finally:
+        await service.close()
+
+    failures = [r.getMessage() for r in caplog.records if "heartbeat of stray failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert "CancelledError" in failures[0]

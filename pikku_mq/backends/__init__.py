@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._errors import ConfigurationError
 from .base import DeploymentService
@@ -65,8 +65,23 @@ def deployment_service_from_url(url: str, **options: Any) -> DeploymentService:
     )
 
 
+_PASSWORD_PARAMETERS = frozenset({"password", "passwd"})
+"""Query parameters that carry a password: redis-py, asyncpg and the MySQL drivers take them from a URL."""
+
+
 def _redact(url: str) -> str:
+    """Return ``url`` with its password replaced by ``***``, whether in the user info or the query."""
     parts = urlsplit(url)
+    netloc = parts.netloc
     if parts.password:
-        return url.replace(f":{parts.password}@", ":***@", 1)
-    return url
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    query = parts.query
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(key.lower() in _PASSWORD_PARAMETERS for key, _ in pairs):
+        query = urlencode(
+            [(key, "***" if key.lower() in _PASSWORD_PARAMETERS else value) for key, value in pairs], safe="*"
+        )
+    if netloc == parts.netloc and query == parts.query:
+        return url
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

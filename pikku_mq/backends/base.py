@@ -381,47 +381,137 @@ class DeploymentService(ABC):
     # -- heartbeats --------------------------------------------------------------------------------
 
     async def _heartbeat_loop(self, config: DeploymentConfig, functions: list[str]) -> None:
-        failing = False
-        fenced = False
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._heartbeat_stop.wait(), self.heartbeat_interval)
-                return
+        """Heartbeat every ``heartbeat_interval`` seconds until ``_heartbeat_stop`` is set.
+
+        A failed heartbeat is retried with backoff (see :func:`_heartbeat_retry_delay`), so a short
+        outage costs a fraction of an interval and a registration is back within one interval of the
+        store's return. No exception but the task's own cancellation leaves the loop.
+        """
+        health = _HeartbeatHealth(config.deployment_id, self.heartbeat_interval)
+        delay = self.heartbeat_interval
+        while not await self._heartbeat_stopped(delay):
             try:
-                await self.init()
-                if not await self._heartbeat(config, functions):
-                    await self._register(config, functions)
-                    logger.warning(
-                        "registration of %s was missing from the registry; registered it again",
-                        config.deployment_id,
-                    )
-                purged = await self._purge_stale()
+                restored, purged = await self._heartbeat_once(config, functions, quiet=health.failing)
             except asyncio.CancelledError:
-                raise
+                if _cancelling():
+                    raise
+                # The store's client raised CancelledError, although this task was not cancelled.
+                self._initialized = False
+                delay = health.failed(_StrayCancellationError("the store's client raised CancelledError"))
             except DeploymentConflictError as exc:
-                if not fenced:
-                    logger.error("deployment %s is not registered: %s", config.deployment_id, exc)  # noqa: TRY400
-                fenced = True
-                continue
-            except Exception as exc:
+                delay = health.fenced(exc)
+            except Exception as exc:  # the loop must outlive any failure of the store
                 # The store may have been wiped (a deleted SQLite file): create the schema again next time.
                 self._initialized = False
-                if not failing:
-                    logger.warning(
-                        "heartbeat of %s failed, retrying every %.1f s: %s: %s",
-                        config.deployment_id,
-                        self.heartbeat_interval,
-                        type(exc).__name__,
-                        exc,
-                    )
-                failing = True
-                continue
+                delay = health.failed(exc)
+            else:
+                delay = health.succeeded(restored)
+                if purged:
+                    logger.info("removed %d stale deployments", purged)
 
-            if failing or fenced:
-                logger.info("heartbeat of %s recovered", config.deployment_id)
-                failing = fenced = False
-            if purged:
-                logger.info("removed %d stale deployments", purged)
+    async def _heartbeat_stopped(self, delay: float) -> bool:
+        """Wait ``delay`` seconds, or less once ``stop`` sets ``_heartbeat_stop``, and return whether it is set."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._heartbeat_stop.wait(), delay)
+        return self._heartbeat_stop.is_set()
+
+    async def _heartbeat_once(self, config: DeploymentConfig, functions: list[str], *, quiet: bool) -> tuple[bool, int]:
+        """Send one heartbeat, registering again if the registration is missing, then purge stale rows.
+
+        Return whether it registered again and how many stale rows it purged. A missing registration
+        is logged as a WARNING unless ``quiet``, because a store may well come back empty from an outage.
+        """
+        await self.init()
+        restored = False
+        if not await self._heartbeat(config, functions):
+            await self._register(config, functions)
+            restored = True
+            if not quiet:
+                logger.warning(
+                    "registration of %s was missing from the registry; registered it again", config.deployment_id
+                )
+        return restored, await self._purge_stale()
+
+
+_HEARTBEAT_FIRST_RETRY = 0.25
+"""The max seconds before the first retry of a failed heartbeat. Each further failure doubles the delay."""
+
+
+def _heartbeat_retry_delay(failures: int, interval: float) -> float:
+    """Return the seconds to wait after the ``failures``-th failed heartbeat in a row.
+
+    The delay starts at ``min(_HEARTBEAT_FIRST_RETRY, interval)`` and doubles up to ``interval``. The
+    jitter only shortens it, so retries never fall further apart than one interval, and instances that
+    lost the store at the same moment do not all retry in step.
+    """
+    base: float = min(_HEARTBEAT_FIRST_RETRY * 2.0 ** min(failures - 1, 32), interval)
+    return base * random.uniform(0.8, 1.0)  # noqa: S311 - jitter, not security
+
+
+class _HeartbeatHealth:
+    """Failure state of one heartbeat loop, which decides what to log and how long to wait after each attempt.
+
+    An outage logs one WARNING with its first error and one INFO when it ends, however many
+    heartbeats fail in between.
+    """
+
+    def __init__(self, deployment_id: str, interval: float) -> None:
+        self.deployment_id = deployment_id
+        self.interval = interval
+        self.failures = 0
+        self.failed_at: float | None = None
+        """The time.monotonic() of the outage's first failure, or None while heartbeats succeed."""
+        self.is_fenced = False
+
+    @property
+    def failing(self) -> bool:
+        return self.failed_at is not None
+
+    def failed(self, error: Exception) -> float:
+        """Record a failed heartbeat and return the seconds until the next attempt."""
+        self.failures += 1
+        if self.failed_at is None:
+            self.failed_at = time.monotonic()
+            logger.warning(
+                "heartbeat of %s failed, retrying with backoff up to every %.1f s: %s: %s",
+                self.deployment_id,
+                self.interval,
+                type(error).__name__,
+                error,
+            )
+        return _heartbeat_retry_delay(self.failures, self.interval)
+
+    def fenced(self, error: DeploymentConflictError) -> float:
+        """Record that a live instance at another endpoint has the id, and return the seconds until the next attempt."""
+        if not self.is_fenced:
+            logger.error("deployment %s is not registered: %s", self.deployment_id, error)
+        self.is_fenced = True
+        return self.interval
+
+    def succeeded(self, restored: bool) -> float:
+        """Record a heartbeat that went through, and return the seconds until the next one."""
+        if self.failed_at is not None:
+            logger.info(
+                "heartbeat of %s recovered after %.1f s and %d failed attempts%s",
+                self.deployment_id,
+                time.monotonic() - self.failed_at,
+                self.failures,
+                "; the registration was missing, so it registered again" if restored else "",
+            )
+        elif self.is_fenced:
+            logger.info("heartbeat of %s recovered", self.deployment_id)
+        self.failed_at, self.failures, self.is_fenced = None, 0, False
+        return self.interval
+
+
+def _cancelling() -> bool:
+    """Return whether the running task has a pending cancellation request, not only a CancelledError in flight."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+class _StrayCancellationError(Exception):
+    """A store's client raised CancelledError although the heartbeat task was not cancelled."""
 
 
 def conflict_error(deployment_id: str, endpoint: str, age: float, ttl: float) -> DeploymentConflictError:

@@ -48,8 +48,10 @@ _HEARTBEAT_INDEX = "idx_pikku_deployments_heartbeat"
 # Schema creation can still race with a Pikku instance, which does not take the advisory lock.
 _SCHEMA_ATTEMPTS = 3
 
-# A few connections suffice: a caller caches lookups, and a heartbeat is one statement.
-_DEFAULT_POOL_OPTIONS: dict[str, Any] = {"min_size": 1, "max_size": 4}
+# A few connections suffice: a caller caches lookups, and a heartbeat is one statement. No floor
+# (min_size 0): from asyncpg 0.32 on, a pool with a floor reconnects in a task of its own while the
+# server is down and logs a WARNING with a traceback at each attempt, beside the heartbeat's one.
+_DEFAULT_POOL_OPTIONS: dict[str, Any] = {"min_size": 0, "max_size": 4}
 
 # create_pool's own options, which asyncpg.connect does not take.
 _POOL_ONLY_OPTIONS = frozenset(

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from .._errors import DeploymentConflictError
 from .._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
+from . import _redact
 from .base import DeploymentService, conflict_error, decode_string_list
 
 __all__ = ["SqlAlchemyDeploymentService"]
@@ -104,7 +105,8 @@ class SqlAlchemyDeploymentService(DeploymentService):
         self._clock = _Clock(self.engine.dialect.name)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.engine.url.render_as_string(hide_password=True)!r})"
+        # render_as_string hides the password of the user info only, not one given in the query.
+        return f"{type(self).__name__}({_redact(self.engine.url.render_as_string(hide_password=True))!r})"
 
     async def _create_schema(self) -> None:
         async with self.engine.begin() as conn:
