@@ -109,3 +109,16 @@ async def test_stray_cancellation_keeps_heartbeats(tmp_path: Path, caplog: pytes
     failures = [r.getMessage() for r in caplog.records if "heartbeat of stray failed" in r.getMessage()]
     assert len(failures) == 1
     assert "CancelledError" in failures[0]
+
+
+async def test_stop_during_outage_raises_discovery_error(tmp_path: Path) -> None:
+    folder = tmp_path / "registry"
+    folder.mkdir()
+    service = SqliteDeploymentService(folder / "pikku.db", heartbeat_interval=INTERVAL, heartbeat_ttl=TTL)
+    await service.start(DeploymentConfig("outage-stop", "http://127.0.0.1:1", functions=["ping"]))
+
+    _take_away(folder)
+    with pytest.raises(DiscoveryError) as caught:
+        await service.close()
+    assert "deregistering outage-stop" in str(caught.value)
+    assert service.deployment_id is None

@@ -207,7 +207,8 @@ class DeploymentService(ABC):
             await self._announce_quietly("draining", config.deployment_id)
         await self._stop_heartbeats()
         if config is not None:
-            await self._deregister(config)
+            async with self._translate_errors(f"deregistering {config.deployment_id}"):
+                await self._deregister(config)
             logger.info("deregistered deployment %s", config.deployment_id)
 
     async def _announce_quietly(self, kind: ChangeKind, deployment_id: str) -> None:

@@ -51,7 +51,9 @@ _SCHEMA_ATTEMPTS = 3
 # A few connections suffice: a caller caches lookups, and a heartbeat is one statement. No floor
 # (min_size 0): from asyncpg 0.32 on, a pool with a floor reconnects in a task of its own while the
 # server is down and logs a WARNING with a traceback at each attempt, beside the heartbeat's one.
-_DEFAULT_POOL_OPTIONS: dict[str, Any] = {"min_size": 0, "max_size": 4}
+# asyncpg sets no statement timeout and no TCP keepalive, so without command_timeout (seconds) a
+# heartbeat on a half-open connection would wait forever.
+_DEFAULT_POOL_OPTIONS: dict[str, Any] = {"min_size": 0, "max_size": 4, "command_timeout": 10.0}
 
 # create_pool's own options, which asyncpg.connect does not take.
 _POOL_ONLY_OPTIONS = frozenset(
