@@ -20,6 +20,7 @@ from dataclasses import asdict
 from types import ModuleType
 from typing import Any, NoReturn
 
+from ._dispatch import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_IN_FLIGHT
 from ._errors import ConfigurationError, PikkuMQError, function_not_found
 from ._functions import FunctionDefinition, default_registry
 from ._settings import ENV_DISCOVERY_URL, default_discovery_url
@@ -48,6 +49,9 @@ _WORKER_FLAGS = {
     "discovery": "--discovery",
     "heartbeat_interval": "--heartbeat-interval",
     "heartbeat_ttl": "--heartbeat-ttl",
+    "bind_host": "--bind-host",
+    "max_concurrency": "--max-concurrency",
+    "max_in_flight": "--max-in-flight",
 }
 
 
@@ -94,8 +98,9 @@ def _add_discovery_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--discovery",
         metavar="URL",
-        help=f"discovery URL (sqlite:///path or an SQLAlchemy async URL); default: ${ENV_DISCOVERY_URL}, "
-        "else the SQLite file pikku-mq.db in the working directory",
+        help="discovery URL: sqlite:///path, postgresql://..., redis://... or an SQLAlchemy async URL such as "
+        f"mysql+aiomysql://...; default: ${ENV_DISCOVERY_URL}, else the SQLite file pikku-mq.db in the working "
+        "directory",
     )
 
 
@@ -150,6 +155,25 @@ def _add_worker_parser(commands: Any) -> None:
         metavar="SECONDS",
         help=f"seconds without a heartbeat after which callers treat this worker as dead; must be greater "
         f"than --heartbeat-interval (default: {DEFAULT_HEARTBEAT_TTL:g})",
+    )
+    parser.add_argument(
+        "--bind-host",
+        metavar="HOST",
+        help="address the HTTP endpoints listen on when it differs from the advertised host, e.g. 0.0.0.0 "
+        "(default: the endpoint's host)",
+    )
+    parser.add_argument(
+        "--max-concurrency",
+        type=_positive_int,
+        metavar="N",
+        help=f"functions run at once; further calls wait for a free slot (default: {DEFAULT_MAX_CONCURRENCY})",
+    )
+    parser.add_argument(
+        "--max-in-flight",
+        type=_positive_int,
+        metavar="N",
+        help=f"calls accepted at once, running or waiting; past it the worker replies busy and callers try "
+        f"another instance (default: {DEFAULT_MAX_IN_FLIGHT})",
     )
     _add_log_level_flag(parser, "INFO")
     parser.set_defaults(handler=_run_worker)
@@ -207,6 +231,16 @@ def _add_demo_parser(commands: Any) -> None:
     )
     _add_log_level_flag(parser, "WARNING")
     parser.set_defaults(handler=_run_demo)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
 
 
 def _positive_seconds(text: str) -> float:
@@ -280,7 +314,15 @@ def _worker_for_module(module: ModuleType, args: argparse.Namespace) -> PikkuWor
         "deployment_service": _discovery_url(args),
         "fallback_endpoints": args.fallback_endpoints or (),
     }
-    for name in ("deployment_id", "endpoint", "heartbeat_interval", "heartbeat_ttl"):
+    for name in (
+        "deployment_id",
+        "endpoint",
+        "heartbeat_interval",
+        "heartbeat_ttl",
+        "bind_host",
+        "max_concurrency",
+        "max_in_flight",
+    ):
         value = getattr(args, name)
         if value is not None:
             options[name] = value

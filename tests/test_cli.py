@@ -319,6 +319,10 @@ def test_worker_from_factory(project: Path, cli_env: dict[str, str], spawned: li
         (["calc:missing"], "module 'calc' has no attribute 'missing'"),
         (["no_such_module"], "module 'no_such_module' was not found"),
         (["helpers", "--heartbeat-interval", "0"], "must be a positive, finite number of seconds"),
+        (["helpers", "--max-in-flight", "0"], "expected a positive whole number, got '0'"),
+        (["helpers", "--max-concurrency", "many"], "expected a positive whole number, got 'many'"),
+        (["helpers", "--max-concurrency", "20", "--max-in-flight", "10"], "must be at least max_concurrency"),
+        (["calc:build", "--bind-host", "0.0.0.0"], "--bind-host cannot be combined with MODULE:ATTR"),
     ],
 )
 def test_worker_rejects_bad_arguments(project: Path, cli_env: dict[str, str], args: list[str], message: str) -> None:
@@ -359,3 +363,27 @@ def test_ls_without_registry_file(tmp_path: Path, discovery: str, cli_env: dict[
     assert call.returncode == 1
     # Reading commands must not create the registry file.
     assert not (tmp_path / "registry.db").exists()
+
+
+def test_worker_limits_and_bind_host_applied(project: Path, cli_env: dict[str, str]) -> None:
+    # A child process builds the worker, so importing the project's module leaves this process's registry alone.
+    script = textwrap.dedent(
+        """
+        import json
+        from pikku_mq import cli
+
+        args = cli.build_parser().parse_args(
+            ["worker", "helpers", "--bind-host", "0.0.0.0", "--max-concurrency", "7", "--max-in-flight", "70"]
+        )
+        worker = cli._worker_for_module(cli._import_module("helpers"), args)
+        limits = [worker.bind_host, worker.dispatcher.max_concurrency, worker.dispatcher.max_in_flight]
+        print(json.dumps(limits))
+        """
+    )
+    command = [sys.executable, "-c", script]
+    completed = subprocess.run(
+        command, cwd=project, env=cli_env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout) == ["0.0.0.0", 7, 70]
