@@ -215,10 +215,26 @@ class SqlAlchemyDeploymentService(DeploymentService):
         else:
             yield
 
+    @asynccontextmanager
+    async def _begin_write(self) -> AsyncIterator[AsyncConnection]:
+        """Begin a write transaction, under READ COMMITTED on MySQL and MariaDB.
+
+        Under InnoDB's default REPEATABLE READ, registering a new id first locks the gap where the id
+        would go. Two instances that register different ids in one gap then each wait for the other's
+        gap lock before they can insert, and one of them fails with a deadlock (error 1213). READ
+        COMMITTED takes no gap locks for these statements, so a new id locks nothing until it is
+        inserted, as on PostgreSQL. Two instances that insert the same id still get a duplicate key error.
+        """
+        async with self.engine.connect() as conn:
+            if self._clock.dialect in ("mysql", "mariadb"):
+                await conn.execution_options(isolation_level="READ COMMITTED")
+            async with conn.begin():
+                yield conn
+
     async def _register(self, config: DeploymentConfig, functions: list[str]) -> None:
         d = self._deployments
         try:
-            async with self.engine.begin() as conn:
+            async with self._begin_write() as conn:
                 await self._check_holder(conn, config)
                 await self._delete(conn, config.deployment_id)
                 now = self._clock.now()
@@ -272,13 +288,13 @@ class SqlAlchemyDeploymentService(DeploymentService):
             )
             .values(last_heartbeat=self._clock.now())
         )
-        async with self.engine.begin() as conn:
+        async with self._begin_write() as conn:
             result = await conn.execute(statement)
         return result.rowcount == 1
 
     async def _deregister(self, config: DeploymentConfig) -> None:
         d = self._deployments
-        async with self.engine.begin() as conn:
+        async with self._begin_write() as conn:
             owned = sa.select(d.c.deployment_id).where(
                 d.c.deployment_id == config.deployment_id, d.c.endpoint == config.endpoint
             )
@@ -297,7 +313,7 @@ class SqlAlchemyDeploymentService(DeploymentService):
     async def _purge_stale(self) -> int:
         d, f = self._deployments, self._functions
         stale = sa.select(d.c.deployment_id).where(sa.not_(self._is_live()))
-        async with self.engine.begin() as conn:
+        async with self._begin_write() as conn:
             stale_ids = [row[0] for row in (await conn.execute(stale)).all()]
             if not stale_ids:
                 return 0
