@@ -71,9 +71,8 @@ def mariadb_url(database: str) -> str:
     return f"mysql+aiomysql://{MARIADB_USER}@{MARIADB_HOST}:{MARIADB_PORT}/{database}"
 
 
-def mariadb_execute(database: str | None, sql: str, *args: Any) -> int:
-    """Run one statement in ``database`` (or none) and return its row count."""
-    conn = pymysql.connect(
+def _mariadb_connect(database: str | None) -> pymysql.Connection:
+    return pymysql.connect(
         host=MARIADB_HOST,
         port=MARIADB_PORT,
         user=MARIADB_USER,
@@ -81,9 +80,25 @@ def mariadb_execute(database: str | None, sql: str, *args: Any) -> int:
         autocommit=True,
         connect_timeout=int(SQL_TIMEOUT),
     )
+
+
+def mariadb_execute(database: str | None, sql: str, *args: Any) -> int:
+    """Run one statement in ``database`` (or none) and return its row count."""
+    conn = _mariadb_connect(database)
     try:
         with conn.cursor() as cursor:
             return int(cursor.execute(sql, args or None))
+    finally:
+        conn.close()
+
+
+def mariadb_fetch(database: str | None, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Run one query in ``database`` (or none) and return its rows."""
+    conn = _mariadb_connect(database)
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(sql, args or None)
+            return list(cursor.fetchall())
     finally:
         conn.close()
 

@@ -7,7 +7,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -78,74 +77,7 @@ async def _ids(service: PgDeploymentService, name: str) -> list[str]:
 
 # -- schema ---------------------------------------------------------------------------------------------
 
-_INIT_CHILD = textwrap.dedent(
-    """
-    import asyncio, sys
-    from pikku_mq import PgDeploymentService
-
-    async def main():
-        service = PgDeploymentService(sys.argv[1], schema=sys.argv[2])
-        print("ready", flush=True)
-        await asyncio.to_thread(sys.stdin.readline)
-        try:
-            await service.init()
-        finally:
-            await service.close()
-        print("initialized", flush=True)
-
-    asyncio.run(main())
-    """
-)
-
-INIT_PROCESSES = 10
-
-
-async def _read_line(process: asyncio.subprocess.Process) -> str:
-    assert process.stdout is not None
-    line = await asyncio.wait_for(process.stdout.readline(), timeout=30)
-    return line.decode().strip()
-
-
-async def test_init_from_ten_processes(schema: str) -> None:
-    processes = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            _INIT_CHILD,
-            postgres_url(),
-            schema,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=CHILD_ENV,
-        )
-        for _ in range(INIT_PROCESSES)
-    ]
-    try:
-        assert await asyncio.gather(*(_read_line(p) for p in processes)) == ["ready"] * INIT_PROCESSES
-
-        # Release them together on a database where the schema does not exist yet.
-        for process in processes:
-            assert process.stdin is not None
-            process.stdin.write(b"go\n")
-        outputs = await asyncio.gather(*(asyncio.wait_for(p.communicate(), timeout=60) for p in processes))
-    finally:
-        for process in processes:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
-
-    for process, (stdout, stderr) in zip(processes, outputs, strict=True):
-        assert stderr.decode() == ""
-        assert stdout.decode().split() == ["initialized"]
-        assert process.returncode == 0
-
-    indexes = postgres_fetch("SELECT indexname FROM pg_indexes WHERE schemaname = $1 ORDER BY indexname", schema)
-    assert [row[0] for row in indexes] == [
-        "idx_pikku_deployments_functions",
-        "idx_pikku_deployments_heartbeat",
-        "pikku_deployments_pkey",
-    ]
+# tests/test_concurrent_init.py runs init() from ten processes at once, on this backend and the others.
 
 
 async def test_init_creates_pikku_layout(schema: str, make_service: Callable[..., PgDeploymentService]) -> None:

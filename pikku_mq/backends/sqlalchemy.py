@@ -16,7 +16,9 @@ still there, so a registration the store lost is written again.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,6 +32,8 @@ from .base import DeploymentService, conflict_error, decode_string_list
 
 __all__ = ["SqlAlchemyDeploymentService"]
 
+logger = logging.getLogger(__name__)
+
 
 # MySQL's DATETIME drops fractions of a second unless it is declared with a precision.
 _TIMESTAMP = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
@@ -37,6 +41,30 @@ _TIMESTAMP = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mys
 
 _READ_ONLY = {"pikku_read_only": True}
 """Execution option of lookups; the SQLite backend starts their transactions without a write lock."""
+
+_SCHEMA_LOCK_TIMEOUT = 30
+"""Seconds ``init()`` waits for another process that is creating the same tables."""
+
+_SCHEMA_ATTEMPTS = 3
+"""Maximum attempts at creating the tables. A peer that takes no lock, such as Pikku's Kysely service,
+can create a table between the check and the CREATE TABLE, and the next attempt finds that table."""
+
+_CONCURRENT_DDL_ERRORS: frozenset[str | int] = frozenset(
+    {
+        # PostgreSQL SQLSTATEs: unique_violation (on a system catalog), duplicate_object, duplicate_table,
+        # deadlock_detected.
+        "23505",
+        "42710",
+        "42P07",
+        "40P01",
+        # MySQL and MariaDB error numbers: table exists, duplicate key name, deadlock, duplicate foreign key.
+        1050,
+        1061,
+        1213,
+        1826,
+    }
+)
+"""Errors that a CREATE statement raises when another session creates the same object at the same time."""
 
 
 def _tables(schema: str | None) -> tuple[sa.MetaData, sa.Table, sa.Table]:
@@ -109,13 +137,106 @@ class SqlAlchemyDeploymentService(DeploymentService):
         return f"{type(self).__name__}({_redact(self.engine.url.render_as_string(hide_password=True))!r})"
 
     async def _create_schema(self) -> None:
-        async with self.engine.begin() as conn:
-            await conn.run_sync(self._metadata.create_all, checkfirst=True)
+        # Once the tables exist, init() issues no DDL and takes no lock, so a role that may use the
+        # tables but not create them can start.
+        if await self._tables_exist():
+            return
+        for attempt in range(1, _SCHEMA_ATTEMPTS + 1):
+            try:
+                async with self.engine.connect() as conn, self._schema_lock(conn):
+                    await conn.run_sync(self._metadata.create_all, checkfirst=True)
+                    await conn.commit()
+            except sa.exc.DBAPIError as exc:
+                if attempt == _SCHEMA_ATTEMPTS or not _is_concurrent_ddl_error(exc):
+                    raise
+                logger.info(
+                    "creating the tables in %r failed because another session created them at the same time: %s. "
+                    "Retrying, attempt %d of %d",
+                    self,
+                    exc.orig,
+                    attempt + 1,
+                    _SCHEMA_ATTEMPTS,
+                )
+            else:
+                return
+
+    async def _tables_exist(self) -> bool:
+        tables = list(self._metadata.tables.values())
+
+        def check(sync_conn: sa.Connection) -> bool:
+            inspector = sa.inspect(sync_conn)
+            return all(inspector.has_table(table.name, schema=table.schema) for table in tables)
+
+        async with self.engine.connect() as conn:
+            await conn.execution_options(**_READ_ONLY)
+            return await conn.run_sync(check)
+
+    @asynccontextmanager
+    async def _schema_lock(self, conn: AsyncConnection) -> AsyncIterator[None]:
+        """Hold a database lock named after the schema, so processes that start at once create the tables in turn.
+
+        Two sessions that both see no table and both run CREATE TABLE collide: PostgreSQL raises a
+        unique violation on ``pg_type`` or "relation already exists", MariaDB "table already exists".
+        Once it has the lock, ``create_all(checkfirst=True)`` finds the tables that the previous holder
+        created. PostgreSQL's advisory lock lasts until the caller commits; MySQL's named lock belongs to
+        the session, so it is released on exit. Other dialects take no lock: SQLite's own write lock
+        does the same job in :class:`SqliteDeploymentService`, which begins every write with
+        ``BEGIN IMMEDIATE``.
+        """
+        schema = self._metadata.schema
+        if self._clock.dialect == "postgresql":
+            # The key is the one PgDeploymentService takes for a schema of the same name.
+            await conn.execute(
+                sa.text("SELECT set_config('lock_timeout', :timeout, true)"),
+                {"timeout": f"{_SCHEMA_LOCK_TIMEOUT}s"},
+            )
+            await conn.execute(
+                sa.text(
+                    "SELECT pg_advisory_xact_lock("
+                    "hashtextextended('pikku_mq:' || coalesce(CAST(:schema AS text), current_schema(), ''), 0))"
+                ),
+                {"schema": schema},
+            )
+            yield
+        elif self._clock.dialect in ("mysql", "mariadb"):
+            # Named locks are server-wide, so the name includes the database. MySQL limits it to 64 characters.
+            database = schema or (await conn.scalar(sa.text("SELECT DATABASE()"))) or ""
+            name = f"pikku_mq:{database}"[:64]
+            acquired = await conn.scalar(
+                sa.text("SELECT GET_LOCK(:name, :timeout)"), {"name": name, "timeout": _SCHEMA_LOCK_TIMEOUT}
+            )
+            if acquired != 1:
+                raise TimeoutError(
+                    f"timed out after {_SCHEMA_LOCK_TIMEOUT} s waiting for the lock {name!r}, which another session "
+                    f"holds while it creates the tables; IS_USED_LOCK({name!r}) returns that session's connection id"
+                )
+            try:
+                yield
+            finally:
+                await conn.execute(sa.text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+        else:
+            yield
+
+    @asynccontextmanager
+    async def _begin_write(self) -> AsyncIterator[AsyncConnection]:
+        """Begin a write transaction, under READ COMMITTED on MySQL and MariaDB.
+
+        Under InnoDB's default REPEATABLE READ, registering a new id first locks the gap where the id
+        would go. Two instances that register different ids in one gap then each wait for the other's
+        gap lock before they can insert, and one of them fails with a deadlock (error 1213). READ
+        COMMITTED takes no gap locks for these statements, so a new id locks nothing until it is
+        inserted, as on PostgreSQL. Two instances that insert the same id still get a duplicate key error.
+        """
+        async with self.engine.connect() as conn:
+            if self._clock.dialect in ("mysql", "mariadb"):
+                await conn.execution_options(isolation_level="READ COMMITTED")
+            async with conn.begin():
+                yield conn
 
     async def _register(self, config: DeploymentConfig, functions: list[str]) -> None:
         d = self._deployments
         try:
-            async with self.engine.begin() as conn:
+            async with self._begin_write() as conn:
                 await self._check_holder(conn, config)
                 await self._delete(conn, config.deployment_id)
                 now = self._clock.now()
@@ -169,13 +290,13 @@ class SqlAlchemyDeploymentService(DeploymentService):
             )
             .values(last_heartbeat=self._clock.now())
         )
-        async with self.engine.begin() as conn:
+        async with self._begin_write() as conn:
             result = await conn.execute(statement)
         return result.rowcount == 1
 
     async def _deregister(self, config: DeploymentConfig) -> None:
         d = self._deployments
-        async with self.engine.begin() as conn:
+        async with self._begin_write() as conn:
             owned = sa.select(d.c.deployment_id).where(
                 d.c.deployment_id == config.deployment_id, d.c.endpoint == config.endpoint
             )
@@ -194,7 +315,7 @@ class SqlAlchemyDeploymentService(DeploymentService):
     async def _purge_stale(self) -> int:
         d, f = self._deployments, self._functions
         stale = sa.select(d.c.deployment_id).where(sa.not_(self._is_live()))
-        async with self.engine.begin() as conn:
+        async with self._begin_write() as conn:
             stale_ids = [row[0] for row in (await conn.execute(stale)).all()]
             if not stale_ids:
                 return 0
@@ -252,6 +373,18 @@ class SqlAlchemyDeploymentService(DeploymentService):
     async def _close_store(self) -> None:
         if self._owns_engine:
             await self.engine.dispose()
+
+
+def _is_concurrent_ddl_error(exc: sa.exc.DBAPIError) -> bool:
+    """Check whether ``exc`` is the error that CREATE raises when another session creates the same object."""
+    # asyncpg's errors carry a SQLSTATE, PyMySQL's an error number as their first argument.
+    code = getattr(exc.orig, "sqlstate", None)
+    if code is None and exc.orig is not None and exc.orig.args:
+        code = exc.orig.args[0]
+    if code in _CONCURRENT_DDL_ERRORS:
+        return True
+    # SQLite has no error code of its own for this case.
+    return "already exists" in str(exc.orig)
 
 
 def _encode_endpoints(endpoints: Sequence[str]) -> str | None:
