@@ -16,7 +16,6 @@ checks only the body and the server drops the connection of a client that sends 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -192,8 +191,8 @@ async def _abandon(nc: NatsClient, task: asyncio.Task[None]) -> None:
     """Stop a connection attempt and release whatever it opened."""
     if not task.done():
         task.cancel()
-    with contextlib.suppress(BaseException):
-        await task
+    # The task's own outcome (cancelled or failed) is of no interest; a cancellation of this task is.
+    await asyncio.gather(task, return_exceptions=True)
     await _close_client(nc)
 
 
@@ -434,9 +433,7 @@ class NatsTransport(ClientTransport):
         tasks = list(self._opening.values())
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._opening.clear()
         slots, self._slots = self._slots, [None] * len(self._slots)
         for connection in slots:
@@ -551,10 +548,8 @@ class NatsServer(ServerTransport):
         revive, self._revive_task = self._revive_task, None
         if revive is not None:
             revive.cancel()
-            with contextlib.suppress(BaseException):
-                await revive
+            await asyncio.gather(revive, return_exceptions=True)
         nc, sub = self._nc, self._sub
-        self._nc = self._sub = None
         if nc is None:
             return
         try:
@@ -575,6 +570,7 @@ class NatsServer(ServerTransport):
                 await nc.flush(timeout=max(1, round(_STOP_GRACE)))
         except Exception as exc:
             logger.warning("NATS at %s: sending the last replies failed: %s", self._addresses, _describe(exc))
+        self._nc = self._sub = None
         await _close_client(nc)
         logger.info("stopped serving on NATS at %s", self._addresses)
 
