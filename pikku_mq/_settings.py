@@ -5,10 +5,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["DEFAULT_DISCOVERY_FILE", "ENV_DISCOVERY_URL", "default_discovery_url"]
+__all__ = [
+    "DEFAULT_DISCOVERY_FILE",
+    "DEFAULT_NATS_URL",
+    "ENV_DISCOVERY_URL",
+    "ENV_NATS_URL",
+    "default_discovery_url",
+    "default_nats_url",
+]
 
 ENV_DISCOVERY_URL = "PIKKU_DISCOVERY_URL"
 DEFAULT_DISCOVERY_FILE = "pikku-mq.db"
+ENV_NATS_URL = "PIKKU_NATS_URL"
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 
 def default_discovery_url() -> str:
@@ -17,3 +26,13 @@ def default_discovery_url() -> str:
     if url:
         return url
     return f"sqlite:///{Path.cwd() / DEFAULT_DISCOVERY_FILE}"
+
+
+def default_nats_url(fallback: str = DEFAULT_NATS_URL) -> str:
+    """Return ``PIKKU_NATS_URL``, else ``fallback`` (by default ``nats://127.0.0.1:4222``).
+
+    The URL may list several servers separated by commas and may carry credentials
+    (``nats://user:password@host:4222``). It is only used to connect and is never advertised.
+    """
+    url = os.environ.get(ENV_NATS_URL, "").strip()
+    return url or fallback

@@ -22,6 +22,7 @@ from ._settings import default_discovery_url
 from ._types import DEFAULT_TIMEOUT, DeploymentConfig
 from .backends import deployment_service_from_url
 from .backends.base import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TTL, DeploymentService
+from .transports._nats_wire import parse_nats_endpoint
 from .transports.base import ServerTransport, endpoint_scheme
 from .transports.http import DEFAULT_MAX_BODY_SIZE, HttpServer, PikkuASGIApp
 from .transports.memory import MemoryServer
@@ -41,7 +42,7 @@ _ABORT_GRACE = 1.0
 _ANNOUNCE_TIMEOUT = 1.0
 """Seconds a presence announcement may take, so a slow broker never holds up a start or a stop."""
 
-_SERVED_SCHEMES = ("http", "memory")
+_SERVED_SCHEMES = ("http", "memory", "nats")
 """Endpoint schemes a worker can serve."""
 
 
@@ -49,11 +50,16 @@ class PikkuWorker:
     """A process that serves pikku functions to the other instances of a mesh.
 
     ``endpoint`` is the URL other instances call, ``http://host:port`` (port 0 picks a free port and
-    advertises it) or ``memory://name`` for a worker in the caller's process. ``functions`` lists the
-    functions to serve (decorated callables or names); by default every exposed function registered
-    with the decorators is served. ``deployment_service`` is a service or a discovery URL, by default
-    ``PIKKU_DISCOVERY_URL`` or the SQLite file ``pikku-mq.db`` in the working directory; pass
-    ``discovery=False`` to serve without registering.
+    advertises it), ``nats://host:port/<subject-prefix>`` (see ``nats_url``) or ``memory://name`` for a
+    worker in the caller's process. ``functions`` lists the functions to serve (decorated callables or
+    names); by default every exposed function registered with the decorators is served.
+    ``deployment_service`` is a service or a discovery URL, by default ``PIKKU_DISCOVERY_URL`` or the
+    SQLite file ``pikku-mq.db`` in the working directory; pass ``discovery=False`` to serve without
+    registering.
+
+    ``nats_url`` is the NATS server a ``nats://`` endpoint is served through, with credentials if it
+    needs them; by default ``PIKKU_NATS_URL``, else the address in the endpoint. The endpoint is
+    advertised without credentials.
 
     On stop the worker deregisters first, then rejects new calls while it finishes the calls in flight
     for up to ``drain_timeout`` seconds, then closes its listener.
@@ -78,6 +84,7 @@ class PikkuWorker:
         bind_host: str | None = None,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        nats_url: str | None = None,
     ) -> None:
         if drain_timeout < 0:
             raise ConfigurationError(f"drain_timeout must not be negative, got {drain_timeout!r}")
@@ -93,6 +100,7 @@ class PikkuWorker:
         self.drain_timeout = drain_timeout
         self.max_body_size = max_body_size
         self.bind_host = bind_host
+        self.nats_url = nats_url
 
         if isinstance(deployment_service, DeploymentService):
             self.deployment_service: DeploymentService | None = deployment_service
@@ -292,6 +300,8 @@ class PikkuWorker:
         scheme = endpoint_scheme(url)
         if scheme == "memory":
             return MemoryServer()
+        if scheme == "nats":
+            return _nats_server(self.nats_url)
         return HttpServer(bind_host=self.bind_host, max_body_size=self.max_body_size)
 
     async def _close_listener(self) -> None:
@@ -312,10 +322,24 @@ def _check_endpoint(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in _SERVED_SCHEMES:
         raise ConfigurationError(
-            f"endpoint {url!r} cannot be served by a worker; use http://host:port or memory://name"
+            f"endpoint {url!r} cannot be served by a worker; use http://host:port, "
+            "nats://host:port/<subject-prefix> or memory://name"
         )
     if parts.scheme == "http" and not parts.hostname:
         raise ConfigurationError(f"endpoint {url!r} has no host; use http://host:port")
+    if parts.scheme == "nats":
+        parse_nats_endpoint(url)
+
+
+def _nats_server(nats_url: str | None) -> ServerTransport:
+    try:
+        from .transports.nats import NatsServer
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"serving a nats:// endpoint needs nats-py, which is not installed ({exc}); "
+            "install it with pip install 'pikku-mq[nats]'"
+        ) from None
+    return NatsServer(nats_url)
 
 
 def _select_functions(

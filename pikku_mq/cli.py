@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 from ._dispatch import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_IN_FLIGHT
 from ._errors import ConfigurationError, PikkuMQError, function_not_found
 from ._functions import FunctionDefinition, default_registry
-from ._settings import ENV_DISCOVERY_URL, default_discovery_url
+from ._settings import ENV_DISCOVERY_URL, ENV_NATS_URL, default_discovery_url
 from ._types import DEFAULT_TIMEOUT, DeploymentRecord
 from ._worker import PikkuWorker
 from .backends import DeploymentService, deployment_service_from_url
@@ -52,6 +52,7 @@ _WORKER_FLAGS = {
     "bind_host": "--bind-host",
     "max_concurrency": "--max-concurrency",
     "max_in_flight": "--max-in-flight",
+    "nats_url": "--nats-url",
 }
 
 
@@ -133,7 +134,8 @@ def _add_worker_parser(commands: Any) -> None:
     parser.add_argument(
         "--endpoint",
         metavar="URL",
-        help="URL to listen on and advertise, http://host:port; port 0 picks a free port (default: http://127.0.0.1:0)",
+        help="URL to listen on and advertise: http://host:port (port 0 picks a free port) or "
+        "nats://host:port/SUBJECT_PREFIX (default: http://127.0.0.1:0)",
     )
     parser.add_argument(
         "--fallback-endpoint",
@@ -143,6 +145,12 @@ def _add_worker_parser(commands: Any) -> None:
         help="endpoint that callers try when they cannot use --endpoint; repeat for several",
     )
     _add_discovery_flag(parser)
+    parser.add_argument(
+        "--nats-url",
+        metavar="URL",
+        help=f"NATS server that a nats:// endpoint is served through, credentials included; never advertised "
+        f"(default: ${ENV_NATS_URL}, else the address in the endpoint)",
+    )
     parser.add_argument(
         "--heartbeat-interval",
         type=_positive_seconds,
@@ -322,6 +330,7 @@ def _worker_for_module(module: ModuleType, args: argparse.Namespace) -> PikkuWor
         "bind_host",
         "max_concurrency",
         "max_in_flight",
+        "nats_url",
     ):
         value = getattr(args, name)
         if value is not None:

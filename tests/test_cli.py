@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -311,6 +312,38 @@ def test_worker_from_factory(project: Path, cli_env: dict[str, str], spawned: li
     assert stop_worker(worker) == 0
 
 
+def test_worker_on_nats_endpoint(
+    project: Path, discovery: str, cli_env: dict[str, str], spawned: list[subprocess.Popen[Any]]
+) -> None:
+    # The shared nats-server of the test machine, on a subject prefix of this test's own.
+    endpoint = f"nats://127.0.0.1:4222/pikku_t_cli_{uuid.uuid4().hex[:12]}"
+    env = {**cli_env, "PIKKU_NATS_URL": "nats://127.0.0.1:4222"}
+    worker = start_worker(
+        spawned,
+        "calc",
+        "--id",
+        "calc-nats",
+        "--endpoint",
+        endpoint,
+        "--nats-url",
+        "nats://pikku:secret@127.0.0.1:4222",
+        "--heartbeat-interval",
+        "1",
+        "--heartbeat-ttl",
+        "3",
+        cwd=project,
+        env=env,
+    )
+    record = wait_registered("calc-nats", worker, project, env)
+
+    assert record["endpoint"] == endpoint
+    added = run_cli("call", "add", '{"a": 20, "b": 22}', cwd=project, env=env)
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout) == 42
+    assert stop_worker(worker) == 0
+    assert list_deployments(project, env) == []
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -323,6 +356,8 @@ def test_worker_from_factory(project: Path, cli_env: dict[str, str], spawned: li
         (["helpers", "--max-concurrency", "many"], "expected a positive whole number, got 'many'"),
         (["helpers", "--max-concurrency", "20", "--max-in-flight", "10"], "must be at least max_concurrency"),
         (["calc:build", "--bind-host", "0.0.0.0"], "--bind-host cannot be combined with MODULE:ATTR"),
+        (["helpers", "--endpoint", "nats://127.0.0.1:4222"], "has no subject prefix"),
+        (["calc:build", "--nats-url", "nats://127.0.0.1:4222"], "--nats-url cannot be combined with MODULE:ATTR"),
     ],
 )
 def test_worker_rejects_bad_arguments(project: Path, cli_env: dict[str, str], args: list[str], message: str) -> None:

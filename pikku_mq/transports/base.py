@@ -94,11 +94,19 @@ class TransportSet:
 
     @classmethod
     def default(cls) -> TransportSet:
-        """Return the built-in transports: HTTP on aiohttp's client and the in-memory transport."""
+        """Return the built-in transports: HTTP on aiohttp's client, the in-memory transport, and NATS
+        when nats-py is installed (it connects on its first call, to ``PIKKU_NATS_URL``)."""
         from .http import AiohttpTransport
         from .memory import MemoryTransport
 
-        return cls([AiohttpTransport(), MemoryTransport()])
+        transports: list[ClientTransport] = [AiohttpTransport(), MemoryTransport()]
+        try:
+            from .nats import NatsTransport
+        except ImportError:
+            pass
+        else:
+            transports.append(NatsTransport())
+        return cls(transports)
 
     def for_endpoint(self, endpoint: str) -> ClientTransport | None:
         return self._by_scheme.get(endpoint_scheme(endpoint))

@@ -85,9 +85,15 @@ def _http_endpoint() -> str:
     return "http://127.0.0.1:0"
 
 
+def _nats_endpoint() -> str:
+    # The shared nats-server of the test machine; each worker gets a subject prefix of its own.
+    return f"nats://127.0.0.1:4222/pikku_t_{uuid.uuid4().hex[:12]}"
+
+
 ENDPOINTS: dict[str, Callable[[], str]] = {
     "memory": _memory_endpoint,
     "http": _http_endpoint,
+    "nats": _nats_endpoint,
 }
 """A fresh endpoint of each transport, for one worker."""
 

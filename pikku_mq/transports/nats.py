@@ -1,0 +1,682 @@
+"""NATS transport: request-reply on ``<subject-prefix>.<escaped function name>``, msgpack bodies.
+
+An endpoint is ``nats://host:port/<subject-prefix>``. Callers never connect to the address in it: each
+side connects with its own configured URL (``url=``, else ``PIKKU_NATS_URL``, else
+``nats://127.0.0.1:4222``), so credentials never travel through the registry, and a caller takes only
+the subject prefix from an endpoint. docs/protocol.md ("NATS") records the wire header by header.
+
+The client keeps its own reply subscription (one wildcard inbox per connection) instead of using
+nats-py's ``request()``, for three reasons. It tells "no responders" apart from a timeout and reports
+it at once, so the router moves the call to another instance. It fails the calls in flight as soon as
+the connection drops, instead of letting them wait out their deadline. And it checks the size of a
+request, headers included, against the server's ``max_payload`` before sending it, because nats-py
+checks only the body and the server drops the connection of a client that sends too much.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import msgpack
+import nats.errors
+import pydantic_core
+from nats.aio.client import Client as NatsClient
+
+from .._errors import (
+    BadRequestError,
+    ConfigurationError,
+    DeadlineExceededError,
+    EndpointUnreachableError,
+    OutputValidationError,
+    PayloadTooLargeError,
+    PikkuMQError,
+    ProtocolError,
+    TransportError,
+)
+from .._settings import default_nats_url
+from .._types import CallRequest
+from ._nats_wire import (
+    HEADER_REJECTED,
+    HEADER_SERVICE_ERROR,
+    HEADER_SERVICE_ERROR_CODE,
+    HEADER_STATUS,
+    MAX_SUBJECT_LENGTH,
+    NatsEndpoint,
+    header_block_size,
+    parse_nats_endpoint,
+    server_addresses,
+    split_server_urls,
+    unescape_token,
+)
+from .base import ClientTransport, Reply, ServerTransport
+from .http import _decode_call_body
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
+
+    from .._dispatch import Dispatcher
+
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "NatsServer", "NatsTransport"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONNECT_TIMEOUT = 2.0
+"""Seconds a first connection to NATS may take before the attempt fails."""
+
+_RECONNECT_WAIT = 1
+"""Seconds between two attempts to reconnect to a server, after the first immediate one."""
+_PING_INTERVAL = 20
+_MAX_OUTSTANDING_PINGS = 3
+"""A connection that gets no reply to its pings for about a minute counts as lost and is reconnected."""
+
+_MAX_ERROR_HEADER = 1024
+"""Characters of an error message copied into ``Nats-Service-Error``. The reply body carries all of it."""
+
+_STOP_GRACE = 2.0
+"""Seconds a stopping server gives its last replies and its unsubscription to reach the broker."""
+
+_REVIVE_BACKOFF = (0.5, 5.0)
+"""First and maximum wait, in seconds, between attempts to replace a server connection that nats-py closed."""
+
+_STATUS_NO_RESPONDERS = "503"
+
+_LOG_EVERY = 60
+"""While reconnecting fails, one failure in this many is logged as a warning."""
+
+
+# -- connecting --------------------------------------------------------------------------------------
+
+
+Callback = Callable[[], Awaitable[None]]
+
+
+async def _open_client(
+    url: str,
+    *,
+    name: str,
+    connect_timeout: float,
+    on_disconnected: Callback,
+    on_reconnected: Callback,
+    on_closed: Callback,
+) -> NatsClient:
+    """Connect to the NATS servers listed in ``url``, failing fast instead of retrying for minutes.
+
+    nats-py retries a first connection for up to about two minutes (and forever with unlimited
+    reconnects). Here the attempt fails as soon as every server listed has refused once, or after
+    ``connect_timeout`` seconds per server. Once connected, the client reconnects without limit. The
+    callbacks only run once the first connection is made.
+    """
+    servers = split_server_urls(url)
+    addresses = server_addresses(url)
+    loop = asyncio.get_running_loop()
+    failed: asyncio.Future[BaseException] = loop.create_future()
+    attempts: list[BaseException] = []
+    live = False
+    failures = 0  # errors since the connection was last up: nats-py reports each failed reconnect attempt
+
+    async def error_cb(exc: Exception) -> None:
+        nonlocal failures
+        if not live:
+            attempts.append(exc)
+            if len(attempts) >= len(servers) and not failed.done():
+                failed.set_result(exc)
+            return
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            logger.warning("NATS at %s: slow consumer on %s, a message was dropped", addresses, exc.subject)
+            return
+        failures += 1
+        # One attempt a second while a server is down: log the first failure, then one in _LOG_EVERY.
+        level = logging.WARNING if failures == 1 or failures % _LOG_EVERY == 0 else logging.DEBUG
+        logger.log(
+            level, "NATS at %s: %s: %s (error %d since last connected)", addresses, type(exc).__name__, exc, failures
+        )
+
+    def forward(callback: Callback, *, connected: bool = False) -> Callback:
+        async def wrapper() -> None:
+            nonlocal failures
+            if connected:
+                failures = 0
+            if live:
+                await callback()
+
+        return wrapper
+
+    nc = NatsClient()
+    task = loop.create_task(
+        nc.connect(
+            servers,
+            name=name,
+            error_cb=error_cb,
+            disconnected_cb=forward(on_disconnected),
+            reconnected_cb=forward(on_reconnected, connected=True),
+            closed_cb=forward(on_closed),
+            connect_timeout=max(1, round(connect_timeout)),
+            reconnect_time_wait=_RECONNECT_WAIT,
+            max_reconnect_attempts=-1,
+            ping_interval=_PING_INTERVAL,
+            max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
+        ),
+        name=f"pikku-nats-connect-{addresses}",
+    )
+    try:
+        waiting: set[asyncio.Future[Any]] = {task, failed}
+        done, _ = await asyncio.wait(
+            waiting, timeout=connect_timeout * len(servers), return_when=asyncio.FIRST_COMPLETED
+        )
+    except BaseException:
+        await _abandon(nc, task)
+        raise
+    if task in done and task.exception() is None:
+        live = True
+        return nc
+
+    await _abandon(nc, task)
+    if failed.done():
+        reason = _describe(failed.result())
+    elif task.done():
+        exc = task.exception()
+        assert exc is not None
+        reason = _describe(exc)
+    else:
+        reason = f"no answer within {connect_timeout * len(servers):g} s"
+    raise EndpointUnreachableError(f"cannot connect to NATS at {addresses}: {reason}")
+
+
+async def _abandon(nc: NatsClient, task: asyncio.Task[None]) -> None:
+    """Stop a connection attempt and release whatever it opened."""
+    if not task.done():
+        task.cancel()
+    # The task's own outcome (cancelled or failed) is of no interest; a cancellation of this task is.
+    await asyncio.gather(task, return_exceptions=True)
+    await _close_client(nc)
+
+
+async def _close_client(nc: NatsClient) -> None:
+    """Close a nats-py client, whether it is connected, reconnecting or half set up."""
+    if nc.is_closed:
+        return
+    if not nc.is_connected:
+        # NOTE: nats-py (2.16) writes out its buffer of unsent messages in close(), which raises on a
+        # connection that is down. Nothing in that buffer can be delivered any more, so drop it first.
+        nc._pending = []
+        nc._pending_data_size = 0
+    try:
+        await nc.close()
+    except Exception as exc:
+        # Closing is cleanup: a client that failed half-way through connecting can fail to close too.
+        logger.debug("closing a NATS client failed: %s: %s", type(exc).__name__, _describe(exc))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, asyncio.TimeoutError) and not text:
+        return "the connection timed out"
+    return text or type(exc).__name__
+
+
+# -- calling -----------------------------------------------------------------------------------------
+
+
+class _CallerConnection:
+    """One connection of a caller: the NATS client and a wildcard inbox that collects every reply."""
+
+    def __init__(self, url: str, addresses: str) -> None:
+        self.url = url
+        self.addresses = addresses
+        self.nc: NatsClient | None = None
+        self._inbox = ""
+        self._pending: dict[str, tuple[asyncio.Future[Msg], str]] = {}
+        self._tokens = itertools.count(1)
+
+    @property
+    def usable(self) -> bool:
+        return self.nc is not None and not self.nc.is_closed
+
+    async def open(self, connect_timeout: float) -> None:
+        self.nc = await _open_client(
+            self.url,
+            name="pikku-mq caller",
+            connect_timeout=connect_timeout,
+            on_disconnected=self._on_disconnected,
+            on_reconnected=self._on_reconnected,
+            on_closed=self._on_closed,
+        )
+        try:
+            self._inbox = self.nc.new_inbox() + "."
+            # Sent before any request on the same connection, so the broker has it before the first reply.
+            await self.nc.subscribe(self._inbox + "*", cb=self._on_reply)
+        except BaseException:
+            await _close_client(self.nc)
+            self.nc = None
+            raise
+
+    async def request(self, subject: str, payload: bytes, headers: Mapping[str, str], timeout: float, name: str) -> Msg:
+        nc = self.nc
+        if nc is None or not nc.is_connected:
+            state = "reconnecting" if nc is not None and nc.is_reconnecting else "not connected"
+            raise EndpointUnreachableError(f"the call to '{name}' was not sent: NATS at {self.addresses} is {state}")
+
+        size = header_block_size(headers) + len(payload)
+        if size > nc.max_payload:
+            raise PayloadTooLargeError(
+                f"the request to '{name}' is {size} bytes with its headers, over the max_payload of "
+                f"{nc.max_payload} bytes of the NATS server at {self.addresses}",
+                payload={"size": size, "max_payload": nc.max_payload},
+            )
+
+        token = str(next(self._tokens))
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._pending[token] = (future, name)
+        try:
+            try:
+                await nc.publish(subject, payload, reply=self._inbox + token, headers=dict(headers))
+            except nats.errors.MaxPayloadError:
+                raise PayloadTooLargeError(
+                    f"the request to '{name}' is over the max_payload of {nc.max_payload} bytes of the NATS "
+                    f"server at {self.addresses}",
+                    payload={"size": size, "max_payload": nc.max_payload},
+                ) from None
+            except (nats.errors.BadSubjectError, nats.errors.BadHeaderError) as exc:
+                raise BadRequestError(f"the call to '{name}' cannot be sent over NATS: {_describe(exc)}") from None
+            except (nats.errors.Error, OSError) as exc:
+                raise EndpointUnreachableError(
+                    f"the call to '{name}' was not sent to NATS at {self.addresses}: {_describe(exc)}"
+                ) from exc
+            try:
+                async with asyncio.timeout(timeout):
+                    return await future
+            except TimeoutError:
+                raise DeadlineExceededError(
+                    f"no reply to '{name}' on {subject} within {timeout:.3f} s (NATS at {self.addresses})"
+                ) from None
+        finally:
+            self._pending.pop(token, None)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        entry = self._pending.get(msg.subject[len(self._inbox) :])
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(msg)
+
+    def _fail_pending(self, reason: str) -> None:
+        pending, self._pending = self._pending, {}
+        for future, name in pending.values():
+            if not future.done():
+                future.set_exception(
+                    TransportError(
+                        f"the call to '{name}' was sent, then the connection to NATS at {self.addresses} {reason}"
+                    )
+                )
+
+    async def _on_disconnected(self) -> None:
+        if self._pending:
+            logger.warning(
+                "lost the connection to NATS at %s with %d calls in flight", self.addresses, len(self._pending)
+            )
+        self._fail_pending("was lost; the function may have run")
+
+    async def _on_reconnected(self) -> None:
+        logger.info("reconnected to NATS at %s", self.addresses)
+
+    async def _on_closed(self) -> None:
+        self._fail_pending("was closed; the function may have run")
+
+    async def close(self) -> None:
+        nc, self.nc = self.nc, None
+        if nc is not None:
+            await _close_client(nc)
+        self._fail_pending("was closed; the function may have run")
+
+
+class NatsTransport(ClientTransport):
+    """Calls ``nats://host:port/<subject-prefix>`` endpoints over the caller's own NATS connection.
+
+    ``url`` is the NATS server (or a comma-separated list of servers) to connect to, with credentials
+    if it needs them; by default ``PIKKU_NATS_URL``, else ``nats://127.0.0.1:4222``. The host and port
+    in an endpoint only tell operators where the worker is: the call goes through ``url``.
+
+    Nothing connects until the first call. The connection then reconnects without limit after a
+    broker restart; while it is down, calls fail at once with :class:`EndpointUnreachableError`. A
+    client that nats-py closed for good (for example after an authorization error) is replaced on the
+    next call. ``connections`` spreads calls over that many connections, which raises throughput
+    when many calls are in flight.
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ("nats",)
+
+    def __init__(
+        self, url: str | None = None, *, connections: int = 1, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    ) -> None:
+        if connections < 1:
+            raise ConfigurationError(f"connections must be at least 1, got {connections!r}")
+        if not connect_timeout > 0:
+            raise ConfigurationError(f"connect_timeout must be positive seconds, got {connect_timeout!r}")
+        self._url = url
+        self._connect_timeout = connect_timeout
+        self._slots: list[_CallerConnection | None] = [None] * connections
+        self._opening: dict[int, asyncio.Task[_CallerConnection]] = {}
+        self._next = itertools.count()
+        self._endpoints: dict[str, NatsEndpoint] = {}
+
+    @property
+    def url(self) -> str:
+        """The NATS URL this transport connects to."""
+        return self._url or default_nats_url()
+
+    async def call(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
+        subject = self._subject(endpoint, request.name)
+        payload = _encode_request(request)
+        headers = request.headers
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        connection = await self._connection(request.name, timeout)
+        msg = await connection.request(subject, payload, headers, deadline - loop.time(), request.name)
+        return _decode_reply(msg, request.name, subject, connection.addresses)
+
+    def _subject(self, endpoint: str, name: str) -> str:
+        parsed = self._endpoints.get(endpoint)
+        if parsed is None:
+            try:
+                parsed = parse_nats_endpoint(endpoint)
+            except ConfigurationError as exc:
+                # A broken registration: the call certainly cannot reach that instance.
+                raise EndpointUnreachableError(str(exc)) from None
+            if len(self._endpoints) < 10_000:
+                self._endpoints[endpoint] = parsed
+        if not name:
+            raise BadRequestError("the function name is empty")
+        subject = parsed.subject(name)
+        if len(subject.encode()) > MAX_SUBJECT_LENGTH:
+            raise BadRequestError(
+                f"the subject of function '{name[:80]}...' is over {MAX_SUBJECT_LENGTH} bytes, "
+                "the limit of a NATS subject here"
+            )
+        return subject
+
+    async def _connection(self, name: str, timeout: float) -> _CallerConnection:
+        index = next(self._next) % len(self._slots)
+        connection = self._slots[index]
+        if connection is not None and connection.usable:
+            return connection
+        task = self._opening.get(index)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._open(index), name="pikku-nats-caller-connect")
+            # Retrieved here so that an attempt every caller gave up on is not reported as unhandled.
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())
+            self._opening[index] = task
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(task)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"the call to '{name}' ran out of time while connecting to NATS at {server_addresses(self.url)}"
+            ) from None
+
+    async def _open(self, index: int) -> _CallerConnection:
+        try:
+            stale = self._slots[index]
+            if stale is not None:
+                await stale.close()
+            url = self.url
+            connection = _CallerConnection(url, server_addresses(url))
+            await connection.open(self._connect_timeout)
+            self._slots[index] = connection
+            return connection
+        finally:
+            self._opening.pop(index, None)
+
+    async def close(self) -> None:
+        tasks = list(self._opening.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._opening.clear()
+        slots, self._slots = self._slots, [None] * len(self._slots)
+        for connection in slots:
+            if connection is not None:
+                await connection.close()
+
+
+def _encode_request(request: CallRequest) -> bytes:
+    try:
+        return msgpack.packb({"data": pydantic_core.to_jsonable_python(request.data)})  # type: ignore[no-any-return]
+    except (pydantic_core.PydanticSerializationError, ValueError, TypeError, OverflowError) as exc:
+        raise BadRequestError(f"data for function '{request.name}' cannot be serialised to msgpack: {exc}") from None
+
+
+def _decode_reply(msg: Msg, name: str, subject: str, addresses: str) -> Reply:
+    headers = {key.lower(): value for key, value in (msg.headers or {}).items()}
+    status_text = headers.get(HEADER_STATUS)
+    if status_text is None:
+        if headers.get("status") == _STATUS_NO_RESPONDERS and not msg.data:
+            raise EndpointUnreachableError(f"no worker subscribes to {subject} on NATS at {addresses} (no responders)")
+        raise ProtocolError(
+            f"the reply to '{name}' on {subject} is not a pikku_mq reply: it has no {HEADER_STATUS} header "
+            f"(a JetStream stream capturing the subject answers with its own acknowledgement); "
+            f"body {bytes(msg.data[:120])!r}"
+        )
+    if not (len(status_text) == 3 and status_text.isascii() and status_text.isdigit()) or status_text[0] == "0":
+        raise ProtocolError(f"the reply to '{name}' on {subject} has an invalid {HEADER_STATUS} {status_text[:20]!r}")
+    try:
+        body = msgpack.unpackb(msg.data, raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise ProtocolError(
+            f"the reply to '{name}' on {subject} (status {status_text}) is not valid msgpack: {exc}"
+        ) from None
+    return Reply(status=int(status_text), body=body, rejected=headers.get(HEADER_REJECTED) == "1")
+
+
+# -- serving -----------------------------------------------------------------------------------------
+
+
+class NatsServer(ServerTransport):
+    """Serves the functions of a worker on ``<subject-prefix>.>`` of a NATS server.
+
+    ``url`` is the NATS server (or servers) to connect to, with credentials if needed. It defaults to
+    ``PIKKU_NATS_URL``, else to the address and credentials in the endpoint itself. The worker
+    advertises ``nats://host:port/<prefix>`` from its endpoint, without credentials.
+
+    The subscription is in the queue group ``queue_group`` (by default the prefix), so workers that
+    share a prefix share its calls. Each request runs in a task of its own, within the dispatcher's
+    limits. A request that is not valid (a subject that is not a canonical escaped name, a body that
+    is not msgpack of ``{"data": ...}``, a bad metadata header) gets a 4xx error reply. If nats-py
+    closes the connection for good, the server connects and subscribes again with a backoff.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        queue_group: str | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> None:
+        self._url = url
+        self._queue_group = queue_group
+        self._connect_timeout = connect_timeout
+        self._endpoint: NatsEndpoint | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._nc: NatsClient | None = None
+        self._sub: Subscription | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._revive_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._addresses = ""
+
+    async def start(self, endpoint: str, dispatcher: Dispatcher) -> str:
+        parsed = parse_nats_endpoint(endpoint)
+        self._endpoint = parsed
+        self._dispatcher = dispatcher
+        self._stopping = False
+        await self._connect()
+        logger.info("serving %s on NATS at %s", parsed.subscription, self._addresses)
+        return parsed.advertised
+
+    async def _connect(self) -> None:
+        endpoint = self._endpoint
+        assert endpoint is not None
+        url = self._url or default_nats_url(fallback=endpoint.server_url)
+        self._addresses = server_addresses(url)
+        nc = await _open_client(
+            url,
+            name=f"pikku-mq worker {endpoint.prefix}",
+            connect_timeout=self._connect_timeout,
+            on_disconnected=self._on_disconnected,
+            on_reconnected=self._on_reconnected,
+            on_closed=self._on_closed,
+        )
+        try:
+            self._sub = await nc.subscribe(
+                endpoint.subscription, queue=self._queue_group or endpoint.prefix, cb=self._on_request
+            )
+            # Once the broker has the subscription, a caller that finds this worker can reach it.
+            await nc.flush(timeout=max(1, round(self._connect_timeout)))
+        except BaseException as exc:
+            await _close_client(nc)
+            if isinstance(exc, nats.errors.Error | asyncio.TimeoutError):
+                raise EndpointUnreachableError(
+                    f"cannot subscribe to {endpoint.subscription} on NATS at {self._addresses}: {_describe(exc)}"
+                ) from exc
+            raise
+        self._nc = nc
+
+    async def stop(self) -> None:
+        self._stopping = True
+        revive, self._revive_task = self._revive_task, None
+        if revive is not None:
+            revive.cancel()
+            await asyncio.gather(revive, return_exceptions=True)
+        nc, sub = self._nc, self._sub
+        if nc is None:
+            return
+        try:
+            if sub is not None and nc.is_connected:
+                # Unsubscribe, then hand over the requests that had already arrived.
+                async with asyncio.timeout(_STOP_GRACE):
+                    await sub.drain()  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            logger.warning("NATS at %s: unsubscribing failed: %s", self._addresses, _describe(exc))
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=_STOP_GRACE)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=_STOP_GRACE)
+        try:
+            if nc.is_connected:
+                await nc.flush(timeout=max(1, round(_STOP_GRACE)))
+        except Exception as exc:
+            logger.warning("NATS at %s: sending the last replies failed: %s", self._addresses, _describe(exc))
+        self._nc = self._sub = None
+        await _close_client(nc)
+        logger.info("stopped serving on NATS at %s", self._addresses)
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    async def _on_request(self, msg: Msg) -> None:
+        # nats-py runs this callback for one message at a time: hand each request to a task at once.
+        task = asyncio.get_running_loop().create_task(self._serve(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, msg: Msg) -> None:
+        if not msg.reply:
+            logger.debug("NATS: ignored a message on %s without a reply subject", msg.subject[:200])
+            return
+        assert self._dispatcher is not None
+        try:
+            name = self._function_name(msg.subject)
+            data = None if not msg.data else _decode_call_body(msg.data, True)
+            headers = {key.lower(): value for key, value in (msg.headers or {}).items()}
+        except PikkuMQError as exc:
+            await self._reply(msg.reply, exc.http_status, exc.to_envelope(), error=exc, rejected=False, name="")
+            return
+        outcome = await self._dispatcher.handle(name, data, headers)
+        status, body = outcome.encode_python()
+        await self._reply(msg.reply, status, body, error=outcome.error, rejected=outcome.rejected, name=name)
+
+    def _function_name(self, subject: str) -> str:
+        assert self._endpoint is not None
+        token = subject[len(self._endpoint.prefix) + 1 :]
+        try:
+            return unescape_token(token)
+        except ValueError as exc:
+            raise BadRequestError(
+                f"subject {subject[:200]!r} does not name a function as <prefix>.<escaped name>: {exc}",
+                payload={"subject": subject[:200]},
+            ) from None
+
+    async def _reply(
+        self, reply_to: str, status: int, body: Any, *, error: PikkuMQError | None, rejected: bool, name: str
+    ) -> None:
+        nc = self._nc
+        if nc is None:
+            return
+        try:
+            payload: bytes = msgpack.packb(body)
+        except (ValueError, TypeError, OverflowError) as exc:
+            error = OutputValidationError(f"the result of function '{name}' cannot be serialised to msgpack: {exc}")
+            status, payload = error.http_status, msgpack.packb(error.to_envelope())
+        headers = _reply_headers(status, error, rejected)
+        size = header_block_size(headers) + len(payload)
+        if size > nc.max_payload:
+            error = PayloadTooLargeError(
+                f"the reply of function '{name}' is {size} bytes with its headers, over the max_payload of "
+                f"{nc.max_payload} bytes of the NATS server",
+                payload={"size": size, "max_payload": nc.max_payload},
+            )
+            status, payload = error.http_status, msgpack.packb(error.to_envelope())
+            headers = _reply_headers(status, error, rejected=False)
+        try:
+            await nc.publish(reply_to, payload, headers=headers)
+        except (nats.errors.Error, OSError) as exc:
+            logger.warning("NATS at %s: the reply to %s was not sent: %s", self._addresses, reply_to, _describe(exc))
+
+    # -- connection events -------------------------------------------------------------------------
+
+    async def _on_disconnected(self) -> None:
+        if not self._stopping:
+            logger.warning("worker lost its connection to NATS at %s; reconnecting", self._addresses)
+
+    async def _on_reconnected(self) -> None:
+        logger.info("worker reconnected to NATS at %s", self._addresses)
+
+    async def _on_closed(self) -> None:
+        # Only the client that serves now counts: not one that failed to subscribe, nor one being stopped.
+        if self._stopping or self._revive_task is not None or self._nc is None or not self._nc.is_closed:
+            return
+        logger.error("NATS at %s closed the worker's connection; connecting again", self._addresses)
+        self._nc = self._sub = None
+        self._revive_task = asyncio.get_running_loop().create_task(self._revive(), name="pikku-nats-revive")
+
+    async def _revive(self) -> None:
+        wait, longest = _REVIVE_BACKOFF
+        try:
+            while not self._stopping:
+                try:
+                    await self._connect()
+                except EndpointUnreachableError as exc:
+                    logger.warning("%s; trying again in %.1f s", exc, wait)
+                    await asyncio.sleep(wait)
+                    wait = min(wait * 2, longest)
+                else:
+                    logger.info("worker serves on NATS at %s again", self._addresses)
+                    return
+        finally:
+            self._revive_task = None
+
+
+def _reply_headers(status: int, error: PikkuMQError | None, rejected: bool) -> dict[str, str]:
+    headers = {HEADER_STATUS: str(status)}
+    if error is not None:
+        message = error.message
+        if len(message) > _MAX_ERROR_HEADER:
+            message = message[:_MAX_ERROR_HEADER] + "..."
+        headers[HEADER_SERVICE_ERROR] = message or error.wire_name
+        headers[HEADER_SERVICE_ERROR_CODE] = str(status)
+    if rejected:
+        headers[HEADER_REJECTED] = "1"
+    return headers

@@ -1,0 +1,621 @@
+"""The NATS transport beyond the transport contract, against real nats-server processes.
+
+Most tests use the shared server at 127.0.0.1:4222, each on a subject prefix of its own. The restart
+tests start a private nats-server on a free port and kill it at the end, so the shared one is never
+restarted. A test fails, and does not skip, when a server cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import nats
+import pytest
+from _support_core import Mesh, closed_port, wait_until
+from nats.aio.client import Client as NatsClient
+from nats.js.api import StorageType
+
+from pikku_mq import (
+    BadRequestError,
+    ConfigurationError,
+    DeploymentConfig,
+    EndpointUnreachableError,
+    FunctionRegistry,
+    MemoryTransport,
+    PayloadTooLargeError,
+    PikkuMQError,
+    PikkuWorker,
+    ProtocolError,
+    RoutingError,
+    TransportError,
+    TransportSet,
+    pikku_sessionless_func,
+)
+from pikku_mq._types import HEADER_DEADLINE, CallRequest
+from pikku_mq.transports._nats_wire import escape_name, parse_nats_endpoint, unescape_token
+from pikku_mq.transports.nats import NatsServer, NatsTransport
+
+SHARED_URL = "nats://127.0.0.1:4222"
+NATS_SERVER = "/usr/sbin/nats-server"
+SERVER_START_TIMEOUT = 10.0
+
+REG = FunctionRegistry()
+
+ODD_NAMES = [
+    "orders.create",
+    "hello world",
+    "a*b>c",
+    "grüße",
+    "100%",
+    "rocket 🚀",
+    "~tilde",
+    "-dash_under-",
+    "UPPER.lower.MiXeD",
+    "quote'\"back`",
+    "é" * 255,
+]
+
+
+@pikku_sessionless_func(expose=True, registry=REG)
+async def echo(services: Any, data: Any) -> Any:
+    return data
+
+
+@pikku_sessionless_func(expose=True, registry=REG)
+async def nap(services: Any, data: float) -> str:
+    await asyncio.sleep(data)
+    return str(services)
+
+
+@pikku_sessionless_func(expose=True, registry=REG)
+async def blob(services: Any, data: int) -> str:
+    return "x" * data
+
+
+def _register_odd(name: str) -> None:
+    async def odd(services: Any, data: Any) -> str:
+        return name
+
+    pikku_sessionless_func(expose=True, registry=REG, name=name)(odd)
+
+
+for _odd_name in ODD_NAMES:
+    _register_odd(_odd_name)
+
+
+def new_prefix() -> str:
+    return f"pikku_t_{uuid.uuid4().hex[:12]}"
+
+
+def shared_endpoint(prefix: str | None = None) -> str:
+    return f"{SHARED_URL}/{prefix or new_prefix()}"
+
+
+@pytest.fixture
+async def mesh() -> AsyncIterator[Mesh]:
+    async with Mesh() as shared:
+        yield shared
+
+
+@pytest.fixture
+async def raw_client() -> AsyncIterator[NatsClient]:
+    """A plain nats-py client of the shared server, for requests that pikku_mq would never send."""
+    client = await nats.connect(SHARED_URL, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False)
+    yield client
+    await client.close()
+
+
+def make_worker(mesh: Mesh, endpoint: str, deployment_id: str = "n-1", **options: Any) -> PikkuWorker:
+    return PikkuWorker(
+        registry=REG,
+        endpoint=endpoint,
+        deployment_id=deployment_id,
+        services=deployment_id,
+        deployment_service=mesh.service(),
+        **options,
+    )
+
+
+def request(name: str, data: Any = None, **headers: str) -> CallRequest:
+    return CallRequest(name=name, data=data, headers={HEADER_DEADLINE: "5000", **headers})
+
+
+def unpack(payload: bytes) -> Any:
+    return msgpack.unpackb(payload, raw=False)
+
+
+# -- subject escaping and endpoints ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "token"),
+    [
+        ("greet", "greet"),
+        ("snake_case-and-dash", "snake_case-and-dash"),
+        ("orders.create", "orders%2Ecreate"),
+        ("hello world", "hello%20world"),
+        ("a*b>c", "a%2Ab%3Ec"),
+        ("grüße", "gr%C3%BC%C3%9Fe"),
+        ("100%", "100%25"),
+        ("~", "%7E"),
+    ],
+)
+def test_escape_name_table(name: str, token: str) -> None:
+    assert escape_name(name) == token
+    assert unescape_token(token) == name
+
+
+@pytest.mark.parametrize("token", ["a.b", "%2e", "ech%6F", "%zz", "%C3", "a%2", "*", ">", "a b"])
+def test_unescape_rejects_non_canonical(token: str) -> None:
+    with pytest.raises(ValueError, match=r"characters|escap"):
+        unescape_token(token)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "message"),
+    [
+        ("nats://127.0.0.1:4222", "has no subject prefix"),
+        ("nats://127.0.0.1:4222/", "has no subject prefix"),
+        ("nats:///orders", "has no host"),
+        ("nats://127.0.0.1:port/orders", "is not a valid URL"),
+        ("nats://127.0.0.1:4222/orders..v1", "is not valid"),
+        ("nats://127.0.0.1:4222/orders.*", "is not valid"),
+        ("nats://127.0.0.1:4222/orders.>", "is not valid"),
+        ("nats://127.0.0.1:4222/my orders", "is not valid"),
+        ("nats://127.0.0.1:4222/orders/v1", "is not valid"),
+        ("nats://127.0.0.1:4222/grüße", "is not valid"),
+        ("nats://127.0.0.1:4222/_INBOX.x", "starts with _INBOX"),
+        ("nats://127.0.0.1:4222/orders?queue=a", "has a query or fragment"),
+        ("nats://127.0.0.1:4222/" + "a" * 129, "the limit is 128"),
+    ],
+)
+def test_worker_rejects_bad_nats_endpoint(endpoint: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message.replace("?", r"\?")):
+        PikkuWorker(registry=REG, endpoint=endpoint, discovery=False)
+
+
+def test_endpoint_parsed_and_advertised() -> None:
+    parsed = parse_nats_endpoint("nats://user:secret@broker.example:4300/orders.v1-eu_2/")
+
+    assert parsed.prefix == "orders.v1-eu_2"
+    assert parsed.advertised == "nats://broker.example:4300/orders.v1-eu_2"
+    assert parsed.server_url == "nats://user:secret@broker.example:4300"
+    assert parse_nats_endpoint("nats://[::1]/p").advertised == "nats://[::1]:4222/p"
+
+
+def test_missing_nats_py_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A None entry in sys.modules makes the import fail as if nats-py were not installed.
+    monkeypatch.setitem(sys.modules, "pikku_mq.transports.nats", None)
+    worker = PikkuWorker(registry=REG, endpoint=shared_endpoint(), discovery=False)
+
+    with pytest.raises(ConfigurationError, match=r"pip install 'pikku-mq\[nats\]'"):
+        worker._server_for(shared_endpoint())
+    assert all(not isinstance(t, NatsTransport) for t in TransportSet.default()._by_scheme.values())
+
+
+# -- routing failures --------------------------------------------------------------------------------
+
+
+async def test_no_responders_reported_at_once() -> None:
+    transport = NatsTransport(SHARED_URL)
+    with pytest.raises(EndpointUnreachableError, match="no responders"):
+        await transport.call(shared_endpoint(), request("echo", 1), 5.0)  # the first call also connects
+    started = time.monotonic()
+    with pytest.raises(EndpointUnreachableError, match="no responders"):
+        await transport.call(shared_endpoint(), request("echo", 1), 5.0)
+    elapsed = time.monotonic() - started
+    await transport.close()
+
+    assert elapsed < 0.5
+
+
+async def test_no_responders_fails_over(mesh: Mesh) -> None:
+    caller = mesh.service(routing_cache_ttl=60)
+    ghost = mesh.service()
+    await ghost.start(DeploymentConfig("ghost", shared_endpoint(), functions=["nap"]))
+    try:
+        async with make_worker(mesh, shared_endpoint(), "n-live"):
+            started = time.monotonic()
+            answers = [await caller.invoke("nap", 0.0, timeout=5) for _ in range(6)]
+            elapsed = time.monotonic() - started
+    finally:
+        await ghost.stop()
+
+    assert answers == ["n-live"] * 6
+    # The ghost costs one no-responders round trip, then it is skipped: nothing waits for a timeout.
+    assert elapsed < 1.0
+
+
+async def test_wrong_nats_url_fails_fast(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = closed_port()
+    transport = NatsTransport(f"nats://nobody:secret@127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(EndpointUnreachableError) as unreachable:
+        await transport.call(shared_endpoint(), request("echo", 1), 10.0)
+    elapsed = time.monotonic() - started
+    await transport.close()
+
+    assert elapsed < 2.0
+    assert f"127.0.0.1:{port}" in unreachable.value.message
+    assert "secret" not in unreachable.value.message
+
+    # Through the router, with the URL from the environment: a prompt routing error, never a hang.
+    monkeypatch.setenv("PIKKU_NATS_URL", f"nats://127.0.0.1:{port}")
+    caller = mesh.service(routing_cache_ttl=60)
+    async with make_worker(mesh, shared_endpoint(), nats_url=SHARED_URL):
+        started = time.monotonic()
+        with pytest.raises(RoutingError):
+            await caller.invoke("echo", 1, timeout=10)
+        assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.parametrize(
+    "url", ["nats://pikku:secret@127.0.0.1:99999", "nats://pikku:secret@:abc", "http://127.0.0.1:4222", " , "]
+)
+async def test_invalid_nats_url_rejected(url: str) -> None:
+    transport = NatsTransport(url)
+    try:
+        with pytest.raises(ConfigurationError, match="NATS URL") as invalid:
+            await transport.call(shared_endpoint(), request("echo", 1), 5.0)
+    finally:
+        await transport.close()
+
+    assert "secret" not in invalid.value.message
+
+
+async def test_worker_with_wrong_nats_url_fails_to_start(mesh: Mesh) -> None:
+    port = closed_port()
+    worker = make_worker(mesh, shared_endpoint(), nats_url=f"nats://127.0.0.1:{port}")
+
+    started = time.monotonic()
+    with pytest.raises(EndpointUnreachableError, match=f"127.0.0.1:{port}"):
+        await worker.start()
+    assert time.monotonic() - started < 2.0
+
+
+async def test_jetstream_ack_is_protocol_error(raw_client: NatsClient) -> None:
+    prefix = new_prefix()
+    stream = f"PIKKU_T_{prefix.upper()}"
+    jsm = raw_client.jsm()
+    await jsm.add_stream(name=stream, subjects=[f"{prefix}.>"], storage=StorageType.MEMORY)
+    transport = NatsTransport(SHARED_URL)
+    try:
+        with pytest.raises(ProtocolError, match="no pikku-status header") as protocol:
+            await transport.call(shared_endpoint(prefix), request("echo", "x"), 5.0)
+    finally:
+        await transport.close()
+        assert await jsm.delete_stream(stream)
+
+    assert "stream" in protocol.value.message
+
+
+async def test_non_msgpack_reply_is_protocol_error(raw_client: NatsClient) -> None:
+    prefix = new_prefix()
+
+    async def impostor(msg: Any) -> None:
+        await msg.respond(b"plain text, not msgpack")
+
+    async def wrong_status(msg: Any) -> None:
+        await raw_client.publish(msg.reply, msgpack.packb(1), headers={"pikku-status": "OK"})
+
+    transport = NatsTransport(SHARED_URL)
+    first = await raw_client.subscribe(f"{prefix}.plain", cb=impostor)
+    second = await raw_client.subscribe(f"{prefix}.status", cb=wrong_status)
+    await raw_client.flush()
+    try:
+        with pytest.raises(ProtocolError, match="no pikku-status header"):
+            await transport.call(shared_endpoint(prefix), request("plain"), 5.0)
+        with pytest.raises(ProtocolError, match="invalid pikku-status"):
+            await transport.call(shared_endpoint(prefix), request("status"), 5.0)
+    finally:
+        await first.unsubscribe()
+        await second.unsubscribe()
+        await transport.close()
+
+
+# -- payload limits ----------------------------------------------------------------------------------
+
+
+async def test_request_over_max_payload(mesh: Mesh) -> None:
+    caller = mesh.service()
+    async with make_worker(mesh, shared_endpoint()):
+        assert await caller.invoke("echo", "warm", timeout=5) == "warm"
+
+        started = time.monotonic()
+        with pytest.raises(PayloadTooLargeError) as too_large:
+            await caller.invoke("echo", "x" * (2 * 1024 * 1024), timeout=10)
+        assert time.monotonic() - started < 0.5
+        assert too_large.value.payload["max_payload"] == 1024 * 1024
+
+        # The connection survived: the server never saw the request.
+        assert await caller.invoke("echo", "after", timeout=5) == "after"
+
+
+async def test_request_over_max_payload_by_its_headers(raw_client: NatsClient) -> None:
+    transport = NatsTransport(SHARED_URL)
+    prefix = new_prefix()
+    seen: list[int] = []
+
+    async def count(msg: Any) -> None:
+        seen.append(len(msg.data))
+
+    sub = await raw_client.subscribe(f"{prefix}.>", cb=count)
+    await raw_client.flush()
+    try:
+        # The body alone fits within max_payload; with the headers, it does not.
+        body_overhead = len(msgpack.packb({"data": ""}))
+        data = "x" * (raw_client.max_payload - body_overhead - 8)
+        assert len(msgpack.packb({"data": data})) <= raw_client.max_payload
+        with pytest.raises(PayloadTooLargeError, match="with its headers"):
+            await transport.call(shared_endpoint(prefix), request("echo", data), 5.0)
+        with pytest.raises(EndpointUnreachableError):
+            await transport.call(shared_endpoint(), request("echo", 1), 5.0)
+    finally:
+        await sub.unsubscribe()
+        await transport.close()
+    assert seen == []
+
+
+async def test_data_without_msgpack_form_rejected() -> None:
+    transport = NatsTransport(SHARED_URL)
+    try:
+        # msgpack has no integers beyond 64 bits; JSON-only values are caught before anything is sent.
+        with pytest.raises(BadRequestError, match="cannot be serialised to msgpack"):
+            await transport.call(shared_endpoint(), request("echo", 2**70), 5.0)
+        with pytest.raises(BadRequestError, match="function name is empty"):
+            await transport.call(shared_endpoint(), request("", 1), 5.0)
+    finally:
+        await transport.close()
+
+
+async def test_reply_over_max_payload_is_error(mesh: Mesh) -> None:
+    caller = mesh.service()
+    async with make_worker(mesh, shared_endpoint()):
+        started = time.monotonic()
+        with pytest.raises(PayloadTooLargeError, match="reply of function 'blob'") as too_large:
+            await caller.invoke("blob", 2 * 1024 * 1024, timeout=10)
+        assert time.monotonic() - started < 2.0
+        assert too_large.value.status == 413
+        assert await caller.invoke("blob", 3, timeout=5) == "xxx"
+
+
+# -- the serving side --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("token", "payload", "headers", "status", "message"),
+    [
+        ("echo", b"\xc1", {}, 400, "not valid msgpack"),
+        ("echo", msgpack.packb([1, 2]), {}, 400, "must be an object"),
+        ("echo", msgpack.packb({"data": 1, "extra": 2}), {}, 400, "unknown fields"),
+        ("echo", msgpack.packb({1: "int key"}), {}, 400, "not valid msgpack"),
+        ("echo", msgpack.packb({"data": float("nan")}), {}, 400, "NaN"),
+        ("echo", msgpack.packb({"data": 1}), {"pikku-hop": "many"}, 400, "pikku-hop"),
+        ("echo", msgpack.packb({"data": 1}), {"pikku-deadline-ms": "soon"}, 400, "pikku-deadline-ms"),
+        ("echo", msgpack.packb({"data": 1}), {"pikku-deadline-ms": "0"}, 504, "after its deadline"),
+        ("echo", msgpack.packb({"data": 1}), {"pikku-hop": "17"}, 508, "forwarded 17 times"),
+        ("ech%6F", msgpack.packb({"data": 1}), {}, 400, "not the canonical escaping"),
+        ("%zz", msgpack.packb({"data": 1}), {}, 400, "does not name a function"),
+        ("echo.more", msgpack.packb({"data": 1}), {}, 400, "does not name a function"),
+        ("no_such_function", msgpack.packb({"data": 1}), {}, 404, "was not found"),
+    ],
+)
+async def test_malformed_request_gets_error_reply(
+    mesh: Mesh,
+    raw_client: NatsClient,
+    token: str,
+    payload: bytes,
+    headers: dict[str, str],
+    status: int,
+    message: str,
+) -> None:
+    prefix = new_prefix()
+    async with make_worker(mesh, shared_endpoint(prefix)):
+        reply = await raw_client.request(f"{prefix}.{token}", payload, timeout=5, headers=headers or None)
+        envelope = unpack(reply.data)
+        assert reply.headers is not None
+        assert reply.headers["pikku-status"] == str(status)
+        assert reply.headers["Nats-Service-Error-Code"] == str(status)
+        assert message in reply.headers["Nats-Service-Error"]
+        assert message in envelope["message"]
+        assert "pikku-rejected" not in reply.headers
+
+        # The worker keeps serving.
+        good = await raw_client.request(f"{prefix}.echo", msgpack.packb({"data": "still here"}), timeout=5)
+        assert good.headers == {"pikku-status": "200"}
+        assert unpack(good.data) == "still here"
+
+
+async def test_plain_client_calls(mesh: Mesh, raw_client: NatsClient) -> None:
+    prefix = new_prefix()
+    async with make_worker(mesh, shared_endpoint(prefix)):
+        # No headers at all, and an empty body for a None input.
+        empty = await raw_client.request(f"{prefix}.echo", b"", timeout=5)
+        assert empty.headers == {"pikku-status": "200"}
+        assert unpack(empty.data) is None
+
+        # A message without a reply subject is dropped, and later requests are served.
+        await raw_client.publish(f"{prefix}.echo", msgpack.packb({"data": 1}))
+        answer = await raw_client.request(f"{prefix}.echo", msgpack.packb({"data": {"a": [1]}}), timeout=5)
+        assert unpack(answer.data) == {"a": [1]}
+
+
+async def test_odd_function_names(mesh: Mesh, raw_client: NatsClient) -> None:
+    prefix = new_prefix()
+    caller = mesh.service()
+    async with make_worker(mesh, shared_endpoint(prefix)):
+        for name in ODD_NAMES:
+            assert await caller.invoke(name, None, timeout=5) == name, name
+
+        # A plain client reaches an odd name through its escaped subject.
+        reply = await raw_client.request(f"{prefix}.orders%2Ecreate", b"", timeout=5)
+        assert unpack(reply.data) == "orders.create"
+
+
+async def test_queue_group_shares_prefix(mesh: Mesh) -> None:
+    prefix = new_prefix()
+    transport = NatsTransport(SHARED_URL, connections=2)
+    served: set[str] = set()
+    async with make_worker(mesh, shared_endpoint(prefix), "n-a"), make_worker(mesh, shared_endpoint(prefix), "n-b"):
+        for _ in range(40):
+            reply = await transport.call(shared_endpoint(prefix), request("nap", 0.0), 5.0)
+            served.add(reply.body)
+    await transport.close()
+
+    assert served == {"n-a", "n-b"}
+
+
+async def test_credentials_never_advertised(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PIKKU_NATS_URL", raising=False)
+    prefix = new_prefix()
+    caller = mesh.service()
+
+    # Without nats_url, the worker connects to the endpoint's own address with its credentials.
+    async with make_worker(mesh, f"nats://pikku:secret@127.0.0.1:4222/{prefix}", "n-cred") as worker:
+        assert worker.endpoint == f"nats://127.0.0.1:4222/{prefix}"
+        [record] = await mesh.service().list_deployments()
+        assert record.endpoint == f"nats://127.0.0.1:4222/{prefix}"
+        assert await caller.invoke("echo", "hi", timeout=5) == "hi"
+
+    other = new_prefix()
+    async with make_worker(mesh, f"nats://localhost/{other}", "n-url", nats_url="nats://pikku:secret@127.0.0.1:4222"):
+        [record] = await mesh.service().list_deployments()
+        assert record.endpoint == f"nats://localhost:4222/{other}"
+
+
+async def test_server_replaces_closed_connection(mesh: Mesh) -> None:
+    caller = mesh.service()
+    async with make_worker(mesh, shared_endpoint()) as worker:
+        assert await caller.invoke("echo", 1, timeout=5) == 1
+        [server] = worker._servers
+        assert isinstance(server, NatsServer)
+        client = server._nc
+        assert client is not None
+
+        # As nats-py does after some protocol errors: the client is closed for good.
+        await client.close()
+
+        async def served() -> bool:
+            try:
+                return await caller.invoke("echo", 2, timeout=1) == 2
+            except PikkuMQError:
+                return False
+
+        await wait_until(served, timeout=10, interval=0.2)
+
+
+# -- a private nats-server, restarted --------------------------------------------------------------
+
+
+class PrivateNats:
+    """A nats-server of this test on a free port, which the test may kill and start again."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.port = closed_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"nats-server exited: {self.log_path.read_text()}"
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"nats-server did not listen on {self.port} within {SERVER_START_TIMEOUT} s")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def private_nats(tmp_path: Path) -> Iterator[PrivateNats]:
+    server = PrivateNats(tmp_path / "nats-server.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+async def test_broker_restart_recovers(mesh: Mesh, private_nats: PrivateNats) -> None:
+    prefix = new_prefix()
+    endpoint = f"{private_nats.url}/{prefix}"
+    caller = mesh.service(
+        transports=TransportSet([NatsTransport(private_nats.url), MemoryTransport()]),
+        heartbeat_interval=1,
+        heartbeat_ttl=2,
+    )
+    async with make_worker(mesh, endpoint, nats_url=private_nats.url):
+        assert await caller.invoke("nap", 0.0, timeout=5) == "n-1"
+
+        # A call in flight when the broker dies fails as a transport error, well before its deadline.
+        in_flight = asyncio.create_task(caller.invoke("nap", 3.0, timeout=20))
+        await asyncio.sleep(0.3)
+        private_nats.kill()
+        started = time.monotonic()
+        with pytest.raises(TransportError):
+            await in_flight
+        assert time.monotonic() - started < 2.0
+
+        # During the outage, calls fail at once with a typed error.
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises((EndpointUnreachableError, RoutingError)):
+                await caller.invoke("nap", 0.0, timeout=5)
+            assert time.monotonic() - started < 1.0
+
+        # Same port, same processes: worker and caller reconnect and serve again.
+        private_nats.start()
+
+        async def served() -> bool:
+            try:
+                return await caller.invoke("nap", 0.0, timeout=1) == "n-1"
+            except PikkuMQError:
+                return False
+
+        waited = await wait_until(served, timeout=15, interval=0.2)
+        assert waited < 15
+        assert await caller.invoke("echo", {"after": "restart"}, timeout=5) == {"after": "restart"}
+
+
+async def test_stop_while_broker_down(mesh: Mesh, private_nats: PrivateNats) -> None:
+    prefix = new_prefix()
+    transport = NatsTransport(private_nats.url)
+    worker = make_worker(mesh, f"{private_nats.url}/{prefix}", nats_url=private_nats.url, drain_timeout=1)
+    await worker.start()
+    try:
+        reply = await transport.call(worker.endpoint or "", request("nap", 0.0), 5.0)
+        assert reply.body == "n-1"
+        private_nats.kill()
+        # Sent before the client noticed (TransportError) or refused after (EndpointUnreachableError).
+        with pytest.raises(TransportError):
+            await transport.call(worker.endpoint or "", request("nap", 0.0), 5.0)
+    finally:
+        started = time.monotonic()
+        await worker.stop()
+        await transport.close()
+    assert time.monotonic() - started < 5.0
