@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import math
@@ -50,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_SIZE = 1024 * 1024
 """Default limit of a request body, in bytes."""
+
+_LARGE_BODY = 1024 * 1024
+"""Request bodies over this many bytes are handed to aiohttp as a file object (its own threshold)."""
 
 RPC_PREFIX = "/remote/rpc/"
 HEADER_REJECTED = "pikku-rejected"
@@ -294,9 +298,12 @@ class AiohttpTransport(ClientTransport):
         url = endpoint.rstrip("/") + rpc_path(request.name)
         body = encode_request(request)
         headers = {**request.headers, "content-type": JSON}
+        # aiohttp warns that writing a body over 1 MiB from bytes blocks the loop; a file object is
+        # written in chunks instead.
+        data: bytes | io.BytesIO = io.BytesIO(body) if len(body) > _LARGE_BODY else body
         try:
             async with self._client().post(
-                url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+                url, data=data, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as response:
                 raw = await response.read()
                 reply = decode_reply(response.status, raw, response.content_type)

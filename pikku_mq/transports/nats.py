@@ -5,6 +5,10 @@ side connects with its own configured URL (``url=``, else ``PIKKU_NATS_URL``, el
 ``nats://127.0.0.1:4222``), so credentials never travel through the registry, and a caller takes only
 the subject prefix from an endpoint. docs/protocol.md ("NATS") records the wire header by header.
 
+Presence: a worker publishes its join, heartbeat, draining and leave events (JSON, as the discovery
+change feeds carry them) on the subject ``PIKKU_NATS_PRESENCE_SUBJECT`` (default ``pikku.presence``), and
+a caller whose deployment service listens for presence subscribes to it on its first connection.
+
 The client keeps its own reply subscription (one wildcard inbox per connection) instead of using
 nats-py's ``request()``, for three reasons. It tells "no responders" apart from a timeout and reports
 it at once, so the router moves the call to another instance. It fails the calls in flight as soon as
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -37,6 +42,7 @@ from .._errors import (
     ProtocolError,
     TransportError,
 )
+from .._presence import ChangeKind, decode_change, encode_change
 from .._settings import default_nats_url
 from .._types import CallRequest
 from ._nats_wire import (
@@ -52,7 +58,7 @@ from ._nats_wire import (
     split_server_urls,
     unescape_token,
 )
-from .base import ClientTransport, Reply, ServerTransport
+from .base import ClientTransport, PresenceListener, Reply, ServerTransport
 from .http import _decode_call_body
 
 if TYPE_CHECKING:
@@ -61,7 +67,7 @@ if TYPE_CHECKING:
 
     from .._dispatch import Dispatcher
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "NatsServer", "NatsTransport"]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_PRESENCE_SUBJECT", "NatsServer", "NatsTransport", "presence_subject"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +93,14 @@ _STATUS_NO_RESPONDERS = "503"
 
 _LOG_EVERY = 60
 """While reconnecting fails, one failure in this many is logged as a warning."""
+
+ENV_PRESENCE_SUBJECT = "PIKKU_NATS_PRESENCE_SUBJECT"
+DEFAULT_PRESENCE_SUBJECT = "pikku.presence"
+
+
+def presence_subject() -> str:
+    """Return the subject of presence events: ``PIKKU_NATS_PRESENCE_SUBJECT``, else ``pikku.presence``."""
+    return os.environ.get(ENV_PRESENCE_SUBJECT, "").strip() or DEFAULT_PRESENCE_SUBJECT
 
 
 # -- connecting --------------------------------------------------------------------------------------
@@ -225,9 +239,11 @@ def _describe(exc: BaseException) -> str:
 class _CallerConnection:
     """One connection of a caller: the NATS client and a wildcard inbox that collects every reply."""
 
-    def __init__(self, url: str, addresses: str) -> None:
+    def __init__(self, url: str, addresses: str, presence: tuple[str, PresenceListener] | None = None) -> None:
         self.url = url
         self.addresses = addresses
+        self.presence = presence
+        """The presence subject and the listener of its events, if this connection subscribes to them."""
         self.nc: NatsClient | None = None
         self._inbox = ""
         self._pending: dict[str, tuple[asyncio.Future[Msg], str]] = {}
@@ -250,10 +266,15 @@ class _CallerConnection:
             self._inbox = self.nc.new_inbox() + "."
             # Sent before any request on the same connection, so the broker has it before the first reply.
             await self.nc.subscribe(self._inbox + "*", cb=self._on_reply)
+            if self.presence is not None:
+                await self.nc.subscribe(self.presence[0], cb=self._on_presence)
         except BaseException:
             await _close_client(self.nc)
             self.nc = None
             raise
+        if self.presence is not None:
+            # Lookups made before this subscription may miss events: the listener expires them.
+            self.presence[1](None)
 
     async def request(self, subject: str, payload: bytes, headers: Mapping[str, str], timeout: float, name: str) -> Msg:
         nc = self.nc
@@ -297,6 +318,11 @@ class _CallerConnection:
         finally:
             self._pending.pop(token, None)
 
+    async def _on_presence(self, msg: Msg) -> None:
+        event = decode_change(msg.data)
+        if event is not None and self.presence is not None:
+            self.presence[1](event)
+
     async def _on_reply(self, msg: Msg) -> None:
         entry = self._pending.get(msg.subject[len(self._inbox) :])
         if entry is not None and not entry[0].done():
@@ -321,6 +347,9 @@ class _CallerConnection:
 
     async def _on_reconnected(self) -> None:
         logger.info("reconnected to NATS at %s", self.addresses)
+        if self.presence is not None:
+            # nats-py subscribes again by itself, but the events sent while it was away are lost.
+            self.presence[1](None)
 
     async def _on_closed(self) -> None:
         self._fail_pending("was closed; the function may have run")
@@ -361,6 +390,11 @@ class NatsTransport(ClientTransport):
         self._opening: dict[int, asyncio.Task[_CallerConnection]] = {}
         self._next = itertools.count()
         self._endpoints: dict[str, NatsEndpoint] = {}
+        self._presence_listener: PresenceListener | None = None
+
+    def set_presence_listener(self, listener: PresenceListener | None) -> None:
+        """Pass presence events to ``listener``; takes effect on the connection opened next."""
+        self._presence_listener = listener
 
     @property
     def url(self) -> str:
@@ -422,7 +456,10 @@ class NatsTransport(ClientTransport):
             if stale is not None:
                 await stale.close()
             url = self.url
-            connection = _CallerConnection(url, server_addresses(url))
+            # One connection subscribes to presence, so each event reaches the listener once.
+            listener = self._presence_listener
+            presence = (presence_subject(), listener) if index == 0 and listener is not None else None
+            connection = _CallerConnection(url, server_addresses(url), presence)
             await connection.open(self._connect_timeout)
             self._slots[index] = connection
             return connection
@@ -505,6 +542,7 @@ class NatsServer(ServerTransport):
         self._revive_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._addresses = ""
+        self._presence_subject = presence_subject()
 
     async def start(self, endpoint: str, dispatcher: Dispatcher) -> str:
         parsed = parse_nats_endpoint(endpoint)
@@ -573,6 +611,15 @@ class NatsServer(ServerTransport):
         self._nc = self._sub = None
         await _close_client(nc)
         logger.info("stopped serving on NATS at %s", self._addresses)
+
+    async def announce(self, kind: ChangeKind, deployment_id: str) -> None:
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            return  # callers learn of the change from discovery
+        await nc.publish(self._presence_subject, encode_change(kind, deployment_id).encode())
+        if kind in ("draining", "leave"):
+            # Callers should stop routing here before the next call leaves them.
+            await nc.flush(timeout=1)
 
     # -- requests ----------------------------------------------------------------------------------
 
