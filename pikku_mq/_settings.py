@@ -5,10 +5,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["DEFAULT_DISCOVERY_FILE", "ENV_DISCOVERY_URL", "default_discovery_url"]
+__all__ = [
+    "DEFAULT_AMQP_URL",
+    "DEFAULT_DISCOVERY_FILE",
+    "ENV_AMQP_URL",
+    "ENV_DISCOVERY_URL",
+    "default_amqp_url",
+    "default_discovery_url",
+]
 
 ENV_DISCOVERY_URL = "PIKKU_DISCOVERY_URL"
 DEFAULT_DISCOVERY_FILE = "pikku-mq.db"
+ENV_AMQP_URL = "PIKKU_AMQP_URL"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 def default_discovery_url() -> str:
@@ -17,3 +26,8 @@ def default_discovery_url() -> str:
     if url:
         return url
     return f"sqlite:///{Path.cwd() / DEFAULT_DISCOVERY_FILE}"
+
+
+def default_amqp_url() -> str:
+    """Return ``PIKKU_AMQP_URL``, else RabbitMQ's local default ``amqp://guest:guest@127.0.0.1:5672/``."""
+    return os.environ.get(ENV_AMQP_URL, "").strip() or DEFAULT_AMQP_URL

@@ -81,11 +81,19 @@ class TransportSet:
 
     @classmethod
     def default(cls) -> TransportSet:
-        """Return the built-in transports: HTTP on aiohttp's client and the in-memory transport."""
+        """Return the built-in transports: HTTP on aiohttp's client, the in-memory transport, and AMQP when
+        aio-pika is installed (none of them connects before its first call)."""
         from .http import AiohttpTransport
         from .memory import MemoryTransport
 
-        return cls([AiohttpTransport(), MemoryTransport()])
+        transports: list[ClientTransport] = [AiohttpTransport(), MemoryTransport()]
+        try:
+            from .amqp import AmqpTransport
+        except ImportError:
+            pass
+        else:
+            transports.append(AmqpTransport())
+        return cls(transports)
 
     def for_endpoint(self, endpoint: str) -> ClientTransport | None:
         return self._by_scheme.get(endpoint_scheme(endpoint))
