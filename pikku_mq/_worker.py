@@ -36,7 +36,7 @@ _MAX_LINGER = 2.0
 _ABORT_GRACE = 1.0
 """Seconds the interrupted calls get to send their error replies before the listener closes."""
 
-_SERVED_SCHEMES = ("http", "memory")
+_SERVED_SCHEMES = ("http", "memory", "amqp", "amqps")
 """Endpoint schemes a worker can serve."""
 
 
@@ -44,7 +44,9 @@ class PikkuWorker:
     """A process that serves pikku functions to the other instances of a mesh.
 
     ``endpoint`` is the URL other instances call, ``http://host:port`` (port 0 picks a free port and
-    advertises it) or ``memory://name`` for a worker in the caller's process. ``functions`` lists the
+    advertises it), ``memory://name`` for a worker in the caller's process, or
+    ``amqp://host:port/<vhost>?queue=<queue>`` to take calls from a RabbitMQ queue (the worker connects
+    with ``amqp_url``, by default ``PIKKU_AMQP_URL``). ``functions`` lists the
     functions to serve (decorated callables or names); by default every exposed function registered
     with the decorators is served. ``deployment_service`` is a service or a discovery URL, by default
     ``PIKKU_DISCOVERY_URL`` or the SQLite file ``pikku-mq.db`` in the working directory; pass
@@ -73,6 +75,7 @@ class PikkuWorker:
         bind_host: str | None = None,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        amqp_url: str | None = None,
     ) -> None:
         if drain_timeout < 0:
             raise ConfigurationError(f"drain_timeout must not be negative, got {drain_timeout!r}")
@@ -88,6 +91,7 @@ class PikkuWorker:
         self.drain_timeout = drain_timeout
         self.max_body_size = max_body_size
         self.bind_host = bind_host
+        self.amqp_url = amqp_url
 
         if isinstance(deployment_service, DeploymentService):
             self.deployment_service: DeploymentService | None = deployment_service
@@ -250,6 +254,9 @@ class PikkuWorker:
         scheme = endpoint_scheme(url)
         if scheme == "memory":
             return MemoryServer()
+        if scheme in ("amqp", "amqps"):
+            server: ServerTransport = _amqp().AmqpServer(url=self.amqp_url, max_body_size=self.max_body_size)
+            return server
         return HttpServer(bind_host=self.bind_host, max_body_size=self.max_body_size)
 
     async def _close_listener(self) -> None:
@@ -270,10 +277,24 @@ def _check_endpoint(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in _SERVED_SCHEMES:
         raise ConfigurationError(
-            f"endpoint {url!r} cannot be served by a worker; use http://host:port or memory://name"
+            f"endpoint {url!r} cannot be served by a worker; use http://host:port, memory://name or "
+            "amqp://host:port/<vhost>?queue=<queue>"
         )
     if parts.scheme == "http" and not parts.hostname:
         raise ConfigurationError(f"endpoint {url!r} has no host; use http://host:port")
+    if parts.scheme in ("amqp", "amqps"):
+        _amqp().parse_endpoint(url, worker=True)
+
+
+def _amqp() -> Any:
+    """Import the AMQP transport, which needs the optional aio-pika."""
+    try:
+        from .transports import amqp
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"serving an amqp:// endpoint needs aio-pika ({exc}); install it with: pip install 'pikku-mq[amqp]'"
+        ) from None
+    return amqp
 
 
 def _select_functions(

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from ._errors import ConfigurationError, PikkuMQError, function_not_found
 from ._functions import FunctionDefinition, default_registry
-from ._settings import ENV_DISCOVERY_URL, default_discovery_url
+from ._settings import ENV_AMQP_URL, ENV_DISCOVERY_URL, default_discovery_url
 from ._types import DEFAULT_TIMEOUT, DeploymentRecord
 from ._worker import PikkuWorker
 from .backends import DeploymentService, deployment_service_from_url
@@ -48,6 +48,7 @@ _WORKER_FLAGS = {
     "discovery": "--discovery",
     "heartbeat_interval": "--heartbeat-interval",
     "heartbeat_ttl": "--heartbeat-ttl",
+    "amqp_url": "--amqp-url",
 }
 
 
@@ -128,7 +129,8 @@ def _add_worker_parser(commands: Any) -> None:
     parser.add_argument(
         "--endpoint",
         metavar="URL",
-        help="URL to listen on and advertise, http://host:port; port 0 picks a free port (default: http://127.0.0.1:0)",
+        help="URL to listen on and advertise: http://host:port (port 0 picks a free port) or "
+        "amqp://host:port/<vhost>?queue=<queue> (default: http://127.0.0.1:0)",
     )
     parser.add_argument(
         "--fallback-endpoint",
@@ -138,6 +140,12 @@ def _add_worker_parser(commands: Any) -> None:
         help="endpoint that callers try when they cannot use --endpoint; repeat for several",
     )
     _add_discovery_flag(parser)
+    parser.add_argument(
+        "--amqp-url",
+        metavar="URL",
+        help=f"broker URL with credentials that an amqp:// endpoint connects with; default: ${ENV_AMQP_URL}, "
+        "else amqp://guest:guest@127.0.0.1:5672/",
+    )
     parser.add_argument(
         "--heartbeat-interval",
         type=_positive_seconds,
@@ -280,7 +288,7 @@ def _worker_for_module(module: ModuleType, args: argparse.Namespace) -> PikkuWor
         "deployment_service": _discovery_url(args),
         "fallback_endpoints": args.fallback_endpoints or (),
     }
-    for name in ("deployment_id", "endpoint", "heartbeat_interval", "heartbeat_ttl"):
+    for name in ("deployment_id", "endpoint", "heartbeat_interval", "heartbeat_ttl", "amqp_url"):
         value = getattr(args, name)
         if value is not None:
             options[name] = value
