@@ -1,0 +1,73 @@
+"""The vhosts of the tests on the shared RabbitMQ at 127.0.0.1:5672, created and deleted with rabbitmqctl.
+
+Tests never use the default vhost: a session gets a vhost of its own (``SESSION_VHOST``, created by the
+``amqp_vhost`` fixture and deleted at the end with everything in it), and a test that closes
+connections takes a vhost of its own, so it closes only its own connections. The node itself is
+never stopped or restarted.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+"""The broker URL of the tests: RabbitMQ's local default user."""
+
+SESSION_VHOST = f"pikku_t_{uuid.uuid4().hex[:12]}"
+
+RABBITMQCTL_TIMEOUT = 60.0
+"""Seconds one rabbitmqctl command may take; each starts an Erlang VM, about a second on this host."""
+
+
+def rabbitmqctl(*args: str) -> str:
+    """Run ``rabbitmqctl -q ARGS`` and return its output; fail the test, with its stderr, if it fails."""
+    completed = subprocess.run(
+        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=RABBITMQCTL_TIMEOUT, check=False
+    )
+    if completed.returncode != 0:
+        raise AssertionError(
+            f"rabbitmqctl {' '.join(args)} exited with {completed.returncode}; is RabbitMQ running on "
+            f"127.0.0.1:5672 (scripts/ensure-services starts it)?\n{completed.stderr or completed.stdout}"
+        )
+    return completed.stdout
+
+
+def new_vhost() -> str:
+    """Return a fresh vhost name of the tests (it is not created)."""
+    return f"pikku_t_{uuid.uuid4().hex[:12]}"
+
+
+def create_vhost(vhost: str) -> None:
+    """Create ``vhost`` and give the guest user every permission on it."""
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+
+
+def delete_vhost(vhost: str) -> None:
+    """Delete ``vhost``, which deletes its queues and closes its connections."""
+    rabbitmqctl("delete_vhost", vhost)
+
+
+def amqp_endpoint(vhost: str = SESSION_VHOST, queue: str | None = None) -> str:
+    """Return an endpoint in ``vhost`` with a queue of its own, unless ``queue`` is given."""
+    return f"amqp://127.0.0.1:5672/{vhost}?queue={queue or 'pikku-t-' + uuid.uuid4().hex[:12]}"
+
+
+def vhost_connections(vhost: str, name_contains: str = "") -> list[str]:
+    """Return the broker's names of the connections to ``vhost`` whose client-side name contains ``name_contains``."""
+    names = []
+    output = rabbitmqctl("--no-table-headers", "list_connections", "name", "vhost", "client_properties")
+    for line in output.splitlines():
+        fields = line.split("\t")
+        if len(fields) >= 3 and fields[1] == vhost and name_contains in fields[2]:
+            names.append(fields[0])
+    return names
+
+
+def close_vhost_connections(vhost: str, name_contains: str = "") -> int:
+    """Close the connections to ``vhost`` (those whose client name contains ``name_contains``); return how many."""
+    names = vhost_connections(vhost, name_contains)
+    for name in names:
+        rabbitmqctl("close_connection", name, "pikku_mq test: broker restart drill")
+    return len(names)
