@@ -102,6 +102,7 @@ _MSGPACK_TYPES = frozenset({MSGPACK, "application/x-msgpack", ""})
 _METADATA_HEADERS = frozenset(
     {HEADER_REQUEST_ID, HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP, "authorization", "traceparent", "tracestate"}
 )
+_NUMERIC_HEADERS = frozenset({HEADER_DEADLINE, HEADER_HOP})
 _MAX_QUEUE_NAME = 255
 """Bytes in a queue name, by AMQP 0.9.1 (a short string)."""
 _MAX_PREFETCH = 65535
@@ -251,26 +252,32 @@ def _pack(value: Any) -> bytes:
 def _request_headers(table: Mapping[str, Any] | None) -> dict[str, str]:
     """Return the message headers as the strings the dispatcher reads.
 
-    Numbers are accepted for the numeric headers. A pikku_mq header of another type is a bad request;
-    other headers of other types (a tracing tool's tables, say) are left out.
+    ``pikku-deadline-ms`` and ``pikku-hop`` may also be numbers. Any other pikku_mq header of another
+    type than a string is a bad request; other headers of other types (a tracing tool's tables, say)
+    are left out, or kept as text when they are numbers.
     """
     headers: dict[str, str] = {}
     for key, value in (table or {}).items():
         name = str(key).lower()
+        ours = name in _METADATA_HEADERS or name.startswith("pikku-")
         text: str | None = None
         if isinstance(value, str):
             text = value
         elif isinstance(value, bytes):
             with contextlib.suppress(UnicodeDecodeError):
                 text = value.decode()
-        elif isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+        elif _is_number(value) and (not ours or name in _NUMERIC_HEADERS):
             text = str(value)
         if text is None:
-            if name in _METADATA_HEADERS or name.startswith("pikku-"):
+            if ours:
                 raise BadRequestError(f"header {name} must be a string, got {type(value).__name__}")
             continue
         headers[name] = text
     return headers
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float | Decimal) and not isinstance(value, bool)
 
 
 def _reply_status(value: Any) -> int | None:
@@ -335,7 +342,7 @@ class _Link:
                 await channel.basic_consume(REPLY_TO, link._on_reply, no_ack=True)
         except BaseException as exc:
             await connection.close()
-            if isinstance(exc, aiormq.exceptions.AMQPError | OSError | TimeoutError):
+            if isinstance(exc, aiormq.exceptions.AMQPError | OSError | TimeoutError | RuntimeError):
                 raise EndpointUnreachableError(
                     f"cannot open a channel on the AMQP broker at {_broker_label(url)}: {exc or type(exc).__name__}"
                 ) from exc
@@ -346,7 +353,7 @@ class _Link:
 
     @property
     def usable(self) -> bool:
-        return not self.lost and not self.channel.is_closed
+        return not self.lost and not self.channel.is_closed and self.connection.connected.is_set()
 
     async def _on_reply(self, message: DeliveredMessage) -> None:
         future = self.pending.pop(message.header.properties.correlation_id or "", None)
@@ -613,7 +620,8 @@ class AmqpServer(ServerTransport):
         assert self._url is not None
         assert self._dispatcher is not None
         connection = self._connection
-        if connection is None or connection.is_closed:
+        # A connection that the broker closed is not is_closed (only close() sets that), but it is no longer connected.
+        if connection is None or connection.is_closed or not connection.connected.is_set():
             await self._close_connection()
             name = f"pikku-mq worker {self._dispatcher.deployment_id}"
             try:
@@ -642,7 +650,7 @@ class AmqpServer(ServerTransport):
                 f"user {self._url.user!r} may not declare or consume queue {self._queue!r} in vhost "
                 f"{self._vhost!r}: {exc}"
             ) from None
-        except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
+        except (aiormq.exceptions.AMQPError, OSError, TimeoutError, RuntimeError) as exc:
             raise EndpointUnreachableError(
                 f"cannot consume queue {self._queue!r} on the AMQP broker at {_broker_label(self._url)}: "
                 f"{exc or type(exc).__name__}"
