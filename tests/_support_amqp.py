@@ -55,19 +55,23 @@ def amqp_endpoint(vhost: str = SESSION_VHOST, queue: str | None = None) -> str:
 
 
 def vhost_connections(vhost: str, name_contains: str = "") -> list[str]:
-    """Return the broker's names of the connections to ``vhost`` whose client-side name contains ``name_contains``."""
-    names = []
-    output = rabbitmqctl("--no-table-headers", "list_connections", "name", "vhost", "client_properties")
+    """Return the Erlang pids of the connections to ``vhost`` whose client properties contain ``name_contains``.
+
+    pikku_mq names its connections in the ``connection_name`` client property ("pikku-mq worker <id>",
+    "pikku-mq caller"), so a test can pick the worker's or the caller's.
+    """
+    pids = []
+    output = rabbitmqctl("--no-table-headers", "list_connections", "pid", "vhost", "client_properties")
     for line in output.splitlines():
         fields = line.split("\t")
         if len(fields) >= 3 and fields[1] == vhost and name_contains in fields[2]:
-            names.append(fields[0])
-    return names
+            pids.append(fields[0])
+    return pids
 
 
 def close_vhost_connections(vhost: str, name_contains: str = "") -> int:
     """Close the connections to ``vhost`` (those whose client name contains ``name_contains``); return how many."""
-    names = vhost_connections(vhost, name_contains)
-    for name in names:
-        rabbitmqctl("close_connection", name, "pikku_mq test: broker restart drill")
-    return len(names)
+    pids = vhost_connections(vhost, name_contains)
+    for pid in pids:
+        rabbitmqctl("close_connection", pid, "pikku_mq test: broker restart drill")
+    return len(pids)

@@ -1,7 +1,7 @@
 """A worker process for the process tests: it serves the functions named on its command line.
 
 ``python mesh_worker.py --id ID --discovery URL --functions greet,whoami [--heartbeat-interval S]
-[--heartbeat-ttl S]``. The results name the deployment id of the worker that ran the call, so a test
+[--heartbeat-ttl S] [--endpoint URL]``. The results name the deployment id of the worker that ran the call, so a test
 can tell which instance served it. Tests import this module for :class:`GreetingRefusedError`, which
 must be defined on both sides to be re-raised as the same class.
 """
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--functions", required=True, help="comma-separated names of the functions to serve")
     parser.add_argument("--heartbeat-interval", type=float, default=10.0, help="seconds between heartbeats")
     parser.add_argument("--heartbeat-ttl", type=float, default=30.0, help="seconds until a silent instance is stale")
+    parser.add_argument("--endpoint", default="http://127.0.0.1:0", help="endpoint to serve and advertise")
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -98,6 +99,7 @@ def main() -> None:
         services={"deployment_id": args.id},
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_ttl=args.heartbeat_ttl,
+        endpoint=args.endpoint,
     ).run()
 
 
