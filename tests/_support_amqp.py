@@ -69,6 +69,12 @@ def vhost_connections(vhost: str, name_contains: str = "") -> list[str]:
     return pids
 
 
+def vhost_heartbeats(vhost: str) -> list[int]:
+    """Return the heartbeat timeout, in seconds, that each connection to ``vhost`` negotiated."""
+    output = rabbitmqctl("--no-table-headers", "list_connections", "vhost", "timeout")
+    return [int(fields[1]) for fields in (line.split("\t") for line in output.splitlines()) if fields[0] == vhost]
+
+
 def close_vhost_connections(vhost: str, name_contains: str = "") -> int:
     """Close the connections to ``vhost`` (those whose client name contains ``name_contains``); return how many."""
     pids = vhost_connections(vhost, name_contains)

@@ -30,6 +30,7 @@ from _support_amqp import (
     delete_vhost,
     new_vhost,
     vhost_connections,
+    vhost_heartbeats,
 )
 from _support_core import Mesh, closed_port, wait_until
 
@@ -464,6 +465,7 @@ async def test_every_connection_closed_then_both_sides_recover(own_vhost: str, m
         await wait_until(served, timeout=20, interval=0.2)
         assert server_of(worker).reconnects >= 1
         assert len(await asyncio.to_thread(vhost_connections, own_vhost, "pikku-mq worker drill-1")) == 1
+        assert await asyncio.to_thread(vhost_heartbeats, own_vhost) == [15, 15]
 
 
 async def test_worker_connection_closed_mid_call_still_replies(own_vhost: str, mesh: Mesh) -> None:
