@@ -292,7 +292,8 @@ def _amqp() -> Any:
         from .transports import amqp
     except ImportError as exc:
         raise ConfigurationError(
-            f"serving an amqp:// endpoint needs aio-pika ({exc}); install it with: pip install 'pikku-mq[amqp]'"
+            f"serving an amqp:// endpoint requires aio-pika, which failed to import ({exc}). "
+            "Install it with: pip install 'pikku-mq[amqp]'"
         ) from None
     return amqp
 

@@ -1,9 +1,9 @@
 """The vhosts of the tests on the shared RabbitMQ at 127.0.0.1:5672, created and deleted with rabbitmqctl.
 
-Tests never use the default vhost: a session gets a vhost of its own (``SESSION_VHOST``, created by the
-``amqp_vhost`` fixture and deleted at the end with everything in it), and a test that closes
-connections takes a vhost of its own, so it closes only its own connections. The node itself is
-never stopped or restarted.
+Tests never use the default vhost. A session gets a vhost of its own, ``SESSION_VHOST``, which the
+``amqp_vhost`` fixture creates and deletes at the end with everything in it. A test that closes
+connections takes another vhost of its own, so it closes only its own connections. The tests never
+stop or restart the node itself.
 """
 
 from __future__ import annotations
@@ -17,18 +17,18 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 SESSION_VHOST = f"pikku_t_{uuid.uuid4().hex[:12]}"
 
 RABBITMQCTL_TIMEOUT = 60.0
-"""Seconds one rabbitmqctl command may take; each starts an Erlang VM, about a second on this host."""
+"""Seconds that one rabbitmqctl command may take. Each command starts an Erlang VM."""
 
 
 def rabbitmqctl(*args: str) -> str:
-    """Run ``rabbitmqctl -q ARGS`` and return its output; fail the test, with its stderr, if it fails."""
+    """Run ``rabbitmqctl -q ARGS`` and return its output, or fail the test with its stderr."""
     completed = subprocess.run(
         ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=RABBITMQCTL_TIMEOUT, check=False
     )
     if completed.returncode != 0:
         raise AssertionError(
-            f"rabbitmqctl {' '.join(args)} exited with {completed.returncode}; is RabbitMQ running on "
-            f"127.0.0.1:5672 (scripts/ensure-services starts it)?\n{completed.stderr or completed.stdout}"
+            f"rabbitmqctl {' '.join(args)} exited with {completed.returncode}. Check that RabbitMQ runs on "
+            f"127.0.0.1:5672 (scripts/ensure-services starts it).\n{completed.stderr or completed.stdout}"
         )
     return completed.stdout
 
@@ -76,7 +76,7 @@ def vhost_heartbeats(vhost: str) -> list[int]:
 
 
 def close_vhost_connections(vhost: str, name_contains: str = "") -> int:
-    """Close the connections to ``vhost`` (those whose client name contains ``name_contains``); return how many."""
+    """Close the connections to ``vhost`` whose client properties contain ``name_contains``, and return how many."""
     pids = vhost_connections(vhost, name_contains)
     for pid in pids:
         rabbitmqctl("close_connection", pid, "pikku_mq test: broker restart drill")

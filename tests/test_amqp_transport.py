@@ -126,7 +126,8 @@ def request(name: str, data: Any = None, **headers: str) -> CallRequest:
 )
 def test_endpoint_parts(endpoint: str, vhost: str, queue: str | None) -> None:
     parsed = parse_endpoint(endpoint)
-    assert (parsed.vhost, parsed.queue) == (vhost, queue)
+    assert parsed.vhost == vhost
+    assert parsed.queue == queue
     assert parse_endpoint(parsed.advertised()) == parsed
 
 
@@ -155,7 +156,7 @@ def test_default_amqp_url(monkeypatch: pytest.MonkeyPatch) -> None:
     assert AmqpTransport().url == "amqp://me:pw@rabbit:5673/"
 
 
-def test_default_transports_include_amqp_without_connecting() -> None:
+def test_default_transports_include_amqp() -> None:
     transports = TransportSet.default()
     amqp = transports.for_endpoint("amqp://127.0.0.1:5672/v?queue=q")
     assert isinstance(amqp, AmqpTransport)
@@ -186,16 +187,16 @@ async def test_crashed_worker_fails_over_at_once(
     await worker_processes.wait_registered(crashing)
     await worker_processes.wait_registered(steady)
     assert crashing.endpoint.startswith(f"amqp://127.0.0.1:5672/{amqp_vhost}?queue=")
-    answers = {await caller.invoke("whoami_once", None, timeout=5) for _ in range(6)}
-    assert answers == {"amqp-crash", "amqp-steady"}
+    served_by = {await caller.invoke("whoami_once", None, timeout=5) for _ in range(6)}
+    assert served_by == {"amqp-crash", "amqp-steady"}
 
     # SIGKILL: no deregistration, no draining. The broker drops the exclusive queue with the connection,
     # so calls routed to the crashed worker come back unroutable instead of waiting for the heartbeat TTL.
     crashing.kill()
     started = time.monotonic()
-    answers = {await caller.invoke("whoami_once", None, timeout=5) for _ in range(10)}
+    served_by = {await caller.invoke("whoami_once", None, timeout=5) for _ in range(10)}
     elapsed = time.monotonic() - started
-    assert answers == {"amqp-steady"}
+    assert served_by == {"amqp-steady"}
     assert elapsed < 2.0, f"10 calls took {elapsed:.2f} s after the crash"
     assert {r.deployment_id for r in await caller.find_function("whoami_once")} >= {"amqp-crash"}
 
@@ -205,7 +206,7 @@ async def test_crashed_worker_fails_over_at_once(
 
 @pytest.fixture
 async def raw_responder(amqp_vhost: str) -> AsyncIterator[str]:
-    """A plain aio-pika consumer on a queue of its own that answers each request as its function header says."""
+    """Start a plain aio-pika consumer on a queue of its own that replies as the pikku-function header selects."""
     endpoint = amqp_endpoint()
     queue = parse_endpoint(endpoint).queue
     assert queue is not None
@@ -221,7 +222,7 @@ async def raw_responder(amqp_vhost: str) -> AsyncIterator[str]:
         "proper": ({"pikku-status": "200"}, msgpack.packb("hi"), None),
     }
 
-    async def answer(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    async def reply_as_asked(message: aio_pika.abc.AbstractIncomingMessage) -> None:
         async with message.process():
             headers, body, content_type = replies[str(message.headers["pikku-function"])]
             await channel.default_exchange.publish(
@@ -231,7 +232,7 @@ async def raw_responder(amqp_vhost: str) -> AsyncIterator[str]:
                 routing_key=str(message.reply_to),
             )
 
-    await declared.consume(answer)
+    await declared.consume(reply_as_asked)
     try:
         yield endpoint
     finally:
@@ -243,14 +244,16 @@ async def test_foreign_reply_is_protocol_error(transport: AmqpTransport, raw_res
     with pytest.raises(ProtocolError):
         await transport.call(raw_responder, request(kind), 5)
     reply = await transport.call(raw_responder, request("proper"), 5)
-    assert (reply.status, reply.body, reply.rejected) == (200, "hi", False)
+    assert reply.status == 200
+    assert reply.body == "hi"
+    assert not reply.rejected
 
 
 # -- payload sizes ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("size", [2 * MiB, 20 * MiB])
-async def test_large_payload_over_the_worker_limit_fails_at_once(mesh: Mesh, size: int) -> None:
+async def test_payload_over_body_limit_rejected(mesh: Mesh, size: int) -> None:
     caller = mesh.service()
     async with make_worker(mesh, amqp_endpoint()):  # max_body_size: 1 MiB by default
         started = time.monotonic()
@@ -263,7 +266,7 @@ async def test_large_payload_over_the_worker_limit_fails_at_once(mesh: Mesh, siz
 
 
 @pytest.mark.parametrize("size", [2 * MiB, 20 * MiB])
-async def test_large_payload_within_the_worker_limit_goes_through(mesh: Mesh, size: int) -> None:
+async def test_payload_within_body_limit_served(mesh: Mesh, size: int) -> None:
     caller = mesh.service()
     payload = {"blob": "x" * size, "tail": [1, 2, 3]}
     async with make_worker(mesh, amqp_endpoint(), max_body_size=64 * MiB):
@@ -273,12 +276,12 @@ async def test_large_payload_within_the_worker_limit_goes_through(mesh: Mesh, si
     assert elapsed < 10.0
 
 
-async def test_call_over_the_message_limit_fails_before_publishing(mesh: Mesh) -> None:
+async def test_payload_over_message_limit_unsent(mesh: Mesh) -> None:
     transport = AmqpTransport(url=AMQP_URL, max_message_size=MiB)
     try:
         with pytest.raises(PayloadTooLargeError) as too_large:
             await transport.call(amqp_endpoint(), request("echo", "x" * 2 * MiB), 5)
-        assert transport._links == {}  # refused before connecting, let alone publishing
+        assert transport._links == {}  # rejected before connecting, so nothing was published
     finally:
         await transport.close()
     assert too_large.value.payload["max_message_size"] == MiB
@@ -315,9 +318,7 @@ class RawCaller:
         return int(str(message.headers["pikku-status"])), msgpack.unpackb(message.body)
 
 
-async def test_malformed_raw_requests_get_4xx_and_the_worker_keeps_serving(
-    mesh: Mesh, amqp_vhost: str, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_malformed_raw_requests_rejected(mesh: Mesh, amqp_vhost: str, caplog: pytest.LogCaptureFixture) -> None:
     endpoint = amqp_endpoint()
     queue = parse_endpoint(endpoint).queue
     assert queue is not None
@@ -352,7 +353,8 @@ async def test_malformed_raw_requests_get_4xx_and_the_worker_keeps_serving(
             ]
             for correlation_id, status, name in sent:
                 got_status, envelope = await raw.reply(correlation_id)
-                assert (got_status, envelope["name"]) == (status, name), envelope
+                assert got_status == status, envelope
+                assert envelope["name"] == name, envelope
 
             # Without reply_to, a malformed request is logged and dropped.
             await raw.send(queue, b"\xc1", reply=False, headers=fn)
@@ -382,12 +384,12 @@ async def test_credentials_never_advertised(mesh: Mesh, amqp_vhost: str) -> None
         assert await registry.invoke("echo", "served", timeout=5) == "served"
 
 
-async def test_wrong_worker_url_fails_fast_without_the_password(mesh: Mesh, amqp_vhost: str) -> None:
+async def test_wrong_worker_url_fails_fast(mesh: Mesh, amqp_vhost: str) -> None:
     port = closed_port()
-    refused = make_worker(mesh, amqp_endpoint(), amqp_url=f"amqp://guest:s3cret-pw@127.0.0.1:{port}/")
+    unreachable_broker = make_worker(mesh, amqp_endpoint(), amqp_url=f"amqp://guest:s3cret-pw@127.0.0.1:{port}/")
     started = time.monotonic()
     with pytest.raises(EndpointUnreachableError) as unreachable:
-        await refused.start()
+        await unreachable_broker.start()
     assert time.monotonic() - started < 2.0
     assert f"127.0.0.1:{port}" in str(unreachable.value)
     assert "s3cret-pw" not in str(unreachable.value)
@@ -399,13 +401,11 @@ async def test_wrong_worker_url_fails_fast_without_the_password(mesh: Mesh, amqp
     assert "wrong-s3cret" not in str(refused_login.value)
 
     no_vhost = make_worker(mesh, amqp_endpoint(vhost=new_vhost()), amqp_url=AMQP_URL)
-    with pytest.raises(EndpointUnreachableError, match="did not open vhost"):
+    with pytest.raises(EndpointUnreachableError, match="failed to open vhost"):
         await no_vhost.start()
 
 
-async def test_wrong_caller_url_fails_fast_without_the_password(
-    mesh: Mesh, amqp_vhost: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_wrong_caller_url_fails_fast(mesh: Mesh, amqp_vhost: str, monkeypatch: pytest.MonkeyPatch) -> None:
     async with make_worker(mesh, amqp_endpoint(), amqp_url=AMQP_URL):
         port = closed_port()
         monkeypatch.setenv(ENV_AMQP_URL, f"amqp://guest:s3cret-pw@127.0.0.1:{port}/")
@@ -440,7 +440,7 @@ def server_of(worker: PikkuWorker) -> AmqpServer:
     return server
 
 
-async def test_every_connection_closed_then_both_sides_recover(own_vhost: str, mesh: Mesh) -> None:
+async def test_all_connections_closed_recovers(own_vhost: str, mesh: Mesh) -> None:
     caller = mesh.service()
     async with make_worker(mesh, amqp_endpoint(own_vhost), "drill-1") as worker:
         assert await caller.invoke("nap", 0.0, timeout=5) == "drill-1"
@@ -468,7 +468,7 @@ async def test_every_connection_closed_then_both_sides_recover(own_vhost: str, m
         assert await asyncio.to_thread(vhost_heartbeats, own_vhost) == [15, 15]
 
 
-async def test_worker_connection_closed_mid_call_still_replies(own_vhost: str, mesh: Mesh) -> None:
+async def test_worker_reconnect_keeps_call(own_vhost: str, mesh: Mesh) -> None:
     caller = mesh.service()
     async with make_worker(mesh, amqp_endpoint(own_vhost), "drill-2") as worker:
         assert await caller.invoke("nap", 0.0, timeout=5) == "drill-2"
@@ -485,7 +485,7 @@ async def test_worker_connection_closed_mid_call_still_replies(own_vhost: str, m
 # -- the command line ------------------------------------------------------------------------------
 
 
-def test_cli_worker_serves_an_amqp_endpoint(tmp_path: Path, amqp_vhost: str) -> None:
+def test_cli_worker_serves_amqp(tmp_path: Path, amqp_vhost: str) -> None:
     (tmp_path / "calc.py").write_text(
         "from pikku_mq import pikku_sessionless_func\n\n\n"
         "@pikku_sessionless_func(expose=True)\n"
@@ -542,7 +542,7 @@ def test_cli_worker_serves_an_amqp_endpoint(tmp_path: Path, amqp_vhost: str) -> 
             worker.wait(10)
 
 
-async def test_amqp_worker_registers_queue_from_the_deployment_id(mesh: Mesh, amqp_vhost: str) -> None:
+async def test_queue_named_after_deployment(mesh: Mesh, amqp_vhost: str) -> None:
     worker = make_worker(mesh, f"amqp://127.0.0.1:5672/{amqp_vhost}", "queue-from-id")
     async with worker:
         assert worker.endpoint is not None

@@ -6,19 +6,19 @@ set and ``reply_to`` set to RabbitMQ's direct reply-to pseudo-queue ``amq.rabbit
 docs/protocol.md describes the messages property by property.
 
 Advertised endpoints never carry credentials. A caller connects with its own broker URL
-(``PIKKU_AMQP_URL`` or ``url=``) and takes only the vhost and the queue from the endpoint, so every
-instance of a mesh must reach the workers' queues through the caller's broker (one node or a cluster).
+(``PIKKU_AMQP_URL`` or ``url=``) and takes only the vhost and the queue from the endpoint. So every
+instance of a mesh must reach the workers' queues through its own broker (one node or one cluster).
 
 Choices, and why:
 
 - The worker's queue is exclusive and auto-delete. It disappears as soon as the worker stops consuming or
   its connection drops, so a call to a stopped or crashed worker comes back from the broker as
   unroutable at once (``mandatory``), instead of waiting in a queue nobody reads until its deadline.
-- The worker acknowledges each request when it arrives (at-most-once): a redelivered request is
-  answered with :class:`~pikku_mq.CallInterruptedError` and not run again, so the broker never runs a
-  call twice. Retrying is the caller's decision, and only for idempotent functions.
+- The worker acknowledges each request when it arrives (at-most-once). It replies to a redelivered
+  request with :class:`~pikku_mq.CallInterruptedError` instead of running it, so a redelivery never
+  runs a call twice. Retrying is the caller's decision, and only for idempotent functions.
 - The prefetch count is the worker's ``max_in_flight`` (at most 65,535). Since requests are acknowledged
-  on arrival, it only bounds the requests read from the socket and not yet acknowledged; the
+  on arrival, it only bounds the requests read from the socket and not yet acknowledged. The
   dispatcher's limits decide what runs and what gets a busy reply, as on HTTP.
 - Each request is served in a task owned by the server, not by the channel, so a function keeps running
   when the worker's connection drops and its reply goes out on the next connection, within the call's
@@ -91,12 +91,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024
-"""RabbitMQ's default ``max_message_size`` (128 MiB since 3.8); a larger message closes the channel."""
+"""RabbitMQ's default ``max_message_size`` in bytes (``rabbitmqctl environment`` shows 134217728 on
+3.10.8). The broker closes the channel of a larger message."""
 
 DEFAULT_HEARTBEAT = 15
-"""Seconds between AMQP heartbeats unless the broker URL sets ``?heartbeat=``. The broker drops the
-connection of a peer it has not heard from for two heartbeats, and with it the queue of a worker whose
-host vanished, so calls to it come back unroutable within about 30 s (aiormq's default is 60 s)."""
+"""Heartbeat timeout in seconds, unless the broker URL sets ``?heartbeat=`` (aiormq's default is 60).
+RabbitMQ sends heartbeats every half timeout and closes a connection after two missed ones. So the
+queue of a worker whose host vanished goes away after an estimated 15 to 30 s."""
 
 REPLY_TO = "amq.rabbitmq.reply-to"
 HEADER_FUNCTION = "pikku-function"
@@ -110,14 +111,14 @@ _METADATA_HEADERS = frozenset(
 )
 _NUMERIC_HEADERS = frozenset({HEADER_DEADLINE, HEADER_HOP})
 _MAX_QUEUE_NAME = 255
-"""Bytes in a queue name, by AMQP 0.9.1 (a short string)."""
+"""Maximum bytes in a queue name, since AMQP 0.9.1 sends it as a short string."""
 _MAX_PREFETCH = 65535
 _FIRST_RECONNECT_DELAY = 0.1
 _MAX_RECONNECT_DELAY = 5.0
 _STOP_TIMEOUT = 5.0
-"""Seconds :meth:`AmqpServer.stop` waits for the replies still being sent, and for the broker."""
+"""Seconds that :meth:`AmqpServer.stop` waits for the replies still being sent, and for the broker."""
 _REPLY_WAIT_LIMIT = 300.0
-"""Seconds a reply waits at most for the worker to reconnect, whatever the deadline of its call."""
+"""Maximum seconds that a reply waits for the worker to reconnect, whatever the deadline of its call."""
 
 
 # -- endpoints -------------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ _REPLY_WAIT_LIMIT = 300.0
 
 @dataclass(frozen=True, slots=True)
 class AmqpEndpoint:
-    """An AMQP endpoint taken apart: where the broker is, and which vhost and queue serve the calls."""
+    """The parts of an AMQP endpoint: the broker's address, and the vhost and queue that take the calls."""
 
     scheme: str
     host: str | None
@@ -145,56 +146,56 @@ class AmqpEndpoint:
 
 
 def parse_endpoint(endpoint: str, *, worker: bool = False) -> AmqpEndpoint:
-    """Parse ``amqp://host:port/<vhost>?queue=<queue>``; raise ConfigurationError if it is malformed.
+    """Parse ``amqp://host:port/<vhost>?queue=<queue>``, raising ConfigurationError if it is invalid.
 
-    The vhost is percent-encoded (``/`` as ``%2F``); an empty path means the vhost ``/``. With
-    ``worker`` set, the stricter rules of an endpoint to serve apply: no credentials, no query
+    The vhost is percent-encoded (``/`` as ``%2F``), and an empty path means the vhost ``/``. With
+    ``worker`` set, the stricter rules of an endpoint to serve apply: no credentials, and no query
     parameter but ``queue``.
     """
-    shown = _without_password(endpoint)
+    redacted = _without_password(endpoint)
     try:
         parts = urlsplit(endpoint)
         port = parts.port
     except ValueError as exc:
-        raise ConfigurationError(f"endpoint {shown!r} is not a valid URL: {exc}") from None
+        raise ConfigurationError(f"endpoint {redacted!r} is not a valid URL: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in AmqpTransport.schemes:
-        raise ConfigurationError(f"endpoint {shown!r} is not an amqp:// URL")
+        raise ConfigurationError(f"endpoint {redacted!r} is not an amqp:// URL")
 
     raw_path = parts.path[1:] if parts.path.startswith("/") else parts.path
     if "/" in raw_path:
         raise ConfigurationError(
-            f"endpoint {shown!r} has a path with several segments; the path is the vhost, with '/' written as %2F"
+            f"endpoint {redacted!r} has a path with several segments; the path is the vhost, with '/' written as %2F"
         )
     vhost = unquote(raw_path) or "/"
 
     query = parse_qs(parts.query, keep_blank_values=True)
     queues = query.pop("queue", [])
     if len(queues) > 1:
-        raise ConfigurationError(f"endpoint {shown!r} names more than one queue")
+        raise ConfigurationError(f"endpoint {redacted!r} names more than one queue")
     queue = queues[0] if queues and queues[0] else None
     if queue is not None:
-        _check_queue_name(queue, shown)
+        _check_queue_name(queue, redacted)
 
     has_credentials = parts.username is not None or parts.password is not None
     if worker:
         if has_credentials:
             raise ConfigurationError(
-                f"endpoint {shown!r} contains credentials, and endpoints are advertised to "
+                f"endpoint {redacted!r} contains credentials, and endpoints are advertised to "
                 "every instance; give the worker its broker URL with amqp_url= or PIKKU_AMQP_URL instead"
             )
         if query:
             raise ConfigurationError(
-                f"endpoint {shown!r} has unknown query parameters {sorted(query)}; only 'queue' is allowed"
+                f"endpoint {redacted!r} has unknown query parameters {sorted(query)}; only 'queue' is allowed"
             )
     return AmqpEndpoint(scheme, parts.hostname, port, vhost, queue, has_credentials)
 
 
-def _check_queue_name(queue: str, shown: str) -> None:
+def _check_queue_name(queue: str, redacted: str) -> None:
     if len(queue.encode()) > _MAX_QUEUE_NAME:
-        raise ConfigurationError(f"endpoint {shown!r} names a queue longer than {_MAX_QUEUE_NAME} bytes")
+        raise ConfigurationError(f"endpoint {redacted!r} names a queue longer than {_MAX_QUEUE_NAME} bytes")
     if queue.startswith("amq."):
-        raise ConfigurationError(f"endpoint {shown!r} names queue {queue!r}; names starting 'amq.' are reserved")
+        raise ConfigurationError(f"endpoint {redacted!r} names queue {queue!r}; names starting 'amq.' are reserved")
 
 
 def queue_for_deployment(deployment_id: str) -> str:
@@ -215,7 +216,7 @@ def _without_password(url: str) -> str:
 
 
 def _broker_label(url: URL) -> str:
-    """Name a broker in messages: scheme, user, host, port and vhost, never the password."""
+    """Return the broker URL to show in messages: scheme, user, host, port and vhost, without the password."""
     return str(url.with_password(None).with_query(None))
 
 
@@ -230,19 +231,19 @@ def _connection_url(url: str, vhost: str) -> URL:
 
 
 def _connect_error(exc: BaseException, url: URL, vhost: str) -> PikkuMQError:
-    """Turn a failure to open a connection into the error to raise: unreachable, or misconfigured."""
+    """Return the error to raise for a failed connection attempt: unreachable, or misconfigured."""
     label = _broker_label(url)
     if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError):
         return ConfigurationError(
-            f"the AMQP broker at {label} refused the login of user {url.user!r}: {exc}; "
-            "check the broker URL (PIKKU_AMQP_URL or amqp_url)"
+            f"the AMQP broker at {label} rejected the login of user {url.user!r}: {exc}. "
+            "Check the user and password in the broker URL (PIKKU_AMQP_URL or amqp_url)"
         )
     if isinstance(exc, TimeoutError):
-        return EndpointUnreachableError(f"cannot connect to the AMQP broker at {label}: no answer in time")
+        return EndpointUnreachableError(f"connecting to the AMQP broker at {label} timed out")
     if isinstance(exc, aiormq.exceptions.InvalidFrameError | aiormq.exceptions.ConnectionNotAllowed):
         return EndpointUnreachableError(
-            f"the AMQP broker at {label} did not open vhost {vhost!r}: does it exist, and may user {url.user!r} "
-            f"use it? ({type(exc).__name__})"
+            f"the AMQP broker at {label} failed to open vhost {vhost!r} ({type(exc).__name__}). Check that the "
+            f"vhost exists and that user {url.user!r} has permissions on it"
         )
     reason = str(exc) or type(exc).__name__
     return EndpointUnreachableError(f"cannot connect to the AMQP broker at {label}: {reason}")
@@ -257,11 +258,11 @@ def _pack(value: Any) -> bytes:
 
 
 def _request_headers(table: Mapping[str, Any] | None) -> dict[str, str]:
-    """Return the message headers as the strings the dispatcher reads.
+    """Convert the message headers to the strings that the dispatcher reads.
 
-    ``pikku-deadline-ms`` and ``pikku-hop`` may also be numbers. Any other pikku_mq header of another
-    type than a string is a bad request; other headers of other types (a tracing tool's tables, say)
-    are left out, or kept as text when they are numbers.
+    ``pikku-deadline-ms`` and ``pikku-hop`` may also be numbers. Any other pikku_mq header that is not
+    a string raises BadRequestError. Other headers are kept as text when they are numbers, and left out
+    when they have another type, such as a tracing tool's tables.
     """
     headers: dict[str, str] = {}
     for key, value in (table or {}).items():
@@ -322,11 +323,11 @@ def _decode_reply(message: DeliveredMessage, endpoint: str, name: str) -> Reply:
 
 
 class _LinkLostError(Exception):
-    """The connection or channel of a link closed while a call waited on it."""
+    """Raised in a waiting call when the connection or channel of its link closes."""
 
 
 class _Link:
-    """One caller connection to a vhost: a channel with publisher confirms that consumes direct replies."""
+    """A caller's connection to one vhost, with a channel that has publisher confirms on and consumes direct replies."""
 
     def __init__(self, connection: aio_pika.abc.AbstractConnection, channel: aiormq.Channel) -> None:
         self.connection = connection
@@ -377,7 +378,7 @@ class _Link:
                 future.set_exception(_LinkLostError(str(exc) if exc else "closed"))
 
     async def request(self, queue: str, body: bytes, properties: spec.Basic.Properties) -> DeliveredMessage:
-        """Publish one request and wait for its reply; the caller bounds the wait."""
+        """Publish one request and wait for its reply, for as long as the caller waits."""
         correlation_id = properties.correlation_id or ""
         future: asyncio.Future[DeliveredMessage] = asyncio.get_running_loop().create_future()
         self.pending[correlation_id] = future
@@ -387,7 +388,8 @@ class _Link:
         finally:
             self.pending.pop(correlation_id, None)
             if future.done() and not future.cancelled():
-                future.exception()  # retrieved: a lost link may have failed it after the publish failed
+                # Mark the exception retrieved: a lost link may fail the future after the publish raised.
+                future.exception()
 
     async def close(self) -> None:
         self.lost = True
@@ -396,13 +398,13 @@ class _Link:
 
 
 class AmqpTransport(ClientTransport):
-    """AMQP client transport: one lazily opened connection per vhost, with direct reply-to.
+    """AMQP client transport: one connection per vhost, opened on its first call, with direct reply-to.
 
     ``url`` is the broker URL with the caller's credentials (default ``PIKKU_AMQP_URL``, else
-    ``amqp://guest:guest@127.0.0.1:5672/``); its vhost is replaced by each endpoint's. A request larger
-    than ``max_message_size`` bytes (RabbitMQ's ``max_message_size``, 128 MiB by default) fails at once
-    with :class:`~pikku_mq.PayloadTooLargeError` instead of closing the channel under the other calls.
-    Constructing the transport does not connect.
+    ``amqp://guest:guest@127.0.0.1:5672/``), and each endpoint's vhost replaces its vhost. A request
+    larger than ``max_message_size`` bytes (RabbitMQ's ``max_message_size``, 128 MiB by default) raises
+    :class:`~pikku_mq.PayloadTooLargeError` before it is published, because the broker would close the
+    channel under the other calls. Constructing the transport does not connect.
     """
 
     schemes: ClassVar[tuple[str, ...]] = ("amqp", "amqps")
@@ -436,7 +438,7 @@ class AmqpTransport(ClientTransport):
         link = await self._link(target.vhost, timeout, endpoint)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise DeadlineExceededError(f"call to '{request.name}' ran out of time while connecting to {endpoint}")
+            raise DeadlineExceededError(f"call to '{request.name}' timed out while connecting for {endpoint}")
         correlation_id = uuid.uuid4().hex
         properties = spec.Basic.Properties(
             content_type=MSGPACK,
@@ -460,11 +462,11 @@ class AmqpTransport(ClientTransport):
                 f"no queue {target.queue!r} in vhost {target.vhost!r}: the worker at {endpoint} is gone"
             ) from None
         except aiormq.exceptions.DeliveryError as exc:
-            raise EndpointUnreachableError(f"the AMQP broker refused the call to {endpoint}: {exc}") from None
+            raise EndpointUnreachableError(f"the AMQP broker rejected the call to {endpoint}: {exc}") from None
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
             if "max size" in str(exc):
                 raise PayloadTooLargeError(
-                    f"the AMQP broker refused the call to '{request.name}': {exc}", payload={"size": len(body)}
+                    f"the AMQP broker rejected the call to '{request.name}': {exc}", payload={"size": len(body)}
                 ) from None
             raise TransportError(f"call to '{request.name}' at {endpoint} failed: {exc}") from None
         except (_LinkLostError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
@@ -498,10 +500,10 @@ class AmqpTransport(ClientTransport):
             self._opening[vhost] = opening
         try:
             async with asyncio.timeout(timeout):
-                # Shielded: calls that wait for the same connection share it, whoever gives up first.
+                # Shielded, because the calls that wait for one connection share it and may time out first.
                 return await asyncio.shield(opening)
         except TimeoutError:
-            raise DeadlineExceededError(f"ran out of time connecting to the AMQP broker for {endpoint}") from None
+            raise DeadlineExceededError(f"connecting to the AMQP broker for {endpoint} timed out") from None
 
     async def _open(self, vhost: str) -> _Link:
         try:
@@ -535,11 +537,11 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
 class AmqpServer(ServerTransport):
     """Serves a :class:`~pikku_mq._dispatch.Dispatcher` on an exclusive, auto-delete queue.
 
-    ``url`` is the broker URL with the worker's credentials (default ``PIKKU_AMQP_URL``); the vhost and
-    the queue come from the endpoint, the queue defaulting to ``pikku.<deployment id>``. The advertised
-    endpoint has the endpoint's host and port, or the URL's when the endpoint has none, and never
-    credentials. A request body over ``max_body_size`` bytes gets 413, and a reply over
-    ``max_message_size`` bytes is replaced by a 413 error, since the broker would close the channel.
+    ``url`` is the broker URL with the worker's credentials (default ``PIKKU_AMQP_URL``). The vhost and
+    the queue come from the endpoint, and the queue defaults to ``pikku.<deployment id>``. The
+    advertised endpoint has the endpoint's host and port, or the URL's when the endpoint has none, and
+    never credentials. A request body over ``max_body_size`` bytes gets a 413 reply. A reply over
+    ``max_message_size`` bytes is replaced by a 413 error, because the broker would close the channel.
     """
 
     def __init__(
@@ -572,11 +574,11 @@ class AmqpServer(ServerTransport):
         self._supervisor: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.reconnects = 0
-        """How many times the server reconnected after losing its connection or channel."""
+        """Number of times the server reconnected after losing its connection or channel."""
 
     @property
     def connected(self) -> bool:
-        """Whether the server consumes its queue right now."""
+        """True while the server consumes its queue."""
         return self._ready.is_set()
 
     async def start(self, endpoint: str, dispatcher: Dispatcher) -> str:
@@ -606,13 +608,13 @@ class AmqpServer(ServerTransport):
                 await supervisor
         channel = self._channel
         if channel is not None and not channel.is_closed:
-            # Stop consuming: the auto-delete queue goes with the consumer, so later calls come back unroutable.
+            # Stop consuming. The auto-delete queue goes with the consumer, so later calls come back unroutable.
             try:
                 await channel.basic_cancel(self._consumer_tag, timeout=_STOP_TIMEOUT)
             except Exception as exc:
                 logger.warning("AMQP server on queue %s failed to cancel its consumer: %s", self._queue, exc)
         if self._tasks:
-            # The replies still being sent, the rejections of a draining worker among them.
+            # Wait for the replies still being sent, which include the rejections of a draining worker.
             _, still = await asyncio.wait(set(self._tasks), timeout=_STOP_TIMEOUT)
             for task in still:
                 task.cancel()
@@ -623,22 +625,36 @@ class AmqpServer(ServerTransport):
     # -- connection --------------------------------------------------------------------------------
 
     async def _open(self) -> None:
-        """Connect if needed, open a channel, declare the queue and consume it; raise what went wrong."""
+        """Connect if needed, then consume the queue on a new channel; raise the error of a failed step."""
+        connection = self._connection
+        # aio-pika sets is_closed only in close(), so a connection that the broker closed shows as not connected.
+        if connection is None or connection.is_closed or not connection.connected.is_set():
+            connection = await self._connect()
+        await self._consume(connection)
+        self._lost.clear()
+        self._ready.set()
+
+    async def _connect(self) -> aio_pika.abc.AbstractConnection:
         assert self._url is not None
         assert self._dispatcher is not None
-        connection = self._connection
-        # A connection that the broker closed is not is_closed (only close() sets that), but it is no longer connected.
-        if connection is None or connection.is_closed or not connection.connected.is_set():
-            await self._close_connection()
-            name = f"pikku-mq worker {self._dispatcher.deployment_id}"
-            try:
-                connection = await aio_pika.connect(
-                    self._url, timeout=self.connect_timeout, client_properties={"connection_name": name}
-                )
-            except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
-                raise _connect_error(exc, self._url, self._vhost) from exc
-            connection.close_callbacks.add(self._on_connection_closed)
-            self._connection = connection
+        await self._close_connection()
+
+        name = f"pikku-mq worker {self._dispatcher.deployment_id}"
+        try:
+            connection = await aio_pika.connect(
+                self._url, timeout=self.connect_timeout, client_properties={"connection_name": name}
+            )
+        except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
+            raise _connect_error(exc, self._url, self._vhost) from exc
+
+        connection.close_callbacks.add(self._on_connection_closed)
+        self._connection = connection
+        return connection
+
+    async def _consume(self, connection: aio_pika.abc.AbstractConnection) -> None:
+        """Open a channel, declare the queue and consume it."""
+        assert self._url is not None
+        assert self._dispatcher is not None
         prefetch = self.prefetch_count or self._dispatcher.max_in_flight
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -649,24 +665,23 @@ class AmqpServer(ServerTransport):
                 await channel.basic_consume(self._queue, self._on_delivery, consumer_tag=self._consumer_tag)
         except aiormq.exceptions.ChannelLockedResource:
             raise DeploymentConflictError(
-                f"queue {self._queue!r} in vhost {self._vhost!r} is in use by another connection: another worker "
-                "serves this endpoint"
+                f"queue {self._queue!r} in vhost {self._vhost!r} is in use by another connection, so another "
+                "worker serves this endpoint"
             ) from None
         except aiormq.exceptions.ChannelAccessRefused as exc:
             raise ConfigurationError(
-                f"user {self._url.user!r} may not declare or consume queue {self._queue!r} in vhost "
+                f"user {self._url.user!r} has no permission to declare or consume queue {self._queue!r} in vhost "
                 f"{self._vhost!r}: {exc}"
             ) from None
         except (aiormq.exceptions.AMQPError, OSError, TimeoutError, RuntimeError) as exc:
             raise EndpointUnreachableError(
-                f"cannot consume queue {self._queue!r} on the AMQP broker at {_broker_label(self._url)}: "
+                f"failed to consume queue {self._queue!r} on the AMQP broker at {_broker_label(self._url)}: "
                 f"{exc or type(exc).__name__}"
             ) from exc
+
         wrapper.close_callbacks.add(self._on_channel_closed)
         channel.on_consumer_cancel_callbacks.add(self._on_cancelled)
         self._wrapper, self._channel = wrapper, channel
-        self._lost.clear()
-        self._ready.set()
 
     def _on_connection_closed(self, sender: Any, exc: BaseException | None = None) -> None:
         if sender is self._connection:
@@ -677,7 +692,7 @@ class AmqpServer(ServerTransport):
             self._on_lost()
 
     def _on_cancelled(self, frame: Any) -> None:
-        # The broker cancelled the consumer (the queue was deleted): consume again on a new channel.
+        # The broker cancelled the consumer, because the queue was deleted, so consume again on a new channel.
         self._on_lost()
 
     def _on_lost(self) -> None:
@@ -689,7 +704,7 @@ class AmqpServer(ServerTransport):
         """Reconnect after the connection or channel is lost, with a backoff, until stopped."""
         while not self._stopping:
             await self._lost.wait()
-            logger.warning("AMQP server on queue %s lost its connection to the broker; reconnecting", self._queue)
+            logger.warning("AMQP server on queue %s lost its connection or channel, reconnecting", self._queue)
             wrapper, self._wrapper, self._channel = self._wrapper, None, None
             if wrapper is not None and not wrapper.is_closed:
                 with contextlib.suppress(Exception):
@@ -722,15 +737,17 @@ class AmqpServer(ServerTransport):
     # -- requests ----------------------------------------------------------------------------------
 
     async def _on_delivery(self, message: DeliveredMessage) -> None:
-        # Acknowledge at receipt (at-most-once), then serve in a task of the server's, which survives
-        # the channel if the connection drops while the function runs.
+        # Acknowledge at receipt (at-most-once), then serve in a task that the server owns. The task
+        # outlives the channel, so a function keeps running when the connection drops.
         tag = message.delivery_tag
         try:
             if tag is not None:
                 await message.channel.basic_ack(tag, wait=False)
         except Exception as exc:
-            # Not acknowledged: the broker delivers it again, and that delivery is answered instead.
-            logger.debug("could not acknowledge an AMQP request, leaving it to its redelivery: %s", exc)
+            # Not acknowledged, so the broker delivers it again and the worker replies to that delivery.
+            logger.info(
+                "AMQP server on queue %s failed to acknowledge a request, left to its redelivery: %s", self._queue, exc
+            )
             return
         task = asyncio.create_task(self._serve(message))
         self._tasks.add(task)
@@ -755,7 +772,7 @@ class AmqpServer(ServerTransport):
             logger.exception("AMQP server on queue %s failed to send a reply", self._queue)
 
     async def _handle(self, message: DeliveredMessage) -> tuple[int, Any, bool, float]:
-        """Serve one request; return the reply status and body, whether it was rejected, and the budget."""
+        """Serve one request and return the reply's status and body, its rejected flag, and the call's budget."""
         assert self._dispatcher is not None
         properties = message.header.properties
         budget = self._dispatcher.default_timeout
@@ -763,7 +780,8 @@ class AmqpServer(ServerTransport):
             headers, name, data = self._parse(message)
             with contextlib.suppress(ValueError):
                 budget = float(headers.get(HEADER_DEADLINE, budget * 1000)) / 1000
-            budget = min(budget, _REPLY_WAIT_LIMIT) if budget >= 0 else 0.0  # NaN and negatives wait for nothing
+            # A NaN or negative budget leaves no time to wait for a reconnection.
+            budget = min(budget, _REPLY_WAIT_LIMIT) if budget >= 0 else 0.0
             if getattr(message.delivery, "redelivered", False):
                 raise CallInterruptedError(
                     f"the broker delivered the call to '{name}' a second time after a channel failure; "
@@ -814,7 +832,7 @@ class AmqpServer(ServerTransport):
         try:
             payload = _pack(body)
         except (ValueError, TypeError, OverflowError) as exc:
-            # JSON-compatible, yet not for msgpack: an integer beyond 64 bits, say.
+            # A JSON-compatible result can still fail in msgpack, for example an integer beyond 64 bits.
             error = OutputValidationError(f"the reply cannot be encoded as msgpack: {exc}")
             status, payload = error.http_status, _pack(error.to_envelope())
         if len(payload) > self.max_message_size:
@@ -826,7 +844,7 @@ class AmqpServer(ServerTransport):
         properties = spec.Basic.Properties(
             content_type=MSGPACK, delivery_mode=1, correlation_id=correlation_id, headers=headers
         )
-        # Without a connection, a reply waits for the next one while its caller may still wait for it.
+        # Without a connection, a reply waits for the next one while its caller may still be waiting.
         while True:
             channel = self._channel
             if self._ready.is_set() and channel is not None:
@@ -839,7 +857,11 @@ class AmqpServer(ServerTransport):
                 self._on_lost()
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._stopping:
-                logger.info("AMQP server on queue %s dropped a reply: no connection before the deadline", self._queue)
+                logger.info(
+                    "AMQP server on queue %s dropped the reply to %s: no connection before the call's deadline",
+                    self._queue,
+                    correlation_id,
+                )
                 return
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
