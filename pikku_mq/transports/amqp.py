@@ -457,6 +457,11 @@ class AmqpTransport(ClientTransport):
             raise DeadlineExceededError(
                 f"no reply from {endpoint} to '{request.name}' within {timeout:.3f} s"
             ) from None
+        except aiormq.exceptions.ChannelInvalidStateError:
+            # aiormq raises it on entering the publish, so the request was not sent.
+            raise EndpointUnreachableError(
+                f"the channel to the AMQP broker closed before the call to '{request.name}' at {endpoint} was sent"
+            ) from None
         except aiormq.exceptions.PublishError:
             raise EndpointUnreachableError(
                 f"no queue {target.queue!r} in vhost {target.vhost!r}: the worker at {endpoint} is gone"
@@ -852,7 +857,11 @@ class AmqpServer(ServerTransport):
                     try:
                         await channel.basic_publish(payload, routing_key=reply_to, properties=properties, wait=False)
                         return
-                    except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+                    except (
+                        aiormq.exceptions.AMQPError,
+                        aiormq.exceptions.ChannelInvalidStateError,
+                        ConnectionError,
+                    ) as exc:
                         logger.debug("sending an AMQP reply failed; it waits for the next connection: %s", exc)
                 self._on_lost()
             remaining = deadline - time.monotonic()
