@@ -164,6 +164,21 @@ def test_default_transports_include_amqp() -> None:
     assert amqp._links == {}
 
 
+def test_missing_aio_pika_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pikku_mq.transports
+
+    # Make `import aio_pika` fail, as it does when the amqp extra is not installed.
+    monkeypatch.setitem(sys.modules, "aio_pika", None)
+    monkeypatch.delitem(sys.modules, "pikku_mq.transports.amqp")
+    monkeypatch.delattr(pikku_mq.transports, "amqp")
+
+    with pytest.raises(ConfigurationError) as missing:
+        PikkuWorker(registry=REG, endpoint="amqp://127.0.0.1:5672/v?queue=q", discovery=False)
+    assert "pip install 'pikku-mq[amqp]'" in str(missing.value)
+    assert TransportSet.default().for_endpoint("amqp://127.0.0.1:5672/v?queue=q") is None
+    assert TransportSet.default().for_endpoint("http://127.0.0.1:1") is not None
+
+
 # -- routing failures ------------------------------------------------------------------------------
 
 
