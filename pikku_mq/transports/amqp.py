@@ -11,9 +11,10 @@ instance of a mesh must reach the workers' queues through its own broker (one no
 
 Choices, and why:
 
-- The worker's queue is exclusive and auto-delete. It disappears as soon as the worker stops consuming or
-  its connection drops, so a call to a stopped or crashed worker comes back from the broker as
-  unroutable at once (``mandatory``), instead of waiting in a queue nobody reads until its deadline.
+- The worker's queue is exclusive and auto-delete. It disappears as soon as the worker stops consuming
+  or its connection drops. So a call to a stopped or crashed worker comes back from the broker as
+  unroutable at once (``mandatory``), instead of waiting until its deadline in a queue that no
+  consumer reads.
 - The worker acknowledges each request when it arrives (at-most-once). It replies to a redelivered
   request with :class:`~pikku_mq.CallInterruptedError` instead of running it, so a redelivery never
   runs a call twice. Retrying is the caller's decision, and only for idempotent functions.
