@@ -6,10 +6,13 @@ import os
 from pathlib import Path
 
 __all__ = [
+    "DEFAULT_AMQP_URL",
     "DEFAULT_DISCOVERY_FILE",
     "DEFAULT_NATS_URL",
+    "ENV_AMQP_URL",
     "ENV_DISCOVERY_URL",
     "ENV_NATS_URL",
+    "default_amqp_url",
     "default_discovery_url",
     "default_nats_url",
 ]
@@ -18,6 +21,8 @@ ENV_DISCOVERY_URL = "PIKKU_DISCOVERY_URL"
 DEFAULT_DISCOVERY_FILE = "pikku-mq.db"
 ENV_NATS_URL = "PIKKU_NATS_URL"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+ENV_AMQP_URL = "PIKKU_AMQP_URL"
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 def default_discovery_url() -> str:
@@ -36,3 +41,8 @@ def default_nats_url(fallback: str = DEFAULT_NATS_URL) -> str:
     """
     url = os.environ.get(ENV_NATS_URL, "").strip()
     return url or fallback
+
+
+def default_amqp_url() -> str:
+    """Return ``PIKKU_AMQP_URL``, else RabbitMQ's local default ``amqp://guest:guest@127.0.0.1:5672/``."""
+    return os.environ.get(ENV_AMQP_URL, "").strip() or DEFAULT_AMQP_URL

@@ -42,7 +42,7 @@ _ABORT_GRACE = 1.0
 _ANNOUNCE_TIMEOUT = 1.0
 """Seconds a presence announcement may take, so a slow broker never holds up a start or a stop."""
 
-_SERVED_SCHEMES = ("http", "memory", "nats")
+_SERVED_SCHEMES = ("http", "memory", "nats", "amqp", "amqps")
 """Endpoint schemes a worker can serve."""
 
 
@@ -50,15 +50,17 @@ class PikkuWorker:
     """A process that serves pikku functions to the other instances of a mesh.
 
     ``endpoint`` is the URL other instances call, ``http://host:port`` (port 0 picks a free port and
-    advertises it), ``nats://host:port/<subject-prefix>`` (see ``nats_url``) or ``memory://name`` for a
-    worker in the caller's process. ``functions`` lists the functions to serve (decorated callables or
-    names); by default every exposed function registered with the decorators is served.
-    ``deployment_service`` is a service or a discovery URL, by default ``PIKKU_DISCOVERY_URL`` or the
-    SQLite file ``pikku-mq.db`` in the working directory; pass ``discovery=False`` to serve without
+    advertises it), ``nats://host:port/<subject-prefix>`` (see ``nats_url``),
+    ``amqp://host:port/<vhost>?queue=<queue>`` to take calls from a RabbitMQ queue (see ``amqp_url``), or
+    ``memory://name`` for a worker in the caller's process. ``functions`` lists the functions to serve
+    (decorated callables or names); by default every exposed function registered with the decorators is
+    served. ``deployment_service`` is a service or a discovery URL, by default ``PIKKU_DISCOVERY_URL`` or
+    the SQLite file ``pikku-mq.db`` in the working directory; pass ``discovery=False`` to serve without
     registering.
 
     ``nats_url`` is the NATS server a ``nats://`` endpoint is served through, with credentials if it
-    needs them; by default ``PIKKU_NATS_URL``, else the address in the endpoint. The endpoint is
+    needs them; by default ``PIKKU_NATS_URL``, else the address in the endpoint. ``amqp_url`` is the
+    broker an ``amqp://`` endpoint connects with; by default ``PIKKU_AMQP_URL``. Endpoints are
     advertised without credentials.
 
     On stop the worker deregisters first, then rejects new calls while it finishes the calls in flight
@@ -85,6 +87,7 @@ class PikkuWorker:
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         nats_url: str | None = None,
+        amqp_url: str | None = None,
     ) -> None:
         if drain_timeout < 0:
             raise ConfigurationError(f"drain_timeout must not be negative, got {drain_timeout!r}")
@@ -101,6 +104,7 @@ class PikkuWorker:
         self.max_body_size = max_body_size
         self.bind_host = bind_host
         self.nats_url = nats_url
+        self.amqp_url = amqp_url
 
         if isinstance(deployment_service, DeploymentService):
             self.deployment_service: DeploymentService | None = deployment_service
@@ -302,6 +306,9 @@ class PikkuWorker:
             return MemoryServer()
         if scheme == "nats":
             return _nats_server(self.nats_url)
+        if scheme in ("amqp", "amqps"):
+            server: ServerTransport = _amqp().AmqpServer(url=self.amqp_url, max_body_size=self.max_body_size)
+            return server
         return HttpServer(bind_host=self.bind_host, max_body_size=self.max_body_size)
 
     async def _close_listener(self) -> None:
@@ -323,12 +330,14 @@ def _check_endpoint(url: str) -> None:
     if parts.scheme not in _SERVED_SCHEMES:
         raise ConfigurationError(
             f"endpoint {url!r} cannot be served by a worker; use http://host:port, "
-            "nats://host:port/<subject-prefix> or memory://name"
+            "nats://host:port/<subject-prefix>, amqp://host:port/<vhost>?queue=<queue> or memory://name"
         )
     if parts.scheme == "http" and not parts.hostname:
         raise ConfigurationError(f"endpoint {url!r} has no host; use http://host:port")
     if parts.scheme == "nats":
         parse_nats_endpoint(url)
+    if parts.scheme in ("amqp", "amqps"):
+        _amqp().parse_endpoint(url, worker=True)
 
 
 def _nats_server(nats_url: str | None) -> ServerTransport:
@@ -340,6 +349,18 @@ def _nats_server(nats_url: str | None) -> ServerTransport:
             "install it with pip install 'pikku-mq[nats]'"
         ) from None
     return NatsServer(nats_url)
+
+
+def _amqp() -> Any:
+    """Import the AMQP transport, which needs the optional aio-pika."""
+    try:
+        from .transports import amqp
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"serving an amqp:// endpoint requires aio-pika, which failed to import ({exc}). "
+            "Install it with: pip install 'pikku-mq[amqp]'"
+        ) from None
+    return amqp
 
 
 def _select_functions(

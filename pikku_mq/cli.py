@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 from ._dispatch import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_IN_FLIGHT
 from ._errors import ConfigurationError, PikkuMQError, function_not_found
 from ._functions import FunctionDefinition, default_registry
-from ._settings import ENV_DISCOVERY_URL, ENV_NATS_URL, default_discovery_url
+from ._settings import ENV_AMQP_URL, ENV_DISCOVERY_URL, ENV_NATS_URL, default_discovery_url
 from ._types import DEFAULT_TIMEOUT, DeploymentRecord
 from ._worker import PikkuWorker
 from .backends import DeploymentService, deployment_service_from_url
@@ -53,6 +53,7 @@ _WORKER_FLAGS = {
     "max_concurrency": "--max-concurrency",
     "max_in_flight": "--max-in-flight",
     "nats_url": "--nats-url",
+    "amqp_url": "--amqp-url",
 }
 
 
@@ -135,7 +136,7 @@ def _add_worker_parser(commands: Any) -> None:
         "--endpoint",
         metavar="URL",
         help="URL to listen on and advertise: http://host:port (port 0 picks a free port) or "
-        "nats://host:port/SUBJECT_PREFIX (default: http://127.0.0.1:0)",
+        "nats://host:port/SUBJECT_PREFIX or amqp://host:port/<vhost>?queue=<queue> (default: http://127.0.0.1:0)",
     )
     parser.add_argument(
         "--fallback-endpoint",
@@ -150,6 +151,12 @@ def _add_worker_parser(commands: Any) -> None:
         metavar="URL",
         help=f"NATS server that a nats:// endpoint is served through, credentials included; never advertised "
         f"(default: ${ENV_NATS_URL}, else the address in the endpoint)",
+    )
+    parser.add_argument(
+        "--amqp-url",
+        metavar="URL",
+        help=f"broker URL with credentials that an amqp:// endpoint connects with; default: ${ENV_AMQP_URL}, "
+        "else amqp://guest:guest@127.0.0.1:5672/",
     )
     parser.add_argument(
         "--heartbeat-interval",
@@ -331,6 +338,7 @@ def _worker_for_module(module: ModuleType, args: argparse.Namespace) -> PikkuWor
         "max_concurrency",
         "max_in_flight",
         "nats_url",
+        "amqp_url",
     ):
         value = getattr(args, name)
         if value is not None:

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -122,3 +122,15 @@ async def worker_processes(tmp_path: Path, discovery_url: str) -> AsyncIterator[
         yield processes
     finally:
         await processes.close()
+
+
+@pytest.fixture(scope="session")
+def amqp_vhost() -> Iterator[str]:
+    """The session's RabbitMQ vhost, created on first use and deleted with its queues at the end."""
+    from _support_amqp import SESSION_VHOST, create_vhost, delete_vhost
+
+    create_vhost(SESSION_VHOST)
+    try:
+        yield SESSION_VHOST
+    finally:
+        delete_vhost(SESSION_VHOST)

@@ -94,8 +94,8 @@ class TransportSet:
 
     @classmethod
     def default(cls) -> TransportSet:
-        """Return the built-in transports: HTTP on aiohttp's client, the in-memory transport, and NATS
-        when nats-py is installed (it connects on its first call, to ``PIKKU_NATS_URL``)."""
+        """Return the built-in transports: HTTP on aiohttp's client, the in-memory transport, and NATS and
+        AMQP when nats-py and aio-pika are installed (none of them connects before its first call)."""
         from .http import AiohttpTransport
         from .memory import MemoryTransport
 
@@ -106,6 +106,12 @@ class TransportSet:
             pass
         else:
             transports.append(NatsTransport())
+        try:
+            from .amqp import AmqpTransport
+        except ImportError:
+            pass
+        else:
+            transports.append(AmqpTransport())
         return cls(transports)
 
     def for_endpoint(self, endpoint: str) -> ClientTransport | None:

@@ -3,7 +3,7 @@
 Each case runs a real :class:`PikkuWorker` serving one endpoint of the transport under test, and a
 caller that reaches it through discovery (an in-memory registry shared by both). ``ENDPOINTS`` maps
 each transport to a function that returns a fresh endpoint of the test's own (its own port, subject
-prefix or queue), so tests never see each other's traffic.
+prefix or queue; AMQP queues live in the session's own vhost), so tests never see each other's traffic.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from _support_amqp import amqp_endpoint
 from _support_core import Mesh, wait_until
 from pydantic import BaseModel
 
@@ -90,16 +91,23 @@ def _nats_endpoint() -> str:
     return f"nats://127.0.0.1:4222/pikku_t_{uuid.uuid4().hex[:12]}"
 
 
+def _amqp_endpoint() -> str:
+    return amqp_endpoint()
+
+
 ENDPOINTS: dict[str, Callable[[], str]] = {
     "memory": _memory_endpoint,
     "http": _http_endpoint,
     "nats": _nats_endpoint,
+    "amqp": _amqp_endpoint,
 }
 """A fresh endpoint of each transport, for one worker."""
 
 
 @pytest.fixture(params=sorted(ENDPOINTS))
 def transport(request: pytest.FixtureRequest) -> str:
+    if request.param == "amqp":
+        request.getfixturevalue("amqp_vhost")  # the session's own vhost on the shared RabbitMQ
     return str(request.param)
 
 

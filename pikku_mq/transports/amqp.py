@@ -1,0 +1,885 @@
+"""AMQP 0.9.1 transport (RabbitMQ) on aio-pika: request-reply over direct reply-to.
+
+An endpoint is ``amqp://host:port/<vhost>?queue=<queue>``: the worker consumes ``queue`` in ``vhost``,
+and a caller publishes the call to the default exchange with the queue as routing key, ``mandatory``
+set and ``reply_to`` set to RabbitMQ's direct reply-to pseudo-queue ``amq.rabbitmq.reply-to``.
+docs/protocol.md describes the messages property by property.
+
+Advertised endpoints never carry credentials. A caller connects with its own broker URL
+(``PIKKU_AMQP_URL`` or ``url=``) and takes only the vhost and the queue from the endpoint. So every
+instance of a mesh must reach the workers' queues through its own broker (one node or one cluster).
+
+Choices, and why:
+
+- The worker's queue is exclusive and auto-delete. It disappears as soon as the worker stops consuming
+  or its connection drops. So a call to a stopped or crashed worker comes back from the broker as
+  unroutable at once (``mandatory``), instead of waiting until its deadline in a queue that no
+  consumer reads.
+- The worker acknowledges each request when it arrives (at-most-once). It replies to a redelivered
+  request with :class:`~pikku_mq.CallInterruptedError` instead of running it, so a redelivery never
+  runs a call twice. Retrying is the caller's decision, and only for idempotent functions.
+- The prefetch count is the worker's ``max_in_flight`` (at most 65,535). Since requests are acknowledged
+  on arrival, it only bounds the requests read from the socket and not yet acknowledged. The
+  dispatcher's limits decide what runs and what gets a busy reply, as on HTTP.
+- Each request is served in a task owned by the server, not by the channel, so a function keeps running
+  when the worker's connection drops and its reply goes out on the next connection, within the call's
+  deadline.
+- A caller keeps one connection per vhost, with one channel that has publisher confirms on (aio-pika
+  reports a returned message only on such a channel) and consumes the direct reply-to pseudo-queue.
+  A lost connection fails the calls waiting on it with :class:`~pikku_mq.TransportError` (direct
+  replies to a closed channel are lost) and the next call connects again. A caller keeps no reconnect
+  loop, so a call made while the broker is down fails at once with
+  :class:`~pikku_mq.EndpointUnreachableError` instead of waiting for a reconnection.
+- The worker reconnects on its own, with a backoff from 0.1 s to 5 s, and declares its queue again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+import aio_pika
+import aiormq
+import aiormq.exceptions
+import msgpack
+import pydantic_core
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
+from yarl import URL
+
+from .._errors import (
+    BadRequestError,
+    CallInterruptedError,
+    ConfigurationError,
+    DeadlineExceededError,
+    DeploymentConflictError,
+    EndpointUnreachableError,
+    OutputValidationError,
+    PayloadTooLargeError,
+    PikkuMQError,
+    ProtocolError,
+    ServiceUnavailableError,
+    TransportError,
+    UnsupportedMediaTypeError,
+)
+from .._settings import default_amqp_url
+from .._types import HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP, HEADER_REQUEST_ID, CallRequest
+from .base import ClientTransport, Reply, ServerTransport
+from .http import DEFAULT_MAX_BODY_SIZE, _decode_call_body
+
+if TYPE_CHECKING:
+    from .._dispatch import Dispatcher
+
+__all__ = [
+    "DEFAULT_HEARTBEAT",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "AmqpEndpoint",
+    "AmqpServer",
+    "AmqpTransport",
+    "parse_endpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024
+"""RabbitMQ's default ``max_message_size`` in bytes (``rabbitmqctl environment`` shows 134217728 on
+3.10.8). The broker closes the channel of a larger message."""
+
+DEFAULT_HEARTBEAT = 15
+"""Heartbeat timeout in seconds, unless the broker URL sets ``?heartbeat=`` (aiormq's default is 60).
+RabbitMQ sends heartbeats every half timeout and closes a connection after two missed ones. So the
+queue of a worker whose host vanished goes away after an estimated 15 to 30 s."""
+
+REPLY_TO = "amq.rabbitmq.reply-to"
+HEADER_FUNCTION = "pikku-function"
+HEADER_STATUS = "pikku-status"
+HEADER_REJECTED = "pikku-rejected"
+MSGPACK = "application/msgpack"
+
+_MSGPACK_TYPES = frozenset({MSGPACK, "application/x-msgpack", ""})
+_METADATA_HEADERS = frozenset(
+    {HEADER_REQUEST_ID, HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP, "authorization", "traceparent", "tracestate"}
+)
+_NUMERIC_HEADERS = frozenset({HEADER_DEADLINE, HEADER_HOP})
+_MAX_QUEUE_NAME = 255
+"""Maximum bytes in a queue name, since AMQP 0.9.1 sends it as a short string."""
+_MAX_PREFETCH = 65535
+_FIRST_RECONNECT_DELAY = 0.1
+_MAX_RECONNECT_DELAY = 5.0
+_STOP_TIMEOUT = 5.0
+"""Seconds that :meth:`AmqpServer.stop` waits for the replies still being sent, and for the broker."""
+_REPLY_WAIT_LIMIT = 300.0
+"""Maximum seconds that a reply waits for the worker to reconnect, whatever the deadline of its call."""
+
+
+# -- endpoints -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpEndpoint:
+    """The parts of an AMQP endpoint: the broker's address, and the vhost and queue that take the calls."""
+
+    scheme: str
+    host: str | None
+    port: int | None
+    vhost: str
+    queue: str | None
+    has_credentials: bool = False
+
+    def advertised(self) -> str:
+        """Return the endpoint as a worker advertises it: no credentials, the vhost always spelled out."""
+        host = self.host or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{host}:{self.port}" if self.port is not None else host
+        query = f"?queue={quote(self.queue, safe='')}" if self.queue else ""
+        return f"{self.scheme}://{netloc}/{quote(self.vhost, safe='')}{query}"
+
+
+def parse_endpoint(endpoint: str, *, worker: bool = False) -> AmqpEndpoint:
+    """Parse ``amqp://host:port/<vhost>?queue=<queue>``, raising ConfigurationError if it is invalid.
+
+    The vhost is percent-encoded (``/`` as ``%2F``), and an empty path means the vhost ``/``. With
+    ``worker`` set, the stricter rules of an endpoint to serve apply: no credentials, and no query
+    parameter but ``queue``.
+    """
+    redacted = _without_password(endpoint)
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigurationError(f"endpoint {redacted!r} is not a valid URL: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in AmqpTransport.schemes:
+        raise ConfigurationError(f"endpoint {redacted!r} is not an amqp:// URL")
+
+    raw_path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    if "/" in raw_path:
+        raise ConfigurationError(
+            f"endpoint {redacted!r} has a path with several segments; the path is the vhost, with '/' written as %2F"
+        )
+    vhost = unquote(raw_path) or "/"
+
+    query = parse_qs(parts.query, keep_blank_values=True)
+    queues = query.pop("queue", [])
+    if len(queues) > 1:
+        raise ConfigurationError(f"endpoint {redacted!r} names more than one queue")
+    queue = queues[0] if queues and queues[0] else None
+    if queue is not None:
+        _check_queue_name(queue, redacted)
+
+    has_credentials = parts.username is not None or parts.password is not None
+    if worker:
+        if has_credentials:
+            raise ConfigurationError(
+                f"endpoint {redacted!r} contains credentials, and endpoints are advertised to "
+                "every instance; give the worker its broker URL with amqp_url= or PIKKU_AMQP_URL instead"
+            )
+        if query:
+            raise ConfigurationError(
+                f"endpoint {redacted!r} has unknown query parameters {sorted(query)}; only 'queue' is allowed"
+            )
+    return AmqpEndpoint(scheme, parts.hostname, port, vhost, queue, has_credentials)
+
+
+def _check_queue_name(queue: str, redacted: str) -> None:
+    if len(queue.encode()) > _MAX_QUEUE_NAME:
+        raise ConfigurationError(f"endpoint {redacted!r} names a queue longer than {_MAX_QUEUE_NAME} bytes")
+    if queue.startswith("amq."):
+        raise ConfigurationError(f"endpoint {redacted!r} names queue {queue!r}; names starting 'amq.' are reserved")
+
+
+def queue_for_deployment(deployment_id: str) -> str:
+    """Return the queue a worker consumes when its endpoint names none: ``pikku.<deployment id>``."""
+    name = f"pikku.{deployment_id or uuid.uuid4().hex}"
+    if len(name.encode()) > _MAX_QUEUE_NAME:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        name = name.encode()[: _MAX_QUEUE_NAME - 17].decode(errors="ignore") + "." + digest
+    return name
+
+
+def _without_password(url: str) -> str:
+    try:
+        parsed = URL(url)
+        return str(parsed.with_password(None)) if parsed.password is not None else url
+    except (ValueError, TypeError):
+        return "<a URL that cannot be parsed>"
+
+
+def _broker_label(url: URL) -> str:
+    """Return the broker URL to show in messages: scheme, user, host, port and vhost, without the password."""
+    return str(url.with_password(None).with_query(None))
+
+
+def _connection_url(url: str, vhost: str) -> URL:
+    base = URL(url)
+    if base.scheme not in AmqpTransport.schemes or not base.host:
+        raise ConfigurationError(
+            f"AMQP broker URL {_without_password(url)!r} is not an amqp:// or amqps:// URL with a host"
+        )
+    connect_to = base.with_path("/" + quote(vhost, safe=""), encoded=True).with_query(base.query)
+    return connect_to if "heartbeat" in connect_to.query else connect_to.update_query(heartbeat=DEFAULT_HEARTBEAT)
+
+
+def _connect_error(exc: BaseException, url: URL, vhost: str) -> PikkuMQError:
+    """Return the error to raise for a failed connection attempt: unreachable, or misconfigured."""
+    label = _broker_label(url)
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError):
+        return ConfigurationError(
+            f"the AMQP broker at {label} rejected the login of user {url.user!r}: {exc}. "
+            "Check the user and password in the broker URL (PIKKU_AMQP_URL or amqp_url)"
+        )
+    if isinstance(exc, TimeoutError):
+        return EndpointUnreachableError(f"connecting to the AMQP broker at {label} timed out")
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError | aiormq.exceptions.ConnectionNotAllowed):
+        return EndpointUnreachableError(
+            f"the AMQP broker at {label} failed to open vhost {vhost!r} ({type(exc).__name__}). Check that the "
+            f"vhost exists and that user {url.user!r} has permissions on it"
+        )
+    reason = str(exc) or type(exc).__name__
+    return EndpointUnreachableError(f"cannot connect to the AMQP broker at {label}: {reason}")
+
+
+# -- codec -----------------------------------------------------------------------------------------
+
+
+def _pack(value: Any) -> bytes:
+    packed: bytes = msgpack.packb(value)
+    return packed
+
+
+def _request_headers(table: Mapping[str, Any] | None) -> dict[str, str]:
+    """Convert the message headers to the strings that the dispatcher reads.
+
+    ``pikku-deadline-ms`` and ``pikku-hop`` may also be numbers. Any other pikku_mq header that is not
+    a string raises BadRequestError. Other headers are kept as text when they are numbers, and left out
+    when they have another type, such as a tracing tool's tables.
+    """
+    headers: dict[str, str] = {}
+    for key, value in (table or {}).items():
+        name = str(key).lower()
+        ours = name in _METADATA_HEADERS or name.startswith("pikku-")
+        text: str | None = None
+        if isinstance(value, str):
+            text = value
+        elif isinstance(value, bytes):
+            with contextlib.suppress(UnicodeDecodeError):
+                text = value.decode()
+        elif _is_number(value) and (not ours or name in _NUMERIC_HEADERS):
+            text = str(value)
+        if text is None:
+            if ours:
+                raise BadRequestError(f"header {name} must be a string, got {type(value).__name__}")
+            continue
+        headers[name] = text
+    return headers
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float | Decimal) and not isinstance(value, bool)
+
+
+def _reply_status(value: Any) -> int | None:
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) == 3:
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 100 <= value <= 599:
+        return value
+    return None
+
+
+def _decode_reply(message: DeliveredMessage, endpoint: str, name: str) -> Reply:
+    properties = message.header.properties
+    headers = properties.headers or {}
+    status = _reply_status(headers.get(HEADER_STATUS))
+    if status is None:
+        raise ProtocolError(
+            f"the reply from {endpoint} to '{name}' is not a pikku_mq reply: it has no valid {HEADER_STATUS} header"
+        )
+    content_type = (properties.content_type or "").split(";", 1)[0].strip().lower()
+    if content_type not in _MSGPACK_TYPES:
+        raise ProtocolError(
+            f"the reply from {endpoint} to '{name}' has content type {content_type[:100]!r}, not msgpack"
+        )
+    try:
+        body = msgpack.unpackb(message.body, raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"the reply from {endpoint} to '{name}' is not valid msgpack: {exc}") from None
+    rejected = headers.get(HEADER_REJECTED) in ("1", b"1", 1, True)
+    return Reply(status=status, body=body, rejected=rejected)
+
+
+# -- calling ---------------------------------------------------------------------------------------
+
+
+class _LinkLostError(Exception):
+    """Raised in a waiting call when the connection or channel of its link closes."""
+
+
+class _Link:
+    """A caller's connection to one vhost, with a channel that has publisher confirms on and consumes direct replies."""
+
+    def __init__(self, connection: aio_pika.abc.AbstractConnection, channel: aiormq.Channel) -> None:
+        self.connection = connection
+        self.channel = channel
+        self.pending: dict[str, asyncio.Future[DeliveredMessage]] = {}
+        self.lost = False
+
+    @classmethod
+    async def open(cls, url: URL, vhost: str, timeout: float, name: str) -> _Link:
+        try:
+            connection = await aio_pika.connect(url, timeout=timeout, client_properties={"connection_name": name})
+        except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
+            raise _connect_error(exc, url, vhost) from exc
+        try:
+            async with asyncio.timeout(timeout):
+                wrapper = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                channel = cast(aiormq.Channel, await wrapper.get_underlay_channel())
+                link = cls(connection, channel)
+                # Direct reply-to: consume the pseudo-queue without acks before the first publish.
+                await channel.basic_consume(REPLY_TO, link._on_reply, no_ack=True)
+        except BaseException as exc:
+            await connection.close()
+            if isinstance(exc, aiormq.exceptions.AMQPError | OSError | TimeoutError | RuntimeError):
+                raise EndpointUnreachableError(
+                    f"cannot open a channel on the AMQP broker at {_broker_label(url)}: {exc or type(exc).__name__}"
+                ) from exc
+            raise
+        connection.close_callbacks.add(link._on_close)
+        wrapper.close_callbacks.add(link._on_close)
+        return link
+
+    @property
+    def usable(self) -> bool:
+        return not self.lost and not self.channel.is_closed and self.connection.connected.is_set()
+
+    async def _on_reply(self, message: DeliveredMessage) -> None:
+        future = self.pending.pop(message.header.properties.correlation_id or "", None)
+        if future is not None and not future.done():
+            future.set_result(message)
+        elif future is None:
+            logger.debug("dropped a late or unknown AMQP reply %r", message.header.properties.correlation_id)
+
+    def _on_close(self, sender: Any, exc: BaseException | None = None) -> None:
+        self.lost = True
+        pending, self.pending = self.pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(_LinkLostError(str(exc) if exc else "closed"))
+
+    async def request(self, queue: str, body: bytes, properties: spec.Basic.Properties) -> DeliveredMessage:
+        """Publish one request and wait for its reply, for as long as the caller waits."""
+        correlation_id = properties.correlation_id or ""
+        future: asyncio.Future[DeliveredMessage] = asyncio.get_running_loop().create_future()
+        self.pending[correlation_id] = future
+        try:
+            await self.channel.basic_publish(body, routing_key=queue, properties=properties, mandatory=True, wait=False)
+            return await future
+        finally:
+            self.pending.pop(correlation_id, None)
+            if future.done() and not future.cancelled():
+                # Mark the exception retrieved: a lost link may fail the future after the publish raised.
+                future.exception()
+
+    async def close(self) -> None:
+        self.lost = True
+        with contextlib.suppress(Exception):
+            await self.connection.close()
+
+
+class AmqpTransport(ClientTransport):
+    """AMQP client transport: one connection per vhost, opened on its first call, with direct reply-to.
+
+    ``url`` is the broker URL with the caller's credentials (default ``PIKKU_AMQP_URL``, else
+    ``amqp://guest:guest@127.0.0.1:5672/``), and each endpoint's vhost replaces its vhost. A request
+    larger than ``max_message_size`` bytes (RabbitMQ's ``max_message_size``, 128 MiB by default) raises
+    :class:`~pikku_mq.PayloadTooLargeError` before it is published, because the broker would close the
+    channel under the other calls. Constructing the transport does not connect.
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ("amqp", "amqps")
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        connect_timeout: float = 5.0,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        connection_name: str = "pikku-mq caller",
+    ) -> None:
+        # Checked on the first call, so a wrong PIKKU_AMQP_URL does not break callers that never use AMQP.
+        self.url = url or default_amqp_url()
+        self.connect_timeout = connect_timeout
+        self.max_message_size = max_message_size
+        self.connection_name = connection_name
+        self._links: dict[str, _Link] = {}
+        self._opening: dict[str, asyncio.Task[_Link]] = {}
+
+    async def call(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
+        deadline = time.monotonic() + timeout
+        try:
+            target = parse_endpoint(endpoint)
+        except ConfigurationError as exc:
+            raise EndpointUnreachableError(f"cannot call {endpoint}: {exc}") from None
+        if target.queue is None:
+            raise EndpointUnreachableError(f"cannot call {endpoint}: the endpoint names no queue")
+        body = self._encode(request)
+
+        link = await self._link(target.vhost, timeout, endpoint)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceededError(f"call to '{request.name}' timed out while connecting for {endpoint}")
+        correlation_id = uuid.uuid4().hex
+        properties = spec.Basic.Properties(
+            content_type=MSGPACK,
+            delivery_mode=1,
+            correlation_id=correlation_id,
+            message_id=correlation_id,
+            reply_to=REPLY_TO,
+            # The request expires in the queue when the caller stops waiting for it.
+            expiration=str(max(1, math.ceil(remaining * 1000))),
+            headers={**request.headers, HEADER_FUNCTION: request.name},
+        )
+        try:
+            async with asyncio.timeout(remaining):
+                message = await link.request(target.queue, body, properties)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"no reply from {endpoint} to '{request.name}' within {timeout:.3f} s"
+            ) from None
+        except aiormq.exceptions.ChannelInvalidStateError:
+            # aiormq raises it on entering the publish, so the request was not sent.
+            raise EndpointUnreachableError(
+                f"the channel to the AMQP broker closed before the call to '{request.name}' at {endpoint} was sent"
+            ) from None
+        except aiormq.exceptions.PublishError:
+            raise EndpointUnreachableError(
+                f"no queue {target.queue!r} in vhost {target.vhost!r}: the worker at {endpoint} is gone"
+            ) from None
+        except aiormq.exceptions.DeliveryError as exc:
+            raise EndpointUnreachableError(f"the AMQP broker rejected the call to {endpoint}: {exc}") from None
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            if "max size" in str(exc):
+                raise PayloadTooLargeError(
+                    f"the AMQP broker rejected the call to '{request.name}': {exc}", payload={"size": len(body)}
+                ) from None
+            raise TransportError(f"call to '{request.name}' at {endpoint} failed: {exc}") from None
+        except (_LinkLostError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            raise TransportError(
+                f"the connection to the AMQP broker closed during the call to '{request.name}' at {endpoint}; "
+                f"it may have run: {exc}"
+            ) from None
+        return _decode_reply(message, endpoint, request.name)
+
+    def _encode(self, request: CallRequest) -> bytes:
+        try:
+            body = _pack({"data": pydantic_core.to_jsonable_python(request.data)})
+        except (pydantic_core.PydanticSerializationError, ValueError, TypeError, OverflowError) as exc:
+            raise BadRequestError(f"data for function '{request.name}' cannot be serialised: {exc}") from None
+        if len(body) > self.max_message_size:
+            raise PayloadTooLargeError(
+                f"the call to '{request.name}' is {len(body)} bytes, over the AMQP message limit of "
+                f"{self.max_message_size} bytes",
+                payload={"size": len(body), "max_message_size": self.max_message_size},
+            )
+        return body
+
+    async def _link(self, vhost: str, timeout: float, endpoint: str) -> _Link:
+        link = self._links.get(vhost)
+        if link is not None and link.usable:
+            return link
+        opening = self._opening.get(vhost)
+        if opening is None:
+            opening = asyncio.create_task(self._open(vhost), name=f"pikku-amqp-connect-{vhost}")
+            opening.add_done_callback(_retrieve)
+            self._opening[vhost] = opening
+        try:
+            async with asyncio.timeout(timeout):
+                # Shielded, because the calls that wait for one connection share it and may time out first.
+                return await asyncio.shield(opening)
+        except TimeoutError:
+            raise DeadlineExceededError(f"connecting to the AMQP broker for {endpoint} timed out") from None
+
+    async def _open(self, vhost: str) -> _Link:
+        try:
+            old = self._links.pop(vhost, None)
+            if old is not None:
+                await old.close()
+            link = await _Link.open(_connection_url(self.url, vhost), vhost, self.connect_timeout, self.connection_name)
+            self._links[vhost] = link
+            return link
+        finally:
+            self._opening.pop(vhost, None)
+
+    async def close(self) -> None:
+        opening, self._opening = list(self._opening.values()), {}
+        for task in opening:
+            task.cancel()
+        await asyncio.gather(*opening, return_exceptions=True)
+        links, self._links = list(self._links.values()), {}
+        for link in links:
+            await link.close()
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+# -- serving ---------------------------------------------------------------------------------------
+
+
+class AmqpServer(ServerTransport):
+    """Serves a :class:`~pikku_mq._dispatch.Dispatcher` on an exclusive, auto-delete queue.
+
+    ``url`` is the broker URL with the worker's credentials (default ``PIKKU_AMQP_URL``). The vhost and
+    the queue come from the endpoint, and the queue defaults to ``pikku.<deployment id>``. The
+    advertised endpoint has the endpoint's host and port, or the URL's when the endpoint has none, and
+    never credentials. A request body over ``max_body_size`` bytes gets a 413 reply. A reply over
+    ``max_message_size`` bytes is replaced by a 413 error, because the broker would close the channel.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        connect_timeout: float = 10.0,
+        prefetch_count: int | None = None,
+    ) -> None:
+        self.url = url or default_amqp_url()
+        _connection_url(self.url, "/")
+        self.max_body_size = max_body_size
+        self.max_message_size = max_message_size
+        self.connect_timeout = connect_timeout
+        self.prefetch_count = prefetch_count
+        self.endpoint: str | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._url: URL | None = None
+        self._vhost = "/"
+        self._queue = ""
+        self._consumer_tag = f"pikku-{uuid.uuid4().hex}"
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._wrapper: aio_pika.abc.AbstractChannel | None = None
+        self._channel: aiormq.Channel | None = None
+        self._ready = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._stopping = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.reconnects = 0
+        """Number of times the server reconnected after losing its connection or channel."""
+
+    @property
+    def connected(self) -> bool:
+        """True while the server consumes its queue."""
+        return self._ready.is_set()
+
+    async def start(self, endpoint: str, dispatcher: Dispatcher) -> str:
+        target = parse_endpoint(endpoint, worker=True)
+        self._dispatcher = dispatcher
+        self._vhost = target.vhost
+        self._queue = target.queue or queue_for_deployment(dispatcher.deployment_id)
+        self._url = _connection_url(self.url, self._vhost)
+        self._stopping = False
+        await self._open()
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"pikku-amqp-server-{self._queue}")
+        self.endpoint = AmqpEndpoint(
+            target.scheme,
+            target.host or self._url.host,
+            target.port if target.host else self._url.port,
+            self._vhost,
+            self._queue,
+        ).advertised()
+        return self.endpoint
+
+    async def stop(self) -> None:
+        self._stopping = True
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
+        channel = self._channel
+        if channel is not None and not channel.is_closed:
+            # Stop consuming. The auto-delete queue goes with the consumer, so later calls come back unroutable.
+            try:
+                await channel.basic_cancel(self._consumer_tag, timeout=_STOP_TIMEOUT)
+            except Exception as exc:
+                logger.warning("AMQP server on queue %s failed to cancel its consumer: %s", self._queue, exc)
+        if self._tasks:
+            # Wait for the replies still being sent, which include the rejections of a draining worker.
+            _, still = await asyncio.wait(set(self._tasks), timeout=_STOP_TIMEOUT)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+        await self._close_connection()
+        self._ready.clear()
+
+    # -- connection --------------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        """Connect if needed, then consume the queue on a new channel; raise the error of a failed step."""
+        connection = self._connection
+        # aio-pika sets is_closed only in close(), so a connection that the broker closed shows as not connected.
+        if connection is None or connection.is_closed or not connection.connected.is_set():
+            connection = await self._connect()
+        await self._consume(connection)
+        self._lost.clear()
+        self._ready.set()
+
+    async def _connect(self) -> aio_pika.abc.AbstractConnection:
+        assert self._url is not None
+        assert self._dispatcher is not None
+        await self._close_connection()
+
+        name = f"pikku-mq worker {self._dispatcher.deployment_id}"
+        try:
+            connection = await aio_pika.connect(
+                self._url, timeout=self.connect_timeout, client_properties={"connection_name": name}
+            )
+        except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
+            raise _connect_error(exc, self._url, self._vhost) from exc
+
+        connection.close_callbacks.add(self._on_connection_closed)
+        self._connection = connection
+        return connection
+
+    async def _consume(self, connection: aio_pika.abc.AbstractConnection) -> None:
+        """Open a channel, declare the queue and consume it."""
+        assert self._url is not None
+        assert self._dispatcher is not None
+        prefetch = self.prefetch_count or self._dispatcher.max_in_flight
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                wrapper = await connection.channel(publisher_confirms=False)
+                channel = cast(aiormq.Channel, await wrapper.get_underlay_channel())
+                await channel.basic_qos(prefetch_count=max(1, min(prefetch, _MAX_PREFETCH)))
+                await channel.queue_declare(self._queue, exclusive=True, auto_delete=True)
+                await channel.basic_consume(self._queue, self._on_delivery, consumer_tag=self._consumer_tag)
+        except aiormq.exceptions.ChannelLockedResource:
+            raise DeploymentConflictError(
+                f"queue {self._queue!r} in vhost {self._vhost!r} is in use by another connection, so another "
+                "worker serves this endpoint"
+            ) from None
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise ConfigurationError(
+                f"user {self._url.user!r} has no permission to declare or consume queue {self._queue!r} in vhost "
+                f"{self._vhost!r}: {exc}"
+            ) from None
+        except (aiormq.exceptions.AMQPError, OSError, TimeoutError, RuntimeError) as exc:
+            raise EndpointUnreachableError(
+                f"failed to consume queue {self._queue!r} on the AMQP broker at {_broker_label(self._url)}: "
+                f"{exc or type(exc).__name__}"
+            ) from exc
+
+        wrapper.close_callbacks.add(self._on_channel_closed)
+        channel.on_consumer_cancel_callbacks.add(self._on_cancelled)
+        self._wrapper, self._channel = wrapper, channel
+
+    def _on_connection_closed(self, sender: Any, exc: BaseException | None = None) -> None:
+        if sender is self._connection:
+            self._on_lost()
+
+    def _on_channel_closed(self, sender: Any, exc: BaseException | None = None) -> None:
+        if sender is self._wrapper:
+            self._on_lost()
+
+    def _on_cancelled(self, frame: Any) -> None:
+        # The broker cancelled the consumer, because the queue was deleted, so consume again on a new channel.
+        self._on_lost()
+
+    def _on_lost(self) -> None:
+        if not self._stopping:
+            self._ready.clear()
+            self._lost.set()
+
+    async def _supervise(self) -> None:
+        """Reconnect after the connection or channel is lost, with a backoff, until stopped."""
+        while not self._stopping:
+            await self._lost.wait()
+            logger.warning("AMQP server on queue %s lost its connection or channel, reconnecting", self._queue)
+            wrapper, self._wrapper, self._channel = self._wrapper, None, None
+            if wrapper is not None and not wrapper.is_closed:
+                with contextlib.suppress(Exception):
+                    await wrapper.close()
+            delay = _FIRST_RECONNECT_DELAY
+            failures = 0
+            while not self._stopping:
+                await asyncio.sleep(delay)
+                try:
+                    await self._open()
+                except Exception as exc:
+                    failures += 1
+                    log = logger.warning if failures == 1 or failures % 10 == 0 else logger.debug
+                    log("AMQP server on queue %s cannot reconnect yet (attempt %d): %s", self._queue, failures, exc)
+                    delay = min(delay * 2, _MAX_RECONNECT_DELAY)
+                    continue
+                self.reconnects += 1
+                logger.info("AMQP server on queue %s is consuming again", self._queue)
+                break
+
+    async def _close_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        self._wrapper = self._channel = None
+        if connection is not None:
+            try:
+                await asyncio.wait_for(connection.close(), _STOP_TIMEOUT)
+            except Exception as exc:
+                logger.debug("closing the AMQP connection failed: %s", exc)
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    async def _on_delivery(self, message: DeliveredMessage) -> None:
+        # Acknowledge at receipt (at-most-once), then serve in a task that the server owns. The task
+        # outlives the channel, so a function keeps running when the connection drops.
+        tag = message.delivery_tag
+        try:
+            if tag is not None:
+                await message.channel.basic_ack(tag, wait=False)
+        except Exception as exc:
+            # Not acknowledged, so the broker delivers it again and the worker replies to that delivery.
+            logger.info(
+                "AMQP server on queue %s failed to acknowledge a request, left to its redelivery: %s", self._queue, exc
+            )
+            return
+        task = asyncio.create_task(self._serve(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, message: DeliveredMessage) -> None:
+        assert self._dispatcher is not None
+        properties = message.header.properties
+        reply_to = properties.reply_to
+        received = time.monotonic()
+        try:
+            status, body, rejected, budget = await self._handle(message)
+        except Exception:
+            logger.exception("AMQP server on queue %s failed to serve a request", self._queue)
+            return
+        if not reply_to:
+            return
+        deadline = received + budget
+        try:
+            await self._reply(reply_to, properties.correlation_id, status, body, rejected, deadline)
+        except Exception:
+            logger.exception("AMQP server on queue %s failed to send a reply", self._queue)
+
+    async def _handle(self, message: DeliveredMessage) -> tuple[int, Any, bool, float]:
+        """Serve one request and return the reply's status and body, its rejected flag, and the call's budget."""
+        assert self._dispatcher is not None
+        properties = message.header.properties
+        budget = self._dispatcher.default_timeout
+        try:
+            headers, name, data = self._parse(message)
+            with contextlib.suppress(ValueError):
+                budget = float(headers.get(HEADER_DEADLINE, budget * 1000)) / 1000
+            # A NaN or negative budget leaves no time to wait for a reconnection.
+            budget = min(budget, _REPLY_WAIT_LIMIT) if budget >= 0 else 0.0
+            if getattr(message.delivery, "redelivered", False):
+                raise CallInterruptedError(
+                    f"the broker delivered the call to '{name}' a second time after a channel failure; "
+                    "it was not run again, and it may have run once",
+                    payload={"deployment_id": self._dispatcher.deployment_id},
+                )
+        except PikkuMQError as exc:
+            if not properties.reply_to:
+                logger.warning(
+                    "AMQP server on queue %s dropped a request without reply_to: %s: %s",
+                    self._queue,
+                    type(exc).__name__,
+                    exc,
+                )
+            return exc.http_status, exc.to_envelope(), False, budget
+
+        if self._stopping:
+            error = ServiceUnavailableError(
+                f"instance '{self._dispatcher.deployment_id}' is stopping and takes no new calls",
+                payload={"deployment_id": self._dispatcher.deployment_id},
+            )
+            return error.http_status, error.to_envelope(), True, budget
+        outcome = await self._dispatcher.handle(name, data, headers)
+        status, body = outcome.encode_python()
+        return status, body, outcome.rejected, budget
+
+    def _parse(self, message: DeliveredMessage) -> tuple[dict[str, str], str, Any]:
+        if len(message.body) > self.max_body_size:
+            raise PayloadTooLargeError(
+                f"request body is larger than the limit of {self.max_body_size} bytes",
+                payload={"max_body_size": self.max_body_size},
+            )
+        properties = message.header.properties
+        headers = _request_headers(properties.headers)
+        name = headers.pop(HEADER_FUNCTION, None)
+        if not name:
+            raise BadRequestError(f"the request has no {HEADER_FUNCTION} header naming the function to call")
+        content_type = (properties.content_type or "").split(";", 1)[0].strip().lower()
+        if content_type not in _MSGPACK_TYPES:
+            raise UnsupportedMediaTypeError(
+                f'content type {content_type[:100]!r} is not supported; send {MSGPACK} of {{"data": ...}}'
+            )
+        return headers, name, _decode_call_body(message.body, binary=True)
+
+    async def _reply(
+        self, reply_to: str, correlation_id: str | None, status: int, body: Any, rejected: bool, deadline: float
+    ) -> None:
+        try:
+            payload = _pack(body)
+        except (ValueError, TypeError, OverflowError) as exc:
+            # A JSON-compatible result can still fail in msgpack, for example an integer beyond 64 bits.
+            error = OutputValidationError(f"the reply cannot be encoded as msgpack: {exc}")
+            status, payload = error.http_status, _pack(error.to_envelope())
+        if len(payload) > self.max_message_size:
+            status, body = self._too_large(len(payload))
+            payload = _pack(body)
+        headers: dict[str, Any] = {HEADER_STATUS: status}
+        if rejected:
+            headers[HEADER_REJECTED] = "1"
+        properties = spec.Basic.Properties(
+            content_type=MSGPACK, delivery_mode=1, correlation_id=correlation_id, headers=headers
+        )
+        # Without a connection, a reply waits for the next one while its caller may still be waiting.
+        while True:
+            channel = self._channel
+            if self._ready.is_set() and channel is not None:
+                if not channel.is_closed:
+                    try:
+                        await channel.basic_publish(payload, routing_key=reply_to, properties=properties, wait=False)
+                        return
+                    except (
+                        aiormq.exceptions.AMQPError,
+                        aiormq.exceptions.ChannelInvalidStateError,
+                        ConnectionError,
+                    ) as exc:
+                        logger.debug("sending an AMQP reply failed; it waits for the next connection: %s", exc)
+                self._on_lost()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stopping:
+                logger.info(
+                    "AMQP server on queue %s dropped the reply to %s: no connection before the call's deadline",
+                    self._queue,
+                    correlation_id,
+                )
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._ready.wait()
+
+    def _too_large(self, size: int) -> tuple[int, Any]:
+        error = PayloadTooLargeError(
+            f"the result is {size} bytes, over the AMQP message limit of {self.max_message_size} bytes",
+            payload={"size": size, "max_message_size": self.max_message_size},
+        )
+        return error.http_status, error.to_envelope()
