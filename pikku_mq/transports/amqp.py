@@ -31,6 +31,11 @@ Choices, and why:
   loop, so a call made while the broker is down fails at once with
   :class:`~pikku_mq.EndpointUnreachableError` instead of waiting for a reconnection.
 - The worker reconnects on its own, with a backoff from 0.1 s to 5 s, and declares its queue again.
+- Presence: a worker publishes its join, heartbeat, draining and leave events (JSON, as the discovery
+  change feeds carry them) on the fanout exchange ``PIKKU_AMQP_PRESENCE_EXCHANGE`` (default
+  ``pikku.presence``) of its vhost. A caller whose deployment service listens binds a queue of its own
+  to that exchange when it connects to the vhost, and expires its cached lookups then, since events
+  sent while it was not connected are lost.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import Mapping
@@ -72,9 +78,10 @@ from .._errors import (
     TransportError,
     UnsupportedMediaTypeError,
 )
+from .._presence import ChangeKind, decode_change, encode_change
 from .._settings import default_amqp_url
 from .._types import HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP, HEADER_REQUEST_ID, CallRequest
-from .base import ClientTransport, Reply, ServerTransport
+from .base import ClientTransport, PresenceListener, Reply, ServerTransport
 from .http import DEFAULT_MAX_BODY_SIZE, _decode_call_body
 
 if TYPE_CHECKING:
@@ -99,6 +106,20 @@ DEFAULT_HEARTBEAT = 15
 """Heartbeat timeout in seconds, unless the broker URL sets ``?heartbeat=`` (aiormq's default is 60).
 RabbitMQ sends heartbeats every half timeout and closes a connection after two missed ones. So the
 queue of a worker whose host vanished goes away after an estimated 15 to 30 s."""
+
+ENV_PRESENCE_EXCHANGE = "PIKKU_AMQP_PRESENCE_EXCHANGE"
+DEFAULT_PRESENCE_EXCHANGE = "pikku.presence"
+
+
+def presence_exchange() -> str:
+    """Return the fanout exchange of presence events: ``PIKKU_AMQP_PRESENCE_EXCHANGE``, else ``pikku.presence``."""
+    return os.environ.get(ENV_PRESENCE_EXCHANGE, "").strip() or DEFAULT_PRESENCE_EXCHANGE
+
+
+async def _declare_presence(channel: aiormq.Channel, exchange: str) -> None:
+    # Not durable and not auto-deleted: presence is transient, and callers bind and unbind all the time.
+    await channel.exchange_declare(exchange=exchange, exchange_type="fanout", durable=False, auto_delete=False)
+
 
 REPLY_TO = "amq.rabbitmq.reply-to"
 HEADER_FUNCTION = "pikku-function"
@@ -337,7 +358,9 @@ class _Link:
         self.lost = False
 
     @classmethod
-    async def open(cls, url: URL, vhost: str, timeout: float, name: str) -> _Link:
+    async def open(
+        cls, url: URL, vhost: str, timeout: float, name: str, presence: PresenceListener | None = None
+    ) -> _Link:
         try:
             connection = await aio_pika.connect(url, timeout=timeout, client_properties={"connection_name": name})
         except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
@@ -349,6 +372,8 @@ class _Link:
                 link = cls(connection, channel)
                 # Direct reply-to: consume the pseudo-queue without acks before the first publish.
                 await channel.basic_consume(REPLY_TO, link._on_reply, no_ack=True)
+                if presence is not None:
+                    await link._subscribe_presence(presence)
         except BaseException as exc:
             await connection.close()
             if isinstance(exc, aiormq.exceptions.AMQPError | OSError | TimeoutError | RuntimeError):
@@ -358,7 +383,26 @@ class _Link:
             raise
         connection.close_callbacks.add(link._on_close)
         wrapper.close_callbacks.add(link._on_close)
+        if presence is not None:
+            # Lookups made before this subscription may miss events: the listener expires them.
+            presence(None)
         return link
+
+    async def _subscribe_presence(self, listener: PresenceListener) -> None:
+        """Bind a queue of this connection's own to the presence exchange and pass its events on."""
+        exchange = presence_exchange()
+        await _declare_presence(self.channel, exchange)
+        declared = await self.channel.queue_declare("", exclusive=True, auto_delete=True)
+        queue = declared.queue
+        assert queue is not None
+        await self.channel.queue_bind(queue, exchange, routing_key="")
+
+        async def on_event(message: DeliveredMessage) -> None:
+            event = decode_change(message.body)
+            if event is not None:
+                listener(event)
+
+        await self.channel.basic_consume(queue, on_event, no_ack=True)
 
     @property
     def usable(self) -> bool:
@@ -425,6 +469,11 @@ class AmqpTransport(ClientTransport):
         self.connection_name = connection_name
         self._links: dict[str, _Link] = {}
         self._opening: dict[str, asyncio.Task[_Link]] = {}
+        self._presence_listener: PresenceListener | None = None
+
+    def set_presence_listener(self, listener: PresenceListener | None) -> None:
+        """Pass presence events to ``listener``; each vhost's connection subscribes when it opens next."""
+        self._presence_listener = listener
 
     async def call(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
         deadline = time.monotonic() + timeout
@@ -516,7 +565,13 @@ class AmqpTransport(ClientTransport):
             old = self._links.pop(vhost, None)
             if old is not None:
                 await old.close()
-            link = await _Link.open(_connection_url(self.url, vhost), vhost, self.connect_timeout, self.connection_name)
+            link = await _Link.open(
+                _connection_url(self.url, vhost),
+                vhost,
+                self.connect_timeout,
+                self.connection_name,
+                presence=self._presence_listener,
+            )
             self._links[vhost] = link
             return link
         finally:
@@ -574,6 +629,8 @@ class AmqpServer(ServerTransport):
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._wrapper: aio_pika.abc.AbstractChannel | None = None
         self._channel: aiormq.Channel | None = None
+        self._presence_channel: aiormq.Channel | None = None
+        """The channel on which the presence exchange was declared last."""
         self._ready = asyncio.Event()
         self._lost = asyncio.Event()
         self._stopping = False
@@ -627,6 +684,18 @@ class AmqpServer(ServerTransport):
             await asyncio.gather(*still, return_exceptions=True)
         await self._close_connection()
         self._ready.clear()
+
+    async def announce(self, kind: ChangeKind, deployment_id: str) -> None:
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            return  # callers learn of the change from discovery
+        exchange = presence_exchange()
+        if self._presence_channel is not channel:
+            await _declare_presence(channel, exchange)
+            self._presence_channel = channel
+        properties = spec.Basic.Properties(content_type="application/json", delivery_mode=1)
+        body = encode_change(kind, deployment_id).encode()
+        await channel.basic_publish(body, exchange=exchange, routing_key="", properties=properties)
 
     # -- connection --------------------------------------------------------------------------------
 
