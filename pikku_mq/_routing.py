@@ -159,6 +159,7 @@ class Router:
             },
         )
         tried: set[str] = set()
+        failures: list[str] = []
         busy: Reply | None = None
         too_large: PayloadTooLargeError | None = None
         refreshed = False
@@ -174,11 +175,11 @@ class Router:
                     raise too_large
                 if busy is not None:
                     _result(busy)  # every instance that was tried is busy: raise its BusyError
-                raise self._no_instance(name, tried)
+                raise self._no_instance(name, tried, failures)
 
             tried.add(instance.deployment_id)
             try:
-                reply = await self._attempt(instance, request, deadline, idempotent)
+                reply = await self._attempt(instance, request, deadline, idempotent, failures)
             except PayloadTooLargeError as exc:
                 too_large = exc  # another instance may have an endpoint that carries it
                 continue
@@ -190,7 +191,7 @@ class Router:
             return _result(reply)
 
     async def _attempt(
-        self, instance: DeploymentInfo, request: CallRequest, deadline: float, idempotent: bool
+        self, instance: DeploymentInfo, request: CallRequest, deadline: float, idempotent: bool, failures: list[str]
     ) -> Reply | None:
         """Send one attempt; return None, or a rejected reply, if the call should move to another instance.
 
@@ -212,6 +213,7 @@ class Router:
                 reply = await transport.call(endpoint, request, remaining)
             except EndpointUnreachableError as exc:
                 logger.info("instance %s is unreachable at %s: %s", instance.deployment_id, endpoint, exc)
+                failures.append(f"{instance.deployment_id}: {exc}")
                 continue
             except PayloadTooLargeError as exc:
                 logger.info("%s cannot carry the call to %s: %s", endpoint, request.name, exc)
@@ -225,6 +227,7 @@ class Router:
                 logger.info(
                     "call to %s on %s failed, retrying (idempotent): %s", request.name, instance.deployment_id, exc
                 )
+                failures.append(f"{instance.deployment_id}: {exc}")
                 return None
 
             if reply.rejected:
@@ -324,11 +327,13 @@ class Router:
             raise RoutingError(f"no transport for any endpoint of instance '{instance.deployment_id}'")
         return endpoints
 
-    def _no_instance(self, name: str, tried: set[str]) -> PikkuMQError:
+    def _no_instance(self, name: str, tried: set[str], failures: list[str]) -> PikkuMQError:
         if tried:
+            # The transports' reasons say what to fix, for example a broker URL that refuses connections.
+            reasons = f": {'; '.join(failures[-3:])}" if failures else ""
             return RoutingError(
-                f"no instance could take the call to '{name}'; tried {', '.join(sorted(tried))}",
-                payload={"function": name, "tried": sorted(tried)},
+                f"no instance could take the call to '{name}'; tried {', '.join(sorted(tried))}{reasons}",
+                payload={"function": name, "tried": sorted(tried), "failures": failures[-3:]},
             )
         entry = self._entries.get(name)
         if entry is not None and entry.instances:

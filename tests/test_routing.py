@@ -279,7 +279,13 @@ async def test_all_refused_routing_error(mesh: Mesh) -> None:
         await RPC(deployment_service=mesh.service()).remote("whoami")
 
     error = caught.value
-    assert error.payload == {"function": "whoami", "tried": ["dead-1", "dead-2"]}
+    assert error.payload["function"] == "whoami"
+    assert error.payload["tried"] == ["dead-1", "dead-2"]
+    # Each refusal is reported with the transport's reason, so the message says what to fix.
+    failures = error.payload["failures"]
+    assert len(failures) == 2
+    assert all("cannot connect to http://127.0.0.1:" in failure for failure in failures)
+    assert "cannot connect to http://127.0.0.1:" in error.message
     assert error.status == 503
     assert error.retryable is True
 
