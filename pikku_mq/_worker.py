@@ -23,7 +23,7 @@ from ._types import DEFAULT_TIMEOUT, DeploymentConfig
 from .backends import deployment_service_from_url
 from .backends.base import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TTL, DeploymentService
 from .transports._nats_wire import parse_nats_endpoint
-from .transports.base import ServerTransport, endpoint_scheme
+from .transports.base import ClientTransport, ServerTransport, TransportSet, endpoint_scheme
 from .transports.http import DEFAULT_MAX_BODY_SIZE, HttpServer, PikkuASGIApp
 from .transports.memory import MemoryServer
 
@@ -115,6 +115,7 @@ class PikkuWorker:
                 heartbeat_interval=heartbeat_interval,
                 heartbeat_ttl=heartbeat_ttl,
                 default_timeout=default_timeout,
+                transports=_caller_transports(nats_url, amqp_url),
             )
             self._owns_deployment_service = True
         else:
@@ -323,6 +324,26 @@ class PikkuWorker:
 def _on_signal(signum: int, stop: asyncio.Event) -> None:
     logger.info("received %s", signal.Signals(signum).name)
     stop.set()
+
+
+def _caller_transports(nats_url: str | None, amqp_url: str | None) -> TransportSet:
+    """Return the transports of the worker's own remote calls, on the worker's broker URLs where given."""
+    transports = TransportSet.default()
+    if nats_url is not None:
+        transports.replace(_nats_client(nats_url))
+    if amqp_url is not None:
+        transports.replace(_amqp().AmqpTransport(url=amqp_url))
+    return transports
+
+
+def _nats_client(nats_url: str) -> ClientTransport:
+    try:
+        from .transports.nats import NatsTransport
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"nats_url needs nats-py, which is not installed ({exc}); install it with pip install 'pikku-mq[nats]'"
+        ) from None
+    return NatsTransport(nats_url)
 
 
 def _check_endpoint(url: str) -> None:

@@ -23,6 +23,8 @@ from pikku_mq import (
     PayloadTooLargeError,
     PikkuWorker,
     TransportSet,
+    Wire,
+    deployment_service_from_url,
     pikku_sessionless_func,
 )
 from pikku_mq.transports.nats import NatsTransport
@@ -40,6 +42,12 @@ REG = FunctionRegistry()
 @pikku_sessionless_func(expose=True, registry=REG)
 async def size_of(services: Any, data: str) -> int:
     return len(data)
+
+
+@pikku_sessionless_func(expose=True, registry=REG)
+async def relay(services: Any, data: str, wire: Wire) -> int:
+    result: int = await wire.rpc.remote("size_of", data)
+    return result
 
 
 @pytest.fixture(autouse=True)
@@ -61,8 +69,6 @@ async def launch_nats_worker(processes: WorkerProcesses, deployment_id: str) -> 
 @pytest.fixture
 async def nats_caller(discovery_url: str) -> AsyncIterator[DeploymentService]:
     """A caller on the test's registry that keeps lookups for a minute, so only events change its routing."""
-    from pikku_mq import deployment_service_from_url
-
     service = deployment_service_from_url(discovery_url, routing_cache_ttl=60)
     yield service
     await service.close()
@@ -179,3 +185,18 @@ async def test_presence_flushes_before_stop(mesh: Mesh) -> None:
         await wait_until(lambda: "nf-1" not in caller.router.cached_instances("size_of"), timeout=5, interval=0.002)
         assert time.monotonic() - started < 0.1
         await stopping
+
+
+async def test_nested_call_uses_worker_nats_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The environment points at a closed port: only the workers' own nats_url reaches the broker.
+    monkeypatch.setenv("PIKKU_NATS_URL", f"nats://127.0.0.1:{closed_port()}")
+    registry_url = f"sqlite:///{tmp_path / 'registry.db'}"
+    options: dict[str, Any] = {"registry": REG, "nats_url": SHARED_URL, "deployment_service": registry_url}
+    sizer = PikkuWorker(functions=["size_of"], endpoint=nats_endpoint(), deployment_id="nn-size", **options)
+    relayer = PikkuWorker(functions=["relay"], endpoint="http://127.0.0.1:0", deployment_id="nn-relay", **options)
+    caller = deployment_service_from_url(registry_url)
+    try:
+        async with sizer, relayer:
+            assert await caller.invoke("relay", "abcd", timeout=10) == 4
+    finally:
+        await caller.close()

@@ -114,6 +114,11 @@ class TransportSet:
             transports.append(AmqpTransport())
         return cls(transports)
 
+    def replace(self, transport: ClientTransport) -> None:
+        """Use ``transport`` for its schemes in place of the transport that served them."""
+        for scheme in transport.schemes:
+            self._by_scheme[scheme] = transport
+
     def for_endpoint(self, endpoint: str) -> ClientTransport | None:
         return self._by_scheme.get(endpoint_scheme(endpoint))
 
