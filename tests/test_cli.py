@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from _support_core import closed_port
 
 CLI_TIMEOUT = 30.0
 """Seconds one short command (call, ls) may take; starting Python and importing pikku_mq takes over a second."""
@@ -173,6 +174,9 @@ def test_demo_shows_failover(tmp_path: Path, spawned: list[subprocess.Popen[Any]
     lines = stdout.splitlines()
 
     assert demo.returncode == 0, stdout + stderr
+    # The test machine runs NATS and RabbitMQ, so the demo routes over both.
+    assert "NATS at 127.0.0.1:4222 answers: shouter-1 serves over NATS" in stdout
+    assert "RabbitMQ at 127.0.0.1:5672 answers: greeter-2 serves over AMQP" in stdout
     assert "welcome on concierge-1, greet on greeter-1, shout on shouter-1" in stdout
     assert "welcome on concierge-1, greet on greeter-2, shout on shouter-1" in stdout
 
@@ -195,6 +199,33 @@ def test_demo_shows_failover(tmp_path: Path, spawned: list[subprocess.Popen[Any]
     registry = Path(lines[0].rsplit(" ", 1)[-1])
     assert registry.name == "registry.db"
     assert not registry.parent.exists()
+
+
+def test_demo_without_brokers_uses_http(tmp_path: Path, spawned: list[subprocess.Popen[Any]]) -> None:
+    nats_port, amqp_port = closed_port(), closed_port()
+    env = {
+        **os.environ,
+        "PIKKU_NATS_URL": f"nats://127.0.0.1:{nats_port}",
+        "PIKKU_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{amqp_port}/",
+    }
+    demo = subprocess.Popen(
+        [*MODULE_COMMAND, "demo"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    spawned.append(demo)
+    stdout, stderr = demo.communicate(timeout=DEMO_TIMEOUT)
+
+    assert demo.returncode == 0, stdout + stderr
+    assert f"NATS at 127.0.0.1:{nats_port} is not reachable (connection refused): shouter-1 serves over HTTP" in stdout
+    assert f"RabbitMQ at 127.0.0.1:{amqp_port} is not reachable (connection refused)" in stdout
+    assert "nats://" not in stdout
+    assert "amqp://" not in stdout
+    assert "every check passed" in stdout
 
 
 def test_demo_interrupt_cleans_up(tmp_path: Path, spawned: list[subprocess.Popen[Any]]) -> None:

@@ -1,8 +1,11 @@
 """The driver of ``pikku-mq demo``: a mesh of worker processes on a temporary SQLite registry.
 
 It starts two greeters, a shouter and a concierge as ``pikku-mq worker`` processes and calls their
-functions. Then it kills one greeter with SIGKILL while a stream of calls goes on, checks that the later
-calls reach the other greeter, and stops the rest with SIGTERM. Worker logs go to files in the temporary
+functions. When a NATS server or a RabbitMQ broker answers (``PIKKU_NATS_URL``, ``PIKKU_AMQP_URL``, else
+their local defaults), the shouter serves over NATS and the second greeter over AMQP, each with an HTTP
+fallback; otherwise the demo prints why and they serve over HTTP. Then it kills one greeter with SIGKILL
+while a stream of calls goes on, checks that the later calls reach the other greeter, and stops the
+rest with SIGTERM. Worker logs go to files in the temporary
 folder and are printed only when the demo fails.
 """
 
@@ -11,18 +14,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 from .._errors import PikkuMQError
+from .._settings import default_amqp_url, default_nats_url
 from ..backends.sqlite import SqliteDeploymentService
 from ..cli import format_deployments
 
@@ -60,6 +67,9 @@ WORKERS = (
 VICTIM = "greeter-1"
 SURVIVOR = "greeter-2"
 
+BROKER_PROBE_TIMEOUT = 1.0
+"""Seconds to wait for a broker to accept a TCP connection before the demo leaves it out."""
+
 
 class DemoError(Exception):
     """A step of the demo did not give the expected result."""
@@ -71,6 +81,14 @@ class _Worker:
     module: str
     process: subprocess.Popen[bytes]
     log_path: Path
+
+
+@dataclass(slots=True)
+class _Endpoints:
+    """The endpoint and fallbacks of a worker, by default one HTTP endpoint on a free port."""
+
+    endpoint: str = "http://127.0.0.1:0"
+    fallbacks: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -133,6 +151,7 @@ async def _demo(mesh: _Mesh, stop: _StopSignal) -> None:
     )
     try:
         async with asyncio.timeout(DEMO_TIMEOUT), service:
+            await _choose_transports(mesh)
             await _start(mesh, service)
             await _single_calls(mesh, service)
             await _failover(mesh, service)
@@ -144,8 +163,55 @@ async def _demo(mesh: _Mesh, stop: _StopSignal) -> None:
 # -- steps -----------------------------------------------------------------------------------------
 
 
+async def _choose_transports(mesh: _Mesh) -> None:
+    """Serve the shouter over NATS and the second greeter over AMQP where those brokers accept connections."""
+    print(f"pikku-mq demo: {len(WORKERS)} worker processes sharing the SQLite registry {mesh.workdir / 'registry.db'}")
+    # Presence names of this run only, so another demo on the same brokers cannot touch its routing.
+    tag = uuid.uuid4().hex[:8]
+    os.environ["PIKKU_NATS_PRESENCE_SUBJECT"] = f"pikku_demo_{tag}.presence"
+    os.environ["PIKKU_AMQP_PRESENCE_EXCHANGE"] = f"pikku_demo_{tag}.presence"
+
+    nats = urlsplit(default_nats_url().split(",")[0])
+    nats_address = f"{nats.hostname or '127.0.0.1'}:{nats.port or 4222}"
+    failure = await _probe(nats.hostname or "127.0.0.1", nats.port or 4222)
+    if failure is None:
+        mesh.endpoints["shouter-1"] = _Endpoints(f"nats://{nats_address}/pikku_demo_{tag}", ["http://127.0.0.1:0"])
+        print(f"NATS at {nats_address} answers: shouter-1 serves over NATS, with an HTTP fallback.")
+    else:
+        print(f"NATS at {nats_address} is not reachable ({failure}): shouter-1 serves over HTTP. Start nats-server")
+        print("  or set PIKKU_NATS_URL to see a call over NATS.")
+
+    amqp = urlsplit(default_amqp_url())
+    amqp_address = f"{amqp.hostname or '127.0.0.1'}:{amqp.port or 5672}"
+    failure = await _probe(amqp.hostname or "127.0.0.1", amqp.port or 5672)
+    if failure is None:
+        endpoint = f"amqp://{amqp_address}/%2F?queue=pikku-demo-{tag}.greeter-2"
+        mesh.endpoints["greeter-2"] = _Endpoints(endpoint, ["http://127.0.0.1:0"])
+        print(f"RabbitMQ at {amqp_address} answers: greeter-2 serves over AMQP, with an HTTP fallback.")
+    else:
+        print(f"RabbitMQ at {amqp_address} is not reachable ({failure}): greeter-2 serves over HTTP. Start")
+        print("  RabbitMQ or set PIKKU_AMQP_URL to see a call over AMQP.")
+    print()
+
+
+async def _probe(host: str, port: int) -> str | None:
+    """Return None if ``host:port`` accepts a TCP connection, else the reason it did not."""
+    try:
+        async with asyncio.timeout(BROKER_PROBE_TIMEOUT):
+            _, writer = await asyncio.open_connection(host, port)
+    except TimeoutError:
+        return f"no answer within {BROKER_PROBE_TIMEOUT:g} s"
+    except ConnectionRefusedError:
+        return "connection refused"
+    except OSError as exc:
+        return str(exc) or type(exc).__name__
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return None
+
+
 async def _start(mesh: _Mesh, service: SqliteDeploymentService) -> None:
-    print(f"pikku-mq demo: {len(WORKERS)} worker processes sharing the SQLite registry {service.path}\n")
     await service.init()
     for name, module in WORKERS:
         mesh.spawn(name, module)
@@ -322,8 +388,11 @@ class _Mesh:
         self.workdir = workdir
         self.url = f"sqlite:///{workdir / 'registry.db'}"
         self.workers: dict[str, _Worker] = {}
+        self.endpoints: dict[str, _Endpoints] = {}
+        """Each worker's endpoints, for the workers that do not serve over HTTP alone."""
 
     def spawn(self, name: str, module: str) -> None:
+        endpoints = self.endpoints.get(name, _Endpoints())
         command = [
             sys.executable,
             "-m",
@@ -333,7 +402,8 @@ class _Mesh:
             "--id",
             name,
             "--endpoint",
-            "http://127.0.0.1:0",
+            endpoints.endpoint,
+            *(f"--fallback-endpoint={url}" for url in endpoints.fallbacks),
             "--discovery",
             self.url,
             "--heartbeat-interval",
