@@ -200,3 +200,17 @@ async def test_nested_call_uses_worker_nats_url(tmp_path: Path, monkeypatch: pyt
             assert await caller.invoke("relay", "abcd", timeout=10) == 4
     finally:
         await caller.close()
+
+
+async def test_no_responders_takes_http_fallback(mesh: Mesh) -> None:
+    caller = mesh.service(routing_cache_ttl=60)
+    async with fallback_worker(mesh) as worker:
+        assert await caller.invoke("size_of", "abc", timeout=5) == 3
+        # The worker's NATS side goes away while its HTTP side stays: NATS answers "no responders".
+        nats_server = worker._servers[0]
+        await nats_server.stop()
+        started = time.monotonic()
+        answers = [await caller.invoke("size_of", "abcd", timeout=5) for _ in range(3)]
+        assert answers == [4, 4, 4]
+        assert time.monotonic() - started < 1.0
+        assert "nf-1" not in caller.router._suspects
