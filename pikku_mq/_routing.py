@@ -114,6 +114,12 @@ class Router:
         self._expire_all()
         logger.debug("change feed: %s joined", deployment_id)
 
+    def instance_alive(self, deployment_id: str) -> None:
+        """Take back an instance that announced it is alive after a leave, which heals a stale or forged leave."""
+        if self._departed.pop(deployment_id, None) is not None:
+            self._expire_all()
+            logger.debug("change feed: %s is alive again", deployment_id)
+
     def resync(self) -> None:
         """Look every function up again, after a gap in the change feed in which events were lost."""
         self._departed.clear()

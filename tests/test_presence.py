@@ -16,6 +16,7 @@ import pytest
 from _support_core import Mesh, wait_until
 
 from pikku_mq import DeploymentInfo, DeploymentService, FunctionRegistry, PikkuWorker, pikku_sessionless_func
+from pikku_mq.transports.memory import MemoryServer
 
 REG = FunctionRegistry()
 INTERVAL = 0.1
@@ -89,3 +90,20 @@ async def test_heartbeats_keep_cache(mesh: Mesh) -> None:
         await asyncio.sleep(4 * INTERVAL)
         assert await caller.invoke("whoami", timeout=5) == "p-1"
     assert lookups == []
+
+
+async def test_forged_leave_healed_by_heartbeat(mesh: Mesh) -> None:
+    caller = mesh.service(routing_cache_ttl=60)
+    async with memory_worker(mesh, "p-1"), memory_worker(mesh, "p-2"):
+        assert {await caller.invoke("whoami", timeout=5) for _ in range(4)} == {"p-1", "p-2"}
+
+        # Anyone on the broker can publish a leave for a live worker.
+        await MemoryServer().announce("leave", "p-1")
+        assert caller.router.cached_instances("whoami") == ("p-2",)
+
+        # The worker's next heartbeat takes it back.
+        async def both_answer() -> bool:
+            return {await caller.invoke("whoami", timeout=5) for _ in range(4)} == {"p-1", "p-2"}
+
+        waited = await wait_until(both_answer, timeout=5 * INTERVAL + 1, interval=0.02)
+        assert waited < 3 * INTERVAL + 0.5

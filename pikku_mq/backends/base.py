@@ -342,6 +342,8 @@ class DeploymentService(ABC):
             self.router.instance_joined(event.deployment_id)
         elif event.kind in ("draining", "leave"):
             self.router.instance_left(event.deployment_id)
+        elif event.kind == "heartbeat":
+            self.router.instance_alive(event.deployment_id)
 
     async def _feed_loop(self) -> None:
         """Keep a subscription to the change feed, subscribing again with backoff after each loss."""
