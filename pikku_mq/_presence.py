@@ -52,7 +52,8 @@ def decode_change(raw: str | bytes) -> ChangeEvent | None:
         value = json.loads(raw)
         kind = value["event"]
         deployment_id = value.get("deployment_id", "")
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        # RecursionError: deeply nested JSON, which anyone who can publish on the channel can send.
         logger.debug("ignoring a malformed change event: %.200r", raw)
         return None
     if kind not in _CHANGE_KINDS or not isinstance(deployment_id, str) or (kind != "resync" and not deployment_id):

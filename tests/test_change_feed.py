@@ -264,7 +264,17 @@ def test_overlong_event_becomes_resync() -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    ["", "nope", "[]", "{}", '{"event": "leave"}', '{"event": "boom", "deployment_id": "a"}', '{"event": 1}'],
+    [
+        "",
+        "nope",
+        "[]",
+        "{}",
+        '{"event": "leave"}',
+        '{"event": "boom", "deployment_id": "a"}',
+        '{"event": 1}',
+        "[" * 100_000,
+        '{"event": "leave", "deployment_id": ' + "[" * 5_000 + "}",
+    ],
 )
 def test_malformed_events_ignored(raw: str) -> None:
     assert decode_change(raw) is None
