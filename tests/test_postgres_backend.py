@@ -13,6 +13,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from _support_core import wait_until
 from _support_sql import drop_postgres_schema, postgres_execute, postgres_fetch, postgres_url, unique_name
 
 import pikku_mq
@@ -291,3 +292,23 @@ def test_module_imports_without_asyncpg(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=CHILD_ENV)
 
     assert result.returncode == 0, result.stderr
+
+
+async def test_long_escaped_id_leaves_and_purges(schema: str, make_service: Callable[..., PgDeploymentService]) -> None:
+    # 4,000 quotes encode to 8,000 bytes of JSON, over what pg_notify takes: the event becomes a resync.
+    ident = '"' * 4000
+    leaving = make_service(heartbeat_interval=0.2, heartbeat_ttl=1.0)
+    await leaving.start(_config(ident, "f"))
+    await leaving.stop()
+    assert await _ids(leaving, "f") == []
+
+    crashed = make_service(heartbeat_interval=0.2, heartbeat_ttl=1.0)
+    await crashed.start(_config(ident, "f"))
+    await crashed._stop_heartbeats()
+    purger = make_service(heartbeat_interval=0.2, heartbeat_ttl=1.0)
+    await purger.start(_config("purger", "g"))
+
+    async def purged() -> bool:
+        return [r.deployment_id for r in await purger.list_deployments()] == ["purger"]
+
+    await wait_until(purged, timeout=5)

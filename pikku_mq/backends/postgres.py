@@ -117,10 +117,11 @@ class _Statements:
         self.table = table
         # A channel name is an identifier of at most 63 bytes.
         self.channel = f"pikku_mq_{schema}"[:63]
+        # The limit applies to the encoded event, which escapes quotes and control characters: a short id
+        # can still make a payload over PostgreSQL's 8000 bytes, and pg_notify would fail the DELETE.
+        leave_event = "json_build_object('event', 'leave', 'deployment_id', deployment_id)::text AS event"
         leave_payload = f"""
-            CASE WHEN octet_length(deployment_id) <= {MAX_CHANGE_PAYLOAD - 64}
-                 THEN json_build_object('event', 'leave', 'deployment_id', deployment_id)::text
-                 ELSE '{{"event":"resync"}}' END
+            CASE WHEN octet_length(event) <= {MAX_CHANGE_PAYLOAD} THEN event ELSE '{{"event":"resync"}}' END
             """
         is_live = "last_heartbeat >= now() - make_interval(secs => coalesce(heartbeat_ttl, {ttl}))"
 
@@ -153,11 +154,11 @@ class _Statements:
             """  # noqa: S608
         # Deleting and announcing in one statement: the notification goes out when the delete commits.
         self.deregister = f"""
-            WITH gone AS (DELETE FROM {table} WHERE deployment_id = $1 AND endpoint = $2 RETURNING deployment_id)
+            WITH gone AS (DELETE FROM {table} WHERE deployment_id = $1 AND endpoint = $2 RETURNING {leave_event})
             SELECT count(pg_notify($3, {leave_payload})) FROM gone
             """  # noqa: S608
         self.purge = f"""
-            WITH gone AS (DELETE FROM {table} WHERE NOT ({is_live.format(ttl="$1")}) RETURNING deployment_id)
+            WITH gone AS (DELETE FROM {table} WHERE NOT ({is_live.format(ttl="$1")}) RETURNING {leave_event})
             SELECT count(pg_notify($2, {leave_payload})) FROM gone
             """  # noqa: S608
         self.notify = "SELECT pg_notify($1, $2)"
