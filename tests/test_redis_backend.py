@@ -434,3 +434,25 @@ def test_missing_redis_package_named(monkeypatch: pytest.MonkeyPatch) -> None:
 
     with pytest.raises(ConfigurationError, match=r"pip install 'pikku-mq\[redis\]'"):
         RedisDeploymentService(REDIS_URL)
+
+
+async def test_malformed_row_ignored(services: Services, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    # A row with fields that are not numbers, written by hand or by another program under the prefix.
+    with sync_client() as client:
+        client.hset(
+            f"{prefix}deployment:bad",
+            mapping={"endpoint": "http://x", "functions": "[]", "heartbeat_ttl": "abc", "last_heartbeat_ms": "1"},
+        )
+        client.zadd(f"{prefix}deployments", {"bad": 1})
+    service = services.make()
+    with caplog.at_level("WARNING", logger="pikku_mq"):
+        await service.start(_config("good", "greet"))
+        await asyncio.sleep(INTERVAL * 3)
+        records = {record.deployment_id: record for record in await service.list_deployments()}
+        # The id is free for registration: the row holds no heartbeat that pikku_mq can read.
+        await services.make().start(_config("bad", "greet"))
+
+    assert records["good"].state == "live"
+    assert records["bad"].endpoint == "http://x"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == []
+    assert sorted(await _ids(service, "greet")) == ["bad", "good"]

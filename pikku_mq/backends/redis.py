@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -103,11 +104,11 @@ local ttl = tonumber(ARGV[5])
 local current = redis.call('HMGET', KEYS[1], 'endpoint', 'last_heartbeat_ms', 'heartbeat_ttl', 'functions')
 if current[1] and current[1] ~= ARGV[2] then
   local holder_ttl = ttl
-  if current[3] then
+  if tonumber(current[3]) then
     holder_ttl = tonumber(current[3]) * 1000
   end
   local age
-  if current[2] then
+  if tonumber(current[2]) then
     age = now - tonumber(current[2])
   else
     -- A row without pikku_mq's fields (written by Pikku) lives as long as its key.
@@ -197,11 +198,13 @@ local deleted = 0
 for _, id in ipairs(ids) do
   local key = ARGV[1] .. id
   local row = redis.call('HMGET', key, 'last_heartbeat_ms', 'heartbeat_ttl', 'functions')
-  if not (row[1] and row[2]) then
-    -- The row expired, or the id was taken over by a row without pikku_mq's fields (Pikku's).
+  local last, ttl = tonumber(row[1]), tonumber(row[2])
+  if not (last and ttl) then
+    -- The row expired, or the id was taken over by a row without pikku_mq's fields (Pikku's) or
+    -- with fields that are not numbers, which no pikku_mq instance writes.
     redis.call('ZREM', KEYS[1], id)
   else
-    local expiry = tonumber(row[1]) + tonumber(row[2]) * 1000
+    local expiry = last + ttl * 1000
     if expiry < now then
       for _, name in ipairs(decode_names(row[3])) do
         local score = redis.call('ZSCORE', ARGV[2] .. name, id)
@@ -421,9 +424,11 @@ class RedisDeploymentService(DeploymentService):
         return records
 
     def _record(self, deployment_id: str, fields: dict[str, str], key_ttl_ms: int, now_ms: int) -> DeploymentRecord:
-        ttl = float(fields["heartbeat_ttl"]) if "heartbeat_ttl" in fields else self.heartbeat_ttl
-        if "last_heartbeat_ms" in fields:
-            age = (now_ms - int(fields["last_heartbeat_ms"])) / 1000
+        # A field that is not a number was not written by pikku_mq: read the row as Pikku's.
+        ttl = _number(fields.get("heartbeat_ttl")) or self.heartbeat_ttl
+        last_heartbeat_ms = _number(fields.get("last_heartbeat_ms"))
+        if last_heartbeat_ms is not None:
+            age = (now_ms - last_heartbeat_ms) / 1000
         else:
             # NOTE: a row written by Pikku has no heartbeat time, so its age is estimated from the key's
             # remaining TTL, assuming Pikku set that TTL to this service's heartbeat_ttl.
@@ -455,6 +460,16 @@ def _connect(url: str, max_connections: int, pool_timeout: float, socket_timeout
     )
     client: Redis = redis_asyncio.Redis.from_pool(pool)
     return client
+
+
+def _number(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _text(value: Any) -> str:
