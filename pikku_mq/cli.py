@@ -26,7 +26,7 @@ from ._functions import FunctionDefinition, default_registry
 from ._settings import ENV_AMQP_URL, ENV_DISCOVERY_URL, ENV_NATS_URL, default_discovery_url
 from ._types import DEFAULT_TIMEOUT, DeploymentRecord
 from ._worker import PikkuWorker
-from .backends import DeploymentService, deployment_service_from_url
+from .backends import DeploymentService, _redact, deployment_service_from_url
 from .backends.base import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TTL
 from .backends.sqlite import SqliteDeploymentService
 
@@ -434,7 +434,7 @@ async def _call(url: str, name: str, data: Any, timeout: float) -> Any:
     if _registry_file_missing(service):
         await service.close()
         missing = function_not_found(name)
-        missing.message += f"; the registry file of {url} does not exist, so no worker is registered there"
+        missing.message += f"; the registry file of {_redact(url)} does not exist, so no worker is registered there"
         raise missing
     async with service:
         return await service.invoke(name, data, timeout=timeout)
@@ -475,7 +475,7 @@ def _run_ls(args: argparse.Namespace) -> int:
     elif records:
         print(format_deployments(records))
     else:
-        print(f"no deployments registered in {url}")
+        print(f"no deployments registered in {_redact(url)}")
     return EXIT_OK
 
 
@@ -492,15 +492,19 @@ async def _list(url: str, heartbeat_ttl: float) -> list[DeploymentRecord]:
 
 
 def format_deployments(records: Sequence[DeploymentRecord]) -> str:
-    """Format deployments as a table with one row per deployment."""
+    """Format deployments as a table with one row per deployment.
+
+    Ids, endpoints and function names come from the registry, which any instance writes, so characters
+    that a terminal would act on (newlines, escape sequences) are shown as Python escapes.
+    """
     header = ("ID", "STATE", "HEARTBEAT", "ENDPOINT", "FUNCTIONS")
     rows = [
         (
-            record.deployment_id,
+            _printable(record.deployment_id),
             record.state,
             f"{record.heartbeat_age:.1f} s ago",
-            " ".join((record.endpoint, *record.fallback_endpoints)),
-            ", ".join(record.functions),
+            " ".join(_printable(endpoint) for endpoint in (record.endpoint, *record.fallback_endpoints)),
+            ", ".join(_printable(name) for name in record.functions),
         )
         for record in records
     ]
@@ -510,6 +514,12 @@ def format_deployments(records: Sequence[DeploymentRecord]) -> str:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         lines.append("  ".join((*cells, row[-1])))
     return "\n".join(lines)
+
+
+def _printable(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 # -- demo ------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import pytest
 from _support_core import closed_port
 
+from pikku_mq import DeploymentRecord, cli
+
 CLI_TIMEOUT = 30.0
 """Seconds one short command (call, ls) may take; starting Python and importing pikku_mq takes over a second."""
 DEMO_TIMEOUT = 50.0
@@ -453,3 +455,32 @@ def test_worker_limits_and_bind_host_applied(project: Path, cli_env: dict[str, s
 
     assert completed.returncode == 0, completed.stderr
     assert json.loads(completed.stdout) == ["0.0.0.0", 7, 70]
+
+
+def test_ls_never_prints_password(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    # redis-py 8.2 logs in to a server without a password and goes on, so this lists the shared server
+    # (where the tests' own keys use other prefixes) and names it in its output.
+    url = "redis://:S3cr3tPW@127.0.0.1:6379/0?password=S3cr3tPW"
+    completed = run_cli("ls", "--discovery", url, cwd=tmp_path, env=cli_env)
+
+    output = completed.stdout + completed.stderr
+    assert completed.returncode in (0, 1), output
+    assert "S3cr3tPW" not in output
+    assert "127.0.0.1:6379" in output
+
+
+def test_ls_escapes_control_characters() -> None:
+    record = DeploymentRecord(
+        deployment_id="evil\nadmin-1  live",
+        endpoint="http://x\x1b[31m",
+        functions=("ok", "bell\x07"),
+        heartbeat_age=0.0,
+        state="live",
+    )
+    table = cli.format_deployments([record])
+
+    assert len(table.splitlines()) == 2
+    assert "evil\\nadmin-1  live" in table
+    assert "http://x\\x1b[31m" in table
+    assert "ok, bell\\x07" in table
+    assert "\x1b" not in table
