@@ -69,7 +69,7 @@ class Router:
         self._cache_ttl = cache_ttl
         self._suspect_ttl = max(suspect_ttl, _FIRST_BACKOFF)
         self._entries: dict[str, _Entry] = {}
-        self._pending: dict[str, asyncio.Future[list[DeploymentInfo]]] = {}
+        self._pending: dict[str, asyncio.Task[list[DeploymentInfo]]] = {}
         self._suspects: dict[str, _Suspect] = {}
         self._counters: dict[str, itertools.count[int]] = {}
         self._discovery_failing = False
@@ -170,12 +170,12 @@ class Router:
         too_large: PayloadTooLargeError | None = None
         refreshed = False
         while True:
-            instance = await self._pick(name, tried)
+            instance = await self._pick(name, tried, deadline)
             if instance is None and not refreshed and tried:
                 # Every cached instance failed; the registry may know of newer ones.
                 refreshed = True
                 self.invalidate(name)
-                instance = await self._pick(name, tried)
+                instance = await self._pick(name, tried, deadline)
             if instance is None:
                 if too_large is not None:
                     raise too_large
@@ -254,8 +254,8 @@ class Router:
         self.drop_instance(instance.deployment_id)
         return None
 
-    async def _pick(self, name: str, tried: set[str]) -> DeploymentInfo | None:
-        instances = await self._instances(name)
+    async def _pick(self, name: str, tried: set[str], deadline: float | None = None) -> DeploymentInfo | None:
+        instances = await self._instances(name, deadline)
         now = time.monotonic()
         candidates = [
             i for i in instances if i.deployment_id not in tried and not self._is_suspect(i.deployment_id, now)
@@ -265,27 +265,43 @@ class Router:
         counter = self._counters.setdefault(name, itertools.count())
         return candidates[next(counter) % len(candidates)]
 
-    async def _instances(self, name: str) -> list[DeploymentInfo]:
+    async def _instances(self, name: str, deadline: float | None = None) -> list[DeploymentInfo]:
         entry = self._entries.get(name)
         if entry is not None and entry.expires > time.monotonic():
             return entry.instances
 
-        # One lookup per function at a time; concurrent callers share its result.
-        pending = self._pending.get(name)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[list[DeploymentInfo]] = asyncio.get_running_loop().create_future()
-        self._pending[name] = future
+        # One lookup per function at a time, in a task of its own: concurrent callers share its result,
+        # and each waits no longer than its own deadline, however long the store takes to answer.
+        task = self._pending.get(name)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(
+                self._fresh_or_stale(name, entry), name=f"pikku-lookup-{name[:64]}"
+            )
+            self._pending[name] = task
+            task.add_done_callback(lambda done: self._lookup_done(name, done))
+        if deadline is None:
+            return await asyncio.shield(task)
         try:
-            found = await self._fresh_or_stale(name, entry)
-            future.set_result(found)
-            return found
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # mark retrieved: waiters, if any, get it through shield
-            raise
-        finally:
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                return await asyncio.shield(task)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"looking up the instances of '{name}' took longer than the call's deadline",
+                payload={"function": name},
+            ) from None
+
+    def _lookup_done(self, name: str, task: asyncio.Task[list[DeploymentInfo]]) -> None:
+        if self._pending.get(name) is task:
             del self._pending[name]
+        if not task.cancelled():
+            task.exception()  # retrieved here: every waiter may have given up on it
+
+    async def close(self) -> None:
+        """Cancel the lookups still running, so none outlives the store it queries."""
+        tasks = list(self._pending.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _fresh_or_stale(self, name: str, entry: _Entry | None) -> list[DeploymentInfo]:
         """Look ``name`` up again; while the store fails, keep routing with the last lookup, if any.
@@ -351,6 +367,11 @@ class Router:
             )
         # Nothing hosts it: the same not-found error as for a hidden function, which rpc.exposed relies on.
         return function_not_found(name)
+
+
+def _loop_time(deadline: float) -> float:
+    """Convert a :func:`time.monotonic` deadline to the event loop's clock."""
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
 
 
 def _is_busy(reply: Reply) -> bool:

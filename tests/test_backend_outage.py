@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,7 +24,10 @@ from _support_core import wait_until
 from _support_servers import PrivatePostgres, PrivateRedis
 
 from pikku_mq import (
+    DeadlineExceededError,
+    DeploymentConfig,
     DeploymentService,
+    DiscoveryError,
     FunctionRegistry,
     PgDeploymentService,
     PikkuWorker,
@@ -292,3 +296,44 @@ async def test_short_outage_retried_before_next_interval(
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     gc.collect()
     assert not loop_errors
+
+
+# -- a store that stops answering -------------------------------------------------------------------
+
+
+@pytest.fixture
+def frozen_redis(redis_server: PrivateRedis) -> Iterator[PrivateRedis]:
+    """The private redis-server, to be frozen with SIGSTOP by the test and thawed again at its end."""
+    yield redis_server
+    if redis_server.process is not None:
+        redis_server.process.send_signal(signal.SIGCONT)
+
+
+async def test_cold_lookup_bounded_by_deadline(frozen_redis: PrivateRedis) -> None:
+    caller = RedisDeploymentService(frozen_redis.url(), **_options())
+    await caller.init()
+    assert frozen_redis.process is not None
+    frozen_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceededError, match="looking up the instances of 'ping'"):
+            await caller.invoke("ping", timeout=1.0)
+        assert time.monotonic() - started < 1.5
+    finally:
+        frozen_redis.process.send_signal(signal.SIGCONT)
+        await caller.close()
+
+
+async def test_stop_bounded_when_store_frozen(frozen_redis: PrivateRedis) -> None:
+    service = RedisDeploymentService(frozen_redis.url(), **_options())
+    await service.start(DeploymentConfig("frozen-1", "http://127.0.0.1:1", functions=["ping"]))
+    assert frozen_redis.process is not None
+    frozen_redis.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DiscoveryError, match="deregistering frozen-1"):
+            await service.close()
+        # The draining announcement (2 s), a heartbeat in progress (5 s) and the deregistration (5 s).
+        assert time.monotonic() - started < 13
+    finally:
+        frozen_redis.process.send_signal(signal.SIGCONT)

@@ -43,8 +43,14 @@ logger = logging.getLogger(__name__)
 DEFAULT_HEARTBEAT_INTERVAL = 10.0
 DEFAULT_HEARTBEAT_TTL = 30.0
 
-_HEARTBEAT_STOP_TIMEOUT = 10.0
+_HEARTBEAT_STOP_TIMEOUT = 5.0
 """Seconds ``stop`` waits for a heartbeat in progress before cancelling it."""
+
+_ANNOUNCE_TIMEOUT = 2.0
+"""Seconds ``stop`` gives the draining announcement, which is only a hint to callers."""
+
+_DEREGISTER_TIMEOUT = 5.0
+"""Seconds ``stop`` gives the deregistration; callers drop an instance that stays at its TTL."""
 
 _FEED_FIRST_RETRY = 0.25
 """Seconds before the first attempt to subscribe again after the change feed is lost; it doubles."""
@@ -208,13 +214,18 @@ class DeploymentService(ABC):
         await self._stop_heartbeats()
         if config is not None:
             async with self._translate_errors(f"deregistering {config.deployment_id}"):
-                await self._deregister(config)
+                try:
+                    async with asyncio.timeout(_DEREGISTER_TIMEOUT):
+                        await self._deregister(config)
+                except TimeoutError:
+                    raise TimeoutError(f"no answer within {_DEREGISTER_TIMEOUT:g} s") from None
             logger.info("deregistered deployment %s", config.deployment_id)
 
     async def _announce_quietly(self, kind: ChangeKind, deployment_id: str) -> None:
         """Announce a change; if that fails, callers still learn of it by their next lookup."""
         try:
-            await self._announce(kind, deployment_id)
+            async with asyncio.timeout(_ANNOUNCE_TIMEOUT):
+                await self._announce(kind, deployment_id)
         except Exception as exc:  # an announcement is only a hint
             logger.info("could not announce %s of %s: %s: %s", kind, deployment_id, type(exc).__name__, exc)
 
@@ -240,6 +251,7 @@ class DeploymentService(ABC):
             await self.stop()
         finally:
             await self._stop_feed()
+            await self.router.close()
             await self.router.transports.close()
             await self._close_store()
 
@@ -316,7 +328,9 @@ class DeploymentService(ABC):
             raise
         except Exception as exc:
             # SQLAlchemy appends a "(Background on this error at: <url>)" line that adds nothing here.
-            reason = str(exc).split("\n(Background on this error", 1)[0]
+            reason = str(exc).split("\n(Background on this error", 1)[0] or "no further detail"
+            if isinstance(exc, TimeoutError) and not str(exc):
+                reason = "timed out"
             raise DiscoveryError(f"{action} in {self!r} failed: {type(exc).__name__}: {reason}") from exc
 
     # -- change feed -------------------------------------------------------------------------------

@@ -53,7 +53,8 @@ _SCHEMA_ATTEMPTS = 3
 # server is down and logs a WARNING with a traceback at each attempt, beside the heartbeat's one.
 # asyncpg sets no statement timeout and no TCP keepalive, so without command_timeout (seconds) a
 # heartbeat on a half-open connection would wait forever.
-_DEFAULT_POOL_OPTIONS: dict[str, Any] = {"min_size": 0, "max_size": 4, "command_timeout": 10.0}
+# asyncpg waits 60 s for a connection by default; timeout (seconds) bounds connecting too.
+_DEFAULT_POOL_OPTIONS: dict[str, Any] = {"min_size": 0, "max_size": 4, "command_timeout": 10.0, "timeout": 10.0}
 
 # create_pool's own options, which asyncpg.connect does not take.
 _POOL_ONLY_OPTIONS = frozenset(
@@ -397,7 +398,7 @@ class PgDeploymentService(DeploymentService):
 
         # A pool that the caller passed in: borrow one of its connections for as long as the feed runs.
         pool = await self._connect()
-        conn = await pool.acquire()
+        conn = await pool.acquire(timeout=_FEED_CLOSE_TIMEOUT * 5)
 
         async def give_back(conn: Any, listener: Any) -> None:
             if not conn.is_closed():
