@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -565,3 +566,30 @@ async def test_queue_named_after_deployment(mesh: Mesh, amqp_vhost: str) -> None
         duplicate = make_worker(mesh, f"amqp://127.0.0.1:5672/{amqp_vhost}", "queue-from-id")
         with pytest.raises(ConfigurationError, match="in use by another connection"):
             await duplicate.start()
+
+
+async def test_silent_broker_fails_fast_after_first_attempt() -> None:
+    # Something accepts TCP on the caller's broker port but never speaks AMQP, as a stalled broker does.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        transport = AmqpTransport(f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/", connect_timeout=1.0)
+        request = CallRequest(name="echo", data=1, headers={})
+        try:
+            started = time.monotonic()
+            with pytest.raises(EndpointUnreachableError):
+                await transport.call("amqp://127.0.0.1:5672/%2F?queue=pikku-t-silent", request, 5)
+            assert time.monotonic() - started < 3
+            started = time.monotonic()
+            with pytest.raises(EndpointUnreachableError, match="a moment ago"):
+                await transport.call("amqp://127.0.0.1:5672/%2F?queue=pikku-t-silent", request, 5)
+            assert time.monotonic() - started < 0.1
+        finally:
+            await transport.close()
+
+
+def test_unparsable_broker_url_is_configuration_error() -> None:
+    for url in ("amqp://guest:pa#x@127.0.0.1:5672/", "amqp://guest:guest@127.0.0.1:notaport/", "amqp://u:p@[::1/"):
+        with pytest.raises(ConfigurationError) as caught:
+            AmqpServer(url=url)
+        assert "pa#x" not in str(caught.value)

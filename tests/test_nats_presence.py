@@ -7,6 +7,7 @@ worker processes) and serves on subject prefixes of its own, on the shared nats-
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -214,3 +215,22 @@ async def test_no_responders_takes_http_fallback(mesh: Mesh) -> None:
         assert answers == [4, 4, 4]
         assert time.monotonic() - started < 1.0
         assert "nf-1" not in caller.router._suspects
+
+
+async def test_silent_broker_takes_http_fallback(mesh: Mesh) -> None:
+    # Something accepts TCP on the caller's NATS port but never speaks NATS, as a stalled broker does.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"nats://127.0.0.1:{silent.getsockname()[1]}"
+        caller = mesh.service(transports=TransportSet([NatsTransport(url), AiohttpTransport()]))
+        async with fallback_worker(mesh):
+            started = time.monotonic()
+            assert await caller.invoke("size_of", "abc", timeout=10) == 3
+            first = time.monotonic() - started
+            # The failed attempt is remembered, so the next calls skip the broker at once.
+            started = time.monotonic()
+            assert [await caller.invoke("size_of", "ab", timeout=10) for _ in range(3)] == [2, 2, 2]
+            later = time.monotonic() - started
+    assert first < 4
+    assert later < 0.5

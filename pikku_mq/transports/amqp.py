@@ -137,6 +137,9 @@ _MAX_QUEUE_NAME = 255
 _MAX_PREFETCH = 65535
 _FIRST_RECONNECT_DELAY = 0.1
 _MAX_RECONNECT_DELAY = 5.0
+_RECONNECT_PAUSE = 5.0
+"""Seconds a caller fails fast after a failed connection attempt to a vhost before it tries again, so a
+stalled broker does not cost every call the connect timeout before the call moves to a fallback."""
 _STOP_TIMEOUT = 5.0
 """Seconds that :meth:`AmqpServer.stop` waits for the replies still being sent, and for the broker."""
 _REPLY_WAIT_LIMIT = 300.0
@@ -243,8 +246,13 @@ def _broker_label(url: URL) -> str:
 
 
 def _connection_url(url: str, vhost: str) -> URL:
-    base = URL(url)
-    if base.scheme not in AmqpTransport.schemes or not base.host:
+    try:
+        base = URL(url)
+        host = base.host
+        base.port  # noqa: B018 - yarl parses the port on first access and raises ValueError for a bad one
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"AMQP broker URL {_without_password(url)!r} is not a valid URL: {exc}") from None
+    if base.scheme not in AmqpTransport.schemes or not host:
         raise ConfigurationError(
             f"AMQP broker URL {_without_password(url)!r} is not an amqp:// or amqps:// URL with a host"
         )
@@ -470,6 +478,7 @@ class AmqpTransport(ClientTransport):
         self._links: dict[str, _Link] = {}
         self._opening: dict[str, asyncio.Task[_Link]] = {}
         self._presence_listener: PresenceListener | None = None
+        self._failures: dict[str, tuple[float, EndpointUnreachableError]] = {}
 
     def set_presence_listener(self, listener: PresenceListener | None) -> None:
         """Pass presence events to ``listener``; each vhost's connection subscribes when it opens next."""
@@ -548,6 +557,9 @@ class AmqpTransport(ClientTransport):
         link = self._links.get(vhost)
         if link is not None and link.usable:
             return link
+        failure = self._failures.get(vhost)
+        if failure is not None and time.monotonic() - failure[0] < _RECONNECT_PAUSE:
+            raise EndpointUnreachableError(f"{failure[1]} (a moment ago; trying again within {_RECONNECT_PAUSE:g} s)")
         opening = self._opening.get(vhost)
         if opening is None:
             opening = asyncio.create_task(self._open(vhost), name=f"pikku-amqp-connect-{vhost}")
@@ -565,13 +577,18 @@ class AmqpTransport(ClientTransport):
             old = self._links.pop(vhost, None)
             if old is not None:
                 await old.close()
-            link = await _Link.open(
-                _connection_url(self.url, vhost),
-                vhost,
-                self.connect_timeout,
-                self.connection_name,
-                presence=self._presence_listener,
-            )
+            try:
+                link = await _Link.open(
+                    _connection_url(self.url, vhost),
+                    vhost,
+                    self.connect_timeout,
+                    self.connection_name,
+                    presence=self._presence_listener,
+                )
+            except EndpointUnreachableError as exc:
+                self._failures[vhost] = (time.monotonic(), exc)
+                raise
+            self._failures.pop(vhost, None)
             self._links[vhost] = link
             return link
         finally:

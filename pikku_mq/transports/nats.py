@@ -23,6 +23,7 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -90,6 +91,10 @@ _REVIVE_BACKOFF = (0.5, 5.0)
 """First and maximum wait, in seconds, between attempts to replace a server connection that nats-py closed."""
 
 _STATUS_NO_RESPONDERS = "503"
+
+_RECONNECT_PAUSE = 5.0
+"""Seconds a caller fails fast after a failed connection attempt before it tries to connect again, so a
+stalled broker does not cost every call the connect timeout before the call moves to a fallback."""
 
 _LOG_EVERY = 60
 """While reconnecting fails, one failure in this many is logged as a warning."""
@@ -189,14 +194,15 @@ async def _open_client(
         live = True
         return nc
 
+    # Read the attempt's own failure before _abandon cancels it: a cancelled task has no exception to read.
+    attempt_error = task.exception() if task.done() and not task.cancelled() else None
     await _abandon(nc, task)
     if failed.done():
         reason = _describe(failed.result())
-    elif task.done():
-        exc = task.exception()
-        assert exc is not None
-        reason = _describe(exc)
+    elif attempt_error is not None:
+        reason = _describe(attempt_error)
     else:
+        # The server accepted the connection but never completed the NATS handshake.
         reason = f"no answer within {connect_timeout * len(servers):g} s"
     raise EndpointUnreachableError(f"cannot connect to NATS at {addresses}: {reason}")
 
@@ -391,6 +397,7 @@ class NatsTransport(ClientTransport):
         self._next = itertools.count()
         self._endpoints: dict[str, NatsEndpoint] = {}
         self._presence_listener: PresenceListener | None = None
+        self._last_failure: tuple[float, EndpointUnreachableError] | None = None
 
     def set_presence_listener(self, listener: PresenceListener | None) -> None:
         """Pass presence events to ``listener``; takes effect on the connection opened next."""
@@ -436,6 +443,9 @@ class NatsTransport(ClientTransport):
         connection = self._slots[index]
         if connection is not None and connection.usable:
             return connection
+        failure = self._last_failure
+        if failure is not None and time.monotonic() - failure[0] < _RECONNECT_PAUSE:
+            raise EndpointUnreachableError(f"{failure[1]} (a moment ago; trying again within {_RECONNECT_PAUSE:g} s)")
         task = self._opening.get(index)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._open(index), name="pikku-nats-caller-connect")
@@ -460,7 +470,12 @@ class NatsTransport(ClientTransport):
             listener = self._presence_listener
             presence = (presence_subject(), listener) if index == 0 and listener is not None else None
             connection = _CallerConnection(url, server_addresses(url), presence)
-            await connection.open(self._connect_timeout)
+            try:
+                await connection.open(self._connect_timeout)
+            except EndpointUnreachableError as exc:
+                self._last_failure = (time.monotonic(), exc)
+                raise
+            self._last_failure = None
             self._slots[index] = connection
             return connection
         finally:
@@ -705,7 +720,7 @@ class NatsServer(ServerTransport):
             while not self._stopping:
                 try:
                     await self._connect()
-                except EndpointUnreachableError as exc:
+                except (EndpointUnreachableError, ConfigurationError) as exc:
                     logger.warning("%s; trying again in %.1f s", exc, wait)
                     await asyncio.sleep(wait)
                     wait = min(wait * 2, longest)
