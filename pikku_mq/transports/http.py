@@ -173,7 +173,7 @@ def _decode_call_body(body: bytes, binary: bool) -> Any:
     try:
         if binary:
             call = msgpack.unpackb(body, raw=False)
-            _reject_non_finite(call)
+            _reject_non_json(call)
         else:
             call = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError, msgpack.UnpackException) as exc:
@@ -205,17 +205,28 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _reject_non_finite(value: Any) -> None:
-    """Raise ValueError if a decoded msgpack value contains NaN or an infinity, which JSON peers cannot read."""
+def _reject_non_json(value: Any) -> None:
+    """Raise ValueError if a decoded msgpack value holds what JSON cannot: NaN, infinities, bytes,
+    extension types, timestamps or map keys that are not strings. JSON peers could not read such data,
+    and a function would fail on it with a server error instead of the caller's bad request."""
     pending = [value]
     while pending:
         item = pending.pop()
-        if isinstance(item, float) and not math.isfinite(item):
-            raise ValueError("NaN and infinities are not accepted; send finite numbers only")
-        if isinstance(item, dict):
+        if isinstance(item, str | int | bool) or item is None:
+            continue
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                raise ValueError("NaN and infinities are not accepted; send finite numbers only")
+        elif isinstance(item, dict):
+            if not all(isinstance(key, str) for key in item):
+                raise ValueError("map keys must be strings, as in JSON")
             pending.extend(item.values())
         elif isinstance(item, list):
             pending.extend(item)
+        else:
+            raise ValueError(  # noqa: TRY004 - the caller turns ValueError into a 400 reply
+                f"msgpack {type(item).__name__} values are not accepted; send JSON-compatible data"
+            )
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
