@@ -241,7 +241,9 @@ class Router:
                     "instance %s rejected %s before running it; trying another", instance.deployment_id, request.name
                 )
                 # A busy instance is tried again on the next call; a draining one is skipped for a while.
-                if not _is_busy(reply):
+                # Workers that share a NATS queue group share a subject, so the rejection may come from
+                # another one: only the instance that rejected is skipped.
+                if not _is_busy(reply) and _rejected_by(reply) in (None, instance.deployment_id):
                     self.drop_instance(instance.deployment_id)
                 return reply
             self._suspects.pop(instance.deployment_id, None)
@@ -372,6 +374,13 @@ class Router:
 def _loop_time(deadline: float) -> float:
     """Convert a :func:`time.monotonic` deadline to the event loop's clock."""
     return asyncio.get_running_loop().time() + (deadline - time.monotonic())
+
+
+def _rejected_by(reply: Reply) -> str | None:
+    """Return the deployment id that a rejection names in its payload, if any."""
+    payload = reply.body.get("payload") if isinstance(reply.body, dict) else None
+    deployment_id = payload.get("deployment_id") if isinstance(payload, dict) else None
+    return deployment_id if isinstance(deployment_id, str) else None
 
 
 def _is_busy(reply: Reply) -> bool:

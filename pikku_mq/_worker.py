@@ -215,6 +215,8 @@ class PikkuWorker:
             await self._announce("draining")
             if self.deployment_service is not None:
                 await self._deregister()
+            # Leave broker queue groups first: a call that arrives before that is still served.
+            await self._begin_drain()
             self.dispatcher.draining = True
             if not await self.dispatcher.wait_idle(self.drain_timeout):
                 logger.warning(
@@ -270,6 +272,20 @@ class PikkuWorker:
                     "worker %s could not announce %s on %r: %s: %s",
                     self.deployment_id,
                     kind,
+                    server,
+                    type(exc).__name__,
+                    exc,
+                )
+
+    async def _begin_drain(self) -> None:
+        for server in self._servers:
+            try:
+                async with asyncio.timeout(_ANNOUNCE_TIMEOUT):
+                    await server.begin_drain()
+            except Exception as exc:  # the dispatcher rejects new calls anyway
+                logger.info(
+                    "worker %s could not stop taking calls on %r: %s: %s",
+                    self.deployment_id,
                     server,
                     type(exc).__name__,
                     exc,

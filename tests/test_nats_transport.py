@@ -480,6 +480,30 @@ async def test_queue_group_shares_prefix(mesh: Mesh) -> None:
     assert served == {"n-a", "n-b"}
 
 
+async def test_draining_group_member_hands_calls_over(mesh: Mesh) -> None:
+    # Two workers share a prefix, so NATS spreads the calls of one subject over both. While one of
+    # them drains its slow calls, the other takes every new call.
+    prefix = new_prefix()
+    caller = mesh.service(routing_cache_ttl=60)
+    draining = make_worker(mesh, shared_endpoint(prefix), "n-a")
+    async with make_worker(mesh, shared_endpoint(prefix), "n-b"):
+        await draining.start()
+        slow = [asyncio.create_task(caller.invoke("nap", 1.5, timeout=10)) for _ in range(4)]
+        await wait_until(lambda: draining.dispatcher.in_flight > 0, timeout=5)
+        stopping = asyncio.create_task(draining.stop())
+        await wait_until(lambda: draining.dispatcher.draining, timeout=5)
+
+        answers = []
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            answers.append(await caller.invoke("nap", 0.0, timeout=5))
+        await stopping
+        assert set(await asyncio.gather(*slow)) <= {"n-a", "n-b"}
+
+    assert len(answers) > 20
+    assert set(answers) == {"n-b"}
+
+
 async def test_credentials_never_advertised(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("PIKKU_NATS_URL", raising=False)
     prefix = new_prefix()

@@ -79,6 +79,9 @@ class ServerTransport(ABC):
     async def stop(self) -> None:
         """Stop taking calls and release the listener; the worker has drained the calls in flight by then."""
 
+    async def begin_drain(self) -> None:  # noqa: B027 - most servers reject new calls through the dispatcher
+        """Stop taking new calls where the broker can hand them to another worker; calls in flight go on."""
+
     async def announce(self, kind: ChangeKind, deployment_id: str) -> None:  # noqa: B027 - no presence by default
         """Publish a presence event for this worker, where the transport has a broker to carry it."""
 

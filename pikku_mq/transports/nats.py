@@ -627,6 +627,21 @@ class NatsServer(ServerTransport):
         await _close_client(nc)
         logger.info("stopped serving on NATS at %s", self._addresses)
 
+    async def begin_drain(self) -> None:
+        """Leave the queue group, so NATS hands new calls to the other workers on this prefix.
+
+        Without this, a draining worker keeps receiving its share of the group's calls and rejects
+        them, although another member could serve them. Calls already received still get replies.
+        """
+        nc, sub, self._sub = self._nc, self._sub, None
+        if nc is None or sub is None or not nc.is_connected:
+            return
+        try:
+            async with asyncio.timeout(_STOP_GRACE):
+                await sub.drain()  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            logger.warning("NATS at %s: leaving the queue group failed: %s", self._addresses, _describe(exc))
+
     async def announce(self, kind: ChangeKind, deployment_id: str) -> None:
         nc = self._nc
         if nc is None or not nc.is_connected:
