@@ -36,11 +36,17 @@ class ChangeEvent:
 
     kind: ChangeKind
     deployment_id: str = ""
+    endpoint: str = ""
+    """The endpoint of the instance, which the broker transports send so that a mesh that shares the
+    broker cannot act on another mesh's instance with the same deployment id; empty where not sent."""
 
 
-def encode_change(kind: ChangeKind, deployment_id: str) -> str:
+def encode_change(kind: ChangeKind, deployment_id: str, endpoint: str = "") -> str:
     """Return the JSON text of a change event, or of a ``resync`` event if it would be too long."""
-    payload = json.dumps({"event": kind, "deployment_id": deployment_id}, separators=(",", ":"))
+    event = {"event": kind, "deployment_id": deployment_id}
+    if endpoint:
+        event["endpoint"] = endpoint
+    payload = json.dumps(event, separators=(",", ":"))
     if len(payload.encode()) > MAX_CHANGE_PAYLOAD:
         return json.dumps({"event": "resync"})
     return payload
@@ -52,11 +58,17 @@ def decode_change(raw: str | bytes) -> ChangeEvent | None:
         value = json.loads(raw)
         kind = value["event"]
         deployment_id = value.get("deployment_id", "")
+        endpoint = value.get("endpoint", "")
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         # RecursionError: deeply nested JSON, which anyone who can publish on the channel can send.
         logger.debug("ignoring a malformed change event: %.200r", raw)
         return None
-    if kind not in _CHANGE_KINDS or not isinstance(deployment_id, str) or (kind != "resync" and not deployment_id):
+    if (
+        kind not in _CHANGE_KINDS
+        or not isinstance(deployment_id, str)
+        or not isinstance(endpoint, str)
+        or (kind != "resync" and not deployment_id)
+    ):
         logger.debug("ignoring an unknown change event: %.200r", raw)
         return None
-    return ChangeEvent(kind, deployment_id)
+    return ChangeEvent(kind, deployment_id, endpoint)

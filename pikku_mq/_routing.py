@@ -73,7 +73,7 @@ class Router:
         self._suspects: dict[str, _Suspect] = {}
         self._counters: dict[str, itertools.count[int]] = {}
         self._discovery_failing = False
-        self._departed: dict[str, float] = {}
+        self._departed: dict[str, tuple[float, str]] = {}
         """Deployment ids that the change feed reported draining or gone, with when to stop filtering them out."""
 
     def invalidate(self, name: str | None = None) -> None:
@@ -90,17 +90,19 @@ class Router:
 
     # -- change feed events ------------------------------------------------------------------------
 
-    def instance_left(self, deployment_id: str) -> None:
+    def instance_left(self, deployment_id: str, endpoint: str = "") -> None:
         """Stop routing to an instance that is draining or deregistered, without a lookup.
 
         A lookup that was already running when the event came could still return the instance, so it
-        is kept out of lookups too, until it joins again or ``suspect_ttl`` passes.
+        is kept out of lookups too, until it joins again or ``suspect_ttl`` passes. ``endpoint``, when
+        the event names one, limits this to the instance that serves it: presence travels on a broker
+        that several meshes may share, and their deployment ids may collide.
         """
         now = time.monotonic()
-        self._departed = {i: until for i, until in self._departed.items() if until > now}
-        self._departed[deployment_id] = now + self._suspect_ttl
+        self._departed = {i: gone for i, gone in self._departed.items() if gone[0] > now}
+        self._departed[deployment_id] = (now + self._suspect_ttl, endpoint)
         for entry in self._entries.values():
-            remaining = [i for i in entry.instances if i.deployment_id != deployment_id]
+            remaining = [i for i in entry.instances if not _same_instance(i, deployment_id, endpoint)]
             if len(remaining) != len(entry.instances):
                 entry.instances = remaining
                 if not remaining:
@@ -340,9 +342,11 @@ class Router:
             ) from exc
 
     def _usable(self, instance: DeploymentInfo) -> bool:
-        gone_until = self._departed.get(instance.deployment_id)
-        if gone_until is not None and gone_until > time.monotonic():
-            return False
+        gone = self._departed.get(instance.deployment_id)
+        if gone is not None:
+            until, endpoint = gone
+            if until > time.monotonic() and _same_instance(instance, instance.deployment_id, endpoint):
+                return False
         return any(self.transports.supports(e) for e in (instance.endpoint, *instance.fallback_endpoints))
 
     def _endpoints_for(self, instance: DeploymentInfo) -> list[str]:
@@ -369,6 +373,13 @@ class Router:
             )
         # Nothing hosts it: the same not-found error as for a hidden function, which rpc.exposed relies on.
         return function_not_found(name)
+
+
+def _same_instance(instance: DeploymentInfo, deployment_id: str, endpoint: str) -> bool:
+    """Return whether an event about ``deployment_id`` (at ``endpoint``, when known) is about ``instance``."""
+    if instance.deployment_id != deployment_id:
+        return False
+    return not endpoint or endpoint in (instance.endpoint, *instance.fallback_endpoints)
 
 
 def _loop_time(deadline: float) -> float:

@@ -16,6 +16,7 @@ import pytest
 from _support_core import Mesh, wait_until
 
 from pikku_mq import DeploymentInfo, DeploymentService, FunctionRegistry, PikkuWorker, pikku_sessionless_func
+from pikku_mq._dispatch import Dispatcher
 from pikku_mq.transports.memory import MemoryServer
 
 REG = FunctionRegistry()
@@ -107,3 +108,22 @@ async def test_forged_leave_healed_by_heartbeat(mesh: Mesh) -> None:
 
         waited = await wait_until(both_answer, timeout=5 * INTERVAL + 1, interval=0.02)
         assert waited < 3 * INTERVAL + 0.5
+
+
+async def test_leave_of_another_mesh_ignored(mesh: Mesh) -> None:
+    caller = mesh.service(routing_cache_ttl=60)
+    async with memory_worker(mesh, "p-1"):
+        assert await caller.invoke("whoami", timeout=5) == "p-1"
+
+        # A worker of another mesh on the same broker, with the same deployment id, stops.
+        other = MemoryServer()
+        await other.start(f"memory://other-mesh-{uuid.uuid4().hex[:8]}", other_dispatcher())
+        await other.announce("leave", "p-1")
+        await other.stop()
+
+        assert caller.router.cached_instances("whoami") == ("p-1",)
+        assert await caller.invoke("whoami", timeout=5) == "p-1"
+
+
+def other_dispatcher() -> Dispatcher:
+    return Dispatcher(REG, deployment_id="p-1")

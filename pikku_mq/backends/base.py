@@ -355,7 +355,7 @@ class DeploymentService(ABC):
         elif event.kind == "join":
             self.router.instance_joined(event.deployment_id)
         elif event.kind in ("draining", "leave"):
-            self.router.instance_left(event.deployment_id)
+            self.router.instance_left(event.deployment_id, event.endpoint)
         elif event.kind == "heartbeat":
             self.router.instance_alive(event.deployment_id)
 

@@ -711,7 +711,7 @@ class AmqpServer(ServerTransport):
             await _declare_presence(channel, exchange)
             self._presence_channel = channel
         properties = spec.Basic.Properties(content_type="application/json", delivery_mode=1)
-        body = encode_change(kind, deployment_id).encode()
+        body = encode_change(kind, deployment_id, self.endpoint or "").encode()
         await channel.basic_publish(body, exchange=exchange, routing_key="", properties=properties)
 
     # -- connection --------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ class MemoryServer(ServerTransport):
             self._endpoint = None
 
     async def announce(self, kind: ChangeKind, deployment_id: str) -> None:
-        event = ChangeEvent(kind, deployment_id)
+        event = ChangeEvent(kind, deployment_id, self._endpoint or "")
         for client in list(_CLIENTS):
             if client.presence_listener is not None:
                 client.presence_listener(event)

@@ -646,7 +646,8 @@ class NatsServer(ServerTransport):
         nc = self._nc
         if nc is None or not nc.is_connected:
             return  # callers learn of the change from discovery
-        await nc.publish(self._presence_subject, encode_change(kind, deployment_id).encode())
+        endpoint = self._endpoint.advertised if self._endpoint is not None else ""
+        await nc.publish(self._presence_subject, encode_change(kind, deployment_id, endpoint).encode())
         if kind in ("draining", "leave"):
             # Callers should stop routing here before the next call leaves them.
             await nc.flush(timeout=1)
