@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiomysql
 import asyncpg
 import redis
 import redis.asyncio as redis_asyncio
@@ -78,7 +79,7 @@ from pikku_mq.backends.redis import RedisDeploymentService
 from pikku_mq.backends.sqlalchemy import SqlAlchemyDeploymentService
 from pikku_mq.backends.sqlite import SqliteDeploymentService
 
-BACKEND_NAMES = ("sqlite", "postgres", "redis", "sqlalchemy")
+BACKEND_NAMES = ("sqlite", "postgres", "redis", "sqlalchemy", "mariadb")
 
 # A drained run gets this long to finish the cycles still in flight before they are cancelled.
 DRAIN_TIMEOUT_S = 30.0
@@ -556,6 +557,56 @@ async def sqlalchemy_backend(args: argparse.Namespace, _workdir: Path) -> AsyncI
             await drop_schema(args.pg_dsn, schema)
 
 
+@contextlib.asynccontextmanager
+async def mariadb_select_one(args: argparse.Namespace) -> AsyncIterator[Callable[[], Awaitable[object]]]:
+    """``SELECT 1`` on a dedicated aiomysql connection: the floor of the MariaDB backend."""
+    connection = await aiomysql.connect(host=args.mariadb_host, port=args.mariadb_port, user=args.mariadb_user)
+    try:
+
+        async def select_one() -> object:
+            async with connection.cursor() as cursor:
+                await cursor.execute("SELECT 1")
+                return await cursor.fetchone()
+
+        yield select_one
+    finally:
+        connection.close()
+
+
+@contextlib.asynccontextmanager
+async def mariadb_backend(args: argparse.Namespace, _workdir: Path) -> AsyncIterator[Backend]:
+    database = f"pikku_bench_{uuid.uuid4().hex[:12]}"
+    counter = StatementCounter()
+    async with mariadb_select_one(args) as floor_call:
+        admin = await aiomysql.connect(
+            host=args.mariadb_host, port=args.mariadb_port, user=args.mariadb_user, autocommit=True
+        )
+        try:
+            async with admin.cursor() as cursor:
+                await cursor.execute(f"CREATE DATABASE {database}")
+            url = f"mysql+aiomysql://{args.mariadb_user}@{args.mariadb_host}:{args.mariadb_port}/{database}"
+            service = SqlAlchemyDeploymentService(url, **service_options(args))
+
+            def on_connect(*_event_args: Any) -> None:
+                counter.add_connection()
+
+            def before_cursor_execute(*event_args: Any) -> None:
+                counter.add_statement(event_args[2])
+
+            event.listen(service.engine.sync_engine, "connect", on_connect)
+            event.listen(service.engine.sync_engine, "before_cursor_execute", before_cursor_execute)
+            try:
+                yield Backend("SQLAlchemy on MariaDB", service, counter, "aiomysql SELECT 1", floor_call)
+            finally:
+                await service.close()
+        finally:
+            try:
+                async with admin.cursor() as cursor:
+                    await cursor.execute(f"DROP DATABASE IF EXISTS {database}")
+            finally:
+                admin.close()
+
+
 class CountingRedis(redis_asyncio.Redis):
     """A redis-py asyncio client that counts the commands it sends (a Lua script call is one)."""
 
@@ -606,6 +657,7 @@ BACKENDS = {
     "postgres": postgres_backend,
     "redis": redis_backend,
     "sqlalchemy": sqlalchemy_backend,
+    "mariadb": mariadb_backend,
 }
 
 
@@ -728,6 +780,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="seed for the random choice of instances and names")
     parser.add_argument("--pg-dsn", default="postgresql://root@127.0.0.1:5432/test", help="PostgreSQL DSN")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis URL")
+    parser.add_argument("--mariadb-host", default="127.0.0.1", help="MariaDB host")
+    parser.add_argument("--mariadb-port", type=int, default=3306, help="MariaDB port")
+    parser.add_argument("--mariadb-user", default="root", help="MariaDB user, without a password")
     parser.add_argument("--show-statements", action="store_true", help="print the statements of one cycle")
     args = parser.parse_args()
 
