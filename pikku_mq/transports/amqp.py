@@ -653,6 +653,8 @@ class AmqpServer(ServerTransport):
         self._stopping = False
         self._supervisor: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._dropped = 0
+        """Malformed requests without reply_to that the server dropped."""
         self.reconnects = 0
         """Number of times the server reconnected after losing its connection or channel."""
 
@@ -882,9 +884,13 @@ class AmqpServer(ServerTransport):
                 )
         except PikkuMQError as exc:
             if not properties.reply_to:
-                logger.warning(
-                    "AMQP server on queue %s dropped a request without reply_to: %s: %s",
+                # Anyone who can publish to the queue can send these, so only every 100th is a warning.
+                self._dropped += 1
+                log = logger.warning if self._dropped % 100 == 1 else logger.debug
+                log(
+                    "AMQP server on queue %s dropped a request without reply_to (%d so far): %s: %s",
                     self._queue,
+                    self._dropped,
                     type(exc).__name__,
                     exc,
                 )
