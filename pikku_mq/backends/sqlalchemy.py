@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from .._errors import DeploymentConflictError
+from .._errors import DeploymentConflictError, DiscoveryError
 from .._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
 from . import _redact
 from .base import DeploymentService, conflict_error, decode_string_list
@@ -48,6 +48,10 @@ _SCHEMA_LOCK_TIMEOUT = 30
 _SCHEMA_ATTEMPTS = 3
 """Maximum attempts at creating the tables. A peer that takes no lock, such as Pikku's Kysely service,
 can create a table between the check and the CREATE TABLE, and the next attempt finds that table."""
+
+_REGISTER_ATTEMPTS = 3
+"""Maximum attempts at registering when another session inserts the same id at the same moment and
+its row then turns out to be gone, stale or at this instance's endpoint."""
 
 _CONCURRENT_DDL_ERRORS: frozenset[str | int] = frozenset(
     {
@@ -234,35 +238,86 @@ class SqlAlchemyDeploymentService(DeploymentService):
                 yield conn
 
     async def _register(self, config: DeploymentConfig, functions: list[str]) -> None:
-        d = self._deployments
-        try:
-            async with self._begin_write() as conn:
-                await self._check_holder(conn, config)
-                await self._delete(conn, config.deployment_id)
-                now = self._clock.now()
-                await conn.execute(
-                    d.insert().values(
-                        deployment_id=config.deployment_id,
-                        endpoint=config.endpoint,
-                        last_heartbeat=now,
-                        created_at=now,
-                        fallback_endpoints=_encode_endpoints(config.fallback_endpoints),
-                        heartbeat_ttl=self.heartbeat_ttl,
-                    )
+        for attempt in range(1, _REGISTER_ATTEMPTS + 1):
+            try:
+                async with self._begin_write() as conn:
+                    await self._check_holder(conn, config)
+                    await self._take_over(conn, config)
+                    await self._insert_functions(conn, config, functions)
+                return
+            except _IdTakenError as exc:
+                # Another session inserted the id between our check and our insert. Check again, in a
+                # new transaction that sees its row, whether that instance is live and elsewhere.
+                async with self._begin_write() as conn:
+                    await self._check_holder(conn, config)
+                if attempt == _REGISTER_ATTEMPTS:
+                    raise DeploymentConflictError(
+                        f"deployment id '{config.deployment_id}' was registered by another instance at the same "
+                        f"moment {_REGISTER_ATTEMPTS} times in a row; give each instance its own id",
+                        payload={"deployment_id": config.deployment_id},
+                    ) from exc.__cause__
+                logger.info(
+                    "registering %s collided with another instance that registered the same id, whose row is "
+                    "gone, stale or at this endpoint; retrying, attempt %d of %d",
+                    config.deployment_id,
+                    attempt + 1,
+                    _REGISTER_ATTEMPTS,
                 )
-                if functions:
-                    await conn.execute(
-                        self._functions.insert(),
-                        [{"deployment_id": config.deployment_id, "function_name": name} for name in functions],
-                    )
+
+    async def _take_over(self, conn: AsyncConnection, config: DeploymentConfig) -> None:
+        """Replace the id's row with this instance's, unless another session holds it live.
+
+        The DELETE repeats the holder check's test in the same statement, because under READ
+        COMMITTED ``_check_holder`` locks nothing when the row is absent: another session may insert
+        and commit the row before this DELETE runs. Such a row survives the DELETE, so the INSERT
+        fails on the primary key and :class:`_IdTakenError` is raised.
+        """
+        d = self._deployments
+        await conn.execute(
+            d.delete().where(
+                d.c.deployment_id == config.deployment_id,
+                sa.or_(d.c.endpoint == config.endpoint, sa.not_(self._is_live())),
+            )
+        )
+        now = self._clock.now()
+        try:
+            await conn.execute(
+                d.insert().values(
+                    deployment_id=config.deployment_id,
+                    endpoint=config.endpoint,
+                    last_heartbeat=now,
+                    created_at=now,
+                    fallback_endpoints=_encode_endpoints(config.fallback_endpoints),
+                    heartbeat_ttl=self.heartbeat_ttl,
+                )
+            )
         except sa.exc.IntegrityError as exc:
-            # Another process inserted the same id between our check and our insert.
-            raise DeploymentConflictError(
-                f"deployment id '{config.deployment_id}' was registered by another instance at the same moment; "
-                "give each instance its own id"
+            raise _IdTakenError from exc
+
+    async def _insert_functions(self, conn: AsyncConnection, config: DeploymentConfig, functions: list[str]) -> None:
+        """Write the function rows of the id whose row this transaction has just inserted.
+
+        The row lock of that insert keeps other sessions from writing rows of the same id until
+        commit, so the only rows this DELETE finds are orphans that SQLite keeps when its foreign
+        keys are off.
+        """
+        f = self._functions
+        await conn.execute(f.delete().where(f.c.deployment_id == config.deployment_id))
+        if not functions:
+            return
+        try:
+            await conn.execute(
+                f.insert(), [{"deployment_id": config.deployment_id, "function_name": name} for name in functions]
+            )
+        except sa.exc.IntegrityError as exc:
+            raise DiscoveryError(
+                f"writing the function rows of deployment '{config.deployment_id}' in {self!r} failed because "
+                f"the store treats two of its function names as equal: {exc.orig}. Check the collation of "
+                "pikku_deployment_functions.function_name, which must compare names byte for byte"
             ) from exc
 
     async def _check_holder(self, conn: AsyncConnection, config: DeploymentConfig) -> None:
+        """Raise :func:`conflict_error` if a live instance at another endpoint holds the id."""
         d = self._deployments
         statement = (
             sa.select(d.c.endpoint, self._clock.age(d.c.last_heartbeat), d.c.heartbeat_ttl)
@@ -297,30 +352,36 @@ class SqlAlchemyDeploymentService(DeploymentService):
     async def _deregister(self, config: DeploymentConfig) -> None:
         d = self._deployments
         async with self._begin_write() as conn:
-            owned = sa.select(d.c.deployment_id).where(
-                d.c.deployment_id == config.deployment_id, d.c.endpoint == config.endpoint
-            )
-            if (await conn.execute(owned)).first() is not None:
-                await self._delete(conn, config.deployment_id)
+            owned = d.delete().where(d.c.deployment_id == config.deployment_id, d.c.endpoint == config.endpoint)
+            if (await conn.execute(owned)).rowcount > 0:
+                await self._delete_orphan_functions(conn, [config.deployment_id])
 
-    async def _delete(self, conn: AsyncConnection, deployment_id: str) -> None:
-        # Delete the function rows explicitly too: SQLite enforces the cascade only with foreign_keys on.
-        await conn.execute(self._functions.delete().where(self._functions.c.deployment_id == deployment_id))
-        await conn.execute(self._deployments.delete().where(self._deployments.c.deployment_id == deployment_id))
+    async def _delete_orphan_functions(self, conn: AsyncConnection, deployment_ids: list[str]) -> None:
+        """Delete the function rows of ``deployment_ids`` that no longer have a deployment row.
+
+        PostgreSQL and MySQL delete them through the foreign key's cascade, so this finds nothing
+        there. SQLite enforces the cascade only with foreign_keys on. The NOT EXISTS keeps the rows of
+        an instance that registered one of these ids again since the caller's last read.
+        """
+        d, f = self._deployments, self._functions
+        parent = sa.select(d.c.deployment_id).where(d.c.deployment_id == f.c.deployment_id)
+        await conn.execute(f.delete().where(f.c.deployment_id.in_(deployment_ids), ~parent.exists()))
 
     def _is_live(self) -> sa.ColumnElement[bool]:
         d = self._deployments
         return self._clock.age(d.c.last_heartbeat) <= sa.func.coalesce(d.c.heartbeat_ttl, self.heartbeat_ttl)
 
     async def _purge_stale(self) -> int:
-        d, f = self._deployments, self._functions
+        d = self._deployments
         stale = sa.select(d.c.deployment_id).where(sa.not_(self._is_live()))
         async with self._begin_write() as conn:
             stale_ids = [row[0] for row in (await conn.execute(stale)).all()]
             if not stale_ids:
                 return 0
-            await conn.execute(f.delete().where(f.c.deployment_id.in_(stale_ids)))
+            # Another instance may have taken one of the ids over since the SELECT, so the DELETE tests
+            # liveness again, and function rows go only where the deployment row went.
             result = await conn.execute(d.delete().where(d.c.deployment_id.in_(stale_ids), sa.not_(self._is_live())))
+            await self._delete_orphan_functions(conn, stale_ids)
         return max(result.rowcount, 0)
 
     async def find_function(self, name: str) -> list[DeploymentInfo]:
@@ -373,6 +434,10 @@ class SqlAlchemyDeploymentService(DeploymentService):
     async def _close_store(self) -> None:
         if self._owns_engine:
             await self.engine.dispose()
+
+
+class _IdTakenError(Exception):
+    """The INSERT of a deployment row failed on the primary key: another session inserted the id first."""
 
 
 def _is_concurrent_ddl_error(exc: sa.exc.DBAPIError) -> bool:

@@ -1,0 +1,144 @@
+"""Registration in the SQL stores: concurrent starts on one id, collation, time zones and column limits.
+
+Each case works in a MariaDB database, PostgreSQL schema or SQLite file of its own and removes it at
+the end, whether or not the test passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+import pytest
+from _support_sql import (
+    create_mariadb_database,
+    drop_mariadb_database,
+    drop_postgres_schema,
+    mariadb_url,
+    postgres_execute,
+    postgres_url,
+    unique_name,
+)
+
+from pikku_mq import (
+    DeploymentConfig,
+    DeploymentConflictError,
+    DeploymentService,
+    SqlAlchemyDeploymentService,
+    SqliteDeploymentService,
+)
+
+INTERVAL = 0.2
+TTL = 1.0
+
+ServiceFactory = Callable[[], DeploymentService]
+
+
+@contextmanager
+def _mariadb(tmp_path: Path) -> Iterator[ServiceFactory]:
+    database = unique_name()
+    create_mariadb_database(database)
+    try:
+        yield lambda: SqlAlchemyDeploymentService(mariadb_url(database), heartbeat_interval=INTERVAL, heartbeat_ttl=TTL)
+    finally:
+        drop_mariadb_database(database)
+
+
+@contextmanager
+def _postgres(tmp_path: Path) -> Iterator[ServiceFactory]:
+    # SQLAlchemy creates tables in an existing schema, but not the schema itself.
+    schema = unique_name()
+    postgres_execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield lambda: SqlAlchemyDeploymentService(
+            postgres_url("asyncpg"), schema=schema, heartbeat_interval=INTERVAL, heartbeat_ttl=TTL
+        )
+    finally:
+        drop_postgres_schema(schema)
+
+
+@contextmanager
+def _sqlite(tmp_path: Path) -> Iterator[ServiceFactory]:
+    # pytest removes the folder afterwards.
+    path = tmp_path / "registry.db"
+    yield lambda: SqliteDeploymentService(path, heartbeat_interval=INTERVAL, heartbeat_ttl=TTL)
+
+
+SQL_STORES = [
+    pytest.param(_mariadb, id="sqlalchemy-mariadb"),
+    pytest.param(_postgres, id="sqlalchemy-postgres"),
+    pytest.param(_sqlite, id="sqlite"),
+]
+
+
+async def _close_all(services: list[DeploymentService]) -> None:
+    for service in services:
+        await service.close()
+
+
+# -- many instances start at once with one id -------------------------------------------------------------
+
+STARTERS = 12
+ROUNDS = 3
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("open_store", SQL_STORES)
+async def test_concurrent_starts_one_winner(
+    open_store: Callable[[Path], AbstractContextManager[ServiceFactory]],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="pikku_mq")
+    with open_store(tmp_path) as make:
+        services: list[DeploymentService] = []
+        try:
+            observer = make()
+            services.append(observer)
+            await observer.init()
+
+            # Several rounds, because one round on a buggy store can still end with a single winner.
+            winners: dict[str, str] = {}
+            for round_number in range(ROUNDS):
+                deployment_id = f"shared-{round_number}"
+                starters = [make() for _ in range(STARTERS)]
+                services.extend(starters)
+                configs = [
+                    DeploymentConfig(deployment_id, f"http://127.0.0.1:{1000 + index}", functions=["greet"])
+                    for index in range(STARTERS)
+                ]
+
+                results = await asyncio.gather(
+                    *(service.start(config) for service, config in zip(starters, configs, strict=True)),
+                    return_exceptions=True,
+                )
+
+                started = [config.endpoint for config, result in zip(configs, results, strict=True) if result is None]
+                assert len(started) == 1, f"round {round_number}: {len(started)} of {STARTERS} starts succeeded"
+                failures = [result for result in results if result is not None]
+                assert all(isinstance(failure, DeploymentConflictError) for failure in failures), failures
+                held = f"held by a live instance at {started[0]}"
+                assert [str(failure) for failure in failures if held not in str(failure)] == []
+                winners[deployment_id] = started[0]
+
+            # Heartbeats neither move the rows nor find them missing.
+            await asyncio.sleep(INTERVAL * 6)
+            records = await observer.list_deployments()
+            assert {record.deployment_id: record.endpoint for record in records} == winners
+            assert all(record.state == "live" for record in records)
+            for deployment_id, endpoint in winners.items():
+                assert [
+                    info.endpoint
+                    for info in await observer.find_function("greet")
+                    if info.deployment_id == deployment_id
+                ] == [endpoint]
+        finally:
+            await _close_all(services)
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert [message for message in messages if "was missing" in message] == []
+    assert [message for message in messages if "is not registered" in message] == []
+    assert [message for message in messages if "heartbeat of" in message and "failed" in message] == []
