@@ -17,6 +17,8 @@ from _support_sql import (
     create_mariadb_database,
     drop_mariadb_database,
     drop_postgres_schema,
+    mariadb_execute,
+    mariadb_fetch,
     mariadb_url,
     postgres_execute,
     postgres_url,
@@ -27,6 +29,7 @@ from pikku_mq import (
     DeploymentConfig,
     DeploymentConflictError,
     DeploymentService,
+    DiscoveryError,
     SqlAlchemyDeploymentService,
     SqliteDeploymentService,
 )
@@ -72,6 +75,10 @@ SQL_STORES = [
     pytest.param(_postgres, id="sqlalchemy-postgres"),
     pytest.param(_sqlite, id="sqlite"),
 ]
+
+
+async def _ids(service: DeploymentService, name: str) -> list[str]:
+    return sorted(info.deployment_id for info in await service.find_function(name))
 
 
 async def _close_all(services: list[DeploymentService]) -> None:
@@ -142,3 +149,101 @@ async def test_concurrent_starts_one_winner(
     assert [message for message in messages if "was missing" in message] == []
     assert [message for message in messages if "is not registered" in message] == []
     assert [message for message in messages if "heartbeat of" in message and "failed" in message] == []
+
+
+# -- names are compared byte for byte ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("open_store", SQL_STORES)
+async def test_names_case_and_spaces_significant(
+    open_store: Callable[[Path], AbstractContextManager[ServiceFactory]], tmp_path: Path
+) -> None:
+    with open_store(tmp_path) as make:
+        lower, upper, mixed, observer = make(), make(), make(), make()
+        try:
+            await lower.start(DeploymentConfig("worker-1", "http://127.0.0.1:1", functions=["greet"]))
+            # A live holder of "worker-1" does not hold "Worker-1".
+            await upper.start(DeploymentConfig("Worker-1", "http://127.0.0.1:2", functions=["Greet"]))
+            # Names that differ only by case or trailing spaces are distinct functions of one instance.
+            await mixed.start(DeploymentConfig("mixed", "http://127.0.0.1:3", functions=["sum", "Sum", "sum "]))
+
+            assert await _ids(observer, "greet") == ["worker-1"]
+            assert await _ids(observer, "Greet") == ["Worker-1"]
+            assert await _ids(observer, "GREET") == []
+            assert await _ids(observer, "greet   ") == []
+            assert await _ids(observer, "sum") == ["mixed"]
+            assert await _ids(observer, "Sum") == ["mixed"]
+            assert await _ids(observer, "sum ") == ["mixed"]
+            assert await _ids(observer, "sum  ") == []
+            records = {record.deployment_id: record for record in await observer.list_deployments()}
+            assert sorted(records) == ["Worker-1", "mixed", "worker-1"]
+            assert records["mixed"].functions == ("Sum", "sum", "sum ")
+
+            # Heartbeats count the function rows, so all three names must still be there afterwards.
+            await asyncio.sleep(INTERVAL * 3)
+            assert await _ids(observer, "sum ") == ["mixed"]
+        finally:
+            await _close_all([lower, upper, mixed, observer])
+
+
+# An older pikku_mq, or Pikku's Kysely service, created these tables with the database's default collation.
+_CASE_INSENSITIVE_TABLES = [
+    """CREATE TABLE pikku_deployments (
+        deployment_id VARCHAR(255) COLLATE utf8mb4_general_ci PRIMARY KEY,
+        endpoint TEXT NOT NULL,
+        last_heartbeat DATETIME(6) NOT NULL,
+        created_at DATETIME(6) NOT NULL,
+        fallback_endpoints TEXT NULL,
+        heartbeat_ttl FLOAT NULL,
+        INDEX pikku_deployments_last_heartbeat_idx (last_heartbeat)
+    ) DEFAULT CHARSET=utf8mb4""",
+    """CREATE TABLE pikku_deployment_functions (
+        deployment_id VARCHAR(255) COLLATE utf8mb4_general_ci,
+        function_name VARCHAR(255) COLLATE utf8mb4_general_ci,
+        PRIMARY KEY (deployment_id, function_name),
+        INDEX pikku_deployment_functions_name_idx (function_name),
+        FOREIGN KEY (deployment_id) REFERENCES pikku_deployments (deployment_id) ON DELETE CASCADE
+    ) DEFAULT CHARSET=utf8mb4""",
+]
+
+
+async def test_colliding_function_names_not_conflict(tmp_path: Path) -> None:
+    database = unique_name()
+    create_mariadb_database(database)
+    service = SqlAlchemyDeploymentService(mariadb_url(database), heartbeat_interval=INTERVAL, heartbeat_ttl=TTL)
+    try:
+        for statement in _CASE_INSENSITIVE_TABLES:
+            mariadb_execute(database, statement)
+
+        # The names collide in the old column, within one registration: no other instance is involved.
+        with pytest.raises(DiscoveryError, match="treats two of its function names as equal") as raised:
+            await service.start(DeploymentConfig("alpha", "http://127.0.0.1:1", functions=["greet", "Greet"]))
+
+        assert not isinstance(raised.value, DeploymentConflictError)
+        assert "collation of pikku_deployment_functions.function_name" in str(raised.value)
+        assert await service.list_deployments() == []
+    finally:
+        await service.close()
+        drop_mariadb_database(database)
+
+
+async def test_mariadb_name_columns_binary(tmp_path: Path) -> None:
+    with _mariadb(tmp_path) as make:
+        service = make()
+        try:
+            await service.init()
+        finally:
+            await service.close()
+        database = service.engine.url.database
+        rows = mariadb_fetch(
+            None,
+            "SELECT table_name, column_name, collation_name FROM information_schema.columns "
+            "WHERE table_schema = %s AND column_name IN ('deployment_id', 'function_name')",
+            database,
+        )
+
+    assert sorted(rows) == [
+        ("pikku_deployment_functions", "deployment_id", "utf8mb4_nopad_bin"),
+        ("pikku_deployment_functions", "function_name", "utf8mb4_nopad_bin"),
+        ("pikku_deployments", "deployment_id", "utf8mb4_nopad_bin"),
+    ]

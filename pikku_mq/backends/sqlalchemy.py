@@ -24,6 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.compiler import compiles
 
 from .._errors import DeploymentConflictError, DiscoveryError
 from .._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
@@ -37,6 +38,38 @@ logger = logging.getLogger(__name__)
 
 # MySQL's DATETIME drops fractions of a second unless it is declared with a precision.
 _TIMESTAMP = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+_NAME_LENGTH = 255
+"""Maximum length, in characters, of a deployment id or function name: the columns' VARCHAR length."""
+
+
+class _Name(sa.String):
+    """A deployment id or function name column, compared byte for byte on every database.
+
+    MySQL and MariaDB compare strings with the database's default collation, which is often
+    case-insensitive (``utf8mb4_general_ci``) and ignores trailing spaces, so a lookup of ``Greet``
+    would find ``greet``. PostgreSQL and SQLite compare VARCHARs byte for byte.
+    """
+
+    cache_ok = True
+
+    def __init__(self) -> None:
+        super().__init__(_NAME_LENGTH)
+
+
+@compiles(_Name, "mysql", "mariadb")
+def _compile_name_for_mysql(type_: _Name, compiler: sa.sql.compiler.TypeCompiler, **kw: Any) -> str:
+    # NOTE: tables created before this column type keep their collation; convert them with
+    # ALTER TABLE ... MODIFY ... COLLATE. MySQL before 8.0 has no binary collation that keeps
+    # trailing spaces, and this branch has only been run against MariaDB 10.11.
+    dialect = compiler.dialect
+    if getattr(dialect, "is_mariadb", False):
+        collation = "utf8mb4_nopad_bin"
+    elif (dialect.server_version_info or (0,)) >= (8, 0):
+        collation = "utf8mb4_0900_bin"
+    else:
+        collation = "utf8mb4_bin"
+    return f"VARCHAR({type_.length}) CHARACTER SET utf8mb4 COLLATE {collation}"
 
 
 _READ_ONLY = {"pikku_read_only": True}
@@ -76,7 +109,7 @@ def _tables(schema: str | None) -> tuple[sa.MetaData, sa.Table, sa.Table]:
     deployments = sa.Table(
         "pikku_deployments",
         metadata,
-        sa.Column("deployment_id", sa.String(255), primary_key=True),
+        sa.Column("deployment_id", _Name(), primary_key=True),
         sa.Column("endpoint", sa.Text, nullable=False),
         sa.Column("last_heartbeat", _TIMESTAMP, nullable=False),
         sa.Column("created_at", _TIMESTAMP, nullable=False),
@@ -90,11 +123,11 @@ def _tables(schema: str | None) -> tuple[sa.MetaData, sa.Table, sa.Table]:
         metadata,
         sa.Column(
             "deployment_id",
-            sa.String(255),
+            _Name(),
             sa.ForeignKey(f"{qualified}.deployment_id", ondelete="CASCADE"),
             primary_key=True,
         ),
-        sa.Column("function_name", sa.String(255), primary_key=True),
+        sa.Column("function_name", _Name(), primary_key=True),
         sa.Index("pikku_deployment_functions_name_idx", "function_name"),
     )
     return metadata, deployments, functions
