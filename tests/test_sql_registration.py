@@ -24,6 +24,7 @@ from _support_sql import (
     postgres_url,
     unique_name,
 )
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from pikku_mq import (
     DeploymentConfig,
@@ -247,3 +248,49 @@ async def test_mariadb_name_columns_binary(tmp_path: Path) -> None:
         ("pikku_deployment_functions", "function_name", "utf8mb4_nopad_bin"),
         ("pikku_deployments", "deployment_id", "utf8mb4_nopad_bin"),
     ]
+
+
+# -- liveness does not depend on the session's time zone --------------------------------------------------
+
+TIME_ZONES = ["+00:00", "+02:00", "-02:00"]
+
+
+async def test_mariadb_time_zones_agree(tmp_path: Path) -> None:
+    database = unique_name()
+    create_mariadb_database(database)
+    engines = [
+        create_async_engine(mariadb_url(database), connect_args={"init_command": f"SET time_zone = '{zone}'"})
+        for zone in TIME_ZONES
+    ]
+    services = [
+        SqlAlchemyDeploymentService(engine, heartbeat_interval=INTERVAL, heartbeat_ttl=TTL) for engine in engines
+    ]
+    try:
+        # One instance registers and heartbeats from each zone; the one in UTC+2 then crashes.
+        for service, zone in zip(services, TIME_ZONES, strict=True):
+            await service.start(DeploymentConfig(f"worker{zone}", f"http://127.0.0.1:1/{zone}", functions=["greet"]))
+        await asyncio.sleep(INTERVAL * 3)
+
+        for service in services:
+            assert await _ids(service, "greet") == sorted(f"worker{zone}" for zone in TIME_ZONES)
+            for record in await service.list_deployments():
+                assert record.state == "live", record
+                assert 0 <= record.heartbeat_age < TTL, record
+
+        crashed = services[1]
+        assert crashed._heartbeat_task is not None
+        await crashed._stop_heartbeats()
+        await asyncio.sleep(TTL * 1.5)
+
+        # Stale for every session. The survivors' heartbeats may already have purged it.
+        for service in services:
+            assert await _ids(service, "greet") == ["worker+00:00", "worker-02:00"]
+            for record in await service.list_deployments():
+                expected = "stale" if record.deployment_id == "worker+02:00" else "live"
+                assert record.state == expected, record
+                assert record.heartbeat_age >= 0, record
+    finally:
+        await _close_all(services)
+        for engine in engines:
+            await engine.dispose()
+        drop_mariadb_database(database)

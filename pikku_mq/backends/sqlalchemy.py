@@ -8,7 +8,8 @@ The layout is that of Pikku's Kysely deployment service, so both can share one r
 
 Liveness is judged with the database's clock, so instances whose clocks disagree still agree on who
 is alive, and with each row's own TTL, so instances with different heartbeat settings can share the
-store; a row without one (written by Pikku) is judged with the reader's TTL. A heartbeat is one
+store; a row without one (written by Pikku) is judged with the reader's TTL. On MySQL and MariaDB the
+clock is UTC_TIMESTAMP(), whatever the session's time zone. A heartbeat is one
 UPDATE whatever the number of functions: it also checks that all of the instance's function rows are
 still there, so a registration the store lost is written again.
 """
@@ -144,14 +145,16 @@ class _Clock:
             # Millisecond resolution; ages are computed with julianday(), which also reads ISO 8601 text.
             return sa.func.strftime("%Y-%m-%d %H:%M:%f", "now")
         if self.dialect in ("mysql", "mariadb"):
-            return sa.func.now(6)
+            # DATETIME has no time zone and NOW() is in the session's, so sessions in different
+            # zones would disagree on every age. UTC_TIMESTAMP() is the same for all of them.
+            return sa.func.utc_timestamp(6)
         return sa.func.now()
 
     def age(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
         if self.dialect == "sqlite":
             return (sa.func.julianday("now") - sa.func.julianday(column)) * 86400.0
         if self.dialect in ("mysql", "mariadb"):
-            return sa.func.timestampdiff(sa.literal_column("MICROSECOND"), column, sa.func.now(6)) / 1e6
+            return sa.func.timestampdiff(sa.literal_column("MICROSECOND"), column, self.now()) / 1e6
         return sa.extract("epoch", sa.func.now() - column)
 
 
