@@ -27,6 +27,7 @@ from _support_sql import (
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from pikku_mq import (
+    ConfigurationError,
     DeploymentConfig,
     DeploymentConflictError,
     DeploymentService,
@@ -294,3 +295,34 @@ async def test_mariadb_time_zones_agree(tmp_path: Path) -> None:
         for engine in engines:
             await engine.dispose()
         drop_mariadb_database(database)
+
+
+# -- names longer than their columns ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("open_store", SQL_STORES)
+async def test_long_names_rejected(
+    open_store: Callable[[Path], AbstractContextManager[ServiceFactory]], tmp_path: Path
+) -> None:
+    long_id, long_function = "i" * 256, "f" * 300
+    with open_store(tmp_path) as make:
+        by_id, by_function, at_limit, observer = make(), make(), make(), make()
+        try:
+            await observer.init()
+            with pytest.raises(ConfigurationError, match=r"deployment id 'i+'\.\.\. has 256 characters") as raised:
+                await by_id.start(DeploymentConfig(long_id, "http://127.0.0.1:1", functions=["greet"]))
+            assert "more than the 255" in str(raised.value)
+            assert long_id not in str(raised.value)
+            assert "INSERT" not in str(raised.value)
+
+            with pytest.raises(ConfigurationError, match=r"function name 'f+'\.\.\. of deployment 'beta'") as raised:
+                await by_function.start(DeploymentConfig("beta", "http://127.0.0.1:2", functions=["ok", long_function]))
+            assert "has 300 characters, more than the 255" in str(raised.value)
+            assert long_function not in str(raised.value)
+
+            # Nothing was written, and names of exactly 255 characters fit.
+            assert await observer.list_deployments() == []
+            await at_limit.start(DeploymentConfig("a" * 255, "http://127.0.0.1:3", functions=["g" * 255]))
+            assert await _ids(observer, "g" * 255) == ["a" * 255]
+        finally:
+            await _close_all([by_id, by_function, at_limit, observer])

@@ -27,7 +27,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.ext.compiler import compiles
 
-from .._errors import DeploymentConflictError, DiscoveryError
+from .._errors import ConfigurationError, DeploymentConflictError, DiscoveryError
 from .._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
 from . import _redact
 from .base import DeploymentService, conflict_error, decode_string_list
@@ -175,6 +175,10 @@ class SqlAlchemyDeploymentService(DeploymentService):
     def __repr__(self) -> str:
         # render_as_string hides the password of the user info only, not one given in the query.
         return f"{type(self).__name__}({_redact(self.engine.url.render_as_string(hide_password=True))!r})"
+
+    async def start(self, config: DeploymentConfig) -> None:
+        _check_name_lengths(config)
+        await super().start(config)
 
     async def _create_schema(self) -> None:
         # Once the tables exist, init() issues no DDL and takes no lock, so a role that may use the
@@ -486,6 +490,31 @@ def _is_concurrent_ddl_error(exc: sa.exc.DBAPIError) -> bool:
         return True
     # SQLite has no error code of its own for this case.
     return "already exists" in str(exc.orig)
+
+
+def _check_name_lengths(config: DeploymentConfig) -> None:
+    """Raise ConfigurationError for an id or function name that does not fit its VARCHAR column.
+
+    PostgreSQL and MySQL would reject it with an error that quotes the whole statement and its
+    parameters. SQLite ignores VARCHAR lengths, but its registry is held to the same limit so that
+    a store can move between databases.
+    """
+    if len(config.deployment_id) > _NAME_LENGTH:
+        raise ConfigurationError(
+            f"deployment id {_shorten(config.deployment_id)} has {len(config.deployment_id)} characters, more than "
+            f"the {_NAME_LENGTH} that the SQL deployment table allows; choose a shorter id"
+        )
+    for name in config.functions or ():
+        if len(name) > _NAME_LENGTH:
+            raise ConfigurationError(
+                f"function name {_shorten(name)} of deployment {_shorten(config.deployment_id)} has {len(name)} "
+                f"characters, more than the {_NAME_LENGTH} that the SQL deployment table allows; rename the function"
+            )
+
+
+def _shorten(name: str, length: int = 40) -> str:
+    """Quote ``name`` for an error message, cut to ``length`` characters."""
+    return repr(name) if len(name) <= length else f"{name[:length]!r}..."
 
 
 def _encode_endpoints(endpoints: Sequence[str]) -> str | None:
