@@ -129,8 +129,8 @@ async def test_concurrent_starts_one_winner(
                 assert len(started) == 1, f"round {round_number}: {len(started)} of {STARTERS} starts succeeded"
                 failures = [result for result in results if result is not None]
                 assert all(isinstance(failure, DeploymentConflictError) for failure in failures), failures
-                held = f"held by a live instance at {started[0]}"
-                assert [str(failure) for failure in failures if held not in str(failure)] == []
+                winner_message = f"held by a live instance at {started[0]}"
+                assert [str(failure) for failure in failures if winner_message not in str(failure)] == []
                 winners[deployment_id] = started[0]
 
             # Heartbeats neither move the rows nor find them missing.
@@ -267,7 +267,7 @@ async def test_mariadb_time_zones_agree(tmp_path: Path) -> None:
         SqlAlchemyDeploymentService(engine, heartbeat_interval=INTERVAL, heartbeat_ttl=TTL) for engine in engines
     ]
     try:
-        # One instance registers and heartbeats from each zone; the one in UTC+2 then crashes.
+        # One instance registers and heartbeats from each zone. Then the one in UTC+2 crashes.
         for service, zone in zip(services, TIME_ZONES, strict=True):
             await service.start(DeploymentConfig(f"worker{zone}", f"http://127.0.0.1:1/{zone}", functions=["greet"]))
         await asyncio.sleep(INTERVAL * 3)

@@ -60,9 +60,9 @@ class _Name(sa.String):
 
 @compiles(_Name, "mysql", "mariadb")
 def _compile_name_for_mysql(type_: _Name, compiler: sa.sql.compiler.TypeCompiler, **kw: Any) -> str:
-    # NOTE: tables created before this column type keep their collation; convert them with
-    # ALTER TABLE ... MODIFY ... COLLATE. MySQL before 8.0 has no binary collation that keeps
-    # trailing spaces, and this branch has only been run against MariaDB 10.11.
+    # NOTE: tables created before this column type keep their collation until converted with
+    # ALTER TABLE ... MODIFY ... COLLATE. The MySQL collations below are untested (only MariaDB 10.11
+    # was), and MySQL before 8.0 has no binary collation that keeps trailing spaces.
     dialect = compiler.dialect
     if getattr(dialect, "is_mariadb", False):
         collation = "utf8mb4_nopad_bin"
@@ -286,8 +286,8 @@ class SqlAlchemyDeploymentService(DeploymentService):
                     await self._insert_functions(conn, config, functions)
                 return
             except _IdTakenError as exc:
-                # Another session inserted the id between our check and our insert. Check again, in a
-                # new transaction that sees its row, whether that instance is live and elsewhere.
+                # Another session inserted the id between our check and our insert. A new transaction
+                # reads its committed row and checks whether that instance is live and elsewhere.
                 async with self._begin_write() as conn:
                     await self._check_holder(conn, config)
                 if attempt == _REGISTER_ATTEMPTS:
@@ -305,7 +305,7 @@ class SqlAlchemyDeploymentService(DeploymentService):
                 )
 
     async def _take_over(self, conn: AsyncConnection, config: DeploymentConfig) -> None:
-        """Replace the id's row with this instance's, unless another session holds it live.
+        """Replace the id's row with this instance's, unless a live instance at another endpoint has it.
 
         The DELETE repeats the holder check's test in the same statement, because under READ
         COMMITTED ``_check_holder`` locks nothing when the row is absent: another session may insert
@@ -357,7 +357,7 @@ class SqlAlchemyDeploymentService(DeploymentService):
             ) from exc
 
     async def _check_holder(self, conn: AsyncConnection, config: DeploymentConfig) -> None:
-        """Raise :func:`conflict_error` if a live instance at another endpoint holds the id."""
+        """Raise :func:`conflict_error` if a live instance at another endpoint has the id."""
         d = self._deployments
         statement = (
             sa.select(d.c.endpoint, self._clock.age(d.c.last_heartbeat), d.c.heartbeat_ttl)
