@@ -8,7 +8,8 @@ The layout is that of Pikku's Kysely deployment service, so both can share one r
 
 Liveness is judged with the database's clock, so instances whose clocks disagree still agree on who
 is alive, and with each row's own TTL, so instances with different heartbeat settings can share the
-store; a row without one (written by Pikku) is judged with the reader's TTL. A heartbeat is one
+store; a row without one (written by Pikku) is judged with the reader's TTL. On MySQL and MariaDB the
+clock is UTC_TIMESTAMP(), whatever the session's time zone. A heartbeat is one
 UPDATE whatever the number of functions: it also checks that all of the instance's function rows are
 still there, so a registration the store lost is written again.
 """
@@ -24,8 +25,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.compiler import compiles
 
-from .._errors import DeploymentConflictError
+from .._errors import ConfigurationError, DeploymentConflictError, DiscoveryError
 from .._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
 from . import _redact
 from .base import DeploymentService, conflict_error, decode_string_list
@@ -38,6 +40,38 @@ logger = logging.getLogger(__name__)
 # MySQL's DATETIME drops fractions of a second unless it is declared with a precision.
 _TIMESTAMP = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
+_NAME_LENGTH = 255
+"""Maximum length, in characters, of a deployment id or function name: the columns' VARCHAR length."""
+
+
+class _Name(sa.String):
+    """A deployment id or function name column, compared byte for byte on every database.
+
+    MySQL and MariaDB compare strings with the database's default collation, which is often
+    case-insensitive (``utf8mb4_general_ci``) and ignores trailing spaces, so a lookup of ``Greet``
+    would find ``greet``. PostgreSQL and SQLite compare VARCHARs byte for byte.
+    """
+
+    cache_ok = True
+
+    def __init__(self) -> None:
+        super().__init__(_NAME_LENGTH)
+
+
+@compiles(_Name, "mysql", "mariadb")
+def _compile_name_for_mysql(type_: _Name, compiler: sa.sql.compiler.TypeCompiler, **kw: Any) -> str:
+    # NOTE: tables created before this column type keep their collation until converted with
+    # ALTER TABLE ... MODIFY ... COLLATE. The MySQL collations below are untested (only MariaDB 10.11
+    # was), and MySQL before 8.0 has no binary collation that keeps trailing spaces.
+    dialect = compiler.dialect
+    if getattr(dialect, "is_mariadb", False):
+        collation = "utf8mb4_nopad_bin"
+    elif (dialect.server_version_info or (0,)) >= (8, 0):
+        collation = "utf8mb4_0900_bin"
+    else:
+        collation = "utf8mb4_bin"
+    return f"VARCHAR({type_.length}) CHARACTER SET utf8mb4 COLLATE {collation}"
+
 
 _READ_ONLY = {"pikku_read_only": True}
 """Execution option of lookups; the SQLite backend starts their transactions without a write lock."""
@@ -48,6 +82,10 @@ _SCHEMA_LOCK_TIMEOUT = 30
 _SCHEMA_ATTEMPTS = 3
 """Maximum attempts at creating the tables. A peer that takes no lock, such as Pikku's Kysely service,
 can create a table between the check and the CREATE TABLE, and the next attempt finds that table."""
+
+_REGISTER_ATTEMPTS = 3
+"""Maximum attempts at registering when another session inserts the same id at the same moment and
+its row then turns out to be gone, stale or at this instance's endpoint."""
 
 _CONCURRENT_DDL_ERRORS: frozenset[str | int] = frozenset(
     {
@@ -72,7 +110,7 @@ def _tables(schema: str | None) -> tuple[sa.MetaData, sa.Table, sa.Table]:
     deployments = sa.Table(
         "pikku_deployments",
         metadata,
-        sa.Column("deployment_id", sa.String(255), primary_key=True),
+        sa.Column("deployment_id", _Name(), primary_key=True),
         sa.Column("endpoint", sa.Text, nullable=False),
         sa.Column("last_heartbeat", _TIMESTAMP, nullable=False),
         sa.Column("created_at", _TIMESTAMP, nullable=False),
@@ -86,11 +124,11 @@ def _tables(schema: str | None) -> tuple[sa.MetaData, sa.Table, sa.Table]:
         metadata,
         sa.Column(
             "deployment_id",
-            sa.String(255),
+            _Name(),
             sa.ForeignKey(f"{qualified}.deployment_id", ondelete="CASCADE"),
             primary_key=True,
         ),
-        sa.Column("function_name", sa.String(255), primary_key=True),
+        sa.Column("function_name", _Name(), primary_key=True),
         sa.Index("pikku_deployment_functions_name_idx", "function_name"),
     )
     return metadata, deployments, functions
@@ -107,14 +145,16 @@ class _Clock:
             # Millisecond resolution; ages are computed with julianday(), which also reads ISO 8601 text.
             return sa.func.strftime("%Y-%m-%d %H:%M:%f", "now")
         if self.dialect in ("mysql", "mariadb"):
-            return sa.func.now(6)
+            # DATETIME has no time zone and NOW() is in the session's, so sessions in different
+            # zones would disagree on every age. UTC_TIMESTAMP() is the same for all of them.
+            return sa.func.utc_timestamp(6)
         return sa.func.now()
 
     def age(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
         if self.dialect == "sqlite":
             return (sa.func.julianday("now") - sa.func.julianday(column)) * 86400.0
         if self.dialect in ("mysql", "mariadb"):
-            return sa.func.timestampdiff(sa.literal_column("MICROSECOND"), column, sa.func.now(6)) / 1e6
+            return sa.func.timestampdiff(sa.literal_column("MICROSECOND"), column, self.now()) / 1e6
         return sa.extract("epoch", sa.func.now() - column)
 
 
@@ -135,6 +175,10 @@ class SqlAlchemyDeploymentService(DeploymentService):
     def __repr__(self) -> str:
         # render_as_string hides the password of the user info only, not one given in the query.
         return f"{type(self).__name__}({_redact(self.engine.url.render_as_string(hide_password=True))!r})"
+
+    async def start(self, config: DeploymentConfig) -> None:
+        _check_name_lengths(config)
+        await super().start(config)
 
     async def _create_schema(self) -> None:
         # Once the tables exist, init() issues no DDL and takes no lock, so a role that may use the
@@ -234,35 +278,86 @@ class SqlAlchemyDeploymentService(DeploymentService):
                 yield conn
 
     async def _register(self, config: DeploymentConfig, functions: list[str]) -> None:
-        d = self._deployments
-        try:
-            async with self._begin_write() as conn:
-                await self._check_holder(conn, config)
-                await self._delete(conn, config.deployment_id)
-                now = self._clock.now()
-                await conn.execute(
-                    d.insert().values(
-                        deployment_id=config.deployment_id,
-                        endpoint=config.endpoint,
-                        last_heartbeat=now,
-                        created_at=now,
-                        fallback_endpoints=_encode_endpoints(config.fallback_endpoints),
-                        heartbeat_ttl=self.heartbeat_ttl,
-                    )
+        for attempt in range(1, _REGISTER_ATTEMPTS + 1):
+            try:
+                async with self._begin_write() as conn:
+                    await self._check_holder(conn, config)
+                    await self._take_over(conn, config)
+                    await self._insert_functions(conn, config, functions)
+                return
+            except _IdTakenError as exc:
+                # Another session inserted the id between our check and our insert. A new transaction
+                # reads its committed row and checks whether that instance is live and elsewhere.
+                async with self._begin_write() as conn:
+                    await self._check_holder(conn, config)
+                if attempt == _REGISTER_ATTEMPTS:
+                    raise DeploymentConflictError(
+                        f"deployment id '{config.deployment_id}' was registered by another instance at the same "
+                        f"moment {_REGISTER_ATTEMPTS} times in a row; give each instance its own id",
+                        payload={"deployment_id": config.deployment_id},
+                    ) from exc.__cause__
+                logger.info(
+                    "registering %s collided with another instance that registered the same id, whose row is "
+                    "gone, stale or at this endpoint; retrying, attempt %d of %d",
+                    config.deployment_id,
+                    attempt + 1,
+                    _REGISTER_ATTEMPTS,
                 )
-                if functions:
-                    await conn.execute(
-                        self._functions.insert(),
-                        [{"deployment_id": config.deployment_id, "function_name": name} for name in functions],
-                    )
+
+    async def _take_over(self, conn: AsyncConnection, config: DeploymentConfig) -> None:
+        """Replace the id's row with this instance's, unless a live instance at another endpoint has it.
+
+        The DELETE repeats the holder check's test in the same statement, because under READ
+        COMMITTED ``_check_holder`` locks nothing when the row is absent: another session may insert
+        and commit the row before this DELETE runs. Such a row survives the DELETE, so the INSERT
+        fails on the primary key and :class:`_IdTakenError` is raised.
+        """
+        d = self._deployments
+        await conn.execute(
+            d.delete().where(
+                d.c.deployment_id == config.deployment_id,
+                sa.or_(d.c.endpoint == config.endpoint, sa.not_(self._is_live())),
+            )
+        )
+        now = self._clock.now()
+        try:
+            await conn.execute(
+                d.insert().values(
+                    deployment_id=config.deployment_id,
+                    endpoint=config.endpoint,
+                    last_heartbeat=now,
+                    created_at=now,
+                    fallback_endpoints=_encode_endpoints(config.fallback_endpoints),
+                    heartbeat_ttl=self.heartbeat_ttl,
+                )
+            )
         except sa.exc.IntegrityError as exc:
-            # Another process inserted the same id between our check and our insert.
-            raise DeploymentConflictError(
-                f"deployment id '{config.deployment_id}' was registered by another instance at the same moment; "
-                "give each instance its own id"
+            raise _IdTakenError from exc
+
+    async def _insert_functions(self, conn: AsyncConnection, config: DeploymentConfig, functions: list[str]) -> None:
+        """Write the function rows of the id whose row this transaction has just inserted.
+
+        The row lock of that insert keeps other sessions from writing rows of the same id until
+        commit, so the only rows this DELETE finds are orphans that SQLite keeps when its foreign
+        keys are off.
+        """
+        f = self._functions
+        await conn.execute(f.delete().where(f.c.deployment_id == config.deployment_id))
+        if not functions:
+            return
+        try:
+            await conn.execute(
+                f.insert(), [{"deployment_id": config.deployment_id, "function_name": name} for name in functions]
+            )
+        except sa.exc.IntegrityError as exc:
+            raise DiscoveryError(
+                f"writing the function rows of deployment '{config.deployment_id}' in {self!r} failed because "
+                f"the store treats two of its function names as equal: {exc.orig}. Check the collation of "
+                "pikku_deployment_functions.function_name, which must compare names byte for byte"
             ) from exc
 
     async def _check_holder(self, conn: AsyncConnection, config: DeploymentConfig) -> None:
+        """Raise :func:`conflict_error` if a live instance at another endpoint has the id."""
         d = self._deployments
         statement = (
             sa.select(d.c.endpoint, self._clock.age(d.c.last_heartbeat), d.c.heartbeat_ttl)
@@ -297,30 +392,36 @@ class SqlAlchemyDeploymentService(DeploymentService):
     async def _deregister(self, config: DeploymentConfig) -> None:
         d = self._deployments
         async with self._begin_write() as conn:
-            owned = sa.select(d.c.deployment_id).where(
-                d.c.deployment_id == config.deployment_id, d.c.endpoint == config.endpoint
-            )
-            if (await conn.execute(owned)).first() is not None:
-                await self._delete(conn, config.deployment_id)
+            owned = d.delete().where(d.c.deployment_id == config.deployment_id, d.c.endpoint == config.endpoint)
+            if (await conn.execute(owned)).rowcount > 0:
+                await self._delete_orphan_functions(conn, [config.deployment_id])
 
-    async def _delete(self, conn: AsyncConnection, deployment_id: str) -> None:
-        # Delete the function rows explicitly too: SQLite enforces the cascade only with foreign_keys on.
-        await conn.execute(self._functions.delete().where(self._functions.c.deployment_id == deployment_id))
-        await conn.execute(self._deployments.delete().where(self._deployments.c.deployment_id == deployment_id))
+    async def _delete_orphan_functions(self, conn: AsyncConnection, deployment_ids: list[str]) -> None:
+        """Delete the function rows of ``deployment_ids`` that no longer have a deployment row.
+
+        PostgreSQL and MySQL delete them through the foreign key's cascade, so this finds nothing
+        there. SQLite enforces the cascade only with foreign_keys on. The NOT EXISTS keeps the rows of
+        an instance that registered one of these ids again since the caller's last read.
+        """
+        d, f = self._deployments, self._functions
+        parent = sa.select(d.c.deployment_id).where(d.c.deployment_id == f.c.deployment_id)
+        await conn.execute(f.delete().where(f.c.deployment_id.in_(deployment_ids), ~parent.exists()))
 
     def _is_live(self) -> sa.ColumnElement[bool]:
         d = self._deployments
         return self._clock.age(d.c.last_heartbeat) <= sa.func.coalesce(d.c.heartbeat_ttl, self.heartbeat_ttl)
 
     async def _purge_stale(self) -> int:
-        d, f = self._deployments, self._functions
+        d = self._deployments
         stale = sa.select(d.c.deployment_id).where(sa.not_(self._is_live()))
         async with self._begin_write() as conn:
             stale_ids = [row[0] for row in (await conn.execute(stale)).all()]
             if not stale_ids:
                 return 0
-            await conn.execute(f.delete().where(f.c.deployment_id.in_(stale_ids)))
+            # Another instance may have taken one of the ids over since the SELECT, so the DELETE tests
+            # liveness again, and function rows go only where the deployment row went.
             result = await conn.execute(d.delete().where(d.c.deployment_id.in_(stale_ids), sa.not_(self._is_live())))
+            await self._delete_orphan_functions(conn, stale_ids)
         return max(result.rowcount, 0)
 
     async def find_function(self, name: str) -> list[DeploymentInfo]:
@@ -375,6 +476,10 @@ class SqlAlchemyDeploymentService(DeploymentService):
             await self.engine.dispose()
 
 
+class _IdTakenError(Exception):
+    """The INSERT of a deployment row failed on the primary key: another session inserted the id first."""
+
+
 def _is_concurrent_ddl_error(exc: sa.exc.DBAPIError) -> bool:
     """Check whether ``exc`` is the error that CREATE raises when another session creates the same object."""
     # asyncpg's errors carry a SQLSTATE, PyMySQL's an error number as their first argument.
@@ -385,6 +490,31 @@ def _is_concurrent_ddl_error(exc: sa.exc.DBAPIError) -> bool:
         return True
     # SQLite has no error code of its own for this case.
     return "already exists" in str(exc.orig)
+
+
+def _check_name_lengths(config: DeploymentConfig) -> None:
+    """Raise ConfigurationError for an id or function name that does not fit its VARCHAR column.
+
+    PostgreSQL and MySQL would reject it with an error that quotes the whole statement and its
+    parameters. SQLite ignores VARCHAR lengths, but its registry is held to the same limit so that
+    a store can move between databases.
+    """
+    if len(config.deployment_id) > _NAME_LENGTH:
+        raise ConfigurationError(
+            f"deployment id {_shorten(config.deployment_id)} has {len(config.deployment_id)} characters, more than "
+            f"the {_NAME_LENGTH} that the SQL deployment table allows; choose a shorter id"
+        )
+    for name in config.functions or ():
+        if len(name) > _NAME_LENGTH:
+            raise ConfigurationError(
+                f"function name {_shorten(name)} of deployment {_shorten(config.deployment_id)} has {len(name)} "
+                f"characters, more than the {_NAME_LENGTH} that the SQL deployment table allows; rename the function"
+            )
+
+
+def _shorten(name: str, length: int = 40) -> str:
+    """Quote ``name`` for an error message, cut to ``length`` characters."""
+    return repr(name) if len(name) <= length else f"{name[:length]!r}..."
 
 
 def _encode_endpoints(endpoints: Sequence[str]) -> str | None:
