@@ -138,11 +138,11 @@ class _Secret:
 class _ReplayCache:
     """The token ids seen recently, each kept until its token expires (``exp`` plus the leeway).
 
-    Memory is bounded by ``max_size`` entries. When it is full, the entries closest to expiry are
-    dropped and the latest ``exp`` dropped becomes a floor: a token expiring at or before the floor is
-    rejected as if it were a replay, since the cache can no longer tell. Fresh tokens expire five
-    minutes after they are made, later than anything dropped, so they pass; only a token older than
-    the oldest one remembered is refused, and only while the cache overflows.
+    Memory is bounded by ``max_size`` entries. When the cache is full, it drops the entries closest
+    to expiry, and the latest ``exp`` it dropped becomes a floor. A token that expires at or before
+    the floor is rejected as a possible replay, because the cache no longer contains the ids of that
+    age. Fresh tokens expire five minutes after they are made, later than anything dropped, so they
+    pass. Only a token older than every id in the cache is rejected, and only while the cache is full.
     """
 
     __slots__ = ("_expiries", "_floor", "_heap", "leeway", "max_size")
@@ -158,7 +158,7 @@ class _ReplayCache:
         return len(self._expiries)
 
     def add(self, jti: str, exp: float, now: float) -> bool:
-        """Remember ``jti`` until ``exp``; return False if it was seen already or cannot be told apart."""
+        """Store ``jti`` until ``exp``. Return False for a replay, or for a token older than the floor."""
         self._purge(now)
         if jti in self._expiries or exp <= self._floor:
             return False
@@ -232,10 +232,10 @@ class RemoteSecurity:
     # -- caller side -------------------------------------------------------------------------------
 
     def signer(self, name: str, data: Any, session: Any) -> _Signer:
-        """Prepare the tokens of one call; the result gives a fresh header value per attempt.
+        """Prepare the tokens of one call. Calling the result returns a fresh header value per attempt.
 
-        ``data`` is the call's data as the caller passes it (models included); the digest is taken of
-        its JSON-compatible form, which is what every transport carries.
+        ``data`` is the call's data as the caller passes it, models included. The digest is taken of
+        its JSON-compatible form, because that is what every transport carries.
         """
         try:
             digest = data_digest(pydantic_core.to_jsonable_python(data))
@@ -285,7 +285,7 @@ class RemoteSecurity:
 
         Raise :class:`UnauthorizedError` if the call is not signed with an accepted secret, or its
         token is expired, for another audience or function, replayed, or made for other data. The
-        messages say what failed and never repeat the token, a secret or a session.
+        message names the failed check and contains neither the token, a secret nor a session.
         """
         token = _bearer_token(authorization)
         claims, secret = self._decode(token)
@@ -307,7 +307,7 @@ class RemoteSecurity:
             if not isinstance(jti, str) or not 0 < len(jti) <= _MAX_JTI_LENGTH:
                 raise _unauthorized(f"the token id (jti) must be a string of 1 to {_MAX_JTI_LENGTH} characters")
             if not self._replays.add(jti, float(claims["exp"]), time.time()):
-                raise _unauthorized("the token was used already")
+                raise _unauthorized("the token was already used: each token id (jti) is accepted once")
         return session
 
     def _decode(self, token: str) -> tuple[dict[str, Any], _Secret]:
@@ -333,7 +333,10 @@ class RemoteSecurity:
             if not isinstance(exp, int | float) or exp > time.time() + TOKEN_LIFETIME + self.leeway:
                 raise _unauthorized(f"the token is valid for longer than {TOKEN_LIFETIME} seconds")
             return claims, secret
-        raise _unauthorized("the token's signature does not verify with the remote secret")
+        raise _unauthorized(
+            "the token's signature is invalid for the worker's secrets; check that caller and worker share "
+            "PIKKU_REMOTE_SECRET"
+        )
 
     def _open_session(self, blob: str, candidates: Sequence[_Secret]) -> Any:
         raw = _b64decode(blob)
@@ -393,7 +396,10 @@ def _check_secret(secret: str, variable: str) -> None:
 
 def _bearer_token(authorization: str | None) -> str:
     if not authorization:
-        raise _unauthorized(f"the call carries no {AUTHORIZATION_HEADER} header; this worker requires signed calls")
+        raise _unauthorized(
+            f"the call has no {AUTHORIZATION_HEADER} header, and this worker requires calls signed with "
+            "PIKKU_REMOTE_SECRET"
+        )
     scheme, _, token = authorization.strip().partition(" ")
     if scheme.lower() != "bearer":
         raise _unauthorized(f"the {AUTHORIZATION_HEADER} header must use the Bearer scheme")

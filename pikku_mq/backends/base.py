@@ -71,7 +71,7 @@ class DeploymentService(ABC):
 
     ``security`` holds the remote secret that signs this caller's calls and carries their sessions; by
     default it comes from ``PIKKU_REMOTE_SECRET`` (see :class:`RemoteSecurity`), and ``False`` turns
-    signing off whatever the environment says. Without a secret, sessions are not sent.
+    signing off regardless of the environment. Without a secret, sessions are not sent.
     """
 
     has_change_feed: ClassVar[bool] = False
