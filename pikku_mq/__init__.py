@@ -36,6 +36,7 @@ from ._errors import (
 )
 from ._functions import FunctionDefinition, FunctionRegistry, default_registry, pikku_func, pikku_sessionless_func
 from ._rpc import RPC, Wire
+from ._security import RemoteSecurity
 from ._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
 from ._worker import PikkuWorker
 from .backends import DeploymentService, MemoryDeploymentService, MemoryRegistry, deployment_service_from_url
@@ -94,6 +95,7 @@ __all__ = [
     "RPC",
     "RedisDeploymentService",
     "RemoteError",
+    "RemoteSecurity",
     "Reply",
     "RoutingError",
     "ServiceUnavailableError",

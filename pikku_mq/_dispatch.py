@@ -21,10 +21,12 @@ from ._errors import (
     OutputValidationError,
     PikkuMQError,
     ServiceUnavailableError,
+    UnauthorizedError,
     function_not_found,
 )
 from ._functions import FunctionDefinition, FunctionRegistry
 from ._rpc import RPC, Wire, run_function
+from ._security import AUTHORIZATION_HEADER, RemoteSecurity
 from ._types import DEFAULT_TIMEOUT, HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP, HEADER_REQUEST_ID, MAX_HOPS
 
 if TYPE_CHECKING:
@@ -114,6 +116,7 @@ class Dispatcher:
         default_timeout: float = DEFAULT_TIMEOUT,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        security: RemoteSecurity | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ConfigurationError(f"max_concurrency must be at least 1, got {max_concurrency!r}")
@@ -129,6 +132,8 @@ class Dispatcher:
         self.draining = False
         self.max_concurrency = max_concurrency
         self.max_in_flight = max_in_flight
+        self.security = security
+        """With a remote secret, only calls signed with it are admitted, and they bring their session."""
         self.in_flight = 0
         """Calls admitted and not finished: running, or waiting for one of the ``max_concurrency`` slots."""
         self._slots = asyncio.Semaphore(max_concurrency)
@@ -142,7 +147,7 @@ class Dispatcher:
     async def handle(self, name: str, data: Any, headers: Mapping[str, str]) -> Outcome:
         """Admit and run one call; every failure becomes an error outcome, none is raised."""
         try:
-            admitted = self.admit(name, headers)
+            admitted = self.admit(name, headers, data)
         except PikkuMQError as exc:
             return Outcome(error=exc, rejected=isinstance(exc, ServiceUnavailableError))
         try:
@@ -151,11 +156,14 @@ class Dispatcher:
             return Outcome(error=exc)
         return Outcome(definition=admitted.definition, result=result)
 
-    def admit(self, name: str, headers: Mapping[str, str]) -> Admitted:
+    def admit(self, name: str, headers: Mapping[str, str], data: Any = None) -> Admitted:
         """Check a call before it runs; raise the error to send back if it cannot run.
 
         A :class:`ServiceUnavailableError` raised here means the function did not start, so the
-        transport marks the reply as rejected and the caller may try another instance.
+        transport marks the reply as rejected and the caller may try another instance. With a remote
+        secret, a call without a valid token for ``name`` and ``data`` raises :class:`UnauthorizedError`
+        before the function is looked up, and is not marked rejected, so a caller cannot get around
+        the check by moving to another instance.
         """
         if self.draining:
             self.last_rejection = time.monotonic()
@@ -169,6 +177,14 @@ class Dispatcher:
                 f"instance '{self.deployment_id}' already has its maximum of {self.max_in_flight} calls in flight",
                 payload={"deployment_id": self.deployment_id, "max_in_flight": self.max_in_flight},
             )
+
+        session = None
+        if self.security is not None:
+            try:
+                session = self.security.verify(headers.get(AUTHORIZATION_HEADER), name, data)
+            except UnauthorizedError as exc:
+                logger.info("rejected a call to %r: %s", name[:200], exc.message)
+                raise
 
         definition = self.registry.get(name)
         if definition is None or not definition.expose:
@@ -188,12 +204,13 @@ class Dispatcher:
             registry=self.registry,
             services=self.services,
             deployment_service=self.deployment_service,
+            session=session,
             trace_id=trace_id,
             deadline=deadline,
             hop=hop,
             default_timeout=self.default_timeout,
         )
-        wire = Wire(rpc=rpc, session=None, trace_id=trace_id, call_id=call_id, deadline=deadline, hop=hop)
+        wire = Wire(rpc=rpc, session=session, trace_id=trace_id, call_id=call_id, deadline=deadline, hop=hop)
         return Admitted(definition, wire)
 
     async def execute(self, admitted: Admitted, data: Any) -> Any:

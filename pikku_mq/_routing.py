@@ -23,6 +23,7 @@ from ._errors import (
     error_from_envelope,
     function_not_found,
 )
+from ._security import AUTHORIZATION_HEADER, RemoteSecurity
 from ._types import HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP, HEADER_REQUEST_ID, CallRequest, DeploymentInfo
 from .transports.base import Reply, TransportSet
 
@@ -75,6 +76,8 @@ class Router:
         self._discovery_failing = False
         self._departed: dict[str, tuple[float, str]] = {}
         """Deployment ids that the change feed reported draining or gone, with when to stop filtering them out."""
+        self.security: RemoteSecurity | None = None
+        """With a remote secret, every attempt carries a token of its own, with the caller's session."""
 
     def invalidate(self, name: str | None = None) -> None:
         """Forget cached lookups, of one function or of all."""
@@ -151,12 +154,15 @@ class Router:
         trace_id: str | None,
         hop: int,
         idempotent: bool,
+        session: Any = None,
     ) -> Any:
         """Call ``name`` on a live instance and return its result, or raise the error it returned.
 
         The call moves to another instance when the first certainly did not run it (refused,
         draining). After a failure that leaves this unknown, it moves on only if ``idempotent``.
+        ``session`` travels only when a remote secret is set, sealed in each attempt's token.
         """
+        signer = self.security.signer(name, data, session) if self.security is not None else None
         request = CallRequest(
             name=name,
             data=data,
@@ -187,7 +193,7 @@ class Router:
 
             tried.add(instance.deployment_id)
             try:
-                reply = await self._attempt(instance, request, deadline, idempotent, failures)
+                reply = await self._attempt(instance, request, deadline, idempotent, failures, signer)
             except PayloadTooLargeError as exc:
                 too_large = exc  # another instance may have an endpoint that carries it
                 continue
@@ -199,7 +205,13 @@ class Router:
             return _result(reply)
 
     async def _attempt(
-        self, instance: DeploymentInfo, request: CallRequest, deadline: float, idempotent: bool, failures: list[str]
+        self,
+        instance: DeploymentInfo,
+        request: CallRequest,
+        deadline: float,
+        idempotent: bool,
+        failures: list[str],
+        signer: Callable[[], str] | None = None,
     ) -> Reply | None:
         """Send one attempt; return None, or a rejected reply, if the call should move to another instance.
 
@@ -216,6 +228,8 @@ class Router:
             if remaining <= 0:
                 raise DeadlineExceededError(f"call to '{request.name}' ran out of time before it could be sent")
             request.headers[HEADER_DEADLINE] = str(int(remaining * 1000))
+            if signer is not None:
+                request.headers[AUTHORIZATION_HEADER] = signer()  # a fresh token id for each attempt
 
             try:
                 reply = await transport.call(endpoint, request, remaining)

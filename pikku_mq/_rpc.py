@@ -131,12 +131,15 @@ class RPC:
         *,
         timeout: float | None = None,
         idempotent: bool | None = None,
+        session: Any = None,
     ) -> Any:
         """Call ``name`` on an instance found through the deployment service, even if it is local.
 
         ``timeout`` (seconds) shortens the deadline for this call; it never extends the deadline of
         the call this one is part of. ``idempotent`` allows a retry after an uncertain failure; it
         defaults to the flag of the local definition of ``name``, if this process has one.
+        ``session`` replaces the session this RPC forwards (``wire.session`` inside a function); it
+        travels only when the deployment service has a remote secret.
         """
         if self._deployment_service is None:
             raise ConfigurationError(
@@ -152,7 +155,7 @@ class RPC:
         return await self._deployment_service.call(
             name,
             data,
-            session=self._session,
+            session=self._session if session is None else session,
             trace_id=self._trace_id,
             deadline=self._child_deadline(timeout if timeout is not None else self._default_timeout),
             hop=self._hop + 1,

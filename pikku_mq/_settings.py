@@ -12,6 +12,8 @@ __all__ = [
     "ENV_AMQP_URL",
     "ENV_DISCOVERY_URL",
     "ENV_NATS_URL",
+    "ENV_REMOTE_SECRET",
+    "ENV_REMOTE_SECRET_PREVIOUS",
     "default_amqp_url",
     "default_discovery_url",
     "default_nats_url",
@@ -23,6 +25,8 @@ ENV_NATS_URL = "PIKKU_NATS_URL"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 ENV_AMQP_URL = "PIKKU_AMQP_URL"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+ENV_REMOTE_SECRET = "PIKKU_REMOTE_SECRET"  # noqa: S105 - the variable name, not a secret
+ENV_REMOTE_SECRET_PREVIOUS = "PIKKU_REMOTE_SECRET_PREVIOUS"  # noqa: S105 - the variable name
 
 
 def default_discovery_url() -> str:

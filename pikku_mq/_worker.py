@@ -11,13 +11,14 @@ import socket
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 from urllib.parse import urlsplit
 
 from ._dispatch import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_IN_FLIGHT, Dispatcher
 from ._errors import ConfigurationError
 from ._functions import FunctionDefinition, FunctionRegistry, default_registry
 from ._presence import ChangeKind
+from ._security import RemoteSecurity
 from ._settings import default_discovery_url
 from ._types import DEFAULT_TIMEOUT, DeploymentConfig
 from .backends import deployment_service_from_url
@@ -65,6 +66,12 @@ class PikkuWorker:
 
     On stop the worker deregisters first, then rejects new calls while it finishes the calls in flight
     for up to ``drain_timeout`` seconds, then closes its listener.
+
+    ``security`` is the remote secret (see :class:`RemoteSecurity`), by default from
+    ``PIKKU_REMOTE_SECRET``; ``False`` turns it off. With one, the worker serves only calls signed with
+    it (or with a previous secret it accepts), gives each function the caller's session, and signs its
+    nested calls, with a deployment service that has no secret of its own too. A secret shorter than
+    32 characters raises :class:`ConfigurationError` here, before anything starts.
     """
 
     def __init__(
@@ -88,6 +95,7 @@ class PikkuWorker:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         nats_url: str | None = None,
         amqp_url: str | None = None,
+        security: RemoteSecurity | Literal[False] | None = None,
     ) -> None:
         if drain_timeout < 0:
             raise ConfigurationError(f"drain_timeout must not be negative, got {drain_timeout!r}")
@@ -106,9 +114,12 @@ class PikkuWorker:
         self.nats_url = nats_url
         self.amqp_url = amqp_url
 
+        self.security = RemoteSecurity.from_env() if security is None else security or None
         if isinstance(deployment_service, DeploymentService):
             self.deployment_service: DeploymentService | None = deployment_service
             self._owns_deployment_service = False
+            if deployment_service.security is None:
+                deployment_service.security = self.security
         elif discovery:
             self.deployment_service = deployment_service_from_url(
                 deployment_service or default_discovery_url(),
@@ -116,6 +127,7 @@ class PikkuWorker:
                 heartbeat_ttl=heartbeat_ttl,
                 default_timeout=default_timeout,
                 transports=_caller_transports(nats_url, amqp_url),
+                security=self.security or False,
             )
             self._owns_deployment_service = True
         else:
@@ -130,6 +142,7 @@ class PikkuWorker:
             default_timeout=default_timeout,
             max_concurrency=max_concurrency,
             max_in_flight=max_in_flight,
+            security=self.security,
         )
         self.endpoint: str | None = None
         """The advertised endpoint, known once the worker listens (the port filled in)."""

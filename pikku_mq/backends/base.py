@@ -22,11 +22,12 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Literal, Self
 
 from .._errors import ConfigurationError, DeploymentConflictError, DiscoveryError, PikkuMQError
 from .._presence import ChangeEvent, ChangeKind
 from .._routing import Router
+from .._security import RemoteSecurity
 from .._types import DEFAULT_TIMEOUT, DeploymentConfig, DeploymentInfo, DeploymentRecord
 from ..transports.base import TransportSet
 
@@ -73,6 +74,10 @@ class DeploymentService(ABC):
     Where the backend has a change feed and ``change_feed`` is true (the default), the first call
     subscribes to it, so joins, draining and leaves reach this caller's routing cache at once. The
     subscription keeps one connection to the store open until ``close``.
+
+    ``security`` holds the remote secret that signs this caller's calls and carries their sessions; by
+    default it comes from ``PIKKU_REMOTE_SECRET`` (see :class:`RemoteSecurity`), and ``False`` turns
+    signing off regardless of the environment. Without a secret, sessions are not sent.
     """
 
     has_change_feed: ClassVar[bool] = False
@@ -87,6 +92,7 @@ class DeploymentService(ABC):
         routing_cache_ttl: float | None = None,
         default_timeout: float = DEFAULT_TIMEOUT,
         change_feed: bool = True,
+        security: RemoteSecurity | Literal[False] | None = None,
     ) -> None:
         if not heartbeat_interval > 0:
             raise ConfigurationError(f"heartbeat_interval must be positive seconds, got {heartbeat_interval!r}")
@@ -111,6 +117,7 @@ class DeploymentService(ABC):
             suspect_ttl=self.heartbeat_ttl,
         )
         self.router.transports.set_presence_listener(self._on_presence)
+        self.router.security = RemoteSecurity.from_env() if security is None else security or None
         self._config: DeploymentConfig | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._heartbeat_stop = asyncio.Event()
@@ -265,6 +272,15 @@ class DeploymentService(ABC):
         await self.close()
 
     @property
+    def security(self) -> RemoteSecurity | None:
+        """The remote secret this caller signs its calls with, or None."""
+        return self.router.security
+
+    @security.setter
+    def security(self, security: RemoteSecurity | None) -> None:
+        self.router.security = security
+
+    @property
     def deployment_id(self) -> str | None:
         """The id this service registered, or None before ``start``."""
         return self._config.deployment_id if self._config is not None else None
@@ -314,10 +330,10 @@ class DeploymentService(ABC):
         await self.init()
         if self.change_feed and self._feed_task is None:
             self._feed_task = asyncio.create_task(self._feed_loop(), name=f"pikku-change-feed-{id(self):x}")
-        # NOTE: sessions travel only as signed tokens, which need PIKKU_REMOTE_SECRET; without one the
-        # session is not sent.
-        del session
-        return await self.router.call(name, data, deadline=deadline, trace_id=trace_id, hop=hop, idempotent=idempotent)
+        # Sessions travel only sealed in signed tokens, so without a remote secret the router drops them.
+        return await self.router.call(
+            name, data, deadline=deadline, trace_id=trace_id, hop=hop, idempotent=idempotent, session=session
+        )
 
     @contextlib.asynccontextmanager
     async def _translate_errors(self, action: str) -> AsyncIterator[None]:
