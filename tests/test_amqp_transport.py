@@ -384,6 +384,42 @@ async def test_malformed_raw_requests_rejected(mesh: Mesh, amqp_vhost: str, capl
             await connection.close()
 
 
+async def test_stop_answers_requests_left_in_queue(mesh: Mesh, amqp_vhost: str) -> None:
+    # Requests that reach the queue after the consumer is cancelled get a rejection, not silence.
+    endpoint = amqp_endpoint()
+    queue = parse_endpoint(endpoint).queue
+    assert queue is not None
+    worker = make_worker(mesh, endpoint)
+    await worker.start()
+    [server] = worker._servers
+    assert isinstance(server, AmqpServer)
+    connection = await aio_pika.connect(f"amqp://guest:guest@127.0.0.1:5672/{amqp_vhost}", timeout=5)
+    try:
+        channel = await connection.channel()
+        raw = RawCaller(channel)
+        reply_queue = await channel.get_queue("amq.rabbitmq.reply-to", ensure=False)
+        await reply_queue.consume(raw.on_reply, no_ack=True)
+
+        assert server._channel is not None
+        await server._channel.basic_cancel(server._consumer_tag)
+        fn = {"pikku-function": "echo"}
+        left = [await raw.send(queue, msgpack.packb({"data": index}), headers=fn) for index in range(3)]
+        started = time.monotonic()
+        await worker.stop()
+
+        for correlation_id in left:
+            status, envelope = await raw.reply(correlation_id, timeout=2)
+            assert status == 503
+            assert envelope["name"] == "ServiceUnavailableError"
+        assert time.monotonic() - started < 5
+        # The queue is gone, so a later request comes back unroutable at once.
+        confirming = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        with pytest.raises(aio_pika.exceptions.PublishError):
+            await confirming.default_exchange.publish(aio_pika.Message(b"x"), routing_key=queue, mandatory=True)
+    finally:
+        await connection.close()
+
+
 # -- credentials and broker URLs -------------------------------------------------------------------
 
 

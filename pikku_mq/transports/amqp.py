@@ -11,10 +11,12 @@ instance of a mesh must reach the workers' queues through its own broker (one no
 
 Choices, and why:
 
-- The worker's queue is exclusive and auto-delete. It disappears as soon as the worker stops consuming
-  or its connection drops. So a call to a stopped or crashed worker comes back from the broker as
-  unroutable at once (``mandatory``), instead of waiting until its deadline in a queue that no
-  consumer reads.
+- The worker's queue is exclusive, so the broker deletes it when the worker's connection drops, and a
+  stopping worker deletes it itself, once it has answered the requests still queued with a rejection.
+  So a call to a stopped or crashed worker comes back from the broker as unroutable at once
+  (``mandatory``), instead of waiting until its deadline in a queue that no consumer reads. The queue
+  is not auto-delete, because cancelling the consumer would then drop the requests that reached the
+  queue meanwhile.
 - The worker acknowledges each request when it arrives (at-most-once). It replies to a redelivered
   request with :class:`~pikku_mq.CallInterruptedError` instead of running it, so a redelivery never
   runs a call twice. Retrying is the caller's decision, and only for idempotent functions.
@@ -141,6 +143,8 @@ _RECONNECT_PAUSE = 5.0
 """Seconds a caller fails fast after a failed connection attempt to a vhost before it tries again, so a
 stalled broker does not cost every call the connect timeout before the call moves to a fallback."""
 _STOP_TIMEOUT = 5.0
+_LEFTOVER_ROUNDS = 5
+"""Times a stopping server empties its queue and tries to delete it while requests keep arriving."""
 """Seconds that :meth:`AmqpServer.stop` waits for the replies still being sent, and for the broker."""
 _REPLY_WAIT_LIMIT = 300.0
 """Maximum seconds that a reply waits for the worker to reconnect, whatever the deadline of its call."""
@@ -613,7 +617,7 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
 
 
 class AmqpServer(ServerTransport):
-    """Serves a :class:`~pikku_mq._dispatch.Dispatcher` on an exclusive, auto-delete queue.
+    """Serves a :class:`~pikku_mq._dispatch.Dispatcher` on an exclusive queue, which it deletes when it stops.
 
     ``url`` is the broker URL with the worker's credentials (default ``PIKKU_AMQP_URL``). The vhost and
     the queue come from the endpoint, and the queue defaults to ``pikku.<deployment id>``. The
@@ -690,11 +694,11 @@ class AmqpServer(ServerTransport):
                 await supervisor
         channel = self._channel
         if channel is not None and not channel.is_closed:
-            # Stop consuming. The auto-delete queue goes with the consumer, so later calls come back unroutable.
             try:
                 await channel.basic_cancel(self._consumer_tag, timeout=_STOP_TIMEOUT)
+                await self._reject_leftovers(channel)
             except Exception as exc:
-                logger.warning("AMQP server on queue %s failed to cancel its consumer: %s", self._queue, exc)
+                logger.warning("AMQP server on queue %s failed to empty and delete its queue: %s", self._queue, exc)
         if self._tasks:
             # Wait for the replies still being sent, which include the rejections of a draining worker.
             _, still = await asyncio.wait(set(self._tasks), timeout=_STOP_TIMEOUT)
@@ -703,6 +707,31 @@ class AmqpServer(ServerTransport):
             await asyncio.gather(*still, return_exceptions=True)
         await self._close_connection()
         self._ready.clear()
+
+    async def _reject_leftovers(self, channel: aiormq.Channel) -> None:
+        """Answer the requests still in the queue with a rejection, then delete the queue once it is empty.
+
+        A request published after the consumer was cancelled would otherwise go down with the queue and
+        leave its caller waiting for its deadline. Deleting only an empty queue is atomic on the broker,
+        so a request is either answered here or, after the deletion, returned to its caller as unroutable.
+        """
+        for _ in range(_LEFTOVER_ROUNDS):
+            while True:
+                message = await channel.basic_get(self._queue, no_ack=True, timeout=_STOP_TIMEOUT)
+                if isinstance(message.delivery, spec.Basic.GetEmpty):
+                    break
+                await self._serve(message)  # the server is stopping, so this replies "rejected"
+            try:
+                await channel.queue_delete(self._queue, if_empty=True, timeout=_STOP_TIMEOUT)
+            except aiormq.exceptions.ChannelPreconditionFailed:
+                # A request arrived after the last get; the broker closed the channel for it.
+                assert self._connection is not None
+                wrapper = await self._connection.channel(publisher_confirms=False)
+                channel = cast(aiormq.Channel, await wrapper.get_underlay_channel())
+                self._wrapper, self._channel = wrapper, channel
+                continue
+            return
+        logger.warning("AMQP server on queue %s kept receiving requests while stopping", self._queue)
 
     async def announce(self, kind: ChangeKind, deployment_id: str) -> None:
         channel = self._channel
@@ -755,7 +784,9 @@ class AmqpServer(ServerTransport):
                 wrapper = await connection.channel(publisher_confirms=False)
                 channel = cast(aiormq.Channel, await wrapper.get_underlay_channel())
                 await channel.basic_qos(prefetch_count=max(1, min(prefetch, _MAX_PREFETCH)))
-                await channel.queue_declare(self._queue, exclusive=True, auto_delete=True)
+                # Exclusive, so the broker deletes it when this connection dies (a crash). Not
+                # auto-delete: stop() answers the requests still queued before it deletes the queue.
+                await channel.queue_declare(self._queue, exclusive=True, auto_delete=False)
                 await channel.basic_consume(self._queue, self._on_delivery, consumer_tag=self._consumer_tag)
         except aiormq.exceptions.ChannelLockedResource:
             raise DeploymentConflictError(
