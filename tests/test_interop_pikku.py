@@ -13,15 +13,13 @@ do, and drops it at the end. Nothing is written to the shared ``pikku`` schema o
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _support_node import NODE_TIMEOUT, install_node_project, run_node_json
 from _support_redis import REDIS_URL, drop_redis_prefixes, redis_prefix, sync_client
 from _support_sql import POSTGRES_DSN, drop_postgres_schema, unique_name
 from aiohttp import web
@@ -36,12 +34,6 @@ INTEROP_DIR = Path(__file__).parent / "interop"
 
 PINNED_VERSIONS = {"@pikku/core": "0.12.84", "@pikku/pg": "0.12.1", "@pikku/redis": "0.12.18"}
 
-INSTALL_TIMEOUT = 300.0
-"""Seconds ``npm ci`` may take, downloads included."""
-
-NODE_TIMEOUT = 20.0
-"""Seconds a Node script may take to register, to stop or to print its result."""
-
 # An address that nothing needs to serve: these tests only look endpoints up, apart from the one
 # that Pikku's invoke calls.
 UNUSED_ENDPOINT = "http://127.0.0.1:9"
@@ -50,38 +42,9 @@ UNUSED_ENDPOINT = "http://127.0.0.1:9"
 @pytest.fixture(scope="session")
 def node_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Install the pinned npm packages into a copy of ``tests/interop`` and return that copy's path."""
-    node = shutil.which("node")
-    npm = shutil.which("npm")
-    if node is None or npm is None:
-        pytest.fail("node and npm must be on PATH to run the Pikku interop tests (Node.js 20 or newer)")
-
-    project = tmp_path_factory.mktemp("pikku_interop")
-    for source in INTEROP_DIR.iterdir():
-        if source.is_file():
-            shutil.copy2(source, project / source.name)
-
-    # npm ci installs exactly what the lock file lists. Without a lock file, npm install resolves the
-    # pinned versions from package.json.
-    command = "ci" if (project / "package-lock.json").exists() else "install"
-    try:
-        completed = subprocess.run(
-            [npm, command, "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=project,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=INSTALL_TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"npm {command} in {project} timed out after {INSTALL_TIMEOUT:.0f} s")
-    if completed.returncode != 0:
-        pytest.fail(f"npm {command} in {project} failed with exit code {completed.returncode}:\n{completed.stderr}")
-
-    for package, expected in PINNED_VERSIONS.items():
-        manifest = json.loads((project / "node_modules" / package / "package.json").read_text())
-        assert manifest["version"] == expected, f"npm installed {package} {manifest['version']}, not {expected}"
-    return project
+    return install_node_project(
+        tmp_path_factory.mktemp("pikku_interop"), INTEROP_DIR, sorted(INTEROP_DIR.glob("*.mjs")), PINNED_VERSIONS
+    )
 
 
 class NodePeer:
@@ -140,23 +103,7 @@ class NodeRunner:
 
     async def output_json(self, script: str, *args: str) -> Any:
         """Run ``script`` to completion and return the JSON it prints on its last stdout line."""
-        process = await asyncio.create_subprocess_exec(
-            "node",
-            script,
-            *args,
-            cwd=self.project,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        try:
-            stdout, stderr = await asyncio.wait_for(process.communicate(), NODE_TIMEOUT)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            pytest.fail(f"node {script} did not finish within {NODE_TIMEOUT} s")
-        assert process.returncode == 0, f"node {script} exited with {process.returncode}:\n{stderr.decode()}"
-        return json.loads(stdout.decode().strip().splitlines()[-1])
+        return await run_node_json(self.project, script, *args)
 
     async def kill_all(self) -> None:
         for peer in self.peers:
