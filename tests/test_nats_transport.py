@@ -441,6 +441,44 @@ async def test_malformed_request_gets_error_reply(
         assert unpack(good.data) == "still here"
 
 
+async def _raw_publish(subject: bytes, reply: bytes, headers: bytes, payload: bytes) -> None:
+    """Publish bytes that nats-py would refuse to send, on a plain socket speaking the NATS protocol."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", 4222)
+    try:
+        await reader.readline()  # INFO
+        writer.write(b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\n')
+        block = b"NATS/1.0\r\n" + headers + b"\r\n"
+        writer.write(
+            b"HPUB %s %s %d %d\r\n%s%s\r\nPING\r\n"
+            % (subject, reply, len(block), len(block) + len(payload), block, payload)
+        )
+        await writer.drain()
+        assert await reader.readline() == b"PONG\r\n"
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_subject_not_utf8_gets_error_reply(mesh: Mesh, raw_client: NatsClient) -> None:
+    # nats-py's read loop once stopped for good on such a subject, and the worker went deaf for a minute.
+    prefix = new_prefix()
+    async with make_worker(mesh, shared_endpoint(prefix)):
+        inbox = raw_client.new_inbox()
+        replies = await raw_client.subscribe(inbox)
+        bad_header = b"pikku-hop: \xff\xfe\r\n"
+        await _raw_publish(f"{prefix}.e\xff".encode("latin-1"), inbox.encode(), bad_header, msgpack.packb({"data": 1}))
+        reply = await replies.next_msg(timeout=5)
+        assert reply.headers is not None
+        assert reply.headers["pikku-status"] == "400"
+        assert "does not name a function" in unpack(reply.data)["message"]
+
+        # A reply subject that is not UTF-8 cannot be answered: the request is dropped, and the worker serves on.
+        await _raw_publish(f"{prefix}.echo".encode(), b"_INBOX.\xff", b"", msgpack.packb({"data": 1}))
+        good = await raw_client.request(f"{prefix}.echo", msgpack.packb({"data": "still here"}), timeout=5)
+        assert unpack(good.data) == "still here"
+        await replies.unsubscribe()
+
+
 async def test_plain_client_calls(mesh: Mesh, raw_client: NatsClient) -> None:
     prefix = new_prefix()
     async with make_worker(mesh, shared_endpoint(prefix)):

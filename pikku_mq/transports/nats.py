@@ -111,6 +111,32 @@ def presence_subject() -> str:
 # -- connecting --------------------------------------------------------------------------------------
 
 
+class _Client(NatsClient):
+    """nats-py's client, made to survive a message whose subject or reply subject is not UTF-8.
+
+    nats-server passes subjects on as bytes, so anyone who may publish under a worker's prefix can send
+    one that is not UTF-8. nats-py (2.16) decodes it strictly in its read loop, and the error ends that
+    loop: the connection stays open but reads nothing more, until missed pings make nats-py reconnect
+    about a minute later. Here the subject is decoded with U+FFFD for the bad bytes, which no escaped
+    function name contains, so the worker answers 400. A message whose reply subject is not UTF-8 has no
+    address to answer and is dropped, as nats-py drops a message it returns no ``Msg`` for.
+    """
+
+    def _build_message(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
+    ) -> Msg | None:
+        try:
+            reply.decode()
+        except UnicodeDecodeError:
+            logger.info("NATS: dropped a message on %r whose reply subject is not UTF-8", subject[:200])
+            return None
+        try:
+            subject.decode()
+        except UnicodeDecodeError:
+            subject = subject.decode(errors="replace").encode()
+        return super()._build_message(sid, subject, reply, data, headers)  # type: ignore[no-any-return]
+
+
 Callback = Callable[[], Awaitable[None]]
 
 
@@ -165,7 +191,7 @@ async def _open_client(
 
         return wrapper
 
-    nc = NatsClient()
+    nc = _Client()
     task = loop.create_task(
         nc.connect(
             servers,
