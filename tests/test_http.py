@@ -601,6 +601,39 @@ async def test_deep_nesting_is_400(worker: PikkuWorker, client: aiohttp.ClientSe
     assert "nested too deeply" in envelope(raw)["message"]
 
 
+@pytest.mark.parametrize("content_type", [JSON, MSGPACK])
+async def test_nesting_limit(worker: PikkuWorker, client: aiohttp.ClientSession, content_type: str) -> None:
+    # 199 levels of data fit, with the body object 200; 300 once reached the function and its result
+    # failed to serialise (pydantic stops at 255), a 500 for the caller's input.
+    def nested(depth: int) -> Any:
+        value: Any = None
+        for _ in range(depth):
+            value = [value]
+        return value
+
+    def encode(depth: int) -> bytes:
+        call = {"data": nested(depth)}
+        return msgpack.packb(call) if content_type == MSGPACK else json.dumps(call).encode()
+
+    status, _, _ = await post(client, worker, "data_type", encode(199), content_type=content_type)
+    assert status == 200
+    for depth in (200, 300):
+        status, _, raw = await post(client, worker, "data_type", encode(depth), content_type=content_type)
+        assert status == 400
+        body = msgpack.unpackb(raw) if content_type == MSGPACK else json.loads(raw)
+        assert "nested too deeply" in body["message"]
+
+
+async def test_lone_surrogate_is_400(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    # Valid JSON, but no UTF-8 string holds it: the echoed result once failed to serialise with a 500.
+    status, _, raw = await post(client, worker, "data_type", b'{"data": ["\\udc80"]}')
+    assert status == 400
+    assert "lone surrogates" in envelope(raw)["message"]
+
+    status, _, raw = await post(client, worker, "data_type", b'{"data": "\\ud83d\\ude00"}')
+    assert (status, json.loads(raw)) == (200, "str")
+
+
 @pytest.mark.parametrize("name", ["not_a_number", "nested_infinity"])
 async def test_non_finite_output_is_500(worker: PikkuWorker, client: aiohttp.ClientSession, name: str) -> None:
     status, _, raw = await post(client, worker, name, {"data": None})

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import re
 import socket
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -54,6 +55,11 @@ DEFAULT_MAX_BODY_SIZE = 1024 * 1024
 
 _LARGE_BODY = 1024 * 1024
 """Request bodies over this many bytes are handed to aiohttp as a file object (its own threshold)."""
+
+MAX_NESTING = 200
+"""Levels of arrays and objects a request body may nest, the body object included. pydantic serialises
+at most 255, so deeper data could reach a function but never come back in its result."""
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 RPC_PREFIX = "/remote/rpc/"
 HEADER_REJECTED = "pikku-rejected"
@@ -176,6 +182,9 @@ def _decode_call_body(body: bytes, binary: bool) -> Any:
             _reject_non_json(call)
         else:
             call = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+            # Most bodies cannot hold a lone surrogate or the nesting limit, which these counts rule out cheaply.
+            if _SURROGATE_ESCAPE.search(body) or body.count(b"[") + body.count(b"{") > MAX_NESTING:
+                _reject_non_json(call)
     except (ValueError, RecursionError, msgpack.UnpackException) as exc:
         kind = "msgpack" if binary else "JSON"
         reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc) or type(exc).__name__
@@ -206,27 +215,38 @@ def _finite_float(text: str) -> float:
 
 
 def _reject_non_json(value: Any) -> None:
-    """Raise ValueError if a decoded msgpack value holds what JSON cannot: NaN, infinities, bytes,
-    extension types, timestamps or map keys that are not strings. JSON peers could not read such data,
-    and a function would fail on it with a server error instead of the caller's bad request."""
-    pending = [value]
+    """Raise ValueError if a decoded value holds what JSON peers could not read or pikku_mq could not answer.
+
+    That is NaN, infinities, bytes, extension types, timestamps, map keys that are not strings, strings
+    with lone surrogates (JSON's ``"\\ud800"``), and nesting deeper than ``MAX_NESTING``. A function
+    would fail on such data with a server error instead of the caller's bad request: pydantic cannot
+    serialise more than 255 levels, nor a lone surrogate, so even an echo of the data would be a 500.
+    """
+    pending = [(value, 0)]
     while pending:
-        item = pending.pop()
-        if isinstance(item, str | int | bool) or item is None:
+        item, depth = pending.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    raise ValueError("strings must not contain lone surrogates ('\\ud800' to '\\udfff')") from None
+        elif isinstance(item, int | bool) or item is None:
             continue
-        if isinstance(item, float):
+        elif isinstance(item, float):
             if not math.isfinite(item):
                 raise ValueError("NaN and infinities are not accepted; send finite numbers only")
+        elif depth >= MAX_NESTING:
+            raise ValueError(f"it is nested too deeply; the limit is {MAX_NESTING} levels of arrays and objects")
         elif isinstance(item, dict):
             if not all(isinstance(key, str) for key in item):
                 raise ValueError("map keys must be strings, as in JSON")
-            pending.extend(item.values())
+            pending.extend((key, depth) for key in item)
+            pending.extend((child, depth + 1) for child in item.values())
         elif isinstance(item, list):
-            pending.extend(item)
+            pending.extend((child, depth + 1) for child in item)
         else:
-            raise ValueError(  # noqa: TRY004 - the caller turns ValueError into a 400 reply
-                f"msgpack {type(item).__name__} values are not accepted; send JSON-compatible data"
-            )
+            raise ValueError(f"msgpack {type(item).__name__} values are not accepted; send JSON-compatible data")
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
