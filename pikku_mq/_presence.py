@@ -37,8 +37,10 @@ class ChangeEvent:
     kind: ChangeKind
     deployment_id: str = ""
     endpoint: str = ""
-    """The endpoint of the instance, which the broker transports send so that a mesh that shares the
-    broker cannot act on another mesh's instance with the same deployment id; empty where not sent."""
+    """The endpoint of the instance, or empty where the feed does not send one.
+
+    The broker transports send it, so a mesh that shares the broker cannot act on another mesh's
+    instance with the same deployment id."""
 
 
 def encode_change(kind: ChangeKind, deployment_id: str, endpoint: str = "") -> str:

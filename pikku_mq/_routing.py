@@ -289,7 +289,7 @@ class Router:
             return entry.instances
 
         # One lookup per function at a time, in a task of its own: concurrent callers share its result,
-        # and each waits no longer than its own deadline, however long the store takes to answer.
+        # and each waits no longer than its own deadline, however long the store takes to respond.
         task = self._pending.get(name)
         if task is None:
             task = asyncio.get_running_loop().create_task(
@@ -371,7 +371,7 @@ class Router:
 
     def _no_instance(self, name: str, tried: set[str], failures: list[str]) -> PikkuMQError:
         if tried:
-            # The transports' reasons say what to fix, for example a broker URL that refuses connections.
+            # The transports' reasons show what to fix, for example a broker URL that refuses connections.
             reasons = f": {'; '.join(failures[-3:])}" if failures else ""
             return RoutingError(
                 f"no instance could take the call to '{name}'; tried {', '.join(sorted(tried))}{reasons}",

@@ -225,7 +225,7 @@ class DeploymentService(ABC):
                     async with asyncio.timeout(_DEREGISTER_TIMEOUT):
                         await self._deregister(config)
                 except TimeoutError:
-                    raise TimeoutError(f"no answer within {_DEREGISTER_TIMEOUT:g} s") from None
+                    raise TimeoutError(f"no response within {_DEREGISTER_TIMEOUT:g} s") from None
             logger.info("deregistered deployment %s", config.deployment_id)
 
     async def _announce_quietly(self, kind: ChangeKind, deployment_id: str) -> None:

@@ -3,7 +3,7 @@
 It starts two greeters, a shouter and a concierge as ``pikku-mq worker`` processes and calls their
 functions. When a NATS server or a RabbitMQ broker answers (``PIKKU_NATS_URL``, ``PIKKU_AMQP_URL``, else
 their local defaults), the shouter serves over NATS and the second greeter over AMQP, each with an HTTP
-fallback; otherwise the demo prints why and they serve over HTTP. Then it kills one greeter with SIGKILL
+fallback. Otherwise the demo prints why, and they serve over HTTP. Then it kills one greeter with SIGKILL
 while a stream of calls goes on, checks that the later calls reach the other greeter, and stops the
 rest with SIGTERM. Worker logs go to files in the temporary
 folder and are printed only when the demo fails.

@@ -12,7 +12,7 @@ instance of a mesh must reach the workers' queues through its own broker (one no
 Choices, and why:
 
 - The worker's queue is exclusive, so the broker deletes it when the worker's connection drops, and a
-  stopping worker deletes it itself, once it has answered the requests still queued with a rejection.
+  stopping worker deletes it itself, once it has replied to the requests still queued with a rejection.
   So a call to a stopped or crashed worker comes back from the broker as unroutable at once
   (``mandatory``), instead of waiting until its deadline in a queue that no consumer reads. The queue
   is not auto-delete, because cancelling the consumer would then drop the requests that reached the
@@ -709,11 +709,11 @@ class AmqpServer(ServerTransport):
         self._ready.clear()
 
     async def _reject_leftovers(self, channel: aiormq.Channel) -> None:
-        """Answer the requests still in the queue with a rejection, then delete the queue once it is empty.
+        """Reply to the requests still in the queue with a rejection, then delete the queue once it is empty.
 
         A request published after the consumer was cancelled would otherwise go down with the queue and
         leave its caller waiting for its deadline. Deleting only an empty queue is atomic on the broker,
-        so a request is either answered here or, after the deletion, returned to its caller as unroutable.
+        so a request either gets its reply here or, after the deletion, returns to its caller as unroutable.
         """
         for _ in range(_LEFTOVER_ROUNDS):
             while True:
@@ -785,7 +785,7 @@ class AmqpServer(ServerTransport):
                 channel = cast(aiormq.Channel, await wrapper.get_underlay_channel())
                 await channel.basic_qos(prefetch_count=max(1, min(prefetch, _MAX_PREFETCH)))
                 # Exclusive, so the broker deletes it when this connection dies (a crash). Not
-                # auto-delete: stop() answers the requests still queued before it deletes the queue.
+                # auto-delete: stop() replies to the requests still queued before it deletes the queue.
                 await channel.queue_declare(self._queue, exclusive=True, auto_delete=False)
                 await channel.basic_consume(self._queue, self._on_delivery, consumer_tag=self._consumer_tag)
         except aiormq.exceptions.ChannelLockedResource:

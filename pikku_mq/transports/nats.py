@@ -5,9 +5,9 @@ side connects with its own configured URL (``url=``, else ``PIKKU_NATS_URL``, el
 ``nats://127.0.0.1:4222``), so credentials never travel through the registry, and a caller takes only
 the subject prefix from an endpoint. docs/protocol.md ("NATS") records the wire header by header.
 
-Presence: a worker publishes its join, heartbeat, draining and leave events (JSON, as the discovery
-change feeds carry them) on the subject ``PIKKU_NATS_PRESENCE_SUBJECT`` (default ``pikku.presence``), and
-a caller whose deployment service listens for presence subscribes to it on its first connection.
+Presence: a worker publishes its join, heartbeat, draining and leave events on the subject
+``PIKKU_NATS_PRESENCE_SUBJECT`` (default ``pikku.presence``), as JSON in the form the discovery change
+feeds use. A caller whose deployment service listens for presence subscribes on its first connection.
 
 The client keeps its own reply subscription (one wildcard inbox per connection) instead of using
 nats-py's ``request()``, for three reasons. It tells "no responders" apart from a timeout and reports
@@ -118,7 +118,7 @@ class _Client(NatsClient):
     one that is not UTF-8. nats-py (2.16) decodes it strictly in its read loop, and the error ends that
     loop: the connection stays open but reads nothing more, until missed pings make nats-py reconnect
     about a minute later. Here the subject is decoded with U+FFFD for the bad bytes, which no escaped
-    function name contains, so the worker answers 400. A message whose reply subject is not UTF-8 has no
+    function name contains, so the worker replies 400. A message whose reply subject is not UTF-8 has no
     address to answer and is dropped, as nats-py drops a message it returns no ``Msg`` for.
     """
 
