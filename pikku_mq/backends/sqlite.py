@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ from sqlalchemy.pool import NullPool
 from .sqlalchemy import SqlAlchemyDeploymentService
 
 __all__ = ["SqliteDeploymentService"]
+
+logger = logging.getLogger(__name__)
 
 _BUSY_TIMEOUT_MS = 15_000
 """How long a writer waits for another process's write lock before failing."""
@@ -57,7 +61,15 @@ def _configure_connection(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA journal_mode = WAL")
+    try:
+        cursor.execute("PRAGMA journal_mode = WAL")
+    except sqlite3.OperationalError as exc:
+        # The switch needs the file's exclusive lock. To avoid a deadlock, SQLite raises "database is locked"
+        # without waiting in some of the processes that try at once. Another one switches the file, and
+        # since the mode is stored in the file, this connection uses WAL from its next transaction on.
+        if "locked" not in str(exc):
+            raise
+        logger.debug("another connection is switching the SQLite file to WAL mode: %s", exc)
     cursor.execute("PRAGMA synchronous = NORMAL")
     cursor.execute("PRAGMA foreign_keys = ON")
     cursor.close()
