@@ -41,13 +41,17 @@ class ChangeEvent:
 
     The broker transports send it, so a mesh that shares the broker cannot act on another mesh's
     instance with the same deployment id."""
+    busy: bool = False
+    """Set on a heartbeat while the instance's event loop is blocked, so its calls wait until it is free."""
 
 
-def encode_change(kind: ChangeKind, deployment_id: str, endpoint: str = "") -> str:
+def encode_change(kind: ChangeKind, deployment_id: str, endpoint: str = "", *, busy: bool = False) -> str:
     """Return the JSON text of a change event, or of a ``resync`` event if it would be too long."""
-    event = {"event": kind, "deployment_id": deployment_id}
+    event: dict[str, str | bool] = {"event": kind, "deployment_id": deployment_id}
     if endpoint:
         event["endpoint"] = endpoint
+    if busy:
+        event["busy"] = True
     payload = json.dumps(event, separators=(",", ":"))
     if len(payload.encode()) > MAX_CHANGE_PAYLOAD:
         return json.dumps({"event": "resync"})
@@ -61,6 +65,7 @@ def decode_change(raw: str | bytes) -> ChangeEvent | None:
         kind = value["event"]
         deployment_id = value.get("deployment_id", "")
         endpoint = value.get("endpoint", "")
+        busy = value.get("busy") is True
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         # RecursionError: deeply nested JSON, which anyone who can publish on the channel can send.
         logger.debug("ignoring a malformed change event: %.200r", raw)
@@ -73,4 +78,4 @@ def decode_change(raw: str | bytes) -> ChangeEvent | None:
     ):
         logger.debug("ignoring an unknown change event: %.200r", raw)
         return None
-    return ChangeEvent(kind, deployment_id, endpoint)
+    return ChangeEvent(kind, deployment_id, endpoint, busy)

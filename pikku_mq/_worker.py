@@ -18,6 +18,7 @@ from ._dedup import DEFAULT_DEDUP_MAX_ENTRIES, DEFAULT_DEDUP_WINDOW
 from ._dispatch import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_IN_FLIGHT, Dispatcher
 from ._errors import ConfigurationError
 from ._functions import FunctionDefinition, FunctionRegistry, default_registry
+from ._liveness import LoopThread, WorkerWatch
 from ._presence import ChangeKind
 from ._security import RemoteSecurity
 from ._settings import default_discovery_url
@@ -25,7 +26,7 @@ from ._types import DEFAULT_TIMEOUT, DeploymentConfig
 from .backends import deployment_service_from_url
 from .backends.base import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TTL, DeploymentService
 from .transports._nats_wire import parse_nats_endpoint
-from .transports.base import ClientTransport, ServerTransport, TransportSet, endpoint_scheme
+from .transports.base import ClientTransport, PresencePublisher, ServerTransport, TransportSet, endpoint_scheme
 from .transports.http import DEFAULT_MAX_BODY_SIZE, HttpServer, PikkuASGIApp
 from .transports.memory import MemoryServer
 
@@ -43,6 +44,9 @@ _ABORT_GRACE = 1.0
 
 _ANNOUNCE_TIMEOUT = 1.0
 """Seconds a presence announcement may take, so a slow broker never holds up a start or a stop."""
+
+_WATCH_STOP_TIMEOUT = 5.0
+"""Seconds ``stop`` waits for the watch thread to send its last heartbeat and close its connections."""
 
 _SERVED_SCHEMES = ("http", "memory", "nats", "amqp", "amqps")
 """Endpoint schemes a worker can serve."""
@@ -158,6 +162,7 @@ class PikkuWorker:
         """The advertised endpoint, known once the worker listens (the port filled in)."""
         self._servers: list[ServerTransport] = []
         self._presence_task: asyncio.Task[None] | None = None
+        self._watch: LoopThread | None = None
         self._presence_interval = (
             self.deployment_service.heartbeat_interval if self.deployment_service is not None else heartbeat_interval
         )
@@ -219,7 +224,7 @@ class PikkuWorker:
             raise
         self._started = True
         await self._announce("join")
-        self._presence_task = asyncio.create_task(self._presence_loop(), name=f"pikku-presence-{self.deployment_id}")
+        self._start_presence()
         logger.info("worker %s serving at %s", self.deployment_id, self.endpoint)
 
     async def stop(self) -> None:
@@ -287,18 +292,21 @@ class PikkuWorker:
     async def _announce(self, kind: ChangeKind) -> None:
         """Publish a presence event on every server's broker; a failure only delays what callers learn."""
         for server in self._servers:
-            try:
-                async with asyncio.timeout(_ANNOUNCE_TIMEOUT):
-                    await server.announce(kind, self.deployment_id)
-            except Exception as exc:  # callers still learn of the change from discovery
-                logger.info(
-                    "worker %s could not announce %s on %r: %s: %s",
-                    self.deployment_id,
-                    kind,
-                    server,
-                    type(exc).__name__,
-                    exc,
-                )
+            await self._announce_on(server, kind)
+
+    async def _announce_on(self, server: ServerTransport, kind: ChangeKind) -> None:
+        try:
+            async with asyncio.timeout(_ANNOUNCE_TIMEOUT):
+                await server.announce(kind, self.deployment_id)
+        except Exception as exc:  # callers still learn of the change from discovery
+            logger.info(
+                "worker %s could not announce %s on %r: %s: %s",
+                self.deployment_id,
+                kind,
+                server,
+                type(exc).__name__,
+                exc,
+            )
 
     async def _begin_drain(self) -> None:
         for server in self._servers:
@@ -314,12 +322,39 @@ class PikkuWorker:
                     exc,
                 )
 
-    async def _presence_loop(self) -> None:
+    def _start_presence(self) -> None:
+        """Start the presence heartbeats and the watch of the event loop.
+
+        Servers with a presence publisher send their heartbeats from the watch's thread, on connections
+        of its own, so a function that blocks the event loop does not stop them. The others announce
+        theirs from the event loop.
+        """
+        publishers: list[PresencePublisher] = []
+        on_loop: list[ServerTransport] = []
+        for server in self._servers:
+            publisher = server.presence_publisher()
+            if publisher is None:
+                on_loop.append(server)
+            else:
+                publishers.append(publisher)
+        if on_loop:
+            self._presence_task = asyncio.create_task(
+                self._presence_loop(on_loop), name=f"pikku-presence-{self.deployment_id}"
+            )
+        watch = WorkerWatch(self.deployment_id, asyncio.get_running_loop(), publishers, self._presence_interval)
+        self._watch = LoopThread(f"pikku-watch-{self.deployment_id}", watch.run)
+        self._watch.start()
+
+    async def _presence_loop(self, servers: list[ServerTransport]) -> None:
         while True:
             await asyncio.sleep(self._presence_interval)
-            await self._announce("heartbeat")
+            for server in servers:
+                await self._announce_on(server, "heartbeat")
 
     async def _stop_presence(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None and not await watch.stop(_WATCH_STOP_TIMEOUT):
+            logger.warning("the watch thread of worker %s did not stop; it ends with the process", self.deployment_id)
         task, self._presence_task = self._presence_task, None
         if task is not None:
             task.cancel()
