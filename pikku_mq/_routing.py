@@ -53,6 +53,8 @@ class _Entry:
 class _Suspect:
     until: float
     backoff: float
+    endpoint: str
+    """The endpoint that failed. An instance that comes back under the same id at another endpoint is new."""
 
 
 class Router:
@@ -135,15 +137,29 @@ class Router:
         for entry in self._entries.values():
             entry.expires = 0.0
 
-    def drop_instance(self, deployment_id: str) -> None:
-        """Skip an instance until its backoff passes; each repeated failure doubles the backoff."""
-        previous = self._suspects.get(deployment_id)
-        backoff = _FIRST_BACKOFF if previous is None else min(previous.backoff * 2, self._suspect_ttl)
-        self._suspects[deployment_id] = _Suspect(time.monotonic() + backoff, backoff)
+    def drop_instance(self, deployment_id: str, endpoint: str = "") -> None:
+        """Skip an instance until its backoff passes; a failure after the backoff doubles it.
 
-    def _is_suspect(self, deployment_id: str, now: float) -> bool:
+        Failures while the instance is skipped already, typically of calls that were in flight
+        together, do not add to the backoff, so a worker that drains under load is back in use
+        within a few backoffs once it is replaced under the same id.
+        """
+        now = time.monotonic()
+        previous = self._suspects.get(deployment_id)
+        if previous is not None and previous.endpoint == endpoint:
+            if previous.until > now:
+                return
+            backoff = min(previous.backoff * 2, self._suspect_ttl)
+        else:
+            backoff = _FIRST_BACKOFF
+        self._suspects[deployment_id] = _Suspect(now + backoff, backoff, endpoint)
+
+    def _is_suspect(self, deployment_id: str, now: float, endpoint: str | None = None) -> bool:
+        """Return whether an instance is skipped now; with ``endpoint``, only if that is the endpoint that failed."""
         suspect = self._suspects.get(deployment_id)
-        return suspect is not None and suspect.until > now
+        if suspect is None or suspect.until <= now:
+            return False
+        return endpoint is None or not suspect.endpoint or suspect.endpoint == endpoint
 
     async def call(
         self,
@@ -260,7 +276,7 @@ class Router:
                 # Workers that share a NATS queue group share a subject, so the rejection may come from
                 # another one: only the instance that rejected is skipped.
                 if not _is_busy(reply) and _rejected_by(reply) in (None, instance.deployment_id):
-                    self.drop_instance(instance.deployment_id)
+                    self.drop_instance(instance.deployment_id, instance.endpoint)
                 return reply
             self._suspects.pop(instance.deployment_id, None)
             return reply
@@ -269,14 +285,16 @@ class Router:
             # The instance is up, but no endpoint of it can carry this payload.
             raise too_large
         logger.info("dropping instance %s: none of its endpoints is reachable", instance.deployment_id)
-        self.drop_instance(instance.deployment_id)
+        self.drop_instance(instance.deployment_id, instance.endpoint)
         return None
 
     async def _pick(self, name: str, tried: set[str], deadline: float | None = None) -> DeploymentInfo | None:
         instances = await self._instances(name, deadline)
         now = time.monotonic()
         candidates = [
-            i for i in instances if i.deployment_id not in tried and not self._is_suspect(i.deployment_id, now)
+            i
+            for i in instances
+            if i.deployment_id not in tried and not self._is_suspect(i.deployment_id, now, i.endpoint)
         ]
         if not candidates:
             return None

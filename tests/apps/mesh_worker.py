@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ class SlowIn(BaseModel):
 class CountIn(BaseModel):
     ledger: str
     tag: str
+    hold: float = 0.0
+    """Seconds the call takes after it is counted, so that calls are in flight when a worker stops."""
 
 
 class GreetingRefusedError(BadRequestError):
@@ -106,11 +109,15 @@ async def block_loop(services: dict[str, Any], data: SlowIn) -> str:
 
 @pikku_sessionless_func(expose=True, registry=functions)
 async def count(services: dict[str, Any], data: CountIn) -> str:
-    """Append ``data.tag`` to the file ``data.ledger`` and return the deployment id, so a test can count runs."""
+    """Append ``data.tag`` to the file ``data.ledger``, so a test can count runs, and return ``<id>@<pid>``.
+
+    The process id tells apart two processes that served under the same deployment id, one after the other.
+    """
     # One short write per call; appends of one line from several processes do not interleave.
     with Path(data.ledger).open("a") as ledger:  # noqa: ASYNC230
         ledger.write(data.tag + "\n")
-    return str(services["deployment_id"])
+    await asyncio.sleep(data.hold)
+    return f"{services['deployment_id']}@{os.getpid()}"
 
 
 def main() -> None:
