@@ -76,6 +76,8 @@ class Router:
         self._suspects: dict[str, _Suspect] = {}
         self._counters: dict[str, itertools.count[int]] = {}
         self._discovery_failing = False
+        self._busy: dict[str, float] = {}
+        """Deployment ids whose presence heartbeat reported a blocked event loop, with when to forget it."""
         self._departed: dict[str, tuple[float, str]] = {}
         """Deployment ids that the change feed reported draining or gone, with when to stop filtering them out."""
         self.security: RemoteSecurity | None = None
@@ -126,6 +128,17 @@ class Router:
         if self._departed.pop(deployment_id, None) is not None:
             self._expire_all()
             logger.debug("change feed: %s is alive again", deployment_id)
+
+    def instance_busy(self, deployment_id: str, busy: bool) -> None:
+        """Record whether an instance reported a blocked event loop in its latest presence heartbeat.
+
+        Calls go to the other instances while there are any, since a call to a blocked instance waits
+        until its loop is free. The mark lasts until a heartbeat without it, or ``suspect_ttl`` at most.
+        """
+        if busy:
+            self._busy[deployment_id] = time.monotonic() + self._suspect_ttl
+        else:
+            self._busy.pop(deployment_id, None)
 
     def resync(self) -> None:
         """Look every function up again, after a gap in the change feed in which events were lost."""
@@ -298,8 +311,16 @@ class Router:
         ]
         if not candidates:
             return None
+        if self._busy:
+            candidates = self._without_busy(candidates, now)
         counter = self._counters.setdefault(name, itertools.count())
         return candidates[next(counter) % len(candidates)]
+
+    def _without_busy(self, candidates: list[DeploymentInfo], now: float) -> list[DeploymentInfo]:
+        """Return the candidates that did not report a blocked event loop, or all of them if every one did."""
+        self._busy = {i: until for i, until in self._busy.items() if until > now}
+        free = [i for i in candidates if i.deployment_id not in self._busy]
+        return free or candidates
 
     async def _instances(self, name: str, deadline: float | None = None) -> list[DeploymentInfo]:
         entry = self._entries.get(name)

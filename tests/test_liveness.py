@@ -32,6 +32,7 @@ from pikku_mq import (
     RedisDeploymentService,
     deployment_service_from_url,
 )
+from pikku_mq._types import CallRequest
 
 if TYPE_CHECKING:
     from conftest import WorkerProcess
@@ -210,3 +211,41 @@ async def test_presence_heartbeats_marked_busy(tmp_path: Path, monkeypatch: pyte
     assert all(event["deployment_id"] == "nats-blocker" for event in during)
     assert after
     assert all("busy" not in event for event in after), after
+
+
+async def test_busy_worker_avoided(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIKKU_NATS_PRESENCE_SUBJECT", f"pikku_t_{uuid.uuid4().hex[:12]}.presence")
+    registry = sqlite_registry(tmp_path)
+    await registry.caller.init()
+    caller = deployment_service_from_url(registry.url, routing_cache_ttl=60)
+    processes = WorkerProcesses(tmp_path, registry.url)
+    try:
+        for deployment_id in ("busy-a", "free-b"):
+            endpoint = f"nats://127.0.0.1:4222/pikku_t_{uuid.uuid4().hex[:12]}"
+            await launch(processes, registry, deployment_id, "--endpoint", endpoint)
+        # The first call subscribes the caller to presence; both workers answer after it.
+        await wait_until(lambda: both_answer(caller), timeout=10)
+
+        # Only busy-a is asked to block, through its own endpoint.
+        [busy] = [i for i in await registry.caller.find_function("whoami") if i.deployment_id == "busy-a"]
+        marker = tmp_path / "blocking"
+        request = CallRequest("block_loop", {"seconds": BLOCK, "started_marker": str(marker)}, {})
+        transport = caller.router.transports.for_endpoint(busy.endpoint)
+        assert transport is not None
+        blocking = asyncio.create_task(transport.call(busy.endpoint, request, BLOCK + 20))
+        await wait_until(marker.exists, timeout=10)
+        await wait_until(lambda: "busy-a" in caller.router._busy, timeout=BLOCK)
+        answers = [await caller.invoke("whoami", timeout=1.0) for _ in range(6)]
+        reply = await blocking
+        await wait_until(lambda: "busy-a" not in caller.router._busy, timeout=INTERVAL * 6)
+    finally:
+        await caller.close()
+        await processes.close()
+        await registry.caller.close()
+
+    assert answers == ["free-b"] * 6
+    assert reply.body == "busy-a"
+
+
+async def both_answer(caller: DeploymentService) -> bool:
+    return {await caller.invoke("whoami", timeout=5) for _ in range(4)} == {"busy-a", "free-b"}

@@ -440,6 +440,7 @@ class DeploymentService(ABC):
             self.router.instance_left(event.deployment_id, event.endpoint)
         elif event.kind == "heartbeat":
             self.router.instance_alive(event.deployment_id)
+            self.router.instance_busy(event.deployment_id, event.busy)
 
     async def _feed_loop(self) -> None:
         """Keep a subscription to the change feed, subscribing again with backoff after each loss."""
