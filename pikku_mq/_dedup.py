@@ -63,7 +63,7 @@ _RECORD_OVERHEAD = 200
 
 
 class Claim:
-    """A running call that later attempts with the same call id wait for."""
+    """A running call, which later attempts with the same call id wait for."""
 
     __slots__ = ("fingerprint", "future", "key")
 
@@ -185,7 +185,8 @@ def fingerprint(data: Any, session: Any) -> bytes:
     try:
         encoded = pydantic_core.to_json([data, session])
     except (pydantic_core.PydanticSerializationError, ValueError, TypeError):
-        # Data from a transport is always JSON-compatible; fall back to its repr for anything else.
+        # Data from a transport is always JSON-compatible. Other data, from a direct caller of the
+        # dispatcher, is digested by its repr.
         encoded = repr((data, session)).encode()
     return hashlib.blake2b(encoded, digest_size=16).digest()
 
@@ -194,8 +195,8 @@ def _check_fingerprint(key: tuple[str, str], recorded: bytes, received: bytes) -
     if recorded != received:
         name, call_id = key
         raise BadRequestError(
-            f"call id {call_id!r} was already used for a call to '{name}' with other data or another session; "
-            "send a new pikku-call-id for each logical call, and the same one only on its retries",
+            f"call id {call_id!r} was already used for a call to '{name}' with other data or another session. "
+            "Send a new pikku-call-id for each logical call, and the same one only on its retries",
             payload={"call_id": call_id},
         )
 

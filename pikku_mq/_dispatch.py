@@ -256,13 +256,16 @@ class Dispatcher:
         return outcome if is_final(outcome) else None
 
     async def _run_encoded(self, admitted: Admitted, data: Any) -> Outcome:
-        """Run an admitted call and return its outcome with the result serialised, ready to keep."""
+        """Run an admitted call and return its outcome with the result serialised, ready to keep.
+
+        The outcome keeps only the JSON text of the result, whose size the records count.
+        """
         try:
             result = await self.execute(admitted, data)
             encoded = admitted.definition.dump_json(result)
         except PikkuMQError as exc:
             return Outcome(error=exc)
-        return Outcome(definition=admitted.definition, result=result, encoded=encoded)
+        return Outcome(definition=admitted.definition, encoded=encoded)
 
     def admit(self, name: str, headers: Mapping[str, str], data: Any = None) -> Admitted:
         """Check a call before it runs; raise the error to send back if it cannot run.

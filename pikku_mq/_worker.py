@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 from urllib.parse import urlsplit
 
-from ._dedup import DEFAULT_DEDUP_MAX_ENTRIES, DEFAULT_DEDUP_WINDOW
+from ._dedup import DEFAULT_DEDUP_MAX_BYTES, DEFAULT_DEDUP_MAX_ENTRIES, DEFAULT_DEDUP_WINDOW
 from ._dispatch import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_IN_FLIGHT, Dispatcher
 from ._errors import ConfigurationError
 from ._functions import FunctionDefinition, FunctionRegistry, default_registry
@@ -75,7 +75,8 @@ class PikkuWorker:
     A retry of a call to an ``idempotent=True`` function that this process ran in the last
     ``dedup_window`` seconds (default 60) gets the first attempt's reply instead of running the
     function again. The worker keeps at most ``dedup_max_entries`` replies (default 10,000) and
-    64 MiB of them, and drops the oldest first. ``dedup_window=0`` turns this off.
+    ``dedup_max_bytes`` of their JSON text (default 64 MiB), and drops the oldest first.
+    ``dedup_window=0`` turns this off.
 
     ``security`` is the remote secret (see :class:`RemoteSecurity`), by default from
     ``PIKKU_REMOTE_SECRET``; ``False`` turns it off. With one, the worker serves only calls signed with
@@ -108,6 +109,7 @@ class PikkuWorker:
         security: RemoteSecurity | Literal[False] | None = None,
         dedup_window: float = DEFAULT_DEDUP_WINDOW,
         dedup_max_entries: int = DEFAULT_DEDUP_MAX_ENTRIES,
+        dedup_max_bytes: int = DEFAULT_DEDUP_MAX_BYTES,
     ) -> None:
         if drain_timeout < 0:
             raise ConfigurationError(f"drain_timeout must not be negative, got {drain_timeout!r}")
@@ -157,6 +159,7 @@ class PikkuWorker:
             security=self.security,
             dedup_window=dedup_window,
             dedup_max_entries=dedup_max_entries,
+            dedup_max_bytes=dedup_max_bytes,
         )
         self.endpoint: str | None = None
         """The advertised endpoint, known once the worker listens (the port filled in)."""

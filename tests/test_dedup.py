@@ -302,5 +302,5 @@ async def test_retry_deadline_shorter_than_first_run() -> None:
 
     assert isinstance(retry.error, DeadlineExceededError)
     assert "still running" in retry.error.message
-    assert first_outcome.result == {"account": "k", "runs": 1}
+    assert first_outcome.encode_python() == (200, {"account": "k", "runs": 1})
     assert ledger.runs["k"] == 1
