@@ -44,8 +44,8 @@ _PUBLISH_TIMEOUT = 2.0
 class LoopThread:
     """Runs ``main(stop)`` on a daemon thread with an event loop of its own.
 
-    ``stop`` is an :class:`asyncio.Event` of the thread's loop, set by :meth:`stop`; ``main`` should
-    return soon after it is set. Everything ``main`` awaits runs on the thread's loop, so it must open
+    ``stop`` is an :class:`asyncio.Event` of the thread's loop, set by :meth:`stop`, and ``main``
+    should return soon after it is set. Everything ``main`` awaits runs on the thread's loop, so it must open
     its own connections there: connections belong to the loop that opened them.
     """
 
@@ -113,7 +113,7 @@ class LoopThread:
 class LoopMonitor:
     """Measures, from another thread, how long ``loop`` has gone without running a callback.
 
-    :meth:`probe` posts a callback to the loop unless one is still waiting there; :meth:`lag` is the
+    :meth:`probe` posts a callback to the loop unless one is still waiting there. :meth:`lag` is the
     age of the waiting one. A loop that runs its callbacks shows a lag near zero. A blocked loop
     shows a lag that grows until it is free again.
     """
@@ -126,7 +126,7 @@ class LoopMonitor:
         if self._posted_at is not None:
             return
         self._posted_at = time.monotonic()
-        # A closed loop raises RuntimeError and never answers, so its lag keeps growing.
+        # A closed loop raises RuntimeError and never runs the callback, so its lag keeps growing.
         with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self._answer)
 
@@ -169,7 +169,7 @@ class WorkerWatch:
         self.publishers = list(publishers)
         self.interval = interval
         self.blocked_for = 0.0
-        """The longest lag seen in the current block, or 0.0 while the loop runs."""
+        """The maximum lag seen in the current block, or 0.0 while the loop runs."""
         self._failing: set[int] = set()
         """Indexes of the publishers whose last heartbeat failed."""
 

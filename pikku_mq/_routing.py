@@ -153,9 +153,9 @@ class Router:
     def drop_instance(self, deployment_id: str, endpoint: str = "") -> None:
         """Skip an instance until its backoff passes; a failure after the backoff doubles it.
 
-        Failures while the instance is skipped already, typically of calls that were in flight
-        together, do not add to the backoff, so a worker that drains under load is back in use
-        within a few backoffs once it is replaced under the same id.
+        Failures while the instance is skipped already do not add to the backoff: they typically come
+        from calls that were in flight together. So a worker that stopped under load and is replaced
+        under the same id is back in use within a few backoffs.
         """
         now = time.monotonic()
         previous = self._suspects.get(deployment_id)
@@ -168,7 +168,7 @@ class Router:
         self._suspects[deployment_id] = _Suspect(now + backoff, backoff, endpoint)
 
     def _is_suspect(self, deployment_id: str, now: float, endpoint: str | None = None) -> bool:
-        """Return whether an instance is skipped now; with ``endpoint``, only if that is the endpoint that failed."""
+        """Return whether an instance is skipped now. With ``endpoint``, only a failure of that endpoint counts."""
         suspect = self._suspects.get(deployment_id)
         if suspect is None or suspect.until <= now:
             return False

@@ -1,10 +1,11 @@
 """Liveness under a blocked event loop, with real worker processes and real discovery stores.
 
 A worker process runs a function that blocks its event loop with ``time.sleep`` for more than three
-TTLs. It must stay in ``find_function`` results the whole time (the test polls the store), the calls
-that reach it meanwhile must be served once the loop is free or fail with a deadline error by their
-deadline, and its presence heartbeats on a broker must go on, marked busy. Once the worker is killed
-with SIGKILL, its registration must expire within the TTL.
+TTLs. It must stay in ``find_function`` results the whole time, which the test checks by polling the
+store. The calls that reach it meanwhile must be served once the loop is free, or fail with a deadline
+error by their deadline. Its presence heartbeats on a broker must go on, marked busy, and callers must
+send their calls to another instance. Once the worker is killed with SIGKILL, its registration must
+expire within the TTL.
 """
 
 from __future__ import annotations
@@ -223,7 +224,7 @@ async def test_busy_worker_avoided(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         for deployment_id in ("busy-a", "free-b"):
             endpoint = f"nats://127.0.0.1:4222/pikku_t_{uuid.uuid4().hex[:12]}"
             await launch(processes, registry, deployment_id, "--endpoint", endpoint)
-        # The first call subscribes the caller to presence; both workers answer after it.
+        # The first call subscribes the caller to presence. Both workers serve calls after it.
         await wait_until(lambda: both_answer(caller), timeout=10)
 
         # Only busy-a is asked to block, through its own endpoint.

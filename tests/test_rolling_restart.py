@@ -153,10 +153,10 @@ async def test_restarted_instance_back_after_one_backoff() -> None:
     port = closed_port()
     async with Mesh() as mesh:
         caller = mesh.service(routing_cache_ttl=0)
-        gone = mesh.service()
-        await gone.start(DeploymentConfig("w", f"http://127.0.0.1:{port}", functions=["whoami"]))
+        stopped = mesh.service()
+        await stopped.start(DeploymentConfig("w", f"http://127.0.0.1:{port}", functions=["whoami"]))
         failed = await asyncio.gather(*(caller.invoke("whoami", timeout=5) for _ in range(16)), return_exceptions=True)
-        await gone.stop()
+        await stopped.stop()
         await asyncio.sleep(0.6)
         worker = PikkuWorker(
             endpoint=f"http://127.0.0.1:{port}",
@@ -177,11 +177,11 @@ async def test_replacement_at_new_endpoint_used_at_once() -> None:
     # endpoint is another process, and takes calls at once.
     async with Mesh() as mesh:
         caller = mesh.service(routing_cache_ttl=0)
-        gone = mesh.service()
-        await gone.start(DeploymentConfig("w", f"http://127.0.0.1:{closed_port()}", functions=["whoami"]))
+        stopped = mesh.service()
+        await stopped.start(DeploymentConfig("w", f"http://127.0.0.1:{closed_port()}", functions=["whoami"]))
         with pytest.raises(RoutingError):
             await caller.invoke("whoami", timeout=5)
-        await gone.stop()
+        await stopped.stop()
         async with PikkuWorker(deployment_id="w", registry=REG, deployment_service=mesh.service(), services="new"):
             answer = await caller.invoke("whoami", timeout=5)
 

@@ -133,7 +133,7 @@ class DeploymentService(ABC):
         self._heartbeat_runner: LoopThread | None = None
         self._heartbeat_stop = asyncio.Event()
         self._owner_loop: asyncio.AbstractEventLoop | None = None
-        """In a heartbeat thread, the event loop of the service that started it; heartbeats end when it closes."""
+        """In a heartbeat thread, the event loop of the service that started it. Heartbeats end when it closes."""
         self._initialized = False
         self.change_feed = change_feed and self.has_change_feed
         self._feed_task: asyncio.Task[None] | None = None

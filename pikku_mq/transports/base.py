@@ -83,7 +83,7 @@ class PresencePublisher(ABC):
 
     @abstractmethod
     async def publish(self, kind: ChangeKind, deployment_id: str, *, busy: bool) -> None:
-        """Publish one presence event; raise if it could not be sent."""
+        """Publish one presence event, or raise if it could not be sent."""
 
     @abstractmethod
     async def close(self) -> None:

@@ -111,9 +111,9 @@ async def block_loop(services: dict[str, Any], data: SlowIn) -> str:
 async def count(services: dict[str, Any], data: CountIn) -> str:
     """Append ``data.tag`` to the file ``data.ledger``, so a test can count runs, and return ``<id>@<pid>``.
 
-    The process id tells apart two processes that served under the same deployment id, one after the other.
+    The process id distinguishes two processes that served under the same deployment id, one after the other.
     """
-    # One short write per call; appends of one line from several processes do not interleave.
+    # Append mode puts each call's single short write at the end of the file, whichever process makes it.
     with Path(data.ledger).open("a") as ledger:  # noqa: ASYNC230
         ledger.write(data.tag + "\n")
     await asyncio.sleep(data.hold)
