@@ -201,7 +201,8 @@ class Router:
                 HEADER_HOP: str(hop),
             },
         )
-        tried: set[str] = set()
+        # An instance that comes back under its id at another endpoint is another process, so it may be tried too.
+        tried: set[tuple[str, str]] = set()
         failures: list[str] = []
         busy: Reply | None = None
         too_large: PayloadTooLargeError | None = None
@@ -220,7 +221,7 @@ class Router:
                     _result(busy)  # every instance that was tried is busy: raise its BusyError
                 raise self._no_instance(name, tried, failures)
 
-            tried.add(instance.deployment_id)
+            tried.add((instance.deployment_id, instance.endpoint))
             try:
                 reply = await self._attempt(instance, request, deadline, idempotent, failures, signer)
             except PayloadTooLargeError as exc:
@@ -301,13 +302,15 @@ class Router:
         self.drop_instance(instance.deployment_id, instance.endpoint)
         return None
 
-    async def _pick(self, name: str, tried: set[str], deadline: float | None = None) -> DeploymentInfo | None:
+    async def _pick(
+        self, name: str, tried: set[tuple[str, str]], deadline: float | None = None
+    ) -> DeploymentInfo | None:
         instances = await self._instances(name, deadline)
         now = time.monotonic()
         candidates = [
             i
             for i in instances
-            if i.deployment_id not in tried and not self._is_suspect(i.deployment_id, now, i.endpoint)
+            if (i.deployment_id, i.endpoint) not in tried and not self._is_suspect(i.deployment_id, now, i.endpoint)
         ]
         if not candidates:
             return None
@@ -408,13 +411,14 @@ class Router:
             raise RoutingError(f"no transport for any endpoint of instance '{instance.deployment_id}'")
         return endpoints
 
-    def _no_instance(self, name: str, tried: set[str], failures: list[str]) -> PikkuMQError:
+    def _no_instance(self, name: str, tried: set[tuple[str, str]], failures: list[str]) -> PikkuMQError:
         if tried:
+            tried_ids = sorted({deployment_id for deployment_id, _ in tried})
             # The transports' reasons show what to fix, for example a broker URL that refuses connections.
             reasons = f": {'; '.join(failures[-3:])}" if failures else ""
             return RoutingError(
-                f"no instance could take the call to '{name}'; tried {', '.join(sorted(tried))}{reasons}",
-                payload={"function": name, "tried": sorted(tried), "failures": failures[-3:]},
+                f"no instance could take the call to '{name}'; tried {', '.join(tried_ids)}{reasons}",
+                payload={"function": name, "tried": tried_ids, "failures": failures[-3:]},
             )
         entry = self._entries.get(name)
         if entry is not None and entry.instances:

@@ -186,3 +186,17 @@ async def test_replacement_at_new_endpoint_used_at_once() -> None:
             answer = await caller.invoke("whoami", timeout=5)
 
     assert answer == "new"
+
+
+async def test_cached_endpoint_replaced_within_call() -> None:
+    # The caller has the stopped process's endpoint cached. The call that finds it refused looks the
+    # function up again and goes to the process that now has the id, instead of failing.
+    async with Mesh() as mesh:
+        caller = mesh.service(routing_cache_ttl=60)
+        async with PikkuWorker(deployment_id="w", registry=REG, deployment_service=mesh.service(), services="old"):
+            first = await caller.invoke("whoami", timeout=5)
+        async with PikkuWorker(deployment_id="w", registry=REG, deployment_service=mesh.service(), services="new"):
+            second = await caller.invoke("whoami", timeout=5)
+
+    assert first == "old"
+    assert second == "new"
