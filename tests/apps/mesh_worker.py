@@ -154,7 +154,14 @@ def main() -> None:
         endpoint=args.endpoint,
         fallback_endpoints=args.fallback_endpoint,
     )
-    asyncio.run(serve(worker, service))
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(worker, service))
+    else:
+        # As PikkuWorker.run does.
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(worker, service))
 
 
 async def serve(worker: PikkuWorker, service: DeploymentService) -> None:
