@@ -146,8 +146,8 @@ class Balancer:
     ) -> DeploymentInfo | None:
         """Return the instance of ``name`` for the next attempt, or None if no instance is usable.
 
-        ``local`` holds the instances on this caller's host, and ``exclude`` the deployment ids that
-        this call must not use again.
+        ``local`` contains the instances on this caller's host, and ``exclude`` the deployment ids
+        that this call must not use again.
         """
         now = time.monotonic()
         if strategy == "round_robin":

@@ -1,15 +1,16 @@
 """Outlier ejection: a caller takes an instance that keeps failing out of routing for a growing interval.
 
-A failure of an instance is an attempt that got no answer from the function: every endpoint refused
-or was unreachable, the connection was lost, no reply came in time, the reply was not pikku_mq's
-(such as a proxy's 502 page), or the worker stopped mid-call or gave up at the call's deadline.
-An error that the function raised (a 4xx, a 500 ``InternalServerError``) is an answer, and so is a
-``BusyError``. An instance that certainly cannot take calls now (unreachable, or draining) is
-ejected at once; any other instance is ejected after ``consecutive_failures`` failures in a row.
+A failure of an instance is an attempt that ended without the function's result or error: every
+endpoint refused or was unreachable, the connection was lost, no reply came in time, the reply was
+not pikku_mq's (such as a proxy's 502 page), or the worker stopped mid-call or gave up at the call's
+deadline. An error that the function raised (a 4xx, a 500 ``InternalServerError``) counts as a reply
+of the instance, and so does a ``BusyError``. An instance that certainly cannot take calls now
+(unreachable, or draining) is ejected at once; any other instance is ejected after
+``consecutive_failures`` failures in a row.
 
 An ejected instance gets no calls until its interval ends. The interval starts at ``base_interval``
 and doubles with each ejection in a row, up to ``max_interval``. Then one call is let through as a
-probe: an answer puts the instance back in routing, a failure ejects it for the next interval. Each
+probe: a reply puts the instance back in routing, a failure ejects it for the next interval. Each
 caller logs one line when an instance is ejected and one when it is back, never one per call.
 """
 
@@ -91,7 +92,7 @@ class OutlierDetector:
 
     @property
     def active(self) -> bool:
-        """Whether any instance has failed since it last answered; if not, every instance is in routing."""
+        """Whether any instance has failed since it last replied; if not, every instance is in routing."""
         return bool(self._health)
 
     def admits(self, deployment_id: str, now: float) -> bool:
@@ -108,22 +109,28 @@ class OutlierDetector:
 
     def begin(self, deployment_id: str, now: float) -> None:
         """Mark the attempt about to go to an ejected instance whose interval ended as its probe."""
+        if not self._health:
+            return
         health = self._health.get(deployment_id)
         if health is not None and health.ejections > 0 and health.until <= now:
             health.probing = True
 
     def release(self, deployment_id: str) -> None:
         """End an attempt; a probe that ended without a verdict lets the next call probe instead."""
+        if not self._health:
+            return
         health = self._health.get(deployment_id)
         if health is not None:
             health.probing = False
 
     def succeeded(self, deployment_id: str) -> None:
-        """Record an answer from the instance, which puts it back in routing."""
+        """Record a reply from the instance, which puts it back in routing."""
+        if not self._health:
+            return
         health = self._health.pop(deployment_id, None)
         if health is not None and health.ejections > 0:
             logger.info(
-                "instance %s answers again and is back in routing after %.1f s out",
+                "instance %s responds again and is back in routing after %.1f s out",
                 deployment_id,
                 time.monotonic() - health.ejected_at,
             )

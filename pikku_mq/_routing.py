@@ -3,9 +3,9 @@
 How one call moves between instances:
 
 - The balancing strategy picks an instance (see :mod:`pikku_mq._balancing`).
-- When the call certainly did not run (every endpoint of the instance refused or was unreachable,
-  NATS reported no responders, an AMQP message came back unroutable, the worker replied that it is
-  draining or busy), the call moves to another instance at once.
+- When the call certainly did not run, it moves to another instance at once. That is when every
+  endpoint of the instance refused or was unreachable, NATS reported no responders, an AMQP message
+  came back unroutable, or the worker replied that it is draining or busy.
 - After an uncertain failure (no reply within the attempt's time, a connection lost after the request
   was sent, a reply that is not pikku_mq's, a worker that stopped mid-call or gave up at the call's
   deadline), only a function marked ``idempotent=True`` is sent again, after a backoff, within the
@@ -61,14 +61,14 @@ _EMPTY_RESULT_TTL = 1.0
 """Seconds to remember that no instance hosts a function, so a stream of such calls stays cheap."""
 
 _UNCERTAIN_REPLY_CODES = frozenset({CallInterruptedError.code, DeadlineExceededError.code})
-"""Error codes of replies in which the worker says it gave up on the function: it may have partly run."""
+"""Error codes of replies in which the worker reports that it gave up on the function, which may have partly run."""
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """How a caller sends an idempotent call again after an uncertain failure.
 
-    ``max_attempts`` bounds the attempts that may reach the function, the first included; moving to
+    ``max_attempts`` bounds the attempts that may reach the function, the first included. Moving to
     another instance after a failure that certainly did not run the function does not count.
     ``attempt_timeout`` (seconds) limits each attempt of an idempotent call, so that a retry fits in
     the deadline, and is the budget that the worker sees; None gives each attempt all the time that
@@ -182,7 +182,7 @@ class _Call:
 
 
 class _UncertainFailure(Exception):
-    """An attempt that may have run the function and produced no result; ``error`` says why."""
+    """An attempt that may have run the function and produced no result; ``error`` is the cause."""
 
     def __init__(self, error: PikkuMQError) -> None:
         super().__init__(error.message)
@@ -197,7 +197,7 @@ class Router:
     """Sends calls to live instances, looking them up through ``lookup`` at most once per ``cache_ttl``.
 
     ``balancing`` is the strategy of every call, unless ``function_balancing`` maps the function's
-    name to another one or the call names its own. ``retry`` says how idempotent calls are retried and
+    name to another one or the call names its own. ``retry`` sets how idempotent calls are retried and
     ``ejection`` when failing instances are taken out of routing. ``hostname`` is this caller's host
     name, which ``prefer_local`` compares with the host names that instances registered.
     ``suspect_ttl`` (seconds) is the longest an instance stays out of routing after failures, and how
@@ -253,7 +253,7 @@ class Router:
         return self._outliers.is_ejected(deployment_id)
 
     def load(self, deployment_id: str) -> int:
-        """Return the load that ``least_loaded`` sees: the instance's reported calls in flight plus this caller's."""
+        """Return the load that ``least_loaded`` compares: the reported calls in flight plus this caller's own."""
         return self._balancer.load(deployment_id)
 
     # -- change feed events ------------------------------------------------------------------------
@@ -434,7 +434,7 @@ class Router:
     def _judge(self, deployment_id: str, reply: Reply) -> None:
         """Record a reply for ejection, or raise :class:`_UncertainFailure` for a reply without the function's result.
 
-        A draining worker is taken out of routing, and any other reply is an answer.
+        A draining worker is taken out of routing, and any other reply counts as the instance responding.
         """
         failure = _uncertain_reply(reply)
         if failure is not None:
@@ -604,7 +604,7 @@ class Router:
         if call.busy is not None:
             return _error(call.busy)  # every instance that was tried is busy: its BusyError
         if call.last_uncertain is not None:
-            # A retry found no instance left to take it: the failure that needed the retry says most.
+            # A retry found no instance left to take it, so the failure that needed the retry is the cause.
             return _with_attempts(call.last_uncertain, call, "no instance left to retry on")
         name = call.request.name
         if call.attempted:
@@ -620,8 +620,8 @@ class Router:
         if entry is not None and entry.instances:
             ejected = sorted(i.deployment_id for i in entry.instances)
             return RoutingError(
-                f"every instance of '{name}' is out of routing after failed calls ({', '.join(ejected)}); "
-                "each gets a probe call again when its ejection interval ends",
+                f"every instance of '{name}' failed recent calls and is out of routing ({', '.join(ejected)}); "
+                "each is tried again with one call when its ejection interval ends",
                 payload={"function": name, "ejected": ejected},
             )
         # Nothing hosts it: the same not-found error as for a hidden function, which rpc.exposed relies on.
@@ -671,9 +671,9 @@ def _is_busy(reply: Reply) -> bool:
 def _uncertain_reply(reply: Reply) -> PikkuMQError | None:
     """Return the error of a reply that gives no result of the function although it may have run, else None.
 
-    That is a 5xx reply without a pikku_mq error envelope (from a proxy or gateway in front of the
-    worker), or the worker's own report that it gave up on the function: stopped mid-call
-    (``CallInterruptedError``) or at the deadline it was given (``DeadlineExceededError``).
+    That is a 5xx reply without a pikku_mq error envelope, from a proxy or gateway in front of the
+    worker. It is also the worker's own report that it gave up on the function, because it stopped
+    mid-call (``CallInterruptedError``) or the deadline it was given passed (``DeadlineExceededError``).
     """
     if reply.status < 500 or reply.rejected:
         return None

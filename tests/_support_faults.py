@@ -2,8 +2,8 @@
 
 :class:`FaultyInstance` reads each request in full, records its headers, then acts by its current
 ``mode``: ``drop`` closes the connection without a reply (a connection lost after the request was
-sent), ``hang`` holds it open without a reply, ``gateway`` answers 502 with an HTML page (as a proxy
-in front of a dead worker does), and ``answer`` answers 200 with ``answer`` as the JSON result. The
+sent), ``hang`` keeps it open without a reply, ``gateway`` responds 502 with an HTML page (as a proxy
+in front of a dead worker does), and ``answer`` responds 200 with ``answer`` as the JSON result. The
 mode can change while it runs.
 """
 
@@ -32,7 +32,7 @@ class RecordedRequest:
 
 
 class FaultyInstance:
-    """An HTTP server on 127.0.0.1 that fails the way ``mode`` says; use it as an async context manager."""
+    """An HTTP server on 127.0.0.1 that fails as ``mode`` sets; use it as an async context manager."""
 
     def __init__(self, mode: Mode = "drop", answer: object = "faulty") -> None:
         self.mode: Mode = mode

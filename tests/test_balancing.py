@@ -65,15 +65,15 @@ async def hold(services: Any, data: float) -> str:
 @pytest.fixture
 async def make_service(tmp_path: Path) -> AsyncIterator[Callable[..., DeploymentService]]:
     """Build deployment services on the test's own Redis key prefix; all are closed at the end."""
-    made: list[DeploymentService] = []
+    services: list[DeploymentService] = []
 
     def make(**options: Any) -> DeploymentService:
         service = RedisDeploymentService(REDIS_URL, key_prefix=redis_prefix(tmp_path), **options)
-        made.append(service)
+        services.append(service)
         return service
 
     yield make
-    for service in made:
+    for service in services:
         await service.close()
     drop_redis_prefixes()
 

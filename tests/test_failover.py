@@ -55,7 +55,7 @@ def _record(services: Any, wire: Wire) -> None:
 
 @pikku_sessionless_func(expose=True, idempotent=True, registry=REG)
 async def stall_once(services: Any, data: float, wire: Wire) -> str:
-    """Sleep ``data`` seconds on the first attempt of a call, on whichever instance gets it, and answer later ones."""
+    """Sleep ``data`` seconds on the first attempt of a call, on whichever instance gets it; return at once later."""
     _record(services, wire)
     if wire.call_id not in STALLED:
         STALLED.add(wire.call_id)
@@ -88,15 +88,15 @@ def _reset_runs() -> Iterator[None]:
 @pytest.fixture
 async def make_service(tmp_path: Path) -> AsyncIterator[Callable[..., DeploymentService]]:
     """Build deployment services on the test's own Redis key prefix; all are closed at the end."""
-    made: list[DeploymentService] = []
+    services: list[DeploymentService] = []
 
     def make(**options: Any) -> DeploymentService:
         service = RedisDeploymentService(REDIS_URL, key_prefix=redis_prefix(tmp_path), **options)
-        made.append(service)
+        services.append(service)
         return service
 
     yield make
-    for service in made:
+    for service in services:
         await service.close()
     drop_redis_prefixes()
 
@@ -324,10 +324,10 @@ async def test_recovered_instance_restored(
         served = [await caller.invoke("tally", timeout=5, idempotent=True) for _ in range(10)]
 
     assert not caller.router.is_ejected("faulty")
-    # The probe answered, so round-robin sends the instance its share again.
+    # The probe got a reply, so round-robin sends the instance its share again.
     assert 4 <= served.count("faulty") <= 6
     assert len(_lines(caplog, "taking instance faulty out of routing", logging.WARNING)) == 1
-    [restored] = _lines(caplog, "faulty answers again", logging.INFO)
+    [restored] = _lines(caplog, "faulty responds again", logging.INFO)
     assert "back in routing" in restored
 
 
