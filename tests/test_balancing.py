@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _support_amqp import amqp_endpoint
 from _support_core import wait_until
 from _support_redis import REDIS_URL, drop_redis_prefixes, redis_prefix
 
@@ -34,6 +35,7 @@ from pikku_mq import (
 )
 from pikku_mq._balancing import is_local
 from pikku_mq._types import CallRequest
+from pikku_mq.transports.amqp import AmqpTransport
 from pikku_mq.transports.nats import NatsTransport
 
 REG = FunctionRegistry()
@@ -228,30 +230,45 @@ async def test_least_loaded_reads_registry_load(make_service: Callable[..., Depl
     assert by_round_robin == {"busy": 20, "idle": 20}
 
 
+def _broker(transport: str) -> tuple[Callable[[], str], ClientTransport]:
+    """Return a maker of fresh endpoints of ``transport`` and a client that calls them directly."""
+    if transport == "nats":
+        return (lambda: f"nats://127.0.0.1:4222/pikku_t_{uuid.uuid4().hex[:12]}"), NatsTransport()
+    return amqp_endpoint, AmqpTransport()
+
+
+@pytest.mark.parametrize("transport", ["nats", "amqp"])
 async def test_least_loaded_follows_presence(
-    make_service: Callable[..., DeploymentService], monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest,
+    make_service: Callable[..., DeploymentService],
+    monkeypatch: pytest.MonkeyPatch,
+    transport: str,
 ) -> None:
-    # A presence subject of the test's own, so other tests' workers stay out of this caller's view.
-    monkeypatch.setenv("PIKKU_NATS_PRESENCE_SUBJECT", f"pikku_t_{uuid.uuid4().hex[:12]}.presence")
+    if transport == "amqp":
+        request.getfixturevalue("amqp_vhost")
+    # A presence subject and exchange of the test's own, so other tests' workers stay out of view.
+    channel = f"pikku_t_{uuid.uuid4().hex[:12]}.presence"
+    monkeypatch.setenv("PIKKU_NATS_PRESENCE_SUBJECT", channel)
+    monkeypatch.setenv("PIKKU_AMQP_PRESENCE_EXCHANGE", channel)
+    new_endpoint, client = _broker(transport)
     interval = {"heartbeat_interval": 0.2, "heartbeat_ttl": 2.0}
-    busy = _worker(make_service(**interval), "busy", endpoint=f"nats://127.0.0.1:4222/pikku_t_{uuid.uuid4().hex[:12]}")
-    idle = _worker(make_service(**interval), "idle", endpoint=f"nats://127.0.0.1:4222/pikku_t_{uuid.uuid4().hex[:12]}")
+    busy = _worker(make_service(**interval), "busy", endpoint=new_endpoint())
+    idle = _worker(make_service(**interval), "idle", endpoint=new_endpoint())
     # The cache outlives the test, so the load can only arrive with presence heartbeats.
     caller = make_service(balancing="least_loaded", routing_cache_ttl=60)
-    async with Workers(busy, idle):
-        assert await caller.invoke("whoami", timeout=5) in ("busy", "idle")
-        assert caller.router.load("busy") == 0
+    try:
+        async with Workers(busy, idle):
+            assert await caller.invoke("whoami", timeout=5) in ("busy", "idle")
+            assert caller.router.load("busy") == 0
 
-        # Calls held on the busy instance by another client, which this caller does not observe.
-        assert busy.endpoint is not None
-        transport = NatsTransport()
-        load = _load_directly(transport, busy.endpoint, 30, 4.0)
-        try:
+            # Calls held on the busy instance by another client, which this caller does not observe.
+            assert busy.endpoint is not None
+            load = _load_directly(client, busy.endpoint, 30, 4.0)
             await wait_until(lambda: caller.router.load("busy") >= 30, timeout=5)
             served = collections.Counter([await caller.invoke("whoami", timeout=5) for _ in range(40)])
             await asyncio.gather(*load)
-        finally:
-            await transport.close()
+    finally:
+        await client.close()
 
     assert served["idle"] >= 36, served
 
