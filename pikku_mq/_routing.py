@@ -350,6 +350,7 @@ class Router:
                 raise self._no_instance(call)
 
             deployment_id = instance.deployment_id
+            uncertain: PikkuMQError | None = None
             try:
                 reply = await self._attempt(instance, call)
             except EndpointUnreachableError as exc:
@@ -360,15 +361,18 @@ class Router:
                 call.failed_on(deployment_id, None, exclude=True)
                 continue
             except _UncertainFailure as failure:
-                call.failed_on(deployment_id, f"{type(failure.error).__name__}: {failure.error}", exclude=False)
-                await self._wait_for_retry(call, failure.error)
-                continue
+                uncertain = failure.error
             except _OutOfTime:
                 call.attempts -= 1  # nothing was sent
                 raise _with_attempts(
                     DeadlineExceededError(f"call to '{name}' ran out of time before it could be sent"), call
                 ) from None
 
+            if uncertain is not None:
+                # Outside the except block, so that the error raised here does not chain the internal one.
+                call.failed_on(deployment_id, f"{type(uncertain).__name__}: {uncertain}", exclude=False)
+                await self._wait_for_retry(call, uncertain)
+                continue
             if reply.rejected:
                 # The worker declined the call before running it: draining, or busy.
                 call.busy = reply if _is_busy(reply) else call.busy
