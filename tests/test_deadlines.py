@@ -56,15 +56,16 @@ async def test_last_hop_sees_budget_left(chain: WorkerProcesses, caller: Deploym
 async def test_spent_budget_not_forwarded(chain: WorkerProcesses, caller: DeploymentService, tmp_path: Path) -> None:
     arrivals = tmp_path / "arrivals"
     arrivals.mkdir()
-    # b blocks its event loop past the deadline, so the worker cannot cancel it before its nested call.
-    data = {"route": ["chain_b", "chain_c"], "pause": 0.9, "blocking": True, "arrivals_dir": str(arrivals)}
+    # Each hop blocks its event loop for 1.8 s: a calls b with 1.2 s left, and b blocks past the
+    # deadline, so its worker cannot cancel it before its nested call.
+    data = {"route": ["chain_b", "chain_c"], "pause": 1.8, "blocking": True, "arrivals_dir": str(arrivals)}
 
     with pytest.raises(DeadlineExceededError):
-        await caller.invoke("chain_a", data, timeout=1.5)
+        await caller.invoke("chain_a", data, timeout=3.0)
 
     # c is never called: b's nested call finds its budget spent and is not started. The wait gives
     # b time to finish blocking, and a c that was called time to leave its file.
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.5)
     assert _arrivals(arrivals) == ["a-1", "b-2"]
 
 

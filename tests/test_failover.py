@@ -278,7 +278,7 @@ async def test_hanging_instance_times_out_once(make_service: Callable[..., Deplo
             await caller.invoke("tally", timeout=0.5, idempotent=True)
         elapsed = time.monotonic() - started
 
-    assert 0.5 <= elapsed < 1.5
+    assert 0.5 <= elapsed < 3.0
     assert caught.value.payload["attempts"] == 1
     assert len(faulty.requests) == 1
 
@@ -337,7 +337,7 @@ async def test_probe_failure_extends_ejection(
     caplog.set_level(logging.INFO, logger="pikku_mq")
     caller = make_service(
         retry=RetryPolicy(attempt_timeout=0.5),
-        ejection=EjectionPolicy(consecutive_failures=1, base_interval=0.3, max_interval=10.0),
+        ejection=EjectionPolicy(consecutive_failures=1, base_interval=0.5, max_interval=10.0),
     )
     async with FaultyInstance("drop") as faulty, _worker(make_service, "w"):
         await _register_local(make_service, "faulty", faulty.endpoint)
@@ -346,13 +346,13 @@ async def test_probe_failure_extends_ejection(
 
         # When the interval ends, one call of a burst probes the instance, which now hangs.
         faulty.mode = "hang"
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(0.6)
         burst = await asyncio.gather(
             *(caller.invoke("tally", timeout=5, idempotent=True, balancing="prefer_local") for _ in range(8))
         )
         after_probe = len(faulty.requests)
 
-        # The failed probe doubled the interval to 0.6 s: calls right after it stay away.
+        # The failed probe doubled the interval to 1 s: calls right after it stay away.
         later = [await caller.invoke("tally", timeout=5, idempotent=True, balancing="prefer_local") for _ in range(5)]
 
     assert burst == ["w"] * 8
