@@ -109,7 +109,11 @@ class Balancer:
     # -- loads -------------------------------------------------------------------------------------
 
     def report_load(self, deployment_id: str, in_flight: int) -> None:
-        """Record the calls in flight that an instance reported."""
+        """Record the calls in flight that an instance reported.
+
+        NOTE: reports are keyed by deployment id alone, so a presence heartbeat from another mesh on a
+        shared broker, under a colliding id, changes the load that least-loaded compares for this one.
+        """
         if len(self._reported) >= _MAX_REPORTS and deployment_id not in self._reported:
             self._reported.clear()
         self._reported[deployment_id] = in_flight
