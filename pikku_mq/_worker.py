@@ -144,6 +144,9 @@ class PikkuWorker:
             max_in_flight=max_in_flight,
             security=self.security,
         )
+        if self.deployment_service is not None:
+            # Heartbeats write the calls in flight to the registry, for least-loaded callers.
+            self.deployment_service.in_flight_source = self._in_flight
         self.endpoint: str | None = None
         """The advertised endpoint, known once the worker listens (the port filled in)."""
         self._servers: list[ServerTransport] = []
@@ -266,6 +269,9 @@ class PikkuWorker:
     def _names(self) -> list[str]:
         return self.registry.exposed_names()
 
+    def _in_flight(self) -> int:
+        return self.dispatcher.in_flight
+
     async def _deregister(self) -> None:
         assert self.deployment_service is not None
         try:
@@ -275,11 +281,15 @@ class PikkuWorker:
             logger.warning("worker %s failed to deregister: %s: %s", self.deployment_id, type(exc).__name__, exc)
 
     async def _announce(self, kind: ChangeKind) -> None:
-        """Publish a presence event on every server's broker; a failure only delays what callers learn."""
+        """Publish a presence event on every server's broker; a failure only delays what callers learn.
+
+        Joins and heartbeats carry the calls in flight, which least-loaded callers balance on.
+        """
+        in_flight = self.dispatcher.in_flight if kind in ("join", "heartbeat") else None
         for server in self._servers:
             try:
                 async with asyncio.timeout(_ANNOUNCE_TIMEOUT):
-                    await server.announce(kind, self.deployment_id)
+                    await server.announce(kind, self.deployment_id, in_flight)
             except Exception as exc:  # callers still learn of the change from discovery
                 logger.info(
                     "worker %s could not announce %s on %r: %s: %s",
