@@ -35,6 +35,8 @@ from ._errors import (
     UnsupportedMediaTypeError,
 )
 from ._functions import FunctionDefinition, FunctionRegistry, default_registry, pikku_func, pikku_sessionless_func
+from ._outliers import EjectionPolicy
+from ._routing import RetryPolicy
 from ._rpc import RPC, Wire
 from ._security import RemoteSecurity
 from ._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
@@ -70,6 +72,7 @@ __all__ = [
     "DeploymentRecord",
     "DeploymentService",
     "DiscoveryError",
+    "EjectionPolicy",
     "EndpointUnreachableError",
     "ForbiddenError",
     "FunctionDefinition",
@@ -97,6 +100,7 @@ __all__ = [
     "RemoteError",
     "RemoteSecurity",
     "Reply",
+    "RetryPolicy",
     "RoutingError",
     "ServiceUnavailableError",
     "SqlAlchemyDeploymentService",

@@ -152,9 +152,10 @@ async def wait_for_event(event: asyncio.Event, timeout: float) -> bool:
 class WorkerWatch:
     """Publishes a worker's presence heartbeats and watches its event loop, from the worker's heartbeat thread.
 
-    Every ``interval`` seconds each publisher sends a heartbeat, with ``busy`` set while the event
-    loop is blocked. A blocked loop is logged once with a WARNING when it has run nothing for
-    :data:`BLOCKED_AFTER` seconds, and once with an INFO when it runs again.
+    Every ``interval`` seconds each publisher sends a heartbeat with the calls in flight that
+    ``in_flight`` returns, and with ``busy`` set while the event loop is blocked. A blocked loop is
+    logged once with a WARNING when it has run nothing for :data:`BLOCKED_AFTER` seconds, and once
+    with an INFO when it runs again.
     """
 
     def __init__(
@@ -163,8 +164,11 @@ class WorkerWatch:
         loop: asyncio.AbstractEventLoop,
         publishers: Sequence[PresencePublisher],
         interval: float,
+        in_flight: Callable[[], int],
     ) -> None:
         self.deployment_id = deployment_id
+        self.in_flight = in_flight
+        """Returns the worker's calls in flight. It is called from the watch's thread, so it must only read."""
         self.monitor = LoopMonitor(loop)
         self.publishers = list(publishers)
         self.interval = interval
@@ -209,10 +213,11 @@ class WorkerWatch:
         return False
 
     async def _beat(self, busy: bool) -> None:
+        in_flight = self.in_flight()
         for index, publisher in enumerate(self.publishers):
             try:
                 async with asyncio.timeout(_PUBLISH_TIMEOUT):
-                    await publisher.publish("heartbeat", self.deployment_id, busy=busy)
+                    await publisher.publish("heartbeat", self.deployment_id, in_flight, busy=busy)
             except Exception as exc:  # callers still find the worker through discovery
                 if index not in self._failing:
                     logger.info(

@@ -41,15 +41,23 @@ class ChangeEvent:
 
     The broker transports send it, so a mesh that shares the broker cannot act on another mesh's
     instance with the same deployment id."""
+    in_flight: int | None = None
+    """The calls the instance had in flight when it sent the event, or None where the event has no count.
+
+    Workers send it with ``join`` and ``heartbeat`` presence events, and least-loaded callers balance on it."""
     busy: bool = False
     """Set on a heartbeat while the instance's event loop is blocked, so its calls wait until it is free."""
 
 
-def encode_change(kind: ChangeKind, deployment_id: str, endpoint: str = "", *, busy: bool = False) -> str:
+def encode_change(
+    kind: ChangeKind, deployment_id: str, endpoint: str = "", in_flight: int | None = None, *, busy: bool = False
+) -> str:
     """Return the JSON text of a change event, or of a ``resync`` event if it would be too long."""
-    event: dict[str, str | bool] = {"event": kind, "deployment_id": deployment_id}
+    event: dict[str, str | int | bool] = {"event": kind, "deployment_id": deployment_id}
     if endpoint:
         event["endpoint"] = endpoint
+    if in_flight is not None:
+        event["in_flight"] = in_flight
     if busy:
         event["busy"] = True
     payload = json.dumps(event, separators=(",", ":"))
@@ -65,6 +73,7 @@ def decode_change(raw: str | bytes) -> ChangeEvent | None:
         kind = value["event"]
         deployment_id = value.get("deployment_id", "")
         endpoint = value.get("endpoint", "")
+        in_flight = value.get("in_flight")
         busy = value.get("busy") is True
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         # RecursionError: deeply nested JSON, which anyone who can publish on the channel can send.
@@ -78,4 +87,11 @@ def decode_change(raw: str | bytes) -> ChangeEvent | None:
     ):
         logger.debug("ignoring an unknown change event: %.200r", raw)
         return None
-    return ChangeEvent(kind, deployment_id, endpoint, busy)
+    return ChangeEvent(kind, deployment_id, endpoint, _count(in_flight), busy)
+
+
+def _count(value: object) -> int | None:
+    """Return ``value`` if it is a count of calls (a non-negative integer, not a bool), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
+        return value
+    return None

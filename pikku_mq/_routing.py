@@ -1,40 +1,58 @@
-"""Caller-side routing: a cache of lookups, round-robin balancing and failover."""
+"""Caller-side routing: a cache of lookups, balancing, failover, retries and outlier ejection.
+
+How one call moves between instances:
+
+- The balancing strategy picks an instance (see :mod:`pikku_mq._balancing`).
+- When the call certainly did not run, it moves to another instance at once. That is when every
+  endpoint of the instance refused or was unreachable, NATS reported no responders, an AMQP message
+  came back unroutable, or the worker replied that it is draining or busy.
+- After an uncertain failure (no reply within the attempt's time, a connection lost after the request
+  was sent, a reply that is not pikku_mq's, a worker that stopped mid-call or gave up at the call's
+  deadline), only a function marked ``idempotent=True`` is sent again, after a backoff, within the
+  deadline and at most :attr:`RetryPolicy.max_attempts` times: to an instance it has not tried when
+  there is one, else to the same one. Every attempt carries the same ``pikku-call-id``, so a worker
+  can tell a retry from a new call.
+- Failures count toward the ejection of the instance (see :mod:`pikku_mq._outliers`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import math
+import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ._balancing import Balancer, Balancing, check_balancing, check_function_balancing, is_local
 from ._errors import (
     BusyError,
+    CallInterruptedError,
+    ConfigurationError,
     DeadlineExceededError,
     DiscoveryError,
     EndpointUnreachableError,
     PayloadTooLargeError,
     PikkuMQError,
+    ProtocolError,
     RoutingError,
     TransportError,
     error_from_envelope,
     function_not_found,
 )
+from ._outliers import EjectionPolicy, OutlierDetector
 from ._security import AUTHORIZATION_HEADER, RemoteSecurity
 from ._types import HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP, HEADER_REQUEST_ID, CallRequest, DeploymentInfo
 from .transports.base import Reply, TransportSet
 
-__all__ = ["Router"]
+__all__ = ["RetryPolicy", "Router"]
 
 logger = logging.getLogger(__name__)
 
 Lookup = Callable[[str], Awaitable[list[DeploymentInfo]]]
-
-_FIRST_BACKOFF = 0.5
-"""Seconds an instance that refused a call is skipped the first time; it doubles on each repeat."""
 
 _STALE_RETRY = 1.0
 """Seconds between lookups while discovery fails and calls route from the last lookup."""
@@ -42,44 +60,199 @@ _STALE_RETRY = 1.0
 _EMPTY_RESULT_TTL = 1.0
 """Seconds to remember that no instance hosts a function, so a stream of such calls stays cheap."""
 
+_UNCERTAIN_REPLY_CODES = frozenset({CallInterruptedError.code, DeadlineExceededError.code})
+"""Error codes of replies in which the worker reports that it gave up on the function, which may have partly run."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a caller sends an idempotent call again after an uncertain failure.
+
+    ``max_attempts`` bounds the attempts that may reach the function, the first included. Moving to
+    another instance after a failure that certainly did not run the function does not count.
+    ``attempt_timeout`` (seconds) limits each attempt of an idempotent call, so that a retry fits in
+    the deadline, and is the budget that the worker sees; None gives each attempt all the time that
+    is left. The wait before the n-th retry is ``backoff * 2**(n-1)`` seconds, at most
+    ``max_backoff``, times a random factor between 0.5 and 1, and a retry that could not start before
+    the deadline is not made.
+    """
+
+    max_attempts: int = 3
+    attempt_timeout: float | None = None
+    backoff: float = 0.05
+    max_backoff: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ConfigurationError(f"max_attempts must be an integer of at least 1, got {self.max_attempts!r}")
+        if self.attempt_timeout is not None and not (0 < self.attempt_timeout < math.inf):
+            raise ConfigurationError(
+                f"attempt_timeout must be positive, finite seconds or None, got {self.attempt_timeout!r}"
+            )
+        if not (0 <= self.backoff <= self.max_backoff < math.inf):
+            raise ConfigurationError(
+                f"backoff ({self.backoff!r} s) and max_backoff ({self.max_backoff!r} s) must be finite, "
+                "with 0 <= backoff <= max_backoff"
+            )
+
+    def delay(self, retry: int) -> float:
+        """Return the seconds to wait before the ``retry``-th retry (1 for the first)."""
+        base: float = min(self.backoff * 2.0 ** min(retry - 1, 32), self.max_backoff)
+        return base * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not security
+
 
 @dataclass(slots=True)
 class _Entry:
+    """The cached lookup of one function."""
+
     instances: list[DeploymentInfo]
+    local: list[DeploymentInfo]
+    """The instances on this caller's host, for ``prefer_local``."""
     expires: float
 
 
-@dataclass(slots=True)
-class _Suspect:
-    until: float
-    backoff: float
-    endpoint: str
-    """The endpoint that failed. An instance that comes back under the same id at another endpoint is new."""
+class _Call:
+    """One logical call across its attempts."""
+
+    __slots__ = (
+        "attempted",
+        "attempts",
+        "busy",
+        "deadline",
+        "endpoints",
+        "excluded",
+        "failures",
+        "idempotent",
+        "last_uncertain",
+        "refreshed",
+        "request",
+        "signer",
+        "strategy",
+        "too_large",
+        "uncertain",
+    )
+
+    def __init__(
+        self,
+        request: CallRequest,
+        deadline: float,
+        idempotent: bool,
+        strategy: Balancing,
+        signer: Callable[[], str] | None,
+    ) -> None:
+        self.request = request
+        self.deadline = deadline
+        self.idempotent = idempotent
+        self.strategy = strategy
+        self.signer = signer
+        self.attempts = 0
+        """Attempts sent, or begun, to an instance."""
+        self.uncertain = 0
+        """Attempts that ended in an uncertain failure."""
+        self.last_uncertain: PikkuMQError | None = None
+        # Created on the first failure, so that a call that succeeds at once allocates none of them.
+        self.attempted: set[str] | None = None
+        """Instances that failed this call; the next attempt prefers the others."""
+        self.excluded: set[str] | None = None
+        """Instances that certainly cannot take this call; a retry never goes to them."""
+        self.endpoints: dict[str, str] | None = None
+        """The endpoint of each instance that failed this call, by deployment id."""
+        self.failures: list[str] | None = None
+        self.busy: Reply | None = None
+        self.too_large: PayloadTooLargeError | None = None
+        self.refreshed = False
+
+    def failed_on(self, instance: DeploymentInfo, reason: str | None, *, exclude: bool) -> None:
+        """Record a failure of this call on an instance; ``exclude`` keeps retries away from it."""
+        deployment_id = instance.deployment_id
+        if self.attempted is None:
+            self.attempted = set()
+            self.endpoints = {}
+        self.attempted.add(deployment_id)
+        assert self.endpoints is not None
+        self.endpoints[deployment_id] = instance.endpoint
+        if exclude:
+            if self.excluded is None:
+                self.excluded = set()
+            self.excluded.add(deployment_id)
+        if reason is not None:
+            if self.failures is None:
+                self.failures = []
+            self.failures.append(f"{deployment_id}: {reason}")
+
+    def forget_replaced(self, instances: list[DeploymentInfo]) -> None:
+        """Let the call try instances that now have another endpoint under an id that failed it: new processes."""
+        if not self.endpoints or self.attempted is None:
+            return
+        for instance in instances:
+            failed_at = self.endpoints.get(instance.deployment_id)
+            if failed_at is not None and failed_at != instance.endpoint:
+                self.attempted.discard(instance.deployment_id)
+                if self.excluded is not None:
+                    self.excluded.discard(instance.deployment_id)
+
+    def budget(self, attempt_timeout: float | None) -> float:
+        """Return the seconds the next attempt may take; zero or less once the deadline has passed."""
+        remaining = self.deadline - time.monotonic()
+        if attempt_timeout is not None and self.idempotent:
+            return min(remaining, attempt_timeout)
+        return remaining
+
+
+class _UncertainFailure(Exception):
+    """An attempt that may have run the function and produced no result; ``error`` is the cause."""
+
+    def __init__(self, error: PikkuMQError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class _OutOfTime(Exception):
+    """The call's deadline passed before the next attempt could be sent."""
 
 
 class Router:
     """Sends calls to live instances, looking them up through ``lookup`` at most once per ``cache_ttl``.
 
-    An instance that refuses a connection or rejects a call while draining is skipped, and the call
-    goes to the next instance. The skipped instance is tried again after a backoff that starts at
-    ``_FIRST_BACKOFF`` and doubles up to ``suspect_ttl`` while it keeps failing, so an instance that
-    restarts under the same id is back in use within one backoff.
+    ``balancing`` is the strategy of every call, unless ``function_balancing`` maps the function's
+    name to another one or the call names its own. ``retry`` sets how idempotent calls are retried and
+    ``ejection`` when failing instances are taken out of routing. ``hostname`` is this caller's host
+    name, which ``prefer_local`` compares with the host names that instances registered.
+    ``suspect_ttl`` (seconds) is the longest an instance stays out of routing after failures, and how
+    long a draining or departed instance is kept out of lookups.
     """
 
-    def __init__(self, lookup: Lookup, transports: TransportSet, *, cache_ttl: float, suspect_ttl: float) -> None:
+    def __init__(
+        self,
+        lookup: Lookup,
+        transports: TransportSet,
+        *,
+        cache_ttl: float,
+        suspect_ttl: float,
+        balancing: str = "round_robin",
+        function_balancing: Mapping[str, str] | None = None,
+        retry: RetryPolicy | None = None,
+        ejection: EjectionPolicy | None = None,
+        hostname: str = "",
+    ) -> None:
         self._lookup = lookup
         self.transports = transports
         self._cache_ttl = cache_ttl
-        self._suspect_ttl = max(suspect_ttl, _FIRST_BACKOFF)
+        self.balancing: Balancing = check_balancing(balancing)
+        self.function_balancing = check_function_balancing(function_balancing)
+        self.retry = retry if retry is not None else RetryPolicy()
+        ejection = ejection if ejection is not None else EjectionPolicy()
+        self._suspect_ttl = max(suspect_ttl, ejection.base_interval)
+        self.hostname = hostname
+        self._outliers = OutlierDetector(ejection, self._suspect_ttl)
+        self._balancer = Balancer(self._outliers)
         self._entries: dict[str, _Entry] = {}
-        self._pending: dict[str, asyncio.Task[list[DeploymentInfo]]] = {}
-        self._suspects: dict[str, _Suspect] = {}
-        self._counters: dict[str, itertools.count[int]] = {}
+        self._pending: dict[str, asyncio.Task[_Entry]] = {}
         self._discovery_failing = False
-        self._busy: dict[str, float] = {}
-        """Deployment ids whose presence heartbeat reported a blocked event loop, with when to forget it."""
         self._departed: dict[str, tuple[float, str]] = {}
         """Deployment ids that the change feed reported draining or gone, with when to stop filtering them out."""
+        self._busy: dict[str, float] = {}
+        """Deployment ids whose presence heartbeat reported a blocked event loop, with when to forget it."""
         self.security: RemoteSecurity | None = None
         """With a remote secret, every attempt carries a token of its own, with the caller's session."""
 
@@ -94,6 +267,14 @@ class Router:
         """Return the deployment ids that calls to ``name`` would route to now without a lookup, expired or not."""
         entry = self._entries.get(name)
         return tuple(i.deployment_id for i in entry.instances) if entry is not None else ()
+
+    def is_ejected(self, deployment_id: str) -> bool:
+        """Return whether this caller has taken the instance out of routing after failures."""
+        return self._outliers.is_ejected(deployment_id)
+
+    def load(self, deployment_id: str) -> int:
+        """Return the load that ``least_loaded`` compares: the reported calls in flight plus this caller's own."""
+        return self._balancer.load(deployment_id)
 
     # -- change feed events ------------------------------------------------------------------------
 
@@ -112,19 +293,26 @@ class Router:
             remaining = [i for i in entry.instances if not _same_instance(i, deployment_id, endpoint)]
             if len(remaining) != len(entry.instances):
                 entry.instances = remaining
+                entry.local = [i for i in entry.local if not _same_instance(i, deployment_id, endpoint)]
                 if not remaining:
                     entry.expires = 0.0  # look again on the next call rather than report nothing
+        self._balancer.forget(deployment_id)
         logger.debug("change feed: %s left", deployment_id)
 
     def instance_joined(self, deployment_id: str) -> None:
         """Look every function up again on its next call, since the new instance may host it."""
         self._departed.pop(deployment_id, None)
-        self._suspects.pop(deployment_id, None)
+        self._outliers.forget(deployment_id, registered_again=True)
         self._expire_all()
         logger.debug("change feed: %s joined", deployment_id)
 
-    def instance_alive(self, deployment_id: str) -> None:
-        """Take back an instance that announced it is alive after a leave, which heals a stale or forged leave."""
+    def instance_alive(self, deployment_id: str, in_flight: int | None = None) -> None:
+        """Record a presence heartbeat: the instance's load, and that it is alive after a leave.
+
+        Taking the instance back after a leave heals a stale or forged leave.
+        """
+        if in_flight is not None:
+            self._balancer.report_load(deployment_id, in_flight)
         if self._departed.pop(deployment_id, None) is not None:
             self._expire_all()
             logger.debug("change feed: %s is alive again", deployment_id)
@@ -132,8 +320,9 @@ class Router:
     def instance_busy(self, deployment_id: str, busy: bool) -> None:
         """Record whether an instance reported a blocked event loop in its latest presence heartbeat.
 
-        Calls go to the other instances while there are any, since a call to a blocked instance waits
-        until its loop is free. The mark lasts until a heartbeat without it, or ``suspect_ttl`` at most.
+        Calls go to the other instances while any of them can take the call, since a call to a blocked
+        instance waits until its loop is free. The mark lasts until a heartbeat without it, or
+        ``suspect_ttl`` at most.
         """
         if busy:
             self._busy[deployment_id] = time.monotonic() + self._suspect_ttl
@@ -150,29 +339,7 @@ class Router:
         for entry in self._entries.values():
             entry.expires = 0.0
 
-    def drop_instance(self, deployment_id: str, endpoint: str = "") -> None:
-        """Skip an instance until its backoff passes; a failure after the backoff doubles it.
-
-        Failures while the instance is skipped already do not add to the backoff: they typically come
-        from calls that were in flight together. So a worker that stopped under load and is replaced
-        under the same id is back in use within a few backoffs.
-        """
-        now = time.monotonic()
-        previous = self._suspects.get(deployment_id)
-        if previous is not None and previous.endpoint == endpoint:
-            if previous.until > now:
-                return
-            backoff = min(previous.backoff * 2, self._suspect_ttl)
-        else:
-            backoff = _FIRST_BACKOFF
-        self._suspects[deployment_id] = _Suspect(now + backoff, backoff, endpoint)
-
-    def _is_suspect(self, deployment_id: str, now: float, endpoint: str | None = None) -> bool:
-        """Return whether an instance is skipped now. With ``endpoint``, only a failure of that endpoint counts."""
-        suspect = self._suspects.get(deployment_id)
-        if suspect is None or suspect.until <= now:
-            return False
-        return endpoint is None or not suspect.endpoint or suspect.endpoint == endpoint
+    # -- calling -----------------------------------------------------------------------------------
 
     async def call(
         self,
@@ -184,14 +351,19 @@ class Router:
         hop: int,
         idempotent: bool,
         session: Any = None,
+        balancing: str | None = None,
     ) -> Any:
         """Call ``name`` on a live instance and return its result, or raise the error it returned.
 
-        The call moves to another instance when the first certainly did not run it (refused,
-        draining). After a failure that leaves this unknown, it moves on only if ``idempotent``.
-        ``session`` travels only when a remote secret is set, sealed in each attempt's token.
+        A call whose deadline has already passed is not started. ``balancing`` overrides the strategy
+        for this call. ``session`` travels only when a remote secret is set, sealed in each attempt's
+        token.
         """
-        signer = self.security.signer(name, data, session) if self.security is not None else None
+        if deadline <= time.monotonic():
+            raise DeadlineExceededError(
+                f"call to '{name}' was not started because its deadline had already passed",
+                payload={"function": name, "attempts": 0},
+            )
         request = CallRequest(
             name=name,
             data=data,
@@ -201,134 +373,195 @@ class Router:
                 HEADER_HOP: str(hop),
             },
         )
-        # An instance that comes back under its id at another endpoint is another process, so it may be tried too.
-        tried: set[tuple[str, str]] = set()
-        failures: list[str] = []
-        busy: Reply | None = None
-        too_large: PayloadTooLargeError | None = None
-        refreshed = False
-        while True:
-            instance = await self._pick(name, tried, deadline)
-            if instance is None and not refreshed and tried:
-                # Every cached instance failed; the registry may know of newer ones.
-                refreshed = True
-                self.invalidate(name)
-                instance = await self._pick(name, tried, deadline)
-            if instance is None:
-                if too_large is not None:
-                    raise too_large
-                if busy is not None:
-                    _result(busy)  # every instance that was tried is busy: raise its BusyError
-                raise self._no_instance(name, tried, failures)
+        signer = self.security.signer(name, data, session) if self.security is not None else None
+        call = _Call(request, deadline, idempotent, self._strategy(name, balancing), signer)
 
-            tried.add((instance.deployment_id, instance.endpoint))
+        while True:
+            instance = await self._choose(call)
+            if instance is None:
+                raise self._no_instance(call)
+
+            uncertain: PikkuMQError | None = None
             try:
-                reply = await self._attempt(instance, request, deadline, idempotent, failures, signer)
-            except PayloadTooLargeError as exc:
-                too_large = exc  # another instance may have an endpoint that carries it
+                reply = await self._attempt(instance, call)
+            except EndpointUnreachableError as exc:
+                call.failed_on(instance, str(exc), exclude=True)
                 continue
-            if reply is None:
+            except PayloadTooLargeError as exc:
+                call.too_large = exc  # another instance may have an endpoint that carries it
+                call.failed_on(instance, None, exclude=True)
+                continue
+            except _UncertainFailure as failure:
+                uncertain = failure.error
+            except _OutOfTime:
+                call.attempts -= 1  # nothing was sent
+                raise _with_attempts(
+                    DeadlineExceededError(f"call to '{name}' ran out of time before it could be sent"), call
+                ) from None
+
+            if uncertain is not None:
+                # Outside the except block, so that the error raised here does not chain the internal one.
+                call.failed_on(instance, f"{type(uncertain).__name__}: {uncertain}", exclude=False)
+                await self._wait_for_retry(call, uncertain)
                 continue
             if reply.rejected:
-                busy = reply if _is_busy(reply) else busy
+                # The worker declined the call before running it: draining, or busy.
+                call.busy = reply if _is_busy(reply) else call.busy
+                call.failed_on(instance, None, exclude=True)
                 continue
             return _result(reply)
 
-    async def _attempt(
-        self,
-        instance: DeploymentInfo,
-        request: CallRequest,
-        deadline: float,
-        idempotent: bool,
-        failures: list[str],
-        signer: Callable[[], str] | None = None,
-    ) -> Reply | None:
-        """Send one attempt; return None, or a rejected reply, if the call should move to another instance.
+    def _strategy(self, name: str, balancing: str | None) -> Balancing:
+        if balancing is not None:
+            return check_balancing(balancing)
+        if self.function_balancing:
+            return self.function_balancing.get(name, self.balancing)
+        return self.balancing
 
-        The instance's endpoints are tried in order: a fallback takes the call when the preferred
-        endpoint is unreachable (broker down, no responders, unroutable) or cannot carry a payload
-        this large. The instance is dropped only when none of its endpoints was reachable.
+    async def _choose(self, call: _Call) -> DeploymentInfo | None:
+        """Pick the instance for the next attempt of ``call``, or return None if none is left."""
+        name = call.request.name
+        entry = await self._entry(name, call.deadline)
+        instance = self._pick_not_busy(name, entry, call.strategy, call.attempted)
+        if instance is not None or call.attempted is None:
+            return instance
+
+        if not call.refreshed:
+            # Every cached instance failed this call; the registry may know of newer ones.
+            call.refreshed = True
+            entry.expires = 0.0
+            entry = await self._entry(name, call.deadline)
+            call.forget_replaced(entry.instances)
+            instance = self._pick_not_busy(name, entry, call.strategy, call.attempted)
+            if instance is not None:
+                return instance
+        if call.uncertain:
+            # A retry after an uncertain failure may go to an instance that was tried, even the only one.
+            return self._pick_not_busy(name, entry, call.strategy, call.excluded)
+        return None
+
+    def _pick_not_busy(
+        self, name: str, entry: _Entry, strategy: Balancing, exclude: set[str] | None
+    ) -> DeploymentInfo | None:
+        """Pick an instance that did not report a blocked event loop, or any instance if none of those can take it."""
+        if self._busy:
+            now = time.monotonic()
+            self._busy = {i: until for i, until in self._busy.items() if until > now}
+            if self._busy:
+                avoid = self._busy.keys() | exclude if exclude else set(self._busy)
+                instance = self._balancer.pick(name, entry.instances, entry.local, strategy, avoid)
+                if instance is not None:
+                    return instance
+        return self._balancer.pick(name, entry.instances, entry.local, strategy, exclude)
+
+    async def _attempt(self, instance: DeploymentInfo, call: _Call) -> Reply:
+        """Send one attempt to ``instance``, record its outcome for balancing and ejection, and return the reply.
+
+        Raise :class:`EndpointUnreachableError` or :class:`PayloadTooLargeError` when the instance
+        could not take the call, and :class:`_UncertainFailure` when the function may have run without a result.
         """
+        deployment_id = instance.deployment_id
+        call.attempts += 1
+        self._outliers.begin(deployment_id, time.monotonic())
+        self._balancer.started(deployment_id)
+        try:
+            reply = await self._send(instance, call)
+            self._judge(deployment_id, reply)
+            return reply
+        except EndpointUnreachableError as exc:
+            self._outliers.failed(deployment_id, f"unreachable: {exc}", eject_now=True)
+            raise
+        except _UncertainFailure as failure:
+            self._outliers.failed(deployment_id, f"{type(failure.error).__name__}: {failure.error}")
+            raise
+        except (TransportError, ProtocolError, DeadlineExceededError) as exc:
+            self._outliers.failed(deployment_id, f"{type(exc).__name__}: {exc}")
+            raise _UncertainFailure(exc) from exc
+        finally:
+            self._balancer.finished(deployment_id)
+            self._outliers.release(deployment_id)
+
+    def _judge(self, deployment_id: str, reply: Reply) -> None:
+        """Record a reply for ejection, or raise :class:`_UncertainFailure` for a reply without the function's result.
+
+        A draining worker is taken out of routing, and any other reply counts as the instance responding.
+        """
+        failure = _uncertain_reply(reply)
+        if failure is not None:
+            raise _UncertainFailure(failure)
+        if not reply.rejected or _is_busy(reply):
+            self._outliers.succeeded(deployment_id)
+        elif _rejected_by(reply) in (None, deployment_id):
+            # Workers that share a NATS queue group share a subject, so the rejection may come from
+            # another one: only the instance that rejected is taken out.
+            self._outliers.failed(deployment_id, "it is draining", eject_now=True, level=logging.INFO)
+
+    async def _send(self, instance: DeploymentInfo, call: _Call) -> Reply:
+        """Send the call to the endpoints of ``instance`` in order until one carries it, and return the reply.
+
+        A fallback endpoint takes the call when the preferred one is unreachable (broker down, no
+        responders, unroutable) or cannot carry a payload this large.
+        """
+        request = call.request
+        unreachable: EndpointUnreachableError | None = None
         too_large: PayloadTooLargeError | None = None
         for endpoint in self._endpoints_for(instance):
             transport = self.transports.for_endpoint(endpoint)
             assert transport is not None  # _endpoints_for only returns endpoints with a transport
 
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceededError(f"call to '{request.name}' ran out of time before it could be sent")
-            request.headers[HEADER_DEADLINE] = str(int(remaining * 1000))
-            if signer is not None:
-                request.headers[AUTHORIZATION_HEADER] = signer()  # a fresh token id for each attempt
+            budget = call.budget(self.retry.attempt_timeout)
+            if budget <= 0:
+                raise _OutOfTime
+            request.headers[HEADER_DEADLINE] = str(int(budget * 1000))
+            if call.signer is not None:
+                request.headers[AUTHORIZATION_HEADER] = call.signer()  # a fresh token id for each attempt
 
             try:
-                reply = await transport.call(endpoint, request, remaining)
+                return await transport.call(endpoint, request, budget)
             except EndpointUnreachableError as exc:
-                logger.info("instance %s is unreachable at %s: %s", instance.deployment_id, endpoint, exc)
-                failures.append(f"{instance.deployment_id}: {exc}")
-                continue
+                logger.debug("instance %s is unreachable at %s: %s", instance.deployment_id, endpoint, exc)
+                unreachable = exc
             except PayloadTooLargeError as exc:
-                logger.info("%s cannot carry the call to %s: %s", endpoint, request.name, exc)
+                logger.debug("%s cannot carry the call to %s: %s", endpoint, request.name, exc)
                 too_large = exc
-                continue
-            except DeadlineExceededError:
-                raise
-            except TransportError as exc:
-                if not idempotent:
-                    raise
-                logger.info(
-                    "call to %s on %s failed, retrying (idempotent): %s", request.name, instance.deployment_id, exc
-                )
-                failures.append(f"{instance.deployment_id}: {exc}")
-                return None
-
-            if reply.rejected:
-                logger.debug(
-                    "instance %s rejected %s before running it; trying another", instance.deployment_id, request.name
-                )
-                # A busy instance is tried again on the next call; a draining one is skipped for a while.
-                # Workers that share a NATS queue group share a subject, so the rejection may come from
-                # another one: only the instance that rejected is skipped.
-                if not _is_busy(reply) and _rejected_by(reply) in (None, instance.deployment_id):
-                    self.drop_instance(instance.deployment_id, instance.endpoint)
-                return reply
-            self._suspects.pop(instance.deployment_id, None)
-            return reply
 
         if too_large is not None:
-            # The instance is up, but no endpoint of it can carry this payload.
-            raise too_large
-        logger.info("dropping instance %s: none of its endpoints is reachable", instance.deployment_id)
-        self.drop_instance(instance.deployment_id, instance.endpoint)
-        return None
+            raise too_large  # the instance may be up, but no endpoint of it can carry this payload
+        assert unreachable is not None  # every endpoint raised one of the two
+        raise unreachable
 
-    async def _pick(
-        self, name: str, tried: set[tuple[str, str]], deadline: float | None = None
-    ) -> DeploymentInfo | None:
-        instances = await self._instances(name, deadline)
-        now = time.monotonic()
-        candidates = [
-            i
-            for i in instances
-            if (i.deployment_id, i.endpoint) not in tried and not self._is_suspect(i.deployment_id, now, i.endpoint)
-        ]
-        if not candidates:
-            return None
-        if self._busy:
-            candidates = self._without_busy(candidates, now)
-        counter = self._counters.setdefault(name, itertools.count())
-        return candidates[next(counter) % len(candidates)]
+    async def _wait_for_retry(self, call: _Call, error: PikkuMQError) -> None:
+        """Wait before the next attempt after an uncertain failure, or raise the error if no retry is allowed."""
+        call.uncertain += 1
+        call.last_uncertain = error
+        name = call.request.name
+        if time.monotonic() >= call.deadline:
+            raise _with_attempts(error, call)
+        if not call.idempotent:
+            raise _with_attempts(error, call, f"not retried, because '{name}' is not marked idempotent=True")
+        if call.uncertain >= self.retry.max_attempts:
+            raise _with_attempts(error, call, f"the limit of {self.retry.max_attempts} attempts")
 
-    def _without_busy(self, candidates: list[DeploymentInfo], now: float) -> list[DeploymentInfo]:
-        """Return the candidates that did not report a blocked event loop, or all of them if every one did."""
-        self._busy = {i: until for i, until in self._busy.items() if until > now}
-        free = [i for i in candidates if i.deployment_id not in self._busy]
-        return free or candidates
+        delay = self.retry.delay(call.uncertain)
+        if time.monotonic() + delay >= call.deadline:
+            raise _with_attempts(error, call, "no time left for another attempt before the deadline")
+        logger.debug("call to %s failed after it may have run, retrying in %.3f s (idempotent): %s", name, delay, error)
+        await asyncio.sleep(delay)
+
+    # -- lookups -----------------------------------------------------------------------------------
+
+    async def _pick(self, name: str, tried: set[str], deadline: float | None = None) -> DeploymentInfo | None:
+        """Return the instance the default strategy picks for ``name``, skipping ``tried``."""
+        entry = await self._entry(name, deadline)
+        return self._balancer.pick(name, entry.instances, entry.local, self.balancing, tried)
 
     async def _instances(self, name: str, deadline: float | None = None) -> list[DeploymentInfo]:
+        return (await self._entry(name, deadline)).instances
+
+    async def _entry(self, name: str, deadline: float | None = None) -> _Entry:
         entry = self._entries.get(name)
         if entry is not None and entry.expires > time.monotonic():
-            return entry.instances
+            return entry
 
         # One lookup per function at a time, in a task of its own: concurrent callers share its result,
         # and each waits no longer than its own deadline, however long the store takes to respond.
@@ -350,7 +583,7 @@ class Router:
                 payload={"function": name},
             ) from None
 
-    def _lookup_done(self, name: str, task: asyncio.Task[list[DeploymentInfo]]) -> None:
+    def _lookup_done(self, name: str, task: asyncio.Task[_Entry]) -> None:
         if self._pending.get(name) is task:
             del self._pending[name]
         if not task.cancelled():
@@ -363,7 +596,7 @@ class Router:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _fresh_or_stale(self, name: str, entry: _Entry | None) -> list[DeploymentInfo]:
+    async def _fresh_or_stale(self, name: str, entry: _Entry | None) -> _Entry:
         """Look ``name`` up again; while the store fails, keep routing with the last lookup, if any.
 
         Refused connections still drop dead instances from a stale lookup, so keeping it is safer
@@ -378,14 +611,32 @@ class Router:
                 logger.warning("discovery failed, routing from the last lookups until it is back: %s", exc)
                 self._discovery_failing = True
             entry.expires = time.monotonic() + min(self._cache_ttl, _STALE_RETRY)
-            return entry.instances
+            return entry
 
         if self._discovery_failing:
             logger.info("discovery is back")
             self._discovery_failing = False
+        for instance in found:
+            if instance.in_flight is not None:
+                self._balancer.report_load(instance.deployment_id, instance.in_flight)
+        if entry is not None:
+            self._forget_replaced(entry.instances, found)
         ttl = self._cache_ttl if found else min(self._cache_ttl, _EMPTY_RESULT_TTL)
-        self._entries[name] = _Entry(found, time.monotonic() + ttl)
-        return found
+        local = [i for i in found if is_local(i, self.hostname)]
+        fresh = self._entries[name] = _Entry(found, local, time.monotonic() + ttl)
+        return fresh
+
+    def _forget_replaced(self, before: list[DeploymentInfo], found: list[DeploymentInfo]) -> None:
+        """Put back in routing the instances that a lookup finds under a known id at another endpoint.
+
+        Another endpoint means another process, which registered after the one that failed, so it counts
+        as a join where the store has no change feed to announce it.
+        """
+        endpoints = {i.deployment_id: i.endpoint for i in before}
+        for instance in found:
+            endpoint = endpoints.get(instance.deployment_id)
+            if endpoint is not None and endpoint != instance.endpoint:
+                self._outliers.forget(instance.deployment_id, registered_again=True)
 
     async def _lookup_translated(self, name: str) -> list[DeploymentInfo]:
         try:
@@ -411,25 +662,51 @@ class Router:
             raise RoutingError(f"no transport for any endpoint of instance '{instance.deployment_id}'")
         return endpoints
 
-    def _no_instance(self, name: str, tried: set[tuple[str, str]], failures: list[str]) -> PikkuMQError:
-        if tried:
-            tried_ids = sorted({deployment_id for deployment_id, _ in tried})
+    def _no_instance(self, call: _Call) -> PikkuMQError:
+        if call.too_large is not None:
+            return call.too_large
+        if call.busy is not None:
+            return _error(call.busy)  # every instance that was tried is busy: its BusyError
+        if call.last_uncertain is not None:
+            # A retry found no instance left to take it, so the failure that needed the retry is the cause.
+            return _with_attempts(call.last_uncertain, call, "no instance left to retry on")
+        name = call.request.name
+        if call.attempted:
             # The transports' reasons show what to fix, for example a broker URL that refuses connections.
-            reasons = f": {'; '.join(failures[-3:])}" if failures else ""
+            tried = sorted(call.attempted)
+            failures = (call.failures or [])[-3:]
+            reasons = f": {'; '.join(failures)}" if failures else ""
             return RoutingError(
-                f"no instance could take the call to '{name}'; tried {', '.join(tried_ids)}{reasons}",
-                payload={"function": name, "tried": tried_ids, "failures": failures[-3:]},
+                f"no instance could take the call to '{name}'; tried {', '.join(tried)}{reasons}",
+                payload={"function": name, "tried": tried, "failures": failures, "attempts": call.attempts},
             )
         entry = self._entries.get(name)
         if entry is not None and entry.instances:
-            skipped = sorted(i.deployment_id for i in entry.instances)
+            ejected = sorted(i.deployment_id for i in entry.instances)
             return RoutingError(
-                f"every instance of '{name}' failed a call moments ago ({', '.join(skipped)}); "
-                "each is tried again after a short backoff",
-                payload={"function": name, "skipped": skipped},
+                f"every instance of '{name}' failed recent calls and is out of routing ({', '.join(ejected)}); "
+                "each is tried again with one call when its ejection interval ends",
+                payload={"function": name, "ejected": ejected},
             )
         # Nothing hosts it: the same not-found error as for a hidden function, which rpc.exposed relies on.
         return function_not_found(name)
+
+
+def _with_attempts(error: PikkuMQError, call: _Call, note: str = "") -> PikkuMQError:
+    """Add the attempts of ``call`` to the message and payload of the error that ends it, and return the error."""
+    instances = sorted(call.attempted) if call.attempted else []
+    count = call.attempts
+    summary = f"{count} attempt{'s' if count != 1 else ''}"
+    if instances:
+        summary += f" on {', '.join(instances)}"
+    if note:
+        summary += f"; {note}"
+    error.message = f"{error.message} ({summary})"
+    error.args = (error.message,)
+
+    details = {"function": call.request.name, "attempts": count, "instances": instances}
+    error.payload = {**error.payload, **details} if isinstance(error.payload, dict) else details
+    return error
 
 
 def _same_instance(instance: DeploymentInfo, deployment_id: str, endpoint: str) -> bool:
@@ -455,8 +732,28 @@ def _is_busy(reply: Reply) -> bool:
     return isinstance(reply.body, dict) and reply.body.get("code") == BusyError.code
 
 
+def _uncertain_reply(reply: Reply) -> PikkuMQError | None:
+    """Return the error of a reply that gives no result of the function although it may have run, else None.
+
+    That is a 5xx reply without a pikku_mq error envelope, from a proxy or gateway in front of the
+    worker. It is also the worker's own report that it gave up on the function, because it stopped
+    mid-call (``CallInterruptedError``) or the deadline it was given passed (``DeadlineExceededError``).
+    """
+    if reply.status < 500 or reply.rejected:
+        return None
+    body = reply.body
+    if not (isinstance(body, dict) and isinstance(body.get("name"), str)):
+        return error_from_envelope(reply.status, body)  # a ProtocolError
+    if body.get("code") in _UNCERTAIN_REPLY_CODES:
+        return error_from_envelope(reply.status, body)
+    return None
+
+
+def _error(reply: Reply) -> PikkuMQError:
+    return error_from_envelope(reply.status, reply.body)
+
+
 def _result(reply: Reply) -> Any:
     if 200 <= reply.status < 300:
         return reply.body
-    error: PikkuMQError = error_from_envelope(reply.status, reply.body)
-    raise error
+    raise _error(reply)

@@ -9,6 +9,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from ._balancing import check_balancing
 from ._errors import (
     ConfigurationError,
     DeadlineExceededError,
@@ -74,6 +75,9 @@ class RPC:
 
         rpc = RPC(deployment_service=SqliteDeploymentService("pikku.db"))
         await rpc.remote("greet", {"name": "Ada"})
+
+    ``balancing`` names the strategy of this RPC's remote calls (see :class:`DeploymentService`); None
+    leaves the choice to the deployment service.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class RPC:
         deadline: float | None = None,
         hop: int = 0,
         default_timeout: float = DEFAULT_TIMEOUT,
+        balancing: str | None = None,
     ) -> None:
         if default_timeout <= 0:
             raise ConfigurationError(f"default_timeout must be positive seconds, got {default_timeout!r}")
@@ -98,6 +103,7 @@ class RPC:
         self._deadline = deadline
         self._hop = hop
         self._default_timeout = default_timeout
+        self._balancing = check_balancing(balancing) if balancing is not None else None
 
     async def invoke(self, name: str, data: Any = None, *, timeout: float | None = None) -> Any:
         """Run ``name`` here if this process has it, else remotely.
@@ -132,6 +138,7 @@ class RPC:
         timeout: float | None = None,
         idempotent: bool | None = None,
         session: Any = None,
+        balancing: str | None = None,
     ) -> Any:
         """Call ``name`` on an instance found through the deployment service, even if it is local.
 
@@ -139,7 +146,12 @@ class RPC:
         the call this one is part of. ``idempotent`` allows a retry after an uncertain failure; it
         defaults to the flag of the local definition of ``name``, if this process has one.
         ``session`` replaces the session this RPC forwards (``wire.session`` inside a function); it
-        travels only when the deployment service has a remote secret.
+        travels only when the deployment service has a remote secret. ``balancing`` names the
+        strategy that picks the instance of this call, in place of this RPC's or the deployment
+        service's.
+
+        A call whose deadline, inherited from the call this one is part of, has passed is not started:
+        it raises :class:`DeadlineExceededError` without a lookup.
         """
         if self._deployment_service is None:
             raise ConfigurationError(
@@ -160,6 +172,7 @@ class RPC:
             deadline=self._child_deadline(timeout if timeout is not None else self._default_timeout),
             hop=self._hop + 1,
             idempotent=idempotent,
+            balancing=balancing if balancing is not None else self._balancing,
         )
 
     async def _run_local(self, definition: FunctionDefinition, data: Any, timeout: float | None) -> Any:
@@ -174,6 +187,7 @@ class RPC:
             deadline=deadline,
             hop=self._hop,
             default_timeout=self._default_timeout,
+            balancing=self._balancing,
         )
         wire = Wire(
             rpc=rpc,

@@ -11,6 +11,7 @@ __all__ = [
     "DEFAULT_NATS_URL",
     "ENV_AMQP_URL",
     "ENV_DISCOVERY_URL",
+    "ENV_HOSTNAME",
     "ENV_NATS_URL",
     "ENV_REMOTE_SECRET",
     "ENV_REMOTE_SECRET_PREVIOUS",
@@ -27,6 +28,7 @@ ENV_AMQP_URL = "PIKKU_AMQP_URL"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 ENV_REMOTE_SECRET = "PIKKU_REMOTE_SECRET"  # noqa: S105 - the variable name, not a secret
 ENV_REMOTE_SECRET_PREVIOUS = "PIKKU_REMOTE_SECRET_PREVIOUS"  # noqa: S105 - the variable name
+ENV_HOSTNAME = "PIKKU_HOSTNAME"
 
 
 def default_discovery_url() -> str:

@@ -36,13 +36,16 @@ MAX_HOPS = 16
 class DeploymentConfig:
     """The registration of an instance: its id, its preferred endpoint, fallbacks and functions.
 
-    ``functions=None`` lets the worker register its exposed functions.
+    ``functions=None`` lets the worker register its exposed functions. ``hostname`` names the host the
+    instance runs on, for callers that prefer local instances; None lets the deployment service fill in
+    its own ``hostname``.
     """
 
     deployment_id: str
     endpoint: str
     functions: Sequence[str] | None = None
     fallback_endpoints: Sequence[str] = ()
+    hostname: str | None = None
 
     def __post_init__(self) -> None:
         if not self.deployment_id:
@@ -53,15 +56,25 @@ class DeploymentConfig:
             raise TypeError("functions must be a sequence of function names, not a string")
         if isinstance(self.fallback_endpoints, str):
             raise TypeError("fallback_endpoints must be a sequence of URLs, not a string")
+        if self.hostname is not None and not self.hostname:
+            raise ValueError("hostname must not be empty; pass None to use the deployment service's hostname")
 
 
 @dataclass(frozen=True, slots=True)
 class DeploymentInfo:
-    """A live instance that hosts a function, as ``find_function`` returns it."""
+    """A live instance that hosts a function, as ``find_function`` returns it.
+
+    ``in_flight`` and ``hostname`` are None where the registry row has none, as in rows that Pikku
+    writes. They are left out of comparisons, because the load changes with every heartbeat.
+    """
 
     deployment_id: str
     endpoint: str
     fallback_endpoints: tuple[str, ...] = ()
+    in_flight: int | None = field(default=None, compare=False)
+    """Calls in flight that the instance reported with its last heartbeat."""
+    hostname: str | None = field(default=None, compare=False)
+    """The host name the instance registered with."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +89,10 @@ class DeploymentRecord:
     state: str
     """``live`` or ``stale`` (no heartbeat within the TTL)."""
     fallback_endpoints: tuple[str, ...] = ()
+    in_flight: int | None = None
+    """Calls in flight that the instance reported with its last heartbeat, or None if it reports none."""
+    hostname: str | None = None
+    """The host name the instance registered with, or None if the row has none."""
 
 
 @dataclass(slots=True)

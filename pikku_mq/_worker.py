@@ -161,6 +161,9 @@ class PikkuWorker:
             dedup_max_entries=dedup_max_entries,
             dedup_max_bytes=dedup_max_bytes,
         )
+        if self.deployment_service is not None:
+            # Heartbeats write the calls in flight to the registry, for least-loaded callers.
+            self.deployment_service.in_flight_source = self._in_flight
         self.endpoint: str | None = None
         """The advertised endpoint, known once the worker listens (the port filled in)."""
         self._servers: list[ServerTransport] = []
@@ -284,6 +287,9 @@ class PikkuWorker:
     def _names(self) -> list[str]:
         return self.registry.exposed_names()
 
+    def _in_flight(self) -> int:
+        return self.dispatcher.in_flight
+
     async def _deregister(self) -> None:
         assert self.deployment_service is not None
         try:
@@ -293,14 +299,18 @@ class PikkuWorker:
             logger.warning("worker %s failed to deregister: %s: %s", self.deployment_id, type(exc).__name__, exc)
 
     async def _announce(self, kind: ChangeKind) -> None:
-        """Publish a presence event on every server's broker; a failure only delays what callers learn."""
-        for server in self._servers:
-            await self._announce_on(server, kind)
+        """Publish a presence event on every server's broker; a failure only delays what callers learn.
 
-    async def _announce_on(self, server: ServerTransport, kind: ChangeKind) -> None:
+        Joins and heartbeats carry the calls in flight, which least-loaded callers balance on.
+        """
+        in_flight = self.dispatcher.in_flight if kind in ("join", "heartbeat") else None
+        for server in self._servers:
+            await self._announce_on(server, kind, in_flight)
+
+    async def _announce_on(self, server: ServerTransport, kind: ChangeKind, in_flight: int | None) -> None:
         try:
             async with asyncio.timeout(_ANNOUNCE_TIMEOUT):
-                await server.announce(kind, self.deployment_id)
+                await server.announce(kind, self.deployment_id, in_flight)
         except Exception as exc:  # callers still learn of the change from discovery
             logger.info(
                 "worker %s could not announce %s on %r: %s: %s",
@@ -344,7 +354,9 @@ class PikkuWorker:
             self._presence_task = asyncio.create_task(
                 self._presence_loop(on_loop), name=f"pikku-presence-{self.deployment_id}"
             )
-        watch = WorkerWatch(self.deployment_id, asyncio.get_running_loop(), publishers, self._presence_interval)
+        watch = WorkerWatch(
+            self.deployment_id, asyncio.get_running_loop(), publishers, self._presence_interval, self._in_flight
+        )
         self._watch = LoopThread(f"pikku-watch-{self.deployment_id}", watch.run)
         self._watch.start()
 
@@ -352,7 +364,7 @@ class PikkuWorker:
         while True:
             await asyncio.sleep(self._presence_interval)
             for server in servers:
-                await self._announce_on(server, "heartbeat")
+                await self._announce_on(server, "heartbeat", self.dispatcher.in_flight)
 
     async def _stop_presence(self) -> None:
         watch, self._watch = self._watch, None

@@ -48,7 +48,7 @@ from pikku_mq.backends.sqlite import _configure_connection
 
 PROCESSES = 10
 
-LINE_TIMEOUT = 30.0
+LINE_TIMEOUT = 90.0
 """Seconds a child gets to print its next line. Ten children import pikku_mq at once, which is slow on a small host."""
 
 EXIT_TIMEOUT = 30.0
@@ -252,7 +252,7 @@ async def _ids(service: DeploymentService, name: str) -> list[str]:
     return sorted(info.deployment_id for info in await service.find_function(name))
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("open_store", STORES)
 async def test_init_from_ten_processes(
     open_store: Callable[[Path], AbstractContextManager[Store]], tmp_path: Path

@@ -99,6 +99,8 @@ async def test_init_creates_pikku_layout(schema: str, make_service: Callable[...
         ("created_at", "timestamp with time zone", "NO"),
         ("fallback_endpoints", "ARRAY", "YES"),
         ("heartbeat_ttl", "double precision", "YES"),
+        ("in_flight", "integer", "YES"),
+        ("hostname", "text", "YES"),
     ]
     [gin] = postgres_fetch(
         "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND indexname = 'idx_pikku_deployments_functions'",
@@ -182,6 +184,28 @@ async def test_pikku_row_uses_reader_ttl(schema: str, make_service: Callable[...
     assert record.state == "live"
     [record] = await short.list_deployments()
     assert record.state == "stale"
+
+
+async def test_older_table_gets_new_columns(schema: str, make_service: Callable[..., PgDeploymentService]) -> None:
+    # The table as pikku_mq created it before it reported load and host names, with one of its rows.
+    for statement in PIKKU_DDL.format(schema=schema).split(";"):
+        if statement.strip():
+            postgres_execute(statement)
+    table = f"{schema}.pikku_deployments"
+    postgres_execute(f"ALTER TABLE {table} ADD COLUMN fallback_endpoints TEXT[], ADD COLUMN heartbeat_ttl FLOAT8")
+    postgres_execute(
+        f"INSERT INTO {table} (deployment_id, endpoint, functions, heartbeat_ttl) "
+        "VALUES ('old', 'http://127.0.0.1:1/old', ARRAY['greet'], 30)"
+    )
+
+    service = make_service(heartbeat_interval=10.0, heartbeat_ttl=30.0)
+    service.in_flight_source = lambda: 3
+    await service.start(DeploymentConfig("new", "http://127.0.0.1:1/new", functions=["greet"], hostname="node-a"))
+
+    found = {info.deployment_id: info for info in await service.find_function("greet")}
+    assert sorted(found) == ["new", "old"]
+    assert (found["old"].in_flight, found["old"].hostname) == (None, None)
+    assert (found["new"].in_flight, found["new"].hostname) == (3, "node-a")
 
 
 async def test_pikku_reads_our_rows(schema: str, make_service: Callable[..., PgDeploymentService]) -> None:

@@ -4,7 +4,6 @@ import asyncio
 import collections
 import contextlib
 import inspect
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -178,9 +177,9 @@ async def test_refused_endpoint_dropped(mesh: Mesh) -> None:
     assert results == ["live"] * 6
     assert transport.attempts.count(dead_endpoint) == 1
     assert transport.attempts.count(live.endpoint) == 6
-    # The dead instance stays in the cached lookup but is skipped until its backoff passes.
-    assert caller_service.router._is_suspect("dead", time.monotonic())
-    assert not caller_service.router._is_suspect("live", time.monotonic())
+    # The dead instance stays in the cached lookup but is out of routing until its interval ends.
+    assert caller_service.router.is_ejected("dead")
+    assert not caller_service.router.is_ejected("live")
 
 
 async def test_refused_endpoint_skipped_elsewhere(mesh: Mesh) -> None:
@@ -372,7 +371,7 @@ async def test_worker_serves_fallback_endpoints(mesh: Mesh) -> None:
         unserve_memory(worker.endpoint)
         answers = [await caller.invoke("whoami", timeout=5) for _ in range(3)]
         assert answers == ["fb-1"] * 3
-        assert "fb-1" not in caller.router._suspects
+        assert not caller.router.is_ejected("fb-1")
 
 
 async def test_instance_dropped_when_no_endpoint_reachable(mesh: Mesh) -> None:
@@ -390,4 +389,4 @@ async def test_instance_dropped_when_no_endpoint_reachable(mesh: Mesh) -> None:
     async with worker:
         answers = [await caller.invoke("whoami", timeout=5) for _ in range(4)]
     assert answers == ["fb-live"] * 4
-    assert "fb-dead" in caller.router._suspects
+    assert caller.router.is_ejected("fb-dead")

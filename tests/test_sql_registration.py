@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from _support_sql import (
     create_mariadb_database,
     drop_mariadb_database,
@@ -326,3 +327,53 @@ async def test_long_names_rejected(
             assert await _ids(observer, "g" * 255) == ["a" * 255]
         finally:
             await _close_all([by_id, by_function, at_limit, observer])
+
+
+# -- tables created by Pikku or an older pikku_mq ---------------------------------------------------------
+
+ADDED_COLUMNS = ("fallback_endpoints", "heartbeat_ttl", "in_flight", "hostname")
+"""pikku_mq's nullable columns, which a table created by Pikku's Kysely service lacks."""
+
+
+@pytest.mark.parametrize("open_store", SQL_STORES)
+async def test_pikku_table_gets_columns(
+    open_store: Callable[[Path], AbstractContextManager[ServiceFactory]], tmp_path: Path
+) -> None:
+    with open_store(tmp_path) as make:
+        services: list[DeploymentService] = []
+        try:
+            creator = make()
+            services.append(creator)
+            assert isinstance(creator, SqlAlchemyDeploymentService)
+            await creator.init()
+            # Reduce the table to Pikku's layout and add a row as Pikku writes it.
+            table = creator._deployments
+            quoted = creator.engine.dialect.identifier_preparer.format_table(table)
+            async with creator.engine.begin() as conn:
+                for column in ADDED_COLUMNS:
+                    await conn.execute(sa.text(f"ALTER TABLE {quoted} DROP COLUMN {column}"))
+                await conn.execute(
+                    table.insert().values(
+                        deployment_id="pikku-ts",
+                        endpoint="http://127.0.0.1:3000",
+                        last_heartbeat=creator._clock.now(),
+                        created_at=creator._clock.now(),
+                    ),
+                )
+                await conn.execute(creator._functions.insert().values(deployment_id="pikku-ts", function_name="greet"))
+
+            # Another process opens the store, as after an upgrade: init() adds the columns back.
+            upgraded = make()
+            services.append(upgraded)
+            upgraded.in_flight_source = lambda: 4
+            await upgraded.start(
+                DeploymentConfig("mq", "http://127.0.0.1:1/mq", functions=["greet"], hostname="node-a")
+            )
+
+            found = {info.deployment_id: info for info in await upgraded.find_function("greet")}
+            assert sorted(found) == ["mq", "pikku-ts"]
+            assert (found["pikku-ts"].in_flight, found["pikku-ts"].hostname) == (None, None)
+            assert (found["mq"].in_flight, found["mq"].hostname) == (4, "node-a")
+            assert await upgraded._missing_columns() == []
+        finally:
+            await _close_all(services)

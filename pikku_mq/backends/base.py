@@ -14,21 +14,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
+import os
 import random
+import socket
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Any, ClassVar, Literal, Self
 
 from .._errors import ConfigurationError, DeploymentConflictError, DiscoveryError, PikkuMQError
 from .._liveness import LoopThread, wait_for_event
+from .._outliers import EjectionPolicy
 from .._presence import ChangeEvent, ChangeKind
-from .._routing import Router
+from .._routing import RetryPolicy, Router
 from .._security import RemoteSecurity
+from .._settings import ENV_HOSTNAME
 from .._types import DEFAULT_TIMEOUT, DeploymentConfig, DeploymentInfo, DeploymentRecord
 from ..transports.base import TransportSet
 
@@ -38,6 +43,7 @@ __all__ = [
     "DeploymentService",
     "conflict_error",
     "decode_string_list",
+    "default_hostname",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,6 +86,14 @@ class DeploymentService(ABC):
     default it comes from ``PIKKU_REMOTE_SECRET`` (see :class:`RemoteSecurity`), and ``False`` turns
     signing off regardless of the environment. Without a secret, sessions are not sent.
 
+    ``balancing`` is the strategy that picks an instance for each call: ``round_robin`` (the default),
+    ``random``, ``least_loaded`` or ``prefer_local`` (see :mod:`pikku_mq._balancing`).
+    ``function_balancing`` maps function names to other strategies, and a call can name its own.
+    ``retry`` (a :class:`RetryPolicy`) says how idempotent calls are retried after an uncertain
+    failure, and ``ejection`` (an :class:`EjectionPolicy`) when failing instances are taken out of
+    routing. ``hostname`` is the host name this instance registers with and that ``prefer_local``
+    compares: by default ``PIKKU_HOSTNAME``, else :func:`socket.gethostname`.
+
     With ``heartbeat_thread`` true (the default), a service built from a URL, DSN or file path sends its
     heartbeats from a daemon thread, through a second service on the same store with connections of
     its own. A function that blocks the event loop for longer than the TTL then does not get its
@@ -101,6 +115,11 @@ class DeploymentService(ABC):
         default_timeout: float = DEFAULT_TIMEOUT,
         change_feed: bool = True,
         security: RemoteSecurity | Literal[False] | None = None,
+        balancing: str = "round_robin",
+        function_balancing: Mapping[str, str] | None = None,
+        retry: RetryPolicy | None = None,
+        ejection: EjectionPolicy | None = None,
+        hostname: str | None = None,
         heartbeat_thread: bool = True,
     ) -> None:
         if not heartbeat_interval > 0:
@@ -115,15 +134,27 @@ class DeploymentService(ABC):
         cache_ttl = min(5.0, heartbeat_interval) if routing_cache_ttl is None else routing_cache_ttl
         if cache_ttl < 0:
             raise ConfigurationError(f"routing_cache_ttl must not be negative, got {routing_cache_ttl!r}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
+        if ejection is not None and not isinstance(ejection, EjectionPolicy):
+            raise ConfigurationError(f"ejection must be an EjectionPolicy, got {type(ejection).__name__}")
+        if hostname is not None and (not isinstance(hostname, str) or not hostname):
+            raise ConfigurationError(f"hostname must be a non-empty string or None, got {hostname!r}")
 
         self.heartbeat_interval = float(heartbeat_interval)
         self.heartbeat_ttl = float(heartbeat_ttl)
         self.default_timeout = float(default_timeout)
+        self.hostname = hostname or default_hostname()
         self.router = Router(
             self.find_function,
             transports or TransportSet.default(),
             cache_ttl=cache_ttl,
             suspect_ttl=self.heartbeat_ttl,
+            balancing=balancing,
+            function_balancing=function_balancing,
+            retry=retry,
+            ejection=ejection,
+            hostname=self.hostname,
         )
         self.router.transports.set_presence_listener(self._on_presence)
         self.router.security = RemoteSecurity.from_env() if security is None else security or None
@@ -139,6 +170,11 @@ class DeploymentService(ABC):
         self._feed_task: asyncio.Task[None] | None = None
         self._feed_failing = False
         self._feed_subscribed = False
+        self.in_flight_source: Callable[[], int] | None = None
+        """Returns this instance's calls in flight, which registrations and heartbeats write to the registry.
+
+        :class:`~pikku_mq.PikkuWorker` sets it; without it, the registry gets no count (NULL). The
+        heartbeat thread calls it too, so it must only read values, and never touch the event loop."""
 
     # -- the backend's part ------------------------------------------------------------------------
 
@@ -196,6 +232,7 @@ class DeploymentService(ABC):
             "heartbeat_interval": self.heartbeat_interval,
             "heartbeat_ttl": self.heartbeat_ttl,
             "default_timeout": self.default_timeout,
+            "hostname": self.hostname,
             "transports": TransportSet([]),
             "change_feed": False,
             "security": False,
@@ -236,6 +273,8 @@ class DeploymentService(ABC):
 
         await self.init()
         functions = sorted(set(config.functions))
+        if config.hostname is None:
+            config = dataclasses.replace(config, hostname=self.hostname)
         async with self._translate_errors(f"registering {config.deployment_id}"):
             await self._register(config, functions)
         self._config = config
@@ -252,6 +291,7 @@ class DeploymentService(ABC):
             self._heartbeat_stop = asyncio.Event()
             self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(config, functions), name=name)
             return
+        twin.in_flight_source = self.in_flight_source
         owner = asyncio.get_running_loop()
         self._heartbeat_runner = LoopThread(
             name, lambda stop: twin._heartbeat_in_thread(config, functions, stop, owner)
@@ -351,6 +391,18 @@ class DeploymentService(ABC):
         """The id this service registered, or None before ``start``."""
         return self._config.deployment_id if self._config is not None else None
 
+    def _in_flight(self) -> int | None:
+        """Return the count of calls in flight to write to the registry, or None without a source."""
+        source = self.in_flight_source
+        if source is None:
+            return None
+        try:
+            count = int(source())
+        except Exception as exc:  # a broken source must not stop the heartbeats
+            logger.debug("in_flight_source of %r raised %s: %s", self, type(exc).__name__, exc)
+            return None
+        return max(count, 0)
+
     # -- calling -----------------------------------------------------------------------------------
 
     async def invoke(
@@ -362,10 +414,12 @@ class DeploymentService(ABC):
         *,
         timeout: float | None = None,
         idempotent: bool = False,
+        balancing: str | None = None,
     ) -> Any:
         """Call ``name`` on a live instance and return its result (Pikku's ``invoke``).
 
-        ``timeout`` is in seconds and defaults to ``default_timeout``.
+        ``timeout`` is in seconds and defaults to ``default_timeout``. ``idempotent`` allows retries
+        after an uncertain failure, and ``balancing`` overrides the strategy for this call.
         """
         budget = self.default_timeout if timeout is None else timeout
         if not 0 < budget < math.inf:
@@ -378,6 +432,7 @@ class DeploymentService(ABC):
             deadline=time.monotonic() + budget,
             hop=1,
             idempotent=idempotent,
+            balancing=balancing,
         )
 
     async def call(
@@ -390,6 +445,7 @@ class DeploymentService(ABC):
         deadline: float,
         hop: int,
         idempotent: bool,
+        balancing: str | None = None,
     ) -> Any:
         """Route one call with an absolute :func:`time.monotonic` deadline (used by ``RPC.remote``)."""
         # Callers need not call init(), and on a fresh store the lookup would query tables that do not exist.
@@ -398,7 +454,14 @@ class DeploymentService(ABC):
             self._feed_task = asyncio.create_task(self._feed_loop(), name=f"pikku-change-feed-{id(self):x}")
         # Sessions travel only sealed in signed tokens, so without a remote secret the router drops them.
         return await self.router.call(
-            name, data, deadline=deadline, trace_id=trace_id, hop=hop, idempotent=idempotent, session=session
+            name,
+            data,
+            deadline=deadline,
+            trace_id=trace_id,
+            hop=hop,
+            idempotent=idempotent,
+            session=session,
+            balancing=balancing,
         )
 
     @contextlib.asynccontextmanager
@@ -436,10 +499,11 @@ class DeploymentService(ABC):
             self.router.resync()
         elif event.kind == "join":
             self.router.instance_joined(event.deployment_id)
+            self.router.instance_alive(event.deployment_id, event.in_flight)
         elif event.kind in ("draining", "leave"):
             self.router.instance_left(event.deployment_id, event.endpoint)
         elif event.kind == "heartbeat":
-            self.router.instance_alive(event.deployment_id)
+            self.router.instance_alive(event.deployment_id, event.in_flight)
             self.router.instance_busy(event.deployment_id, event.busy)
 
     async def _feed_loop(self) -> None:
@@ -615,6 +679,15 @@ def _cancelling() -> bool:
 
 class _StrayCancellationError(Exception):
     """A store's client raised CancelledError although the heartbeat task was not cancelled."""
+
+
+def default_hostname() -> str:
+    """Return the host name instances register with: ``PIKKU_HOSTNAME``, else :func:`socket.gethostname`.
+
+    Set ``PIKKU_HOSTNAME`` where the OS host name does not name the machine, for example to the node
+    name in a container, so that ``prefer_local`` callers find the instances on their node.
+    """
+    return os.environ.get(ENV_HOSTNAME, "").strip() or socket.gethostname()
 
 
 def conflict_error(deployment_id: str, endpoint: str, age: float, ttl: float) -> DeploymentConflictError:

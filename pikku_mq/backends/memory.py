@@ -19,6 +19,8 @@ class _Row:
     functions: tuple[str, ...]
     last_heartbeat: float
     heartbeat_ttl: float
+    hostname: str | None = None
+    in_flight: int | None = None
 
     def age(self) -> float:
         return time.monotonic() - self.last_heartbeat
@@ -70,6 +72,8 @@ class MemoryDeploymentService(DeploymentService):
             functions=tuple(functions),
             last_heartbeat=time.monotonic(),
             heartbeat_ttl=self.heartbeat_ttl,
+            hostname=config.hostname,
+            in_flight=self._in_flight(),
         )
 
     async def _heartbeat(self, config: DeploymentConfig, functions: list[str]) -> bool:
@@ -77,6 +81,7 @@ class MemoryDeploymentService(DeploymentService):
         if row is None or row.endpoint != config.endpoint:
             return False
         row.last_heartbeat = time.monotonic()
+        row.in_flight = self._in_flight()
         return True
 
     async def _deregister(self, config: DeploymentConfig) -> None:
@@ -93,7 +98,7 @@ class MemoryDeploymentService(DeploymentService):
     async def find_function(self, name: str) -> list[DeploymentInfo]:
         self.registry.lookups += 1
         return [
-            DeploymentInfo(deployment_id, row.endpoint, row.fallback_endpoints)
+            DeploymentInfo(deployment_id, row.endpoint, row.fallback_endpoints, row.in_flight, row.hostname)
             for deployment_id, row in self.registry.rows.items()
             if name in row.functions and row.is_live()
         ]
@@ -107,6 +112,8 @@ class MemoryDeploymentService(DeploymentService):
                 heartbeat_age=row.age(),
                 state="live" if row.is_live() else "stale",
                 fallback_endpoints=row.fallback_endpoints,
+                in_flight=row.in_flight,
+                hostname=row.hostname,
             )
             for deployment_id, row in sorted(self.registry.rows.items())
         ]

@@ -6,12 +6,16 @@ One row per instance, so a Pikku TypeScript instance and a pikku_mq instance can
                                functions text[] NOT NULL, last_heartbeat timestamptz NOT NULL,
                                created_at timestamptz NOT NULL,
                                fallback_endpoints text[] NULL,         -- pikku_mq's own
-                               heartbeat_ttl double precision NULL)    -- pikku_mq's own, seconds
+                               heartbeat_ttl double precision NULL,    -- pikku_mq's own, seconds
+                               in_flight integer NULL,                 -- pikku_mq's own
+                               hostname text NULL)                     -- pikku_mq's own
 
 with a GIN index on ``functions`` and a B-tree index on ``last_heartbeat``, named as @pikku/pg 0.12.1
 names them. Liveness is judged with the database's clock (``now()``) and each row's own TTL. A row
 without one, as Pikku writes it, is judged with the reader's TTL. Because the functions live in the
-instance's row, a heartbeat is one UPDATE whatever their number.
+instance's row, a heartbeat is one UPDATE whatever their number. It also writes the instance's calls in
+flight, which least-loaded callers read. ``init()`` adds pikku_mq's columns to a table that Pikku or an
+older pikku_mq created.
 
 Joins, draining and leaves (including the stale rows a heartbeat purges) are announced with
 ``pg_notify`` on the channel ``pikku_mq_<schema>``, and callers ``LISTEN`` on a connection of their own.
@@ -41,7 +45,12 @@ DEFAULT_SCHEMA = "pikku"
 # quoting a mixed-case name here would name another schema.
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
-_COLUMNS_ADDED = {"fallback_endpoints": "text[]", "heartbeat_ttl": "double precision"}
+_COLUMNS_ADDED = {
+    "fallback_endpoints": "text[]",
+    "heartbeat_ttl": "double precision",
+    "in_flight": "integer",
+    "hostname": "text",
+}
 _FUNCTIONS_INDEX = "idx_pikku_deployments_functions"
 _HEARTBEAT_INDEX = "idx_pikku_deployments_heartbeat"
 
@@ -130,13 +139,16 @@ class _Statements:
         # the same id never take turns on it, even when both insert at the same moment.
         self.register = f"""
             INSERT INTO {table} AS d
-                (deployment_id, endpoint, functions, fallback_endpoints, heartbeat_ttl, last_heartbeat, created_at)
-            VALUES ($1, $2, $3, $4, $5, now(), now())
+                (deployment_id, endpoint, functions, fallback_endpoints, heartbeat_ttl, in_flight, hostname,
+                 last_heartbeat, created_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now())
             ON CONFLICT (deployment_id) DO UPDATE
             SET endpoint = EXCLUDED.endpoint,
                 functions = EXCLUDED.functions,
                 fallback_endpoints = EXCLUDED.fallback_endpoints,
                 heartbeat_ttl = EXCLUDED.heartbeat_ttl,
+                in_flight = EXCLUDED.in_flight,
+                hostname = EXCLUDED.hostname,
                 last_heartbeat = now(),
                 created_at = now()
             WHERE d.endpoint = EXCLUDED.endpoint
@@ -149,7 +161,7 @@ class _Statements:
             """  # noqa: S608
         # The containment check re-registers a row whose functions someone rewrote without ours.
         self.heartbeat = f"""
-            UPDATE {table} SET last_heartbeat = now()
+            UPDATE {table} SET last_heartbeat = now(), in_flight = $4
             WHERE deployment_id = $1 AND endpoint = $2 AND functions @> $3::text[]
             RETURNING true
             """  # noqa: S608
@@ -165,13 +177,13 @@ class _Statements:
         self.notify = "SELECT pg_notify($1, $2)"
         # "functions @> ARRAY[name]" rather than "name = ANY(functions)": only the former can use the GIN index.
         self.find = f"""
-            SELECT deployment_id, endpoint, fallback_endpoints FROM {table}
+            SELECT deployment_id, endpoint, fallback_endpoints, in_flight, hostname FROM {table}
             WHERE functions @> ARRAY[$1::text] AND {is_live.format(ttl="$2")}
             """  # noqa: S608
         # COLLATE "C" sorts by code point, as Python sorts strings.
         self.list = f"""
             SELECT deployment_id, endpoint, functions, fallback_endpoints,
-                   extract(epoch FROM now() - last_heartbeat)::float8, heartbeat_ttl
+                   extract(epoch FROM now() - last_heartbeat)::float8, heartbeat_ttl, in_flight, hostname
             FROM {table} ORDER BY deployment_id COLLATE "C"
             """  # noqa: S608
 
@@ -299,12 +311,14 @@ class PgDeploymentService(DeploymentService):
                         last_heartbeat TIMESTAMPTZ NOT NULL DEFAULT now(),
                         created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
                         fallback_endpoints TEXT[],
-                        heartbeat_ttl DOUBLE PRECISION
+                        heartbeat_ttl DOUBLE PRECISION,
+                        in_flight INTEGER,
+                        hostname TEXT
                     )
                     """
                 )
             else:
-                # A table that Pikku created lacks pikku_mq's nullable columns.
+                # A table that Pikku or an older pikku_mq created lacks some of pikku_mq's nullable columns.
                 for column, column_type in _COLUMNS_ADDED.items():
                     if column not in columns:
                         await conn.execute(
@@ -326,7 +340,14 @@ class PgDeploymentService(DeploymentService):
         fallbacks = list(config.fallback_endpoints) or None
         sql = self._sql
         if await pool.fetchval(
-            sql.register, config.deployment_id, config.endpoint, functions, fallbacks, self.heartbeat_ttl
+            sql.register,
+            config.deployment_id,
+            config.endpoint,
+            functions,
+            fallbacks,
+            self.heartbeat_ttl,
+            self._in_flight(),
+            config.hostname,
         ):
             await self._announce_quietly("join", config.deployment_id)
             return
@@ -343,7 +364,8 @@ class PgDeploymentService(DeploymentService):
 
     async def _heartbeat(self, config: DeploymentConfig, functions: list[str]) -> bool:
         pool = await self._connect()
-        return bool(await pool.fetchval(self._sql.heartbeat, config.deployment_id, config.endpoint, functions))
+        heartbeat = self._sql.heartbeat
+        return bool(await pool.fetchval(heartbeat, config.deployment_id, config.endpoint, functions, self._in_flight()))
 
     async def _deregister(self, config: DeploymentConfig) -> None:
         pool = await self._connect()
@@ -421,13 +443,13 @@ class PgDeploymentService(DeploymentService):
     async def find_function(self, name: str) -> list[DeploymentInfo]:
         pool = await self._connect()
         rows = await pool.fetch(self._sql.find, name, self.heartbeat_ttl)
-        return [DeploymentInfo(row[0], row[1], _endpoints(row[2])) for row in rows]
+        return [DeploymentInfo(row[0], row[1], _endpoints(row[2]), row[3], row[4]) for row in rows]
 
     async def list_deployments(self) -> list[DeploymentRecord]:
         pool = await self._connect()
         rows = await pool.fetch(self._sql.list)
         records = []
-        for deployment_id, endpoint, functions, fallbacks, age, ttl in rows:
+        for deployment_id, endpoint, functions, fallbacks, age, ttl, in_flight, hostname in rows:
             live = age <= (ttl if ttl is not None else self.heartbeat_ttl)
             records.append(
                 DeploymentRecord(
@@ -437,6 +459,8 @@ class PgDeploymentService(DeploymentService):
                     heartbeat_age=float(age),
                     state="live" if live else "stale",
                     fallback_endpoints=_endpoints(fallbacks),
+                    in_flight=in_flight,
+                    hostname=hostname,
                 )
             )
         return records

@@ -5,7 +5,8 @@ one registry. With the default key prefix ``pikku:``::
 
     pikku:deployment:<id>   hash: endpoint, functions (a JSON array of names), and pikku_mq's own
                             fallback_endpoints (a JSON array), heartbeat_ttl (seconds),
-                            last_heartbeat_ms and created_at_ms; the key expires after
+                            last_heartbeat_ms, created_at_ms, in_flight (the calls in flight at
+                            the last heartbeat) and hostname; the key expires after
                             RETENTION_FACTOR times the TTL, so a stale row stays listable for a while
     pikku:fn:<name>         sorted set: member = deployment id, score = its expiry time in ms; no TTL,
                             as Pikku writes it, because Pikku's members would expire with the key
@@ -94,7 +95,7 @@ end
 
 # KEYS: row hash, index, then the sets of the new functions.
 # ARGV: id, endpoint, functions JSON, fallbacks JSON or '', TTL ms, retention ms, fn key prefix,
-# TTL in seconds as the row stores it, change channel, join event.
+# TTL in seconds as the row stores it, change channel, join event, calls in flight or '', host name.
 # Returns {} when registered, or {endpoint, age ms, TTL ms} of the live instance registered under the id.
 _REGISTER = (
     _LUA_HELPERS
@@ -127,6 +128,10 @@ redis.call('HSET', KEYS[1], 'endpoint', ARGV[2], 'functions', ARGV[3], 'heartbea
 if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[1], 'fallback_endpoints', ARGV[4])
 end
+if ARGV[11] ~= '' then
+  redis.call('HSET', KEYS[1], 'in_flight', ARGV[11])
+end
+redis.call('HSET', KEYS[1], 'hostname', ARGV[12])
 local retention = tonumber(ARGV[6])
 redis.call('PEXPIRE', KEYS[1], retention)
 local expiry = int(now + ttl)
@@ -143,7 +148,7 @@ return {}
 )
 
 # KEYS: row hash, index, then the sets of this instance's functions.
-# ARGV: id, endpoint, functions JSON, TTL ms, retention ms.
+# ARGV: id, endpoint, functions JSON, TTL ms, retention ms, calls in flight or ''.
 # Returns 0 when the row is missing, belongs to another endpoint or lists other functions.
 _HEARTBEAT = (
     _LUA_HELPERS
@@ -156,6 +161,9 @@ local now = now_ms()
 local retention = tonumber(ARGV[5])
 local expiry = int(now + tonumber(ARGV[4]))
 redis.call('HSET', KEYS[1], 'last_heartbeat_ms', int(now))
+if ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[1], 'in_flight', ARGV[6])
+end
 redis.call('PEXPIRE', KEYS[1], retention)
 redis.call('ZADD', KEYS[2], expiry, ARGV[1])
 extend_ttl(KEYS[2], retention)
@@ -226,18 +234,21 @@ return deleted
 )
 
 # KEYS: the function's set. ARGV: row key prefix.
-# Returns {id, endpoint, fallbacks JSON or '', ...} for each live member whose row exists.
+# Returns {id, endpoint, fallbacks JSON or '', in_flight or '', hostname or '', ...} for each live
+# member whose row exists.
 _FIND = (
     _LUA_HELPERS
     + """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], int(now_ms()), '+inf')
 local found = {}
 for _, id in ipairs(ids) do
-  local row = redis.call('HMGET', ARGV[1] .. id, 'endpoint', 'fallback_endpoints')
+  local row = redis.call('HMGET', ARGV[1] .. id, 'endpoint', 'fallback_endpoints', 'in_flight', 'hostname')
   if row[1] then
     table.insert(found, id)
     table.insert(found, row[1])
     table.insert(found, row[2] or '')
+    table.insert(found, row[3] or '')
+    table.insert(found, row[4] or '')
   end
 end
 return found
@@ -339,6 +350,8 @@ class RedisDeploymentService(DeploymentService):
             repr(self.heartbeat_ttl),
             self.change_channel,
             encode_change("join", config.deployment_id),
+            _count_arg(self._in_flight()),
+            config.hostname or "",
         ]
         holder = await self._register_script(keys=keys, args=args)
         if holder:
@@ -353,6 +366,7 @@ class RedisDeploymentService(DeploymentService):
             json.dumps(functions),
             self._ttl_ms,
             self._retention_ms,
+            _count_arg(self._in_flight()),
         ]
         return int(await self._heartbeat_script(keys=keys, args=args)) == 1
 
@@ -408,7 +422,12 @@ class RedisDeploymentService(DeploymentService):
             _text(value)
             for value in await self._find_script(keys=[f"{self._fn_prefix}{name}"], args=[self._row_prefix])
         ]
-        return [DeploymentInfo(flat[i], flat[i + 1], decode_string_list(flat[i + 2])) for i in range(0, len(flat), 3)]
+        return [
+            DeploymentInfo(
+                flat[i], flat[i + 1], decode_string_list(flat[i + 2]), _count(flat[i + 3]), flat[i + 4] or None
+            )
+            for i in range(0, len(flat), 5)
+        ]
 
     async def list_deployments(self) -> list[DeploymentRecord]:
         keys = sorted(
@@ -451,6 +470,8 @@ class RedisDeploymentService(DeploymentService):
             heartbeat_age=age,
             state="live" if age <= ttl else "stale",
             fallback_endpoints=decode_string_list(fields.get("fallback_endpoints")),
+            in_flight=_count(fields.get("in_flight")),
+            hostname=fields.get("hostname") or None,
         )
 
     async def _close_store(self) -> None:
@@ -481,6 +502,17 @@ def _number(text: str | None) -> float | None:
     except ValueError:
         return None
     return value if math.isfinite(value) else None
+
+
+def _count(text: str | None) -> int | None:
+    """Parse a stored count of calls; a missing or malformed value is None."""
+    if not text or not text.isascii() or not text.isdigit() or len(text) > 9:
+        return None
+    return int(text)
+
+
+def _count_arg(count: int | None) -> str:
+    return "" if count is None else str(count)
 
 
 def _text(value: Any) -> str:

@@ -3,7 +3,8 @@
 The layout is that of Pikku's Kysely deployment service, so both can share one registry::
 
     pikku_deployments(deployment_id PK, endpoint, last_heartbeat, created_at,
-                      fallback_endpoints NULL, heartbeat_ttl NULL)  -- the last two are pikku_mq's own
+                      fallback_endpoints NULL, heartbeat_ttl NULL,  -- pikku_mq's own columns from here
+                      in_flight NULL, hostname NULL)
     pikku_deployment_functions(deployment_id FK ON DELETE CASCADE, function_name)
 
 Liveness is judged with the database's clock, so instances whose clocks disagree still agree on who
@@ -11,7 +12,8 @@ is alive, and with each row's own TTL, so instances with different heartbeat set
 store; a row without one (written by Pikku) is judged with the reader's TTL. On MySQL and MariaDB the
 clock is UTC_TIMESTAMP(), whatever the session's time zone. A heartbeat is one
 UPDATE whatever the number of functions: it also checks that all of the instance's function rows are
-still there, so a registration the store lost is written again.
+still there, so a registration the store lost is written again, and it writes the instance's calls in
+flight. ``init()`` adds pikku_mq's nullable columns to a table that Pikku or an older pikku_mq created.
 """
 
 from __future__ import annotations
@@ -116,6 +118,8 @@ def _tables(schema: str | None) -> tuple[sa.MetaData, sa.Table, sa.Table]:
         sa.Column("created_at", _TIMESTAMP, nullable=False),
         sa.Column("fallback_endpoints", sa.Text, nullable=True),
         sa.Column("heartbeat_ttl", sa.Float, nullable=True),
+        sa.Column("in_flight", sa.Integer, nullable=True),
+        sa.Column("hostname", sa.Text, nullable=True),
         sa.Index("pikku_deployments_last_heartbeat_idx", "last_heartbeat"),
     )
     qualified = f"{schema}.pikku_deployments" if schema else "pikku_deployments"
@@ -187,9 +191,12 @@ class SqlAlchemyDeploymentService(DeploymentService):
         await super().start(config)
 
     async def _create_schema(self) -> None:
-        # Once the tables exist, init() issues no DDL and takes no lock, so a role that may use the
-        # tables but not create them can start.
-        if await self._tables_exist():
+        # Once the tables exist with every column, init() issues no DDL and takes no lock, so a role
+        # that may use the tables but not create them can start.
+        missing = await self._missing_columns()
+        if missing is not None:
+            if missing:
+                await self._add_columns(missing)
             return
         for attempt in range(1, _SCHEMA_ATTEMPTS + 1):
             try:
@@ -210,16 +217,46 @@ class SqlAlchemyDeploymentService(DeploymentService):
             else:
                 return
 
-    async def _tables_exist(self) -> bool:
+    async def _missing_columns(self) -> list[str] | None:
+        """Return the nullable columns that the deployment table lacks, or None if a table is missing."""
         tables = list(self._metadata.tables.values())
+        deployments = self._deployments
 
-        def check(sync_conn: sa.Connection) -> bool:
+        def check(sync_conn: sa.Connection) -> list[str] | None:
             inspector = sa.inspect(sync_conn)
-            return all(inspector.has_table(table.name, schema=table.schema) for table in tables)
+            if not all(inspector.has_table(table.name, schema=table.schema) for table in tables):
+                return None
+            present = {column["name"] for column in inspector.get_columns(deployments.name, schema=deployments.schema)}
+            return [column.name for column in deployments.columns if column.name not in present]
 
         async with self.engine.connect() as conn:
             await conn.execution_options(**_READ_ONLY)
             return await conn.run_sync(check)
+
+    async def _add_columns(self, names: list[str]) -> None:
+        """Add pikku_mq's nullable columns to a deployment table that Pikku or an older pikku_mq created.
+
+        Another process may add the same column at the same moment, so a failed ALTER TABLE counts as
+        done when the column exists afterwards.
+        """
+        d = self._deployments
+        for name in names:
+            column = d.c[name]
+            if not column.nullable:
+                raise DiscoveryError(
+                    f"the table {d.fullname} in {self!r} lacks the column {name}, which only a new table gets; "
+                    "drop the table or add the column by hand"
+                )
+            column_type = column.type.compile(dialect=self.engine.dialect)
+            preparer = self.engine.dialect.identifier_preparer
+            statement = f"ALTER TABLE {preparer.format_table(d)} ADD COLUMN {preparer.quote(name)} {column_type}"
+            try:
+                async with self.engine.begin() as conn:
+                    await conn.execute(sa.text(statement))
+            except sa.exc.DBAPIError:
+                if name in (await self._missing_columns() or []):
+                    raise
+            logger.info("added the column %s to %s in %r", name, d.fullname, self)
 
     @asynccontextmanager
     async def _schema_lock(self, conn: AsyncConnection) -> AsyncIterator[None]:
@@ -335,6 +372,8 @@ class SqlAlchemyDeploymentService(DeploymentService):
                     created_at=now,
                     fallback_endpoints=_encode_endpoints(config.fallback_endpoints),
                     heartbeat_ttl=self.heartbeat_ttl,
+                    in_flight=self._in_flight(),
+                    hostname=config.hostname,
                 )
             )
         except sa.exc.IntegrityError as exc:
@@ -389,7 +428,7 @@ class SqlAlchemyDeploymentService(DeploymentService):
                 d.c.endpoint == config.endpoint,
                 registered_functions == len(functions),
             )
-            .values(last_heartbeat=self._clock.now())
+            .values(last_heartbeat=self._clock.now(), in_flight=self._in_flight())
         )
         async with self._begin_write() as conn:
             result = await conn.execute(statement)
@@ -433,14 +472,14 @@ class SqlAlchemyDeploymentService(DeploymentService):
     async def find_function(self, name: str) -> list[DeploymentInfo]:
         d, f = self._deployments, self._functions
         statement = (
-            sa.select(d.c.deployment_id, d.c.endpoint, d.c.fallback_endpoints)
+            sa.select(d.c.deployment_id, d.c.endpoint, d.c.fallback_endpoints, d.c.in_flight, d.c.hostname)
             .join(f, f.c.deployment_id == d.c.deployment_id)
             .where(f.c.function_name == name, self._is_live())
         )
         async with self._translate_errors(f"looking up '{name}'"), self.engine.connect() as conn:
             await conn.execution_options(**_READ_ONLY)
             rows = (await conn.execute(statement)).all()
-        return [DeploymentInfo(row[0], row[1], decode_string_list(row[2])) for row in rows]
+        return [DeploymentInfo(row[0], row[1], decode_string_list(row[2]), row[3], row[4]) for row in rows]
 
     async def list_deployments(self) -> list[DeploymentRecord]:
         d, f = self._deployments, self._functions
@@ -454,6 +493,8 @@ class SqlAlchemyDeploymentService(DeploymentService):
                         d.c.fallback_endpoints,
                         self._clock.age(d.c.last_heartbeat),
                         d.c.heartbeat_ttl,
+                        d.c.in_flight,
+                        d.c.hostname,
                     ).order_by(d.c.deployment_id)
                 )
             ).all()
@@ -463,7 +504,7 @@ class SqlAlchemyDeploymentService(DeploymentService):
         for deployment_id, function_name in pairs:
             functions.setdefault(deployment_id, []).append(function_name)
         records = []
-        for deployment_id, endpoint, fallbacks, age, ttl in rows:
+        for deployment_id, endpoint, fallbacks, age, ttl, in_flight, hostname in rows:
             live = float(age) <= (ttl if ttl is not None else self.heartbeat_ttl)
             records.append(
                 DeploymentRecord(
@@ -473,6 +514,8 @@ class SqlAlchemyDeploymentService(DeploymentService):
                     heartbeat_age=float(age),
                     state="live" if live else "stale",
                     fallback_endpoints=decode_string_list(fallbacks),
+                    in_flight=in_flight,
+                    hostname=hostname,
                 )
             )
         return records

@@ -733,7 +733,7 @@ class AmqpServer(ServerTransport):
             return
         logger.warning("AMQP server on queue %s kept receiving requests while stopping", self._queue)
 
-    async def announce(self, kind: ChangeKind, deployment_id: str) -> None:
+    async def announce(self, kind: ChangeKind, deployment_id: str, in_flight: int | None = None) -> None:
         channel = self._channel
         if channel is None or channel.is_closed:
             return  # callers learn of the change from discovery
@@ -742,7 +742,7 @@ class AmqpServer(ServerTransport):
             await _declare_presence(channel, exchange)
             self._presence_channel = channel
         properties = spec.Basic.Properties(content_type="application/json", delivery_mode=1)
-        body = encode_change(kind, deployment_id, self.endpoint or "").encode()
+        body = encode_change(kind, deployment_id, self.endpoint or "", in_flight).encode()
         await channel.basic_publish(body, exchange=exchange, routing_key="", properties=properties)
 
     def presence_publisher(self) -> PresencePublisher | None:
@@ -1023,12 +1023,12 @@ class _AmqpPresencePublisher(PresencePublisher):
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._channel: aiormq.Channel | None = None
 
-    async def publish(self, kind: ChangeKind, deployment_id: str, *, busy: bool) -> None:
+    async def publish(self, kind: ChangeKind, deployment_id: str, in_flight: int | None, *, busy: bool) -> None:
         channel = self._channel
         if channel is None or channel.is_closed:
             channel = await self._open(deployment_id)
         properties = spec.Basic.Properties(content_type="application/json", delivery_mode=1)
-        body = encode_change(kind, deployment_id, self._endpoint, busy=busy).encode()
+        body = encode_change(kind, deployment_id, self._endpoint, in_flight, busy=busy).encode()
         try:
             await channel.basic_publish(body, exchange=presence_exchange(), routing_key="", properties=properties)
         except BaseException:

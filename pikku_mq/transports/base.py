@@ -82,7 +82,7 @@ class PresencePublisher(ABC):
     """
 
     @abstractmethod
-    async def publish(self, kind: ChangeKind, deployment_id: str, *, busy: bool) -> None:
+    async def publish(self, kind: ChangeKind, deployment_id: str, in_flight: int | None, *, busy: bool) -> None:
         """Publish one presence event, or raise if it could not be sent."""
 
     @abstractmethod
@@ -107,8 +107,13 @@ class ServerTransport(ABC):
     async def begin_drain(self) -> None:  # noqa: B027 - most servers reject new calls through the dispatcher
         """Stop taking new calls where the broker can hand them to another worker; calls in flight go on."""
 
-    async def announce(self, kind: ChangeKind, deployment_id: str) -> None:  # noqa: B027 - no presence by default
-        """Publish a presence event for this worker, where the transport has a broker to carry it."""
+    async def announce(  # noqa: B027 - no presence by default
+        self, kind: ChangeKind, deployment_id: str, in_flight: int | None = None
+    ) -> None:
+        """Publish a presence event for this worker, where the transport has a broker to carry it.
+
+        ``in_flight`` is the worker's count of calls in flight, sent with the event when given.
+        """
 
     def presence_publisher(self) -> PresencePublisher | None:
         """Return a publisher of this worker's heartbeats on a connection of its own, once the server has started.

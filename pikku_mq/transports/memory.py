@@ -55,8 +55,8 @@ class MemoryServer(ServerTransport):
             unserve_memory(self._endpoint)
             self._endpoint = None
 
-    async def announce(self, kind: ChangeKind, deployment_id: str) -> None:
-        event = ChangeEvent(kind, deployment_id, self._endpoint or "")
+    async def announce(self, kind: ChangeKind, deployment_id: str, in_flight: int | None = None) -> None:
+        event = ChangeEvent(kind, deployment_id, self._endpoint or "", in_flight)
         for client in list(_CLIENTS):
             if client.presence_listener is not None:
                 client.presence_listener(event)

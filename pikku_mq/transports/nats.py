@@ -668,12 +668,12 @@ class NatsServer(ServerTransport):
         except Exception as exc:
             logger.warning("NATS at %s: leaving the queue group failed: %s", self._addresses, _describe(exc))
 
-    async def announce(self, kind: ChangeKind, deployment_id: str) -> None:
+    async def announce(self, kind: ChangeKind, deployment_id: str, in_flight: int | None = None) -> None:
         nc = self._nc
         if nc is None or not nc.is_connected:
             return  # callers learn of the change from discovery
         endpoint = self._endpoint.advertised if self._endpoint is not None else ""
-        await nc.publish(self._presence_subject, encode_change(kind, deployment_id, endpoint).encode())
+        await nc.publish(self._presence_subject, encode_change(kind, deployment_id, endpoint, in_flight).encode())
         if kind in ("draining", "leave"):
             # Callers should stop routing here before the next call leaves them.
             await nc.flush(timeout=1)
@@ -790,7 +790,7 @@ class _NatsPresencePublisher(PresencePublisher):
         self._connect_timeout = connect_timeout
         self._nc: NatsClient | None = None
 
-    async def publish(self, kind: ChangeKind, deployment_id: str, *, busy: bool) -> None:
+    async def publish(self, kind: ChangeKind, deployment_id: str, in_flight: int | None, *, busy: bool) -> None:
         nc = self._nc
         if nc is None or nc.is_closed:
             self._nc = nc = await _open_client(
@@ -801,7 +801,8 @@ class _NatsPresencePublisher(PresencePublisher):
                 on_reconnected=_ignore,
                 on_closed=_ignore,
             )
-        await nc.publish(self._subject, encode_change(kind, deployment_id, self._endpoint, busy=busy).encode())
+        event = encode_change(kind, deployment_id, self._endpoint, in_flight, busy=busy)
+        await nc.publish(self._subject, event.encode())
 
     async def close(self) -> None:
         nc, self._nc = self._nc, None

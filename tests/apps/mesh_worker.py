@@ -120,6 +120,40 @@ async def count(services: dict[str, Any], data: CountIn) -> str:
     return f"{services['deployment_id']}@{os.getpid()}"
 
 
+class ChainIn(BaseModel):
+    """A call that travels along ``route``, a list of function names, one process per hop."""
+
+    route: list[str]
+    pause: float = 0.0
+    """Seconds each hop waits before it calls the next one."""
+    blocking: bool = False
+    """Whether the wait blocks the event loop (time.sleep), so the worker cannot cancel the function at its deadline."""
+    arrivals_dir: str
+    """A folder where each hop that runs creates a file named after its deployment id and hop."""
+
+
+async def _travel(services: dict[str, Any], data: ChainIn, wire: Wire) -> dict[str, Any]:
+    """Record the arrival, wait, then call the next function of the route, or report the budget left at the end."""
+    arrival = Path(data.arrivals_dir) / f"{services['deployment_id']}-{wire.hop}"
+    await asyncio.to_thread(arrival.touch)
+    if data.blocking:
+        time.sleep(data.pause)  # noqa: ASYNC251 - blocking on purpose
+    else:
+        await asyncio.sleep(data.pause)
+    if not data.route:
+        return {"remaining": wire.remaining, "hop": wire.hop, "path": [services["deployment_id"]]}
+
+    onward = data.model_copy(update={"route": data.route[1:]})
+    result: dict[str, Any] = await wire.rpc.remote(data.route[0], onward)
+    result["path"].insert(0, services["deployment_id"])
+    return result
+
+
+# The same function under three names, so that each process of a chain hosts one of them.
+for _name in ("chain_a", "chain_b", "chain_c"):
+    pikku_sessionless_func(expose=True, name=_name, registry=functions)(_travel)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--id", required=True, help="deployment id")

@@ -8,7 +8,7 @@ import asyncio
 import sqlite3
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -404,6 +404,41 @@ async def test_each_row_keeps_its_ttl(store: Store) -> None:
     assert await _ids(observer, "greet") == ["fast", "slow"]
     states = {record.deployment_id: record.state for record in await observer.list_deployments()}
     assert states == {"fast": "live", "slow": "live"}
+
+
+async def test_hostname_registered(store: Store) -> None:
+    service, named, observer = store.service(), store.service(), store.service()
+    await service.start(_config("alpha", "greet"))
+    await named.start(DeploymentConfig("beta", "http://127.0.0.1:1/beta", functions=["greet"], hostname="node-b"))
+
+    hosts = {info.deployment_id: info.hostname for info in await observer.find_function("greet")}
+    assert hosts == {"alpha": service.hostname, "beta": "node-b"}
+    records = {record.deployment_id: record.hostname for record in await observer.list_deployments()}
+    assert records == hosts
+
+
+async def test_heartbeat_reports_in_flight(store: Store) -> None:
+    calls = [2]
+    service, silent, observer = store.service(), store.service(), store.service()
+    service.in_flight_source = lambda: calls[0]
+    await service.start(_config("alpha", "greet"))
+    await silent.start(_config("beta", "greet"))
+
+    async def reported() -> dict[str, int | None]:
+        return {info.deployment_id: info.in_flight for info in await observer.find_function("greet")}
+
+    assert await reported() == {"alpha": 2, "beta": None}
+    calls[0] = 7
+    await wait_until(lambda: _reported_is(reported, {"alpha": 7, "beta": None}), timeout=10 * INTERVAL)
+    [record] = [r for r in await observer.list_deployments() if r.deployment_id == "alpha"]
+    assert record.in_flight == 7
+
+
+Loads = dict[str, int | None]
+
+
+async def _reported_is(reported: Callable[[], Awaitable[Loads]], expected: Loads) -> bool:
+    return await reported() == expected
 
 
 # -- heartbeats and liveness ----------------------------------------------------------------------------
