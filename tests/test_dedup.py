@@ -3,6 +3,7 @@
 Each test serves functions that count their runs from an in-process worker, and sends attempts with
 a chosen ``pikku-call-id`` straight through a client transport. That makes an attempt whose reply is
 lost: the caller's timeout fires while the function still runs, and the function finishes anyway.
+The last test goes through the caller's router instead, with a proxy that loses the first reply.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from _support_amqp import AMQP_URL, amqp_endpoint
-from _support_core import wait_until
+from _support_core import Mesh, wait_until
 from pydantic import BaseModel
 
 from pikku_mq import (
@@ -24,6 +26,7 @@ from pikku_mq import (
     BadRequestError,
     ClientTransport,
     DeadlineExceededError,
+    DeploymentConfig,
     FunctionRegistry,
     PikkuWorker,
     Reply,
@@ -304,3 +307,93 @@ async def test_retry_deadline_shorter_than_first_run() -> None:
     assert "still running" in retry.error.message
     assert first_outcome.encode_python() == (200, {"account": "k", "runs": 1})
     assert ledger.runs["k"] == 1
+
+
+# -- through the router, with a reply lost on the way back ---------------------------------------
+
+
+class ReplyDroppingProxy:
+    """A TCP proxy in front of an HTTP worker that loses the first ``drops`` replies.
+
+    Each request goes to the worker, so the function runs. For a dropped reply the proxy reads the
+    worker's whole response, then closes the caller's connection without sending it: the reply of a
+    call that ran is lost on the way back.
+    """
+
+    def __init__(self, target: str, drops: int) -> None:
+        self.target = urlsplit(target)
+        self.drops = drops
+        self.call_ids: list[str] = []
+        self._server: asyncio.Server | None = None
+
+    @property
+    def endpoint(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def __aenter__(self) -> ReplyDroppingProxy:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        assert self.target.hostname is not None
+        worker_reader, worker_writer = await asyncio.open_connection(self.target.hostname, self.target.port)
+        try:
+            while True:
+                request = await _read_message(client_reader)
+                if request is None:
+                    return
+                self.call_ids.append(_header(request, HEADER_CALL_ID))
+                worker_writer.write(request)
+                await worker_writer.drain()
+                response = await _read_message(worker_reader)
+                if response is None:
+                    return
+                if self.drops > 0:
+                    self.drops -= 1
+                    return
+                client_writer.write(response)
+                await client_writer.drain()
+        finally:
+            worker_writer.close()
+            client_writer.close()
+
+
+async def _read_message(reader: asyncio.StreamReader) -> bytes | None:
+    """Read one HTTP/1.1 message with a content-length body, or return None at the end of the stream."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    length = int(_header(head, "content-length") or "0")
+    return head + await reader.readexactly(length)
+
+
+def _header(message: bytes, name: str) -> str:
+    for line in message.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return ""
+
+
+async def test_router_retry_after_lost_reply_runs_once() -> None:
+    ledger = Ledger()
+    worker = PikkuWorker(registry=REG, services=ledger, discovery=False, security=False)
+    async with worker, Mesh() as mesh:
+        assert worker.endpoint is not None
+        async with ReplyDroppingProxy(worker.endpoint, drops=1) as proxy:
+            registration = mesh.service()
+            await registration.start(DeploymentConfig("proxied", proxy.endpoint, functions=["charge"]))
+            caller = mesh.service(security=False)
+            result = await caller.invoke("charge", {"account": "m"}, timeout=10, idempotent=True)
+
+    assert result == {"account": "m", "runs": 1}
+    assert ledger.runs["m"] == 1
+    assert len(proxy.call_ids) == 2, "the router did not retry after the lost reply"
+    assert proxy.call_ids[0] == proxy.call_ids[1] != ""
