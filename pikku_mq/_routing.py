@@ -181,7 +181,10 @@ class _Call:
             self.failures.append(f"{deployment_id}: {reason}")
 
     def forget_replaced(self, instances: list[DeploymentInfo]) -> None:
-        """Let the call try instances that now have another endpoint under an id that failed it: new processes."""
+        """Let the call try an id that failed it again where ``instances`` show it at another endpoint.
+
+        Another endpoint under the id is another process, which registered after the one that failed.
+        """
         if not self.endpoints or self.attempted is None:
             return
         for instance in instances:
