@@ -10,6 +10,16 @@ import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ._dedup import (
+    DEFAULT_DEDUP_MAX_BYTES,
+    DEFAULT_DEDUP_MAX_ENTRIES,
+    DEFAULT_DEDUP_WINDOW,
+    MAX_CALL_ID_LENGTH,
+    CallRecords,
+    Claim,
+    fingerprint,
+    is_final,
+)
 from ._errors import (
     BadRequestError,
     BusyError,
@@ -57,10 +67,11 @@ class Outcome:
     """The result of serving one call, ready for a transport to encode.
 
     Either ``error`` is set, or ``definition`` and ``result`` are. ``rejected`` marks a call that was
-    declined before its function started.
+    declined before its function started. ``encoded`` is the result already serialised to JSON, as
+    kept for the retries of an idempotent call.
     """
 
-    __slots__ = ("definition", "error", "rejected", "result")
+    __slots__ = ("definition", "encoded", "error", "rejected", "result")
 
     def __init__(
         self,
@@ -69,14 +80,18 @@ class Outcome:
         result: Any = None,
         error: PikkuMQError | None = None,
         rejected: bool = False,
+        encoded: bytes | None = None,
     ) -> None:
         self.definition = definition
         self.result = result
         self.error = error
         self.rejected = rejected
+        self.encoded = encoded
 
     def encode_json(self) -> tuple[int, bytes]:
         """Return the HTTP status and JSON body; a result that cannot be serialised becomes a 500."""
+        if self.encoded is not None:
+            return 200, self.encoded
         if self.error is None:
             assert self.definition is not None
             try:
@@ -87,6 +102,8 @@ class Outcome:
 
     def encode_python(self) -> tuple[int, Any]:
         """Return the status and a JSON-compatible body (for msgpack and the in-memory transport)."""
+        if self.encoded is not None:
+            return 200, json.loads(self.encoded)
         if self.error is None:
             assert self.definition is not None
             try:
@@ -104,6 +121,12 @@ class Dispatcher:
     At most ``max_in_flight`` calls are held at once, running or waiting. A call past that limit is
     declined at once with :class:`BusyError`, which the caller's router takes as a cue to try another
     instance.
+
+    Calls to functions declared ``idempotent=True`` are de-duplicated by their ``pikku-call-id``
+    (see :mod:`pikku_mq._dedup`): a retry of a call that runs or ran here lately gets that call's
+    reply instead of running the function again. Replies are kept for ``dedup_window`` seconds, at
+    most ``dedup_max_entries`` of them and ``dedup_max_bytes`` of encoded replies, the oldest dropped
+    first. ``dedup_window=0`` turns de-duplication off.
     """
 
     def __init__(
@@ -117,7 +140,19 @@ class Dispatcher:
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         security: RemoteSecurity | None = None,
+        dedup_window: float = DEFAULT_DEDUP_WINDOW,
+        dedup_max_entries: int = DEFAULT_DEDUP_MAX_ENTRIES,
+        dedup_max_bytes: int = DEFAULT_DEDUP_MAX_BYTES,
     ) -> None:
+        if not 0 <= dedup_window < float("inf"):
+            raise ConfigurationError(
+                f"dedup_window must be a finite number of seconds, 0 or more, got {dedup_window!r}"
+            )
+        if dedup_max_entries < 1 or dedup_max_bytes < 1:
+            raise ConfigurationError(
+                f"dedup_max_entries ({dedup_max_entries!r}) and dedup_max_bytes ({dedup_max_bytes!r}) "
+                "must be at least 1"
+            )
         if max_concurrency < 1:
             raise ConfigurationError(f"max_concurrency must be at least 1, got {max_concurrency!r}")
         if max_in_flight < max_concurrency:
@@ -143,6 +178,12 @@ class Dispatcher:
         """:func:`time.monotonic` of the last call rejected while draining."""
         self._running: set[asyncio.Task[Any]] = set()
         self._aborting = False
+        self.records = (
+            CallRecords(window=dedup_window, max_entries=dedup_max_entries, max_bytes=dedup_max_bytes)
+            if dedup_window > 0
+            else None
+        )
+        """Replies of the recent calls to idempotent functions, by call id, or None with de-duplication off."""
 
     async def handle(self, name: str, data: Any, headers: Mapping[str, str]) -> Outcome:
         """Admit and run one call; every failure becomes an error outcome, none is raised."""
@@ -150,11 +191,81 @@ class Dispatcher:
             admitted = self.admit(name, headers, data)
         except PikkuMQError as exc:
             return Outcome(error=exc, rejected=isinstance(exc, ServiceUnavailableError))
+        if self.records is not None and admitted.definition.idempotent and headers.get(HEADER_CALL_ID):
+            return await self._handle_once(admitted, data, self.records)
         try:
             result = await self.execute(admitted, data)
         except PikkuMQError as exc:
             return Outcome(error=exc)
         return Outcome(definition=admitted.definition, result=result)
+
+    async def _handle_once(self, admitted: Admitted, data: Any, records: CallRecords) -> Outcome:
+        """Run an idempotent call, unless an attempt with the same call id runs here or ran here lately."""
+        key = (admitted.definition.name, admitted.wire.call_id)
+        digest = fingerprint(data, admitted.wire.session)
+        while True:
+            try:
+                found = records.find(key, digest)
+            except BadRequestError as exc:
+                return Outcome(error=exc)
+            if found is None:
+                break
+            if isinstance(found, Outcome):
+                logger.debug("replaying the reply of call %s to %s", key[1], key[0])
+                return found
+            outcome = await self._wait_for(found, admitted)
+            if outcome is not None:
+                return outcome
+            # The earlier attempt did not finish, so this one runs the function, unless another waiter already does.
+
+        claim = records.claim(key, digest)
+        outcome = None
+        try:
+            outcome = await self._run_encoded(admitted, data)
+        finally:
+            records.settle(claim, outcome)
+        return outcome
+
+    async def _wait_for(self, claim: Claim, admitted: Admitted) -> Outcome | None:
+        """Wait, within this attempt's deadline, for the reply of the attempt that runs the call.
+
+        Return None if that attempt did not finish, so this one should run the call itself.
+        """
+        definition, wire = admitted.definition, admitted.wire
+        task = self._enter()
+        try:
+            async with asyncio.timeout(wire.remaining):
+                await asyncio.wait({claim.future})
+        except asyncio.CancelledError:
+            if not self._aborting or task is None:
+                raise
+            task.uncancel()
+            return Outcome(error=self._interrupted(definition))
+        except TimeoutError:
+            return Outcome(
+                error=DeadlineExceededError(
+                    f"an earlier attempt of this call to '{definition.name}' is still running on instance "
+                    f"'{self.deployment_id}' and did not finish before this attempt's deadline"
+                )
+            )
+        finally:
+            self._leave()
+        if claim.future.cancelled():
+            return None
+        outcome = claim.future.result()
+        return outcome if is_final(outcome) else None
+
+    async def _run_encoded(self, admitted: Admitted, data: Any) -> Outcome:
+        """Run an admitted call and return its outcome with the result serialised, ready to keep.
+
+        The outcome keeps only the JSON text of the result, whose size the records count.
+        """
+        try:
+            result = await self.execute(admitted, data)
+            encoded = admitted.definition.dump_json(result)
+        except PikkuMQError as exc:
+            return Outcome(error=exc)
+        return Outcome(definition=admitted.definition, encoded=encoded)
 
     def admit(self, name: str, headers: Mapping[str, str], data: Any = None) -> Admitted:
         """Check a call before it runs; raise the error to send back if it cannot run.
@@ -199,6 +310,10 @@ class Dispatcher:
 
         trace_id = headers.get(HEADER_REQUEST_ID) or uuid.uuid4().hex
         call_id = headers.get(HEADER_CALL_ID) or uuid.uuid4().hex
+        if len(call_id) > MAX_CALL_ID_LENGTH:
+            raise BadRequestError(
+                f"header {HEADER_CALL_ID} must be at most {MAX_CALL_ID_LENGTH} characters, got {len(call_id)}"
+            )
         deadline = time.monotonic() + budget
         rpc = RPC(
             registry=self.registry,
@@ -225,11 +340,7 @@ class Dispatcher:
                 raise
             # The worker is stopping, so reply with an error instead of letting the server drop the request.
             task.uncancel()
-            raise CallInterruptedError(
-                f"instance '{self.deployment_id}' stopped before function '{definition.name}' finished; "
-                "it may have partly run",
-                payload={"deployment_id": self.deployment_id},
-            ) from None
+            raise self._interrupted(definition) from None
         except TimeoutError as exc:
             if isinstance(exc, PikkuMQError):
                 raise
@@ -250,6 +361,13 @@ class Dispatcher:
             raise error from exc
         finally:
             self._leave()
+
+    def _interrupted(self, definition: FunctionDefinition) -> CallInterruptedError:
+        return CallInterruptedError(
+            f"instance '{self.deployment_id}' stopped before function '{definition.name}' finished; "
+            "it may have partly run",
+            payload={"deployment_id": self.deployment_id},
+        )
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no call is in flight; return False if some still are after ``timeout`` seconds."""

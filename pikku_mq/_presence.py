@@ -45,15 +45,21 @@ class ChangeEvent:
     """The calls the instance had in flight when it sent the event, or None where the event has no count.
 
     Workers send it with ``join`` and ``heartbeat`` presence events, and least-loaded callers balance on it."""
+    busy: bool = False
+    """Set on a heartbeat while the instance's event loop is blocked, so its calls wait until it is free."""
 
 
-def encode_change(kind: ChangeKind, deployment_id: str, endpoint: str = "", in_flight: int | None = None) -> str:
+def encode_change(
+    kind: ChangeKind, deployment_id: str, endpoint: str = "", in_flight: int | None = None, *, busy: bool = False
+) -> str:
     """Return the JSON text of a change event, or of a ``resync`` event if it would be too long."""
-    event: dict[str, str | int] = {"event": kind, "deployment_id": deployment_id}
+    event: dict[str, str | int | bool] = {"event": kind, "deployment_id": deployment_id}
     if endpoint:
         event["endpoint"] = endpoint
     if in_flight is not None:
         event["in_flight"] = in_flight
+    if busy:
+        event["busy"] = True
     payload = json.dumps(event, separators=(",", ":"))
     if len(payload.encode()) > MAX_CHANGE_PAYLOAD:
         return json.dumps({"event": "resync"})
@@ -68,6 +74,7 @@ def decode_change(raw: str | bytes) -> ChangeEvent | None:
         deployment_id = value.get("deployment_id", "")
         endpoint = value.get("endpoint", "")
         in_flight = value.get("in_flight")
+        busy = value.get("busy") is True
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         # RecursionError: deeply nested JSON, which anyone who can publish on the channel can send.
         logger.debug("ignoring a malformed change event: %.200r", raw)
@@ -80,7 +87,7 @@ def decode_change(raw: str | bytes) -> ChangeEvent | None:
     ):
         logger.debug("ignoring an unknown change event: %.200r", raw)
         return None
-    return ChangeEvent(kind, deployment_id, endpoint, _count(in_flight))
+    return ChangeEvent(kind, deployment_id, endpoint, _count(in_flight), busy)
 
 
 def _count(value: object) -> int | None:

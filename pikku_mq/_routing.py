@@ -119,6 +119,7 @@ class _Call:
         "attempts",
         "busy",
         "deadline",
+        "endpoints",
         "excluded",
         "failures",
         "idempotent",
@@ -154,16 +155,22 @@ class _Call:
         """Instances that failed this call; the next attempt prefers the others."""
         self.excluded: set[str] | None = None
         """Instances that certainly cannot take this call; a retry never goes to them."""
+        self.endpoints: dict[str, str] | None = None
+        """The endpoint of each instance that failed this call, by deployment id."""
         self.failures: list[str] | None = None
         self.busy: Reply | None = None
         self.too_large: PayloadTooLargeError | None = None
         self.refreshed = False
 
-    def failed_on(self, deployment_id: str, reason: str | None, *, exclude: bool) -> None:
+    def failed_on(self, instance: DeploymentInfo, reason: str | None, *, exclude: bool) -> None:
         """Record a failure of this call on an instance; ``exclude`` keeps retries away from it."""
+        deployment_id = instance.deployment_id
         if self.attempted is None:
             self.attempted = set()
+            self.endpoints = {}
         self.attempted.add(deployment_id)
+        assert self.endpoints is not None
+        self.endpoints[deployment_id] = instance.endpoint
         if exclude:
             if self.excluded is None:
                 self.excluded = set()
@@ -172,6 +179,20 @@ class _Call:
             if self.failures is None:
                 self.failures = []
             self.failures.append(f"{deployment_id}: {reason}")
+
+    def forget_replaced(self, instances: list[DeploymentInfo]) -> None:
+        """Let the call try an id that failed it again where ``instances`` show it at another endpoint.
+
+        Another endpoint under the id is another process, which registered after the one that failed.
+        """
+        if not self.endpoints or self.attempted is None:
+            return
+        for instance in instances:
+            failed_at = self.endpoints.get(instance.deployment_id)
+            if failed_at is not None and failed_at != instance.endpoint:
+                self.attempted.discard(instance.deployment_id)
+                if self.excluded is not None:
+                    self.excluded.discard(instance.deployment_id)
 
     def budget(self, attempt_timeout: float | None) -> float:
         """Return the seconds the next attempt may take; zero or less once the deadline has passed."""
@@ -233,6 +254,8 @@ class Router:
         self._discovery_failing = False
         self._departed: dict[str, tuple[float, str]] = {}
         """Deployment ids that the change feed reported draining or gone, with when to stop filtering them out."""
+        self._busy: dict[str, float] = {}
+        """Deployment ids whose presence heartbeat reported a blocked event loop, with when to forget it."""
         self.security: RemoteSecurity | None = None
         """With a remote secret, every attempt carries a token of its own, with the caller's session."""
 
@@ -297,6 +320,18 @@ class Router:
             self._expire_all()
             logger.debug("change feed: %s is alive again", deployment_id)
 
+    def instance_busy(self, deployment_id: str, busy: bool) -> None:
+        """Record whether an instance reported a blocked event loop in its latest presence heartbeat.
+
+        Calls go to the other instances while any of them can take the call, since a call to a blocked
+        instance waits until its loop is free. The mark lasts until a heartbeat without it, or
+        ``suspect_ttl`` at most.
+        """
+        if busy:
+            self._busy[deployment_id] = time.monotonic() + self._suspect_ttl
+        else:
+            self._busy.pop(deployment_id, None)
+
     def resync(self) -> None:
         """Look every function up again, after a gap in the change feed in which events were lost."""
         self._departed.clear()
@@ -349,16 +384,15 @@ class Router:
             if instance is None:
                 raise self._no_instance(call)
 
-            deployment_id = instance.deployment_id
             uncertain: PikkuMQError | None = None
             try:
                 reply = await self._attempt(instance, call)
             except EndpointUnreachableError as exc:
-                call.failed_on(deployment_id, str(exc), exclude=True)
+                call.failed_on(instance, str(exc), exclude=True)
                 continue
             except PayloadTooLargeError as exc:
                 call.too_large = exc  # another instance may have an endpoint that carries it
-                call.failed_on(deployment_id, None, exclude=True)
+                call.failed_on(instance, None, exclude=True)
                 continue
             except _UncertainFailure as failure:
                 uncertain = failure.error
@@ -370,13 +404,13 @@ class Router:
 
             if uncertain is not None:
                 # Outside the except block, so that the error raised here does not chain the internal one.
-                call.failed_on(deployment_id, f"{type(uncertain).__name__}: {uncertain}", exclude=False)
+                call.failed_on(instance, f"{type(uncertain).__name__}: {uncertain}", exclude=False)
                 await self._wait_for_retry(call, uncertain)
                 continue
             if reply.rejected:
                 # The worker declined the call before running it: draining, or busy.
                 call.busy = reply if _is_busy(reply) else call.busy
-                call.failed_on(deployment_id, None, exclude=True)
+                call.failed_on(instance, None, exclude=True)
                 continue
             return _result(reply)
 
@@ -391,7 +425,7 @@ class Router:
         """Pick the instance for the next attempt of ``call``, or return None if none is left."""
         name = call.request.name
         entry = await self._entry(name, call.deadline)
-        instance = self._balancer.pick(name, entry.instances, entry.local, call.strategy, call.attempted)
+        instance = self._pick_not_busy(name, entry, call.strategy, call.attempted)
         if instance is not None or call.attempted is None:
             return instance
 
@@ -400,13 +434,28 @@ class Router:
             call.refreshed = True
             entry.expires = 0.0
             entry = await self._entry(name, call.deadline)
-            instance = self._balancer.pick(name, entry.instances, entry.local, call.strategy, call.attempted)
+            call.forget_replaced(entry.instances)
+            instance = self._pick_not_busy(name, entry, call.strategy, call.attempted)
             if instance is not None:
                 return instance
         if call.uncertain:
             # A retry after an uncertain failure may go to an instance that was tried, even the only one.
-            return self._balancer.pick(name, entry.instances, entry.local, call.strategy, call.excluded)
+            return self._pick_not_busy(name, entry, call.strategy, call.excluded)
         return None
+
+    def _pick_not_busy(
+        self, name: str, entry: _Entry, strategy: Balancing, exclude: set[str] | None
+    ) -> DeploymentInfo | None:
+        """Pick an instance that did not report a blocked event loop, or any instance if none of those can take it."""
+        if self._busy:
+            now = time.monotonic()
+            self._busy = {i: until for i, until in self._busy.items() if until > now}
+            if self._busy:
+                avoid = self._busy.keys() | exclude if exclude else set(self._busy)
+                instance = self._balancer.pick(name, entry.instances, entry.local, strategy, avoid)
+                if instance is not None:
+                    return instance
+        return self._balancer.pick(name, entry.instances, entry.local, strategy, exclude)
 
     async def _attempt(self, instance: DeploymentInfo, call: _Call) -> Reply:
         """Send one attempt to ``instance``, record its outcome for balancing and ejection, and return the reply.
@@ -573,10 +622,24 @@ class Router:
         for instance in found:
             if instance.in_flight is not None:
                 self._balancer.report_load(instance.deployment_id, instance.in_flight)
+        if entry is not None:
+            self._forget_replaced(entry.instances, found)
         ttl = self._cache_ttl if found else min(self._cache_ttl, _EMPTY_RESULT_TTL)
         local = [i for i in found if is_local(i, self.hostname)]
         fresh = self._entries[name] = _Entry(found, local, time.monotonic() + ttl)
         return fresh
+
+    def _forget_replaced(self, before: list[DeploymentInfo], found: list[DeploymentInfo]) -> None:
+        """Put back in routing the instances that a lookup finds under a known id at another endpoint.
+
+        Another endpoint means another process, which registered after the one that failed, so it counts
+        as a join where the store has no change feed to announce it.
+        """
+        endpoints = {i.deployment_id: i.endpoint for i in before}
+        for instance in found:
+            endpoint = endpoints.get(instance.deployment_id)
+            if endpoint is not None and endpoint != instance.endpoint:
+                self._outliers.forget(instance.deployment_id, registered_again=True)
 
     async def _lookup_translated(self, name: str) -> list[DeploymentInfo]:
         try:

@@ -14,9 +14,11 @@ from types import TracebackType
 from typing import Any, Literal, Self
 from urllib.parse import urlsplit
 
+from ._dedup import DEFAULT_DEDUP_MAX_BYTES, DEFAULT_DEDUP_MAX_ENTRIES, DEFAULT_DEDUP_WINDOW
 from ._dispatch import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_IN_FLIGHT, Dispatcher
 from ._errors import ConfigurationError
 from ._functions import FunctionDefinition, FunctionRegistry, default_registry
+from ._liveness import LoopThread, WorkerWatch
 from ._presence import ChangeKind
 from ._security import RemoteSecurity
 from ._settings import default_discovery_url
@@ -24,7 +26,7 @@ from ._types import DEFAULT_TIMEOUT, DeploymentConfig
 from .backends import deployment_service_from_url
 from .backends.base import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TTL, DeploymentService
 from .transports._nats_wire import parse_nats_endpoint
-from .transports.base import ClientTransport, ServerTransport, TransportSet, endpoint_scheme
+from .transports.base import ClientTransport, PresencePublisher, ServerTransport, TransportSet, endpoint_scheme
 from .transports.http import DEFAULT_MAX_BODY_SIZE, HttpServer, PikkuASGIApp
 from .transports.memory import MemoryServer
 
@@ -42,6 +44,9 @@ _ABORT_GRACE = 1.0
 
 _ANNOUNCE_TIMEOUT = 1.0
 """Seconds a presence announcement may take, so a slow broker never holds up a start or a stop."""
+
+_WATCH_STOP_TIMEOUT = 5.0
+"""Seconds ``stop`` waits for the watch thread to send its last heartbeat and close its connections."""
 
 _SERVED_SCHEMES = ("http", "memory", "nats", "amqp", "amqps")
 """Endpoint schemes a worker can serve."""
@@ -66,6 +71,12 @@ class PikkuWorker:
 
     On stop the worker deregisters first, then rejects new calls while it finishes the calls in flight
     for up to ``drain_timeout`` seconds, then closes its listener.
+
+    A retry of a call to an ``idempotent=True`` function that this process ran in the last
+    ``dedup_window`` seconds (default 60) gets the first attempt's reply instead of running the
+    function again. The worker keeps at most ``dedup_max_entries`` replies (default 10,000) and
+    ``dedup_max_bytes`` of their JSON text (default 64 MiB), and drops the oldest first.
+    ``dedup_window=0`` turns this off.
 
     ``security`` is the remote secret (see :class:`RemoteSecurity`), by default from
     ``PIKKU_REMOTE_SECRET``; ``False`` turns it off. With one, the worker serves only calls signed with
@@ -96,6 +107,9 @@ class PikkuWorker:
         nats_url: str | None = None,
         amqp_url: str | None = None,
         security: RemoteSecurity | Literal[False] | None = None,
+        dedup_window: float = DEFAULT_DEDUP_WINDOW,
+        dedup_max_entries: int = DEFAULT_DEDUP_MAX_ENTRIES,
+        dedup_max_bytes: int = DEFAULT_DEDUP_MAX_BYTES,
     ) -> None:
         if drain_timeout < 0:
             raise ConfigurationError(f"drain_timeout must not be negative, got {drain_timeout!r}")
@@ -143,6 +157,9 @@ class PikkuWorker:
             max_concurrency=max_concurrency,
             max_in_flight=max_in_flight,
             security=self.security,
+            dedup_window=dedup_window,
+            dedup_max_entries=dedup_max_entries,
+            dedup_max_bytes=dedup_max_bytes,
         )
         if self.deployment_service is not None:
             # Heartbeats write the calls in flight to the registry, for least-loaded callers.
@@ -151,6 +168,7 @@ class PikkuWorker:
         """The advertised endpoint, known once the worker listens (the port filled in)."""
         self._servers: list[ServerTransport] = []
         self._presence_task: asyncio.Task[None] | None = None
+        self._watch: LoopThread | None = None
         self._presence_interval = (
             self.deployment_service.heartbeat_interval if self.deployment_service is not None else heartbeat_interval
         )
@@ -212,7 +230,7 @@ class PikkuWorker:
             raise
         self._started = True
         await self._announce("join")
-        self._presence_task = asyncio.create_task(self._presence_loop(), name=f"pikku-presence-{self.deployment_id}")
+        self._start_presence()
         logger.info("worker %s serving at %s", self.deployment_id, self.endpoint)
 
     async def stop(self) -> None:
@@ -287,18 +305,21 @@ class PikkuWorker:
         """
         in_flight = self.dispatcher.in_flight if kind in ("join", "heartbeat") else None
         for server in self._servers:
-            try:
-                async with asyncio.timeout(_ANNOUNCE_TIMEOUT):
-                    await server.announce(kind, self.deployment_id, in_flight)
-            except Exception as exc:  # callers still learn of the change from discovery
-                logger.info(
-                    "worker %s could not announce %s on %r: %s: %s",
-                    self.deployment_id,
-                    kind,
-                    server,
-                    type(exc).__name__,
-                    exc,
-                )
+            await self._announce_on(server, kind, in_flight)
+
+    async def _announce_on(self, server: ServerTransport, kind: ChangeKind, in_flight: int | None) -> None:
+        try:
+            async with asyncio.timeout(_ANNOUNCE_TIMEOUT):
+                await server.announce(kind, self.deployment_id, in_flight)
+        except Exception as exc:  # callers still learn of the change from discovery
+            logger.info(
+                "worker %s could not announce %s on %r: %s: %s",
+                self.deployment_id,
+                kind,
+                server,
+                type(exc).__name__,
+                exc,
+            )
 
     async def _begin_drain(self) -> None:
         for server in self._servers:
@@ -314,12 +335,41 @@ class PikkuWorker:
                     exc,
                 )
 
-    async def _presence_loop(self) -> None:
+    def _start_presence(self) -> None:
+        """Start the presence heartbeats and the watch of the event loop.
+
+        Servers with a presence publisher send their heartbeats from the watch's thread, on connections
+        of its own, so a function that blocks the event loop does not stop them. The others announce
+        theirs from the event loop.
+        """
+        publishers: list[PresencePublisher] = []
+        on_loop: list[ServerTransport] = []
+        for server in self._servers:
+            publisher = server.presence_publisher()
+            if publisher is None:
+                on_loop.append(server)
+            else:
+                publishers.append(publisher)
+        if on_loop:
+            self._presence_task = asyncio.create_task(
+                self._presence_loop(on_loop), name=f"pikku-presence-{self.deployment_id}"
+            )
+        watch = WorkerWatch(
+            self.deployment_id, asyncio.get_running_loop(), publishers, self._presence_interval, self._in_flight
+        )
+        self._watch = LoopThread(f"pikku-watch-{self.deployment_id}", watch.run)
+        self._watch.start()
+
+    async def _presence_loop(self, servers: list[ServerTransport]) -> None:
         while True:
             await asyncio.sleep(self._presence_interval)
-            await self._announce("heartbeat")
+            for server in servers:
+                await self._announce_on(server, "heartbeat", self.dispatcher.in_flight)
 
     async def _stop_presence(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None and not await watch.stop(_WATCH_STOP_TIMEOUT):
+            logger.warning("the watch thread of worker %s did not stop; it ends with the process", self.deployment_id)
         task, self._presence_task = self._presence_task, None
         if task is not None:
             task.cancel()

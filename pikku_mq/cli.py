@@ -20,6 +20,7 @@ from dataclasses import asdict
 from types import ModuleType
 from typing import Any, NoReturn
 
+from ._dedup import DEFAULT_DEDUP_WINDOW
 from ._dispatch import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_IN_FLIGHT
 from ._errors import ConfigurationError, PikkuMQError, function_not_found
 from ._functions import FunctionDefinition, default_registry
@@ -52,6 +53,7 @@ _WORKER_FLAGS = {
     "bind_host": "--bind-host",
     "max_concurrency": "--max-concurrency",
     "max_in_flight": "--max-in-flight",
+    "dedup_window": "--dedup-window",
     "nats_url": "--nats-url",
     "amqp_url": "--amqp-url",
 }
@@ -190,6 +192,14 @@ def _add_worker_parser(commands: Any) -> None:
         help=f"calls accepted at once, running or waiting; past it the worker replies busy and callers try "
         f"another instance (default: {DEFAULT_MAX_IN_FLIGHT})",
     )
+    parser.add_argument(
+        "--dedup-window",
+        type=_non_negative_seconds,
+        metavar="SECONDS",
+        help=f"seconds this worker keeps the reply of a call to an idempotent function, so a retry with the "
+        f"same call id gets it instead of running the function again; 0 turns this off "
+        f"(default: {DEFAULT_DEDUP_WINDOW:g})",
+    )
     _add_log_level_flag(parser, "INFO")
     parser.set_defaults(handler=_run_worker)
 
@@ -255,6 +265,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def _non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, 0 or more, got {text!r}")
     return value
 
 
@@ -337,6 +357,7 @@ def _worker_for_module(module: ModuleType, args: argparse.Namespace) -> PikkuWor
         "bind_host",
         "max_concurrency",
         "max_in_flight",
+        "dedup_window",
         "nats_url",
         "amqp_url",
     ):

@@ -502,7 +502,9 @@ async def test_all_connections_closed_recovers(own_vhost: str, mesh: Mesh) -> No
         started = time.monotonic()
 
         # What a broker restart does to clients, limited to this test's vhost: every connection is closed.
-        assert await asyncio.to_thread(close_vhost_connections, own_vhost) == 2
+        # The worker's presence connection opens at its first heartbeat, 10 s after it started, if the
+        # test has run that long.
+        assert await asyncio.to_thread(close_vhost_connections, own_vhost) in (2, 3)
         outcomes = await asyncio.gather(*in_flight, return_exceptions=True)
         for outcome in outcomes:
             assert outcome == "drill-1" or isinstance(outcome, PikkuMQError), repr(outcome)
@@ -517,7 +519,9 @@ async def test_all_connections_closed_recovers(own_vhost: str, mesh: Mesh) -> No
         await wait_until(served, timeout=20, interval=0.2)
         assert server_of(worker).reconnects >= 1
         assert len(await asyncio.to_thread(vhost_connections, own_vhost, "pikku-mq worker drill-1")) == 1
-        assert await asyncio.to_thread(vhost_heartbeats, own_vhost) == [15, 15]
+        heartbeats = await asyncio.to_thread(vhost_heartbeats, own_vhost)
+        assert set(heartbeats) == {15}
+        assert len(heartbeats) in (2, 3)
 
 
 async def test_worker_reconnect_keeps_call(own_vhost: str, mesh: Mesh) -> None:

@@ -159,9 +159,7 @@ async def _survive_outage(
             back = time.monotonic() - answered
 
             assert await caller.invoke("ping", timeout=5) == "pong"
-            heartbeats = worker_service._heartbeat_task
-            assert heartbeats is not None
-            assert not heartbeats.done()
+            assert worker_service.heartbeating
             await wait_until(
                 lambda: _messages(caplog, logging.INFO, HEARTBEAT_RECOVERED.format(deployment_id)), timeout=5
             )

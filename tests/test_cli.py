@@ -391,6 +391,8 @@ def test_worker_on_nats_endpoint(
         (["calc:build", "--bind-host", "0.0.0.0"], "--bind-host cannot be combined with MODULE:ATTR"),
         (["helpers", "--endpoint", "nats://127.0.0.1:4222"], "has no subject prefix"),
         (["calc:build", "--nats-url", "nats://127.0.0.1:4222"], "--nats-url cannot be combined with MODULE:ATTR"),
+        (["helpers", "--dedup-window", "-1"], "must be a finite number of seconds, 0 or more, got '-1'"),
+        (["calc:build", "--dedup-window", "5"], "--dedup-window cannot be combined with MODULE:ATTR"),
     ],
 )
 def test_worker_rejects_bad_arguments(project: Path, cli_env: dict[str, str], args: list[str], message: str) -> None:
@@ -441,10 +443,18 @@ def test_worker_limits_and_bind_host_applied(project: Path, cli_env: dict[str, s
         from pikku_mq import cli
 
         args = cli.build_parser().parse_args(
-            ["worker", "helpers", "--bind-host", "0.0.0.0", "--max-concurrency", "7", "--max-in-flight", "70"]
+            [
+                "worker", "helpers", "--bind-host", "0.0.0.0", "--max-concurrency", "7", "--max-in-flight", "70",
+                "--dedup-window", "5",
+            ]
         )
         worker = cli._worker_for_module(cli._import_module("helpers"), args)
-        limits = [worker.bind_host, worker.dispatcher.max_concurrency, worker.dispatcher.max_in_flight]
+        limits = [
+            worker.bind_host,
+            worker.dispatcher.max_concurrency,
+            worker.dispatcher.max_in_flight,
+            worker.dispatcher.records.window,
+        ]
         print(json.dumps(limits))
         """
     )
@@ -454,7 +464,7 @@ def test_worker_limits_and_bind_host_applied(project: Path, cli_env: dict[str, s
     )
 
     assert completed.returncode == 0, completed.stderr
-    assert json.loads(completed.stdout) == ["0.0.0.0", 7, 70]
+    assert json.loads(completed.stdout) == ["0.0.0.0", 7, 70, 5.0]
 
 
 def test_ls_never_prints_password(tmp_path: Path, cli_env: dict[str, str]) -> None:

@@ -100,9 +100,7 @@ async def test_stray_cancellation_keeps_heartbeats(tmp_path: Path, caplog: pytes
     try:
         recovered = "heartbeat of stray recovered"
         await wait_until(lambda: any(recovered in r.getMessage() for r in caplog.records), timeout=INTERVAL * 10)
-        heartbeats = service._heartbeat_task
-        assert heartbeats is not None
-        assert not heartbeats.done()
+        assert service.heartbeating
     finally:
         await service.close()
 

@@ -352,8 +352,8 @@ async def test_purge_bounded_per_call(services: Services, prefix: str) -> None:
 async def test_purge_keeps_taken_over_id(services: Services, prefix: str) -> None:
     old, new = services.make(), services.make(interval=5.0, ttl=15.0)
     await old.start(_config("alpha", "greet"))
-    assert old._heartbeat_task is not None
-    old._heartbeat_task.cancel()
+    assert old.heartbeating
+    await old._stop_heartbeats()
     await asyncio.sleep(TTL * 1.5)
 
     await new.start(_config("alpha", "greet", endpoint="http://127.0.0.1:9"))

@@ -280,7 +280,7 @@ async def test_mariadb_time_zones_agree(tmp_path: Path) -> None:
                 assert 0 <= record.heartbeat_age < TTL, record
 
         crashed = services[1]
-        assert crashed._heartbeat_task is not None
+        assert crashed.heartbeating
         await crashed._stop_heartbeats()
         await asyncio.sleep(TTL * 1.5)
 

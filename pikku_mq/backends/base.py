@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Literal, Self
 
 from .._errors import ConfigurationError, DeploymentConflictError, DiscoveryError, PikkuMQError
+from .._liveness import LoopThread, wait_for_event
 from .._outliers import EjectionPolicy
 from .._presence import ChangeEvent, ChangeKind
 from .._routing import RetryPolicy, Router
@@ -92,6 +93,13 @@ class DeploymentService(ABC):
     failure, and ``ejection`` (an :class:`EjectionPolicy`) when failing instances are taken out of
     routing. ``hostname`` is the host name this instance registers with and that ``prefer_local``
     compares: by default ``PIKKU_HOSTNAME``, else :func:`socket.gethostname`.
+
+    With ``heartbeat_thread`` true (the default), a service built from a URL, DSN or file path sends its
+    heartbeats from a daemon thread, through a second service on the same store with connections of
+    its own. A function that blocks the event loop for longer than the TTL then does not get its
+    instance expired, while the heartbeats of a killed process stop with it. A service built on a
+    pool, client or engine that the caller passed in, and the in-memory one, heartbeat on the event
+    loop that called ``start``, because their connections belong to that loop.
     """
 
     has_change_feed: ClassVar[bool] = False
@@ -112,6 +120,7 @@ class DeploymentService(ABC):
         retry: RetryPolicy | None = None,
         ejection: EjectionPolicy | None = None,
         hostname: str | None = None,
+        heartbeat_thread: bool = True,
     ) -> None:
         if not heartbeat_interval > 0:
             raise ConfigurationError(f"heartbeat_interval must be positive seconds, got {heartbeat_interval!r}")
@@ -150,8 +159,12 @@ class DeploymentService(ABC):
         self.router.transports.set_presence_listener(self._on_presence)
         self.router.security = RemoteSecurity.from_env() if security is None else security or None
         self._config: DeploymentConfig | None = None
+        self.heartbeat_thread = heartbeat_thread
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._heartbeat_runner: LoopThread | None = None
         self._heartbeat_stop = asyncio.Event()
+        self._owner_loop: asyncio.AbstractEventLoop | None = None
+        """In a heartbeat thread, the event loop of the service that started it. Heartbeats end when it closes."""
         self._initialized = False
         self.change_feed = change_feed and self.has_change_feed
         self._feed_task: asyncio.Task[None] | None = None
@@ -160,7 +173,8 @@ class DeploymentService(ABC):
         self.in_flight_source: Callable[[], int] | None = None
         """Returns this instance's calls in flight, which registrations and heartbeats write to the registry.
 
-        :class:`~pikku_mq.PikkuWorker` sets it; without it, the registry gets no count (NULL)."""
+        :class:`~pikku_mq.PikkuWorker` sets it; without it, the registry gets no count (NULL). The
+        heartbeat thread calls it too, so it must only read values, and never touch the event loop."""
 
     # -- the backend's part ------------------------------------------------------------------------
 
@@ -203,6 +217,28 @@ class DeploymentService(ABC):
     async def _close_store(self) -> None:  # noqa: B027 - stores without connections have nothing to close
         """Release the store's connections."""
 
+    def _heartbeat_twin(self) -> DeploymentService | None:
+        """Return a new service on the same store, to send the heartbeats from a thread, or None if there is none.
+
+        It must open connections of its own when first used, since connections belong to the event loop
+        that opened them. Build it with :meth:`_twin_options`, and with ``type(self)``, so that a
+        subclass's overrides apply to its heartbeats too.
+        """
+        return None
+
+    def _twin_options(self) -> dict[str, Any]:
+        """Return the constructor options of a heartbeat twin: this service's timing, and no feed or transports."""
+        return {
+            "heartbeat_interval": self.heartbeat_interval,
+            "heartbeat_ttl": self.heartbeat_ttl,
+            "default_timeout": self.default_timeout,
+            "hostname": self.hostname,
+            "transports": TransportSet([]),
+            "change_feed": False,
+            "security": False,
+            "heartbeat_thread": False,
+        }
+
     async def _announce(self, kind: ChangeKind, deployment_id: str) -> None:  # noqa: B027 - no feed by default
         """Publish a change event on the store's change feed, if it has one."""
 
@@ -242,13 +278,36 @@ class DeploymentService(ABC):
         async with self._translate_errors(f"registering {config.deployment_id}"):
             await self._register(config, functions)
         self._config = config
-        self._heartbeat_stop = asyncio.Event()
-        self._heartbeat_task = asyncio.create_task(
-            self._heartbeat_loop(config, functions), name=f"pikku-heartbeat-{config.deployment_id}"
-        )
+        self._start_heartbeats(config, functions)
         logger.info(
             "registered deployment %s at %s with %d functions", config.deployment_id, config.endpoint, len(functions)
         )
+
+    def _start_heartbeats(self, config: DeploymentConfig, functions: list[str]) -> None:
+        """Start the heartbeat loop: in a thread through a twin service where there is one, else as a task."""
+        name = f"pikku-heartbeat-{config.deployment_id}"
+        twin = self._heartbeat_twin() if self.heartbeat_thread else None
+        if twin is None:
+            self._heartbeat_stop = asyncio.Event()
+            self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(config, functions), name=name)
+            return
+        twin.in_flight_source = self.in_flight_source
+        owner = asyncio.get_running_loop()
+        self._heartbeat_runner = LoopThread(
+            name, lambda stop: twin._heartbeat_in_thread(config, functions, stop, owner)
+        )
+        self._heartbeat_runner.start()
+
+    async def _heartbeat_in_thread(
+        self, config: DeploymentConfig, functions: list[str], stop: asyncio.Event, owner: asyncio.AbstractEventLoop
+    ) -> None:
+        """Run the heartbeat loop of a twin in its thread, then close the twin's connections."""
+        self._heartbeat_stop = stop
+        self._owner_loop = owner
+        try:
+            await self._heartbeat_loop(config, functions)
+        finally:
+            await self.close()
 
     async def stop(self) -> None:
         """Announce draining, stop heartbeating and delete the registration. Safe to call when not started."""
@@ -279,6 +338,9 @@ class DeploymentService(ABC):
         The loop is asked to stop rather than cancelled, so no store operation is cut off halfway (a
         cancelled aiosqlite call leaves its thread calling back into a loop that may be closed).
         """
+        runner, self._heartbeat_runner = self._heartbeat_runner, None
+        if runner is not None and not await runner.stop(_HEARTBEAT_STOP_TIMEOUT):
+            logger.warning("the heartbeat thread %s did not stop; it ends with the process", runner.name)
         task, self._heartbeat_task = self._heartbeat_task, None
         if task is None:
             return
@@ -316,6 +378,13 @@ class DeploymentService(ABC):
     @security.setter
     def security(self, security: RemoteSecurity | None) -> None:
         self.router.security = security
+
+    @property
+    def heartbeating(self) -> bool:
+        """Whether the heartbeat loop runs, in its thread or as a task."""
+        if self._heartbeat_runner is not None:
+            return self._heartbeat_runner.alive
+        return self._heartbeat_task is not None and not self._heartbeat_task.done()
 
     @property
     def deployment_id(self) -> str | None:
@@ -435,6 +504,7 @@ class DeploymentService(ABC):
             self.router.instance_left(event.deployment_id, event.endpoint)
         elif event.kind == "heartbeat":
             self.router.instance_alive(event.deployment_id, event.in_flight)
+            self.router.instance_busy(event.deployment_id, event.busy)
 
     async def _feed_loop(self) -> None:
         """Keep a subscription to the change feed, subscribing again with backoff after each loss."""
@@ -505,9 +575,12 @@ class DeploymentService(ABC):
 
     async def _heartbeat_stopped(self, delay: float) -> bool:
         """Wait ``delay`` seconds, or less once ``stop`` sets ``_heartbeat_stop``, and return whether it is set."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._heartbeat_stop.wait(), delay)
-        return self._heartbeat_stop.is_set()
+        if await wait_for_event(self._heartbeat_stop, delay):
+            return True
+        if self._owner_loop is not None and self._owner_loop.is_closed():
+            logger.info("heartbeats stop: the event loop that started them has closed")
+            return True
+        return False
 
     async def _heartbeat_once(self, config: DeploymentConfig, functions: list[str], *, quiet: bool) -> tuple[bool, int]:
         """Send one heartbeat, registering again if the registration is missing, then purge stale rows.

@@ -238,6 +238,11 @@ class PgDeploymentService(DeploymentService):
         where = _redact_dsn(self._dsn) if self._dsn is not None else "<asyncpg pool>"
         return f"{type(self).__name__}({where!r}, schema={self.schema!r})"
 
+    def _heartbeat_twin(self) -> PgDeploymentService | None:
+        if self._dsn is None:
+            return None
+        return type(self)(self._dsn, schema=self.schema, pool_options=self._pool_options, **self._twin_options())
+
     @property
     def pool(self) -> Any:
         """The asyncpg pool, or None while a service built from a DSN has not connected yet."""

@@ -296,6 +296,12 @@ class RedisDeploymentService(DeploymentService):
             raise ConfigurationError("key_prefix must not be empty; the default is 'pikku:'")
         self.key_prefix = key_prefix
         self._owns_client = isinstance(client, str)
+        self._url = client if isinstance(client, str) else None
+        self._client_options: dict[str, Any] = {
+            "max_connections": max_connections,
+            "pool_timeout": pool_timeout,
+            "socket_timeout": socket_timeout,
+        }
         self._description = _redact(client) if isinstance(client, str) else _describe_client(client)
         self.client: Redis = (
             _connect(client, max_connections, pool_timeout, socket_timeout) if isinstance(client, str) else client
@@ -315,6 +321,11 @@ class RedisDeploymentService(DeploymentService):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._description!r}, key_prefix={self.key_prefix!r})"
+
+    def _heartbeat_twin(self) -> RedisDeploymentService | None:
+        if self._url is None:
+            return None
+        return type(self)(self._url, key_prefix=self.key_prefix, **self._client_options, **self._twin_options())
 
     async def _create_schema(self) -> None:
         # Redis creates keys on first write; checking the connection here reports a wrong URL early.

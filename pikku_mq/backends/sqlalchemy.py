@@ -180,6 +180,12 @@ class SqlAlchemyDeploymentService(DeploymentService):
         # render_as_string hides the password of the user info only, not one given in the query.
         return f"{type(self).__name__}({_redact(self.engine.url.render_as_string(hide_password=True))!r})"
 
+    def _heartbeat_twin(self) -> SqlAlchemyDeploymentService | None:
+        if not self._owns_engine:
+            return None
+        url = self.engine.url.render_as_string(hide_password=False)
+        return type(self)(url, schema=self._metadata.schema, **self._twin_options())
+
     async def start(self, config: DeploymentConfig) -> None:
         _check_name_lengths(config)
         await super().start(config)

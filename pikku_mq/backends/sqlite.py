@@ -52,6 +52,11 @@ class SqliteDeploymentService(SqlAlchemyDeploymentService):
         super().__init__(engine, **options)
         self._owns_engine = True
 
+    def _heartbeat_twin(self) -> SqliteDeploymentService | None:
+        if str(self.path) == ":memory:":
+            return None  # each connection to ":memory:" opens a database of its own
+        return type(self)(self.path, **self._twin_options())
+
     def __repr__(self) -> str:
         return f"SqliteDeploymentService({str(self.path)!r})"
 

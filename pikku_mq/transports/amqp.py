@@ -83,7 +83,7 @@ from .._errors import (
 from .._presence import ChangeKind, decode_change, encode_change
 from .._settings import default_amqp_url
 from .._types import HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP, HEADER_REQUEST_ID, CallRequest
-from .base import ClientTransport, PresenceListener, Reply, ServerTransport
+from .base import ClientTransport, PresenceListener, PresencePublisher, Reply, ServerTransport
 from .http import DEFAULT_MAX_BODY_SIZE, _decode_call_body
 
 if TYPE_CHECKING:
@@ -745,6 +745,11 @@ class AmqpServer(ServerTransport):
         body = encode_change(kind, deployment_id, self.endpoint or "", in_flight).encode()
         await channel.basic_publish(body, exchange=exchange, routing_key="", properties=properties)
 
+    def presence_publisher(self) -> PresencePublisher | None:
+        if self._url is None or self.endpoint is None:
+            return None
+        return _AmqpPresencePublisher(self._url, self.endpoint, self.connect_timeout)
+
     # -- connection --------------------------------------------------------------------------------
 
     async def _open(self) -> None:
@@ -1006,3 +1011,48 @@ class AmqpServer(ServerTransport):
             payload={"size": size, "max_message_size": self.max_message_size},
         )
         return error.http_status, error.to_envelope()
+
+
+class _AmqpPresencePublisher(PresencePublisher):
+    """Publishes a worker's presence heartbeats on an AMQP connection of the heartbeat thread."""
+
+    def __init__(self, url: URL, endpoint: str, connect_timeout: float) -> None:
+        self._url = url
+        self._endpoint = endpoint
+        self._connect_timeout = connect_timeout
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._channel: aiormq.Channel | None = None
+
+    async def publish(self, kind: ChangeKind, deployment_id: str, in_flight: int | None, *, busy: bool) -> None:
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            channel = await self._open(deployment_id)
+        properties = spec.Basic.Properties(content_type="application/json", delivery_mode=1)
+        body = encode_change(kind, deployment_id, self._endpoint, in_flight, busy=busy).encode()
+        try:
+            await channel.basic_publish(body, exchange=presence_exchange(), routing_key="", properties=properties)
+        except BaseException:
+            await self.close()  # the next heartbeat connects again
+            raise
+
+    async def _open(self, deployment_id: str) -> aiormq.Channel:
+        await self.close()
+        name = f"pikku-mq presence {deployment_id}"
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                connection = await aio_pika.connect(self._url, client_properties={"connection_name": name})
+                self._connection = connection
+                wrapper = await connection.channel(publisher_confirms=False)
+                channel = cast(aiormq.Channel, await wrapper.get_underlay_channel())
+                await _declare_presence(channel, presence_exchange())
+        except BaseException:
+            await self.close()
+            raise
+        self._channel = channel
+        return channel
+
+    async def close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), _STOP_TIMEOUT)

@@ -27,7 +27,15 @@ from .._types import CallRequest
 if TYPE_CHECKING:
     from .._dispatch import Dispatcher
 
-__all__ = ["ClientTransport", "PresenceListener", "Reply", "ServerTransport", "TransportSet", "endpoint_scheme"]
+__all__ = [
+    "ClientTransport",
+    "PresenceListener",
+    "PresencePublisher",
+    "Reply",
+    "ServerTransport",
+    "TransportSet",
+    "endpoint_scheme",
+]
 
 PresenceListener = Callable[[ChangeEvent | None], None]
 """Receives presence events, and None after each (re)subscription, since events in a gap are lost."""
@@ -65,6 +73,23 @@ class ClientTransport(ABC):
         """
 
 
+class PresencePublisher(ABC):
+    """Publishes a worker's presence heartbeats on a broker connection of its own.
+
+    The worker publishes from its heartbeat thread, so that a function that blocks the event loop
+    does not stop the heartbeats. All methods run on that thread's event loop: the publisher opens its
+    connection on first use, and opens it again after a failure.
+    """
+
+    @abstractmethod
+    async def publish(self, kind: ChangeKind, deployment_id: str, in_flight: int | None, *, busy: bool) -> None:
+        """Publish one presence event, or raise if it could not be sent."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close the connection, if one is open."""
+
+
 class ServerTransport(ABC):
     """Takes calls at one endpoint and hands them to a :class:`~pikku_mq._dispatch.Dispatcher`.
 
@@ -89,6 +114,13 @@ class ServerTransport(ABC):
 
         ``in_flight`` is the worker's count of calls in flight, sent with the event when given.
         """
+
+    def presence_publisher(self) -> PresencePublisher | None:
+        """Return a publisher of this worker's heartbeats on a connection of its own, once the server has started.
+
+        None means the transport has no broker, or that :meth:`announce` carries the heartbeats.
+        """
+        return None
 
 
 class TransportSet:

@@ -59,7 +59,7 @@ from ._nats_wire import (
     split_server_urls,
     unescape_token,
 )
-from .base import ClientTransport, PresenceListener, Reply, ServerTransport
+from .base import ClientTransport, PresenceListener, PresencePublisher, Reply, ServerTransport
 from .http import _decode_call_body
 
 if TYPE_CHECKING:
@@ -678,6 +678,13 @@ class NatsServer(ServerTransport):
             # Callers should stop routing here before the next call leaves them.
             await nc.flush(timeout=1)
 
+    def presence_publisher(self) -> PresencePublisher | None:
+        endpoint = self._endpoint
+        if endpoint is None:
+            return None
+        url = self._url or default_nats_url(fallback=endpoint.server_url)
+        return _NatsPresencePublisher(url, self._presence_subject, endpoint.advertised, self._connect_timeout)
+
     # -- requests ----------------------------------------------------------------------------------
 
     async def _on_request(self, msg: Msg) -> None:
@@ -771,6 +778,40 @@ class NatsServer(ServerTransport):
                     return
         finally:
             self._revive_task = None
+
+
+class _NatsPresencePublisher(PresencePublisher):
+    """Publishes a worker's presence heartbeats on a NATS connection of the heartbeat thread."""
+
+    def __init__(self, url: str, subject: str, endpoint: str, connect_timeout: float) -> None:
+        self._url = url
+        self._subject = subject
+        self._endpoint = endpoint
+        self._connect_timeout = connect_timeout
+        self._nc: NatsClient | None = None
+
+    async def publish(self, kind: ChangeKind, deployment_id: str, in_flight: int | None, *, busy: bool) -> None:
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            self._nc = nc = await _open_client(
+                self._url,
+                name=f"pikku-mq presence {deployment_id}",
+                connect_timeout=self._connect_timeout,
+                on_disconnected=_ignore,
+                on_reconnected=_ignore,
+                on_closed=_ignore,
+            )
+        event = encode_change(kind, deployment_id, self._endpoint, in_flight, busy=busy)
+        await nc.publish(self._subject, event.encode())
+
+    async def close(self) -> None:
+        nc, self._nc = self._nc, None
+        if nc is not None:
+            await _close_client(nc)
+
+
+async def _ignore() -> None:
+    """A connection callback with nothing to do: the next heartbeat finds out whether the connection works."""
 
 
 def _reply_headers(status: int, error: PikkuMQError | None, rejected: bool) -> dict[str, str]:

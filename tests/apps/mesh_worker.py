@@ -1,7 +1,8 @@
 """A worker process for the process tests: it serves the functions named on its command line.
 
 ``python mesh_worker.py --id ID --discovery URL --functions greet,whoami [--heartbeat-interval S]
-[--heartbeat-ttl S] [--endpoint URL] [--fallback-endpoint URL ...]``. The results name the deployment
+[--heartbeat-ttl S] [--endpoint URL] [--fallback-endpoint URL ...] [--schema NAME]
+[--key-prefix PREFIX] [--no-heartbeat-thread]``. The results name the deployment
 id of the worker that ran the call, so a test can tell which instance served it. Tests import this
 module for :class:`GreetingRefusedError`, which must be defined on both sides to be re-raised as the same
 class.
@@ -12,13 +13,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from pikku_mq import BadRequestError, FunctionRegistry, PikkuWorker, Wire, pikku_sessionless_func
+from pikku_mq import (
+    BadRequestError,
+    DeploymentService,
+    FunctionRegistry,
+    PikkuWorker,
+    Wire,
+    deployment_service_from_url,
+    pikku_sessionless_func,
+)
 
 functions = FunctionRegistry()
 
@@ -36,6 +46,13 @@ class SlowIn(BaseModel):
     seconds: float
     started_marker: str
     """A file the function creates once it runs, so a test can tell that the call is in flight."""
+
+
+class CountIn(BaseModel):
+    ledger: str
+    tag: str
+    hold: float = 0.0
+    """Seconds the call takes after it is counted, so that calls are in flight when a worker stops."""
 
 
 class GreetingRefusedError(BadRequestError):
@@ -82,6 +99,27 @@ async def slow(services: dict[str, Any], data: SlowIn) -> str:
     return str(services["deployment_id"])
 
 
+@pikku_sessionless_func(expose=True, registry=functions)
+async def block_loop(services: dict[str, Any], data: SlowIn) -> str:
+    """Block the event loop for ``seconds``, as CPU-bound code would, and return the deployment id."""
+    Path(data.started_marker).touch()  # noqa: ASYNC240 - blocking the loop is the point
+    time.sleep(data.seconds)  # noqa: ASYNC251
+    return str(services["deployment_id"])
+
+
+@pikku_sessionless_func(expose=True, registry=functions)
+async def count(services: dict[str, Any], data: CountIn) -> str:
+    """Append ``data.tag`` to the file ``data.ledger``, so a test can count runs, and return ``<id>@<pid>``.
+
+    The process id distinguishes two processes that served under the same deployment id, one after the other.
+    """
+    # Append mode puts each call's single short write at the end of the file, whichever process makes it.
+    with Path(data.ledger).open("a") as ledger:  # noqa: ASYNC230
+        ledger.write(data.tag + "\n")
+    await asyncio.sleep(data.hold)
+    return f"{services['deployment_id']}@{os.getpid()}"
+
+
 class ChainIn(BaseModel):
     """A call that travels along ``route``, a list of function names, one process per hop."""
 
@@ -125,20 +163,47 @@ def main() -> None:
     parser.add_argument("--heartbeat-ttl", type=float, default=30.0, help="seconds until a silent instance is stale")
     parser.add_argument("--endpoint", default="http://127.0.0.1:0", help="endpoint to serve and advertise")
     parser.add_argument("--fallback-endpoint", action="append", default=[], help="fallback endpoint; repeatable")
+    parser.add_argument("--schema", help="PostgreSQL schema of the registry, for a postgresql:// discovery URL")
+    parser.add_argument("--key-prefix", help="Redis key prefix of the registry, for a redis:// discovery URL")
+    parser.add_argument("--no-heartbeat-thread", action="store_true", help="heartbeat from the event loop")
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    PikkuWorker(
+    options: dict[str, Any] = {
+        "heartbeat_interval": args.heartbeat_interval,
+        "heartbeat_ttl": args.heartbeat_ttl,
+        "heartbeat_thread": not args.no_heartbeat_thread,
+    }
+    if args.schema:
+        options["schema"] = args.schema
+    if args.key_prefix:
+        options["key_prefix"] = args.key_prefix
+    service = deployment_service_from_url(args.discovery, **options)
+    worker = PikkuWorker(
         deployment_id=args.id,
-        deployment_service=args.discovery,
+        deployment_service=service,
         registry=functions,
         functions=args.functions.split(","),
         services={"deployment_id": args.id},
-        heartbeat_interval=args.heartbeat_interval,
-        heartbeat_ttl=args.heartbeat_ttl,
         endpoint=args.endpoint,
         fallback_endpoints=args.fallback_endpoint,
-    ).run()
+    )
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(worker, service))
+    else:
+        # As PikkuWorker.run does.
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(worker, service))
+
+
+async def serve(worker: PikkuWorker, service: DeploymentService) -> None:
+    """Serve until SIGTERM or SIGINT, then close the deployment service, which the worker does not own."""
+    try:
+        await worker.serve_until_signal()
+    finally:
+        await service.close()
 
 
 if __name__ == "__main__":

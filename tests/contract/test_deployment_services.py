@@ -277,7 +277,7 @@ def _config(deployment_id: str, *functions: str, fallbacks: tuple[str, ...] = ()
 
 async def _simulate_crash(service: DeploymentService) -> None:
     """Stop the heartbeat loop without deregistering, as a killed process would."""
-    assert service._heartbeat_task is not None
+    assert service.heartbeating
     await service._stop_heartbeats()
 
 
