@@ -109,6 +109,8 @@ class _Entry:
     local: list[DeploymentInfo]
     """The instances on this caller's host, for ``prefer_local``."""
     expires: float
+    vanished_at: float | None = None
+    """The time.monotonic() at which lookups began to return none of ``instances``. Calls still go to them."""
 
 
 class _Call:
@@ -570,6 +572,8 @@ class Router:
         if self._discovery_failing:
             logger.info("discovery is back")
             self._discovery_failing = False
+        if not found and entry is not None and entry.instances and self._keep_vanished(name, entry):
+            return entry
         for instance in found:
             if instance.in_flight is not None:
                 self._balancer.report_load(instance.deployment_id, instance.in_flight)
@@ -577,6 +581,33 @@ class Router:
         local = [i for i in found if is_local(i, self.hostname)]
         fresh = self._entries[name] = _Entry(found, local, time.monotonic() + ttl)
         return fresh
+
+    def _keep_vanished(self, name: str, entry: _Entry) -> bool:
+        """Keep routing to instances that vanished from the registry all at once without leaving or failing.
+
+        A store that restarts empty or loses its rows drops every registration at once, and each
+        worker writes its own again with its next heartbeat. Until then the empty lookup is wrong, and
+        trusting it would fail calls with not-found while the instances serve. An instance that really
+        left announces it where a change feed or presence carries events, and otherwise rejects or
+        refuses the next call, which takes it out of routing. Return whether to keep routing with
+        ``entry``: False when each of its instances is out of routing, or once they have been absent
+        for ``suspect_ttl`` seconds.
+        """
+        if all(self._outliers.is_ejected(i.deployment_id) for i in entry.instances):
+            return False
+        now = time.monotonic()
+        if entry.vanished_at is None:
+            entry.vanished_at = now
+            logger.info(
+                "every instance of %s vanished from the registry without leaving; routing to them for up to "
+                "%.1f s while they register again",
+                name[:200],
+                self._suspect_ttl,
+            )
+        if now - entry.vanished_at >= self._suspect_ttl:
+            return False
+        entry.expires = now + min(self._cache_ttl, _STALE_RETRY)
+        return True
 
     async def _lookup_translated(self, name: str) -> list[DeploymentInfo]:
         try:
