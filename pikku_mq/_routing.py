@@ -124,6 +124,7 @@ class _Call:
         "excluded",
         "failures",
         "idempotent",
+        "instances",
         "last_uncertain",
         "refreshed",
         "request",
@@ -148,6 +149,9 @@ class _Call:
         self.signer = signer
         self.attempts = 0
         """Attempts sent, or begun, to an instance."""
+        self.instances: list[DeploymentInfo] = []
+        """The instances of the lookup the last pick was made from. A concurrent call may have dropped
+        that lookup from the cache since, so an error that names them reads them here."""
         self.uncertain = 0
         """Attempts that ended in an uncertain failure."""
         self.last_uncertain: PikkuMQError | None = None
@@ -393,6 +397,7 @@ class Router:
         """Pick the instance for the next attempt of ``call``, or return None if none is left."""
         name = call.request.name
         entry = await self._entry(name, call.deadline)
+        call.instances = entry.instances
         instance = self._balancer.pick(name, entry.instances, entry.local, call.strategy, call.attempted)
         if instance is not None or call.attempted is None:
             return instance
@@ -402,6 +407,7 @@ class Router:
             call.refreshed = True
             entry.expires = 0.0
             entry = await self._entry(name, call.deadline)
+            call.instances = entry.instances
             instance = self._balancer.pick(name, entry.instances, entry.local, call.strategy, call.attempted)
             if instance is not None:
                 return instance
@@ -651,9 +657,8 @@ class Router:
                 f"no instance could take the call to '{name}'; tried {', '.join(tried)}{reasons}",
                 payload={"function": name, "tried": tried, "failures": failures, "attempts": call.attempts},
             )
-        entry = self._entries.get(name)
-        if entry is not None and entry.instances:
-            ejected = sorted(i.deployment_id for i in entry.instances)
+        if call.instances:
+            ejected = sorted(i.deployment_id for i in call.instances)
             return RoutingError(
                 f"every instance of '{name}' failed recent calls and is out of routing ({', '.join(ejected)}); "
                 "each is tried again with one call when its ejection interval ends",
