@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import io
 import json
 import os
 import platform
@@ -72,6 +73,9 @@ LOSS_MARGIN = 0.5
 
 FAILURE_PAUSE = 0.1
 """Seconds a loop of the load waits after a failed call before its next call."""
+
+CLOSE_TIMEOUT = 15.0
+"""Seconds the load and the caller get to stop at the end of a drill."""
 
 START_TIMEOUT = 30.0
 """Seconds a worker process gets to start and register, or to serve its first call (imports are slow on a
@@ -130,11 +134,13 @@ class Wiring:
 class DrillWorker:
     """One worker of a drill under its deployment id, through its successive processes."""
 
-    def __init__(self, deployment_id: str, endpoint: str, command: list[str], log_path: Path) -> None:
+    def __init__(self, deployment_id: str, endpoint: str, command: list[str], log_path: Path, runs_path: Path) -> None:
         self.deployment_id = deployment_id
         self.endpoint = endpoint
         self.command = command
         self.log_path = log_path
+        self.runs_path = runs_path
+        """The file in which the worker's processes record the token of every call they run."""
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
@@ -213,7 +219,7 @@ class Load:
         *,
         deadline: float,
         lanes: int = 2,
-        work: float = 0.02,
+        work: float = 0.05,
         pause: float = 0.01,
     ) -> None:
         self.caller = caller
@@ -365,6 +371,7 @@ class Drill:
     def add_worker(self, letter: str) -> DrillWorker:
         deployment_id = f"drill-{self.wiring.tag}-{letter}"
         endpoint = self.wiring.endpoint(letter)
+        runs_path = self.folder / f"runs-{letter}.log"
         command = [
             sys.executable,
             str(DRILL_WORKER),
@@ -375,14 +382,14 @@ class Drill:
             "--endpoint",
             endpoint,
             "--runs-file",
-            str(self.folder / f"runs-{letter}.log"),
+            str(runs_path),
             "--heartbeat-interval",
             str(self.heartbeat_interval),
             "--heartbeat-ttl",
             str(self.heartbeat_ttl),
             *self.wiring.worker_args(),
         ]
-        worker = DrillWorker(deployment_id, endpoint, command, self.folder / f"worker-{letter}.log")
+        worker = DrillWorker(deployment_id, endpoint, command, self.folder / f"worker-{letter}.log", runs_path)
         self.workers.append(worker)
         return worker
 
@@ -413,6 +420,22 @@ class Drill:
             served = worker.served_by
             await self.load.wait_success(self.started, lambda s, served=served: s == served)
         await asyncio.sleep(0.3)
+
+    async def wait_busy(self, *workers: DrillWorker, timeout: float = 10.0) -> None:
+        """Wait until calls of both functions run on one of ``workers``, so that a fault hits them mid-call.
+
+        A call runs when its token is in the worker's runs file and the load has not seen it finish.
+        """
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            finished = {r.token for r in self.load.records}
+            for worker in workers:
+                text = worker.runs_path.read_text() if worker.runs_path.exists() else ""
+                running = {token[0] for token in text.split() if token not in finished}
+                if running >= {"p", "i"}:
+                    return
+            await asyncio.sleep(0.002)
+        raise AssertionError(f"no worker ran calls of both functions at once within {timeout} s")
 
     # -- the fault
 
@@ -527,15 +550,33 @@ class Drill:
         return f"{_summary(failed)}\n{logs}"
 
     async def close(self) -> None:
-        if self.load._tasks:
-            await self.load.stop()
-        await self.caller.close()
-        for worker in self.workers:
-            worker.close()
+        """Stop the load, close the caller and kill the workers; fail if the load or the caller does not stop."""
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                if self.load._tasks:
+                    await self.load.stop()
+                await self.caller.close()
+        except TimeoutError:
+            raise AssertionError(
+                f"the drill's load and caller did not stop within {CLOSE_TIMEOUT} s; tasks still running:\n"
+                + _task_stacks()
+            ) from None
+        finally:
+            for worker in self.workers:
+                worker.close()
 
 
 MakeDrill = Callable[..., Drill]
 """The ``make_drill`` fixture: ``make_drill(name, wiring, discovery_url=None, **options)``."""
+
+
+def _task_stacks() -> str:
+    """Return the stack of every task of the running event loop but the current one."""
+    stacks = io.StringIO()
+    for task in asyncio.all_tasks():
+        if task is not asyncio.current_task():
+            task.print_stack(file=stacks)
+    return stacks.getvalue()
 
 
 def _summary(records: Iterable[CallRecord], limit: int = 8) -> str:

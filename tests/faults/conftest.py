@@ -20,7 +20,10 @@ def wiring(request: pytest.FixtureRequest) -> Wiring:
 
 @pytest.fixture
 async def make_drill(tmp_path: Path) -> AsyncIterator[MakeDrill]:
-    """Build drills in the test's folder, by default on an SQLite registry there, and close them at the end."""
+    """Build drills in the test's folder, by default on an SQLite registry there, and close them at the end.
+
+    A test requests the fixture of a private server before this one, so its drills close before the server stops.
+    """
     drills: list[Drill] = []
 
     def make(name: str, wiring: Wiring, discovery_url: str | None = None, **options: Any) -> Drill:

@@ -39,23 +39,27 @@ def private_rabbitmq() -> Iterator[PrivateRabbitMQ]:
         yield node
 
 
+@pytest.fixture
+def broker(request: pytest.FixtureRequest, variant: str) -> PrivateNats | PrivateRabbitMQ:
+    """The private broker of the drill, set up before the drill so that it is torn down after it."""
+    return request.getfixturevalue("private_rabbitmq" if variant == "amqp" else "private_nats")
+
+
 @pytest.mark.parametrize("variant", ["nats", "amqp", "nats-http-fallback"])
-async def test_broker_restarted(make_drill: MakeDrill, request: pytest.FixtureRequest, variant: str) -> None:
-    server: PrivateNats | PrivateRabbitMQ
-    if variant == "amqp":
-        server = request.getfixturevalue("private_rabbitmq")
-        wiring = Wiring("amqp", amqp_url=server.url)
+async def test_broker_restarted(broker: PrivateNats | PrivateRabbitMQ, make_drill: MakeDrill, variant: str) -> None:
+    if isinstance(broker, PrivateRabbitMQ):
+        wiring = Wiring("amqp", amqp_url=broker.url)
     else:
-        server = request.getfixturevalue("private_nats")
-        wiring = Wiring("nats", nats_url=server.url, http_fallback=variant == "nats-http-fallback")
+        wiring = Wiring("nats", nats_url=broker.url, http_fallback=variant == "nats-http-fallback")
     drill = make_drill("broker restarted", wiring)
     a, b = await drill.start_workers(2)
     await drill.warm_up()
 
+    await drill.wait_busy(a, b)
     drill.fault()
-    await asyncio.to_thread(server.stop)
+    await asyncio.to_thread(broker.stop)
     await drill.run_on(OUTAGE)
-    await asyncio.to_thread(server.start)
+    await asyncio.to_thread(broker.start)
     drill.fault_over()
     for worker in (a, b):
         served = worker.served_by

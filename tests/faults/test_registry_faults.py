@@ -88,15 +88,16 @@ async def finish(drill: Drill) -> None:
 
 @pytest.mark.parametrize("transport", ["http", "nats", "amqp"])
 async def test_redis_restarted_empty(
-    make_drill: MakeDrill, redis_server: PrivateRedis, transport: str, request: pytest.FixtureRequest
+    redis_server: PrivateRedis, make_drill: MakeDrill, transport: str, request: pytest.FixtureRequest
 ) -> None:
     vhost = request.getfixturevalue("amqp_vhost") if transport == "amqp" else "/"
     drill = make_drill(
         "registry restarted empty", Wiring(transport, amqp_vhost=vhost), redis_server.url(), store="redis"
     )
-    await drill.start_workers(2)
+    a, b = await drill.start_workers(2)
     await drill.warm_up()
 
+    await drill.wait_busy(a, b)
     drill.fault()
     await asyncio.to_thread(redis_server.stop)
     await drill.run_on(OUTAGE)
@@ -105,11 +106,12 @@ async def test_redis_restarted_empty(
     await finish(drill)
 
 
-async def test_postgres_restarted(make_drill: MakeDrill, postgres: PrivatePostgres) -> None:
+async def test_postgres_restarted(postgres: PrivatePostgres, make_drill: MakeDrill) -> None:
     drill = make_drill("registry restarted", Wiring("http"), postgres.dsn("drill"), store="postgresql")
-    await drill.start_workers(2)
+    a, b = await drill.start_workers(2)
     await drill.warm_up()
 
+    await drill.wait_busy(a, b)
     drill.fault()
     await asyncio.to_thread(postgres.stop)
     await drill.run_on(OUTAGE)
@@ -121,9 +123,10 @@ async def test_postgres_restarted(make_drill: MakeDrill, postgres: PrivatePostgr
 async def test_sqlite_rows_deleted(make_drill: MakeDrill, tmp_path: Path) -> None:
     path = tmp_path / "registry.db"
     drill = make_drill("registry wiped", Wiring("http"), f"sqlite:///{path}", store="sqlite")
-    await drill.start_workers(2)
+    a, b = await drill.start_workers(2)
     await drill.warm_up()
 
+    await drill.wait_busy(a, b)
     drill.fault()
     await asyncio.to_thread(_delete_registrations, path)
     drill.fault_over()

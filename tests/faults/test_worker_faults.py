@@ -26,6 +26,7 @@ async def test_worker_killed(make_drill: MakeDrill, wiring: Wiring) -> None:
     await drill.warm_up()
 
     # A supervisor starts the crashed worker again at once, with the same id and endpoint.
+    await drill.wait_busy(a)
     drill.fault()
     a.signal(signal.SIGKILL)
     await a.wait_exit(10)
@@ -46,6 +47,7 @@ async def test_worker_frozen_and_resumed(make_drill: MakeDrill, wiring: Wiring) 
     a, _ = await drill.start_workers(2)
     await drill.warm_up()
 
+    await drill.wait_busy(a)
     drill.fault()
     a.signal(signal.SIGSTOP)
     await drill.run_on(FREEZE)
@@ -68,6 +70,7 @@ async def test_only_instance_frozen(make_drill: MakeDrill, wiring: Wiring) -> No
     [a] = drill.workers
     await drill.warm_up()
 
+    await drill.wait_busy(a)
     began = drill.fault()
     a.signal(signal.SIGSTOP)
     await drill.run_on(2.0)
@@ -93,6 +96,7 @@ async def test_worker_restarted(make_drill: MakeDrill, wiring: Wiring) -> None:
     await drill.warm_up()
 
     for worker in drill.workers:
+        await drill.wait_busy(worker)
         drill.fault()
         worker.signal(signal.SIGTERM)
         assert await worker.wait_exit(DRAIN_TIMEOUT) == 0, worker.log_tail()
