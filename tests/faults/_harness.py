@@ -7,7 +7,8 @@ counts what became of every call:
 - succeeded, or failed with a typed error (counted by class), or **hung**: not finished when its
   deadline plus ``GRACE`` had passed (the harness then cancels it);
 - **run twice**: the worker functions append the caller's token of each logical call to a runs file
-  before they do their work, so a token found more than once ran more than once;
+  before they do their work, so a token found more than once ran more than once. A plain call that
+  failed although its token is there **failed but ran**;
 - **lost**: an idempotent call that failed at a moment when an instance could serve it. In a drill where
   another instance keeps serving, that is every idempotent call that failed. Where the fault takes
   every instance of the function away, calls that fail until ``LOSS_MARGIN`` seconds after the first
@@ -303,6 +304,8 @@ class Figures:
     hung: int
     run_twice_plain: int
     run_twice_idempotent: int
+    failed_but_ran_plain: int
+    """Plain calls that failed with an error although the function ran: the caller cannot tell them apart."""
     lost: int
     recover_s: float | None
     """The maximum time to recover, when the drill has several faults."""
@@ -318,8 +321,8 @@ class Figures:
         return (
             f"DRILL {self.drill}[{self.transport}] sent={self.sent} succeeded={self.succeeded} failed={failed} "
             f"hung={self.hung} run_twice={self.run_twice_plain} plain/{self.run_twice_idempotent} idempotent "
-            f"lost={self.lost} recover={recover} (fault {self.fault_s:.2f} s, deadline {self.deadline_s:g} s, "
-            f"store {self.store})"
+            f"failed_but_ran={self.failed_but_ran_plain} plain lost={self.lost} recover={recover} "
+            f"(fault {self.fault_s:.2f} s, deadline {self.deadline_s:g} s, store {self.store})"
         )
 
 
@@ -508,6 +511,7 @@ class Drill:
             hung=sum(r.outcome == "hung" for r in records),
             run_twice_plain=sum(t.startswith("p-") for t in twice),
             run_twice_idempotent=sum(t.startswith("i-") for t in twice),
+            failed_but_ran_plain=sum(r.kind == PLAIN and r.outcome != "ok" and runs[r.token] > 0 for r in records),
             lost=len(self.lost(available_from)),
             recover_s=max(self.recoveries) if self.recoveries else None,
             fault_s=sum(ended - began for began, ended in self.faults),
