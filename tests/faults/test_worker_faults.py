@@ -66,8 +66,7 @@ async def test_worker_frozen_and_resumed(make_drill: MakeDrill, wiring: Wiring) 
 async def test_only_instance_frozen(make_drill: MakeDrill, wiring: Wiring) -> None:
     # The TTL outlasts the freeze, so the instance stays listed and every call goes to it.
     drill = make_drill("only instance frozen", wiring, deadline=0.5, heartbeat_interval=1.0, heartbeat_ttl=5.0)
-    await drill.start_workers(1)
-    [a] = drill.workers
+    [a] = await drill.start_workers(1)
     await drill.warm_up()
 
     await drill.wait_busy(a)
@@ -83,10 +82,9 @@ async def test_only_instance_frozen(make_drill: MakeDrill, wiring: Wiring) -> No
     figures = drill.figures(available_from=recovered)
     drill.report(figures)
     drill.check(figures, available_from=recovered)
+    # The calls that reached the stopped instance failed with a deadline error, and no call before them.
     failed = [r for r in drill.load.records if r.outcome != "ok"]
     assert {r.outcome for r in failed} == {"DeadlineExceededError"}, drill.diagnosis()
-    # Each call that reached the frozen instance failed within half a second of its deadline.
-    assert all(r.finished - r.started <= drill.deadline + 0.5 for r in failed), drill.diagnosis()
     assert all(r.started >= began - drill.deadline for r in failed), drill.diagnosis()
 
 
