@@ -304,8 +304,15 @@ class Router:
             logger.debug("change feed: %s is alive again", deployment_id)
 
     def resync(self) -> None:
-        """Look every function up again, after a gap in the change feed in which events were lost."""
+        """Look every function up again and put every instance back in routing, after a gap in the change feed.
+
+        The feed comes back when this caller's connection to the broker or the store does. Instances
+        ejected while that connection was down failed because of it, and after a long outage their
+        ejection interval has grown to its maximum, so they would stay out of routing long after the
+        broker is back.
+        """
         self._departed.clear()
+        self._outliers.forget_all()
         self._expire_all()
 
     def _expire_all(self) -> None:

@@ -13,6 +13,7 @@ from _support_core import Mesh, closed_port
 
 from pikku_mq import (
     DeploymentConfig,
+    EjectionPolicy,
     FunctionNotFoundError,
     FunctionRegistry,
     PikkuWorker,
@@ -82,3 +83,30 @@ async def test_invalidated_lookup_not_reported_missing() -> None:
         with pytest.raises(RoutingError) as raised:
             await call
         assert raised.value.payload == {"function": "ghost", "ejected": ["refusing-a"]}
+
+
+async def test_resync_readmits_ejected_instances() -> None:
+    async with Mesh() as mesh:
+        # One refused call takes an instance out of routing for 30 s, as a long broker outage would.
+        caller = mesh.service(ejection=EjectionPolicy(base_interval=30, max_interval=30))
+        endpoint = f"http://127.0.0.1:{closed_port()}"
+        holder = mesh.service()
+        await holder.start(DeploymentConfig("back-a", endpoint, functions=["whoami"]))
+        with pytest.raises(RoutingError):
+            await caller.invoke("whoami", timeout=5)
+        await holder.stop()
+
+        worker = PikkuWorker(
+            endpoint=endpoint,
+            deployment_id="back-a",
+            registry=REG,
+            services="back-a",
+            deployment_service=mesh.service(),
+        )
+        async with worker:
+            with pytest.raises(RoutingError):
+                await caller.invoke("whoami", timeout=5)
+
+            # The caller's connection is back, and with it its change feed or presence subscription.
+            caller.router.resync()
+            assert await caller.invoke("whoami", timeout=5) == "back-a"
