@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from _support_core import closed_port
 
@@ -107,11 +107,12 @@ class Wiring:
         if self.transport == "http":
             return f"http://127.0.0.1:{closed_port()}"
         if self.transport == "nats":
-            host_port = self.nats_url.split("://", 1)[1].split(",", 1)[0].rsplit("@", 1)[-1].rstrip("/")
-            return f"nats://{host_port}/drill_{self.tag}_{worker_id}"
+            server = urlsplit(self.nats_url)
+            return f"nats://{server.hostname}:{server.port}/drill_{self.tag}_{worker_id}"
         if self.transport == "amqp":
-            host_port = self.amqp_url.split("://", 1)[1].rsplit("@", 1)[-1].split("/", 1)[0]
-            return f"amqp://{host_port}/{quote(self.amqp_vhost, safe='')}?queue=drill-{self.tag}-{worker_id}"
+            broker = urlsplit(self.amqp_url)
+            vhost = quote(self.amqp_vhost, safe="")
+            return f"amqp://{broker.hostname}:{broker.port}/{vhost}?queue=drill-{self.tag}-{worker_id}"
         raise ValueError(f"unknown drill transport {self.transport!r}; expected one of {TRANSPORTS}")
 
     @property
@@ -258,9 +259,11 @@ class Load:
         done, _ = await asyncio.wait({call}, timeout=self.deadline + GRACE)
         finished = time.monotonic()
         if not done:
+            # A call that ignores its cancellation too is left behind, so the loop goes on either way.
             call.cancel()
-            await asyncio.gather(call, return_exceptions=True)
-            return CallRecord(kind, token, started, finished, "hung")
+            await asyncio.wait({call}, timeout=GRACE)
+            message = f"not finished {self.deadline + GRACE:g} s after it started"
+            return CallRecord(kind, token, started, finished, "hung", message=message)
 
         error = call.exception()
         if error is None:
