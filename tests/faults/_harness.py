@@ -47,6 +47,7 @@ from pikku_mq import (
     AiohttpTransport,
     DeploymentService,
     PikkuMQError,
+    RetryPolicy,
     TransportSet,
     deployment_service_from_url,
 )
@@ -65,6 +66,11 @@ HEARTBEAT_INTERVAL = 0.5
 HEARTBEAT_TTL = 2.0
 """Seconds between heartbeats, and until a silent instance is stale. Both are short, so an instance that
 stopped heartbeating leaves the lookups within a drill."""
+
+ATTEMPT_TIMEOUT = 0.5
+"""Seconds each attempt of an idempotent call may take, a quarter of the usual deadline. Without it, an
+attempt stuck on a worker that died without closing its connection, or that is stopped, would take the
+whole deadline and leave no time for a retry on another instance."""
 
 GRACE = 1.0
 """Seconds past its deadline after which a call that has not finished counts as hung."""
@@ -369,6 +375,7 @@ class Drill:
             heartbeat_interval=self.heartbeat_interval,
             heartbeat_ttl=self.heartbeat_ttl,
             transports=self.wiring.client_transports(),
+            retry=RetryPolicy(attempt_timeout=min(ATTEMPT_TIMEOUT, self.deadline)),
             **options,
         )
 
