@@ -161,6 +161,14 @@ class OutlierDetector:
         if registered_again and health is not None and health.ejections > 0:
             logger.info("instance %s registered again and is back in routing", deployment_id)
 
+    def forget_all(self) -> None:
+        """Drop what is known of every instance and put the ejected ones back in routing."""
+        ejected = sorted(i for i, health in self._health.items() if health.ejections > 0)
+        self._health.clear()
+        if ejected:
+            shown = ", ".join(ejected[:10]) + (f" and {len(ejected) - 10} more" if len(ejected) > 10 else "")
+            logger.info("instances back in routing now that this caller's connection is back: %s", shown)
+
     def _eject(self, deployment_id: str, health: _Health, reason: str, level: int) -> None:
         now = time.monotonic()
         health.ejections += 1

@@ -109,6 +109,8 @@ class _Entry:
     local: list[DeploymentInfo]
     """The instances on this caller's host, for ``prefer_local``."""
     expires: float
+    vanished_at: float | None = None
+    """The time.monotonic() at which lookups began to return none of ``instances``. Calls still go to them."""
 
 
 class _Call:
@@ -123,6 +125,7 @@ class _Call:
         "excluded",
         "failures",
         "idempotent",
+        "instances",
         "last_uncertain",
         "refreshed",
         "request",
@@ -147,6 +150,9 @@ class _Call:
         self.signer = signer
         self.attempts = 0
         """Attempts sent, or begun, to an instance."""
+        self.instances: list[DeploymentInfo] = []
+        """The instances of the lookup the last pick was made from. A concurrent call may have dropped
+        that lookup from the cache since, so an error that names them reads them here."""
         self.uncertain = 0
         """Attempts that ended in an uncertain failure."""
         self.last_uncertain: PikkuMQError | None = None
@@ -333,8 +339,15 @@ class Router:
             self._busy.pop(deployment_id, None)
 
     def resync(self) -> None:
-        """Look every function up again, after a gap in the change feed in which events were lost."""
+        """Look every function up again and put every instance back in routing, after a gap in the change feed.
+
+        The feed comes back when this caller's connection to the broker or the store does. Instances
+        ejected while that connection was down failed because of it, and after a long outage their
+        ejection interval has grown to its maximum, so they would stay out of routing long after the
+        broker is back.
+        """
         self._departed.clear()
+        self._outliers.forget_all()
         self._expire_all()
 
     def _expire_all(self) -> None:
@@ -425,6 +438,7 @@ class Router:
         """Pick the instance for the next attempt of ``call``, or return None if none is left."""
         name = call.request.name
         entry = await self._entry(name, call.deadline)
+        call.instances = entry.instances
         instance = self._pick_not_busy(name, entry, call.strategy, call.attempted)
         if instance is not None or call.attempted is None:
             return instance
@@ -435,6 +449,7 @@ class Router:
             entry.expires = 0.0
             entry = await self._entry(name, call.deadline)
             call.forget_replaced(entry.instances)
+            call.instances = entry.instances
             instance = self._pick_not_busy(name, entry, call.strategy, call.attempted)
             if instance is not None:
                 return instance
@@ -619,6 +634,8 @@ class Router:
         if self._discovery_failing:
             logger.info("discovery is back")
             self._discovery_failing = False
+        if not found and entry is not None and entry.instances and self._keep_vanished(name, entry):
+            return entry
         for instance in found:
             if instance.in_flight is not None:
                 self._balancer.report_load(instance.deployment_id, instance.in_flight)
@@ -640,6 +657,33 @@ class Router:
             endpoint = endpoints.get(instance.deployment_id)
             if endpoint is not None and endpoint != instance.endpoint:
                 self._outliers.forget(instance.deployment_id, registered_again=True)
+
+    def _keep_vanished(self, name: str, entry: _Entry) -> bool:
+        """Keep routing to instances that vanished from the registry all at once without leaving or failing.
+
+        A store that restarts empty or loses its rows drops every registration at once, and each
+        worker writes its own again with its next heartbeat. Until then the empty lookup is wrong, and
+        trusting it would fail calls with not-found while the instances serve. An instance that really
+        left announces it where a change feed or presence carries events, and otherwise rejects or
+        refuses the next call, which takes it out of routing. Return whether to keep routing with
+        ``entry``: False when each of its instances is out of routing, or once they have been absent
+        for ``suspect_ttl`` seconds.
+        """
+        if all(self._outliers.is_ejected(i.deployment_id) for i in entry.instances):
+            return False
+        now = time.monotonic()
+        if entry.vanished_at is None:
+            entry.vanished_at = now
+            logger.info(
+                "every instance of %s vanished from the registry without leaving; routing to them for up to "
+                "%.1f s while they register again",
+                name[:200],
+                self._suspect_ttl,
+            )
+        if now - entry.vanished_at >= self._suspect_ttl:
+            return False
+        entry.expires = now + min(self._cache_ttl, _STALE_RETRY)
+        return True
 
     async def _lookup_translated(self, name: str) -> list[DeploymentInfo]:
         try:
@@ -683,9 +727,8 @@ class Router:
                 f"no instance could take the call to '{name}'; tried {', '.join(tried)}{reasons}",
                 payload={"function": name, "tried": tried, "failures": failures, "attempts": call.attempts},
             )
-        entry = self._entries.get(name)
-        if entry is not None and entry.instances:
-            ejected = sorted(i.deployment_id for i in entry.instances)
+        if call.instances:
+            ejected = sorted(i.deployment_id for i in call.instances)
             return RoutingError(
                 f"every instance of '{name}' failed recent calls and is out of routing ({', '.join(ejected)}); "
                 "each is tried again with one call when its ejection interval ends",

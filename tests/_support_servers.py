@@ -1,8 +1,10 @@
-"""Private PostgreSQL and Redis servers on free ports of 127.0.0.1, which a test may stop and start again.
+"""Private PostgreSQL, Redis, NATS and RabbitMQ servers on free ports of 127.0.0.1, which a test may stop
+and start again.
 
 The shared servers on the standard ports are never stopped: tests that take a server away use one of
 these. PostgreSQL exits when started as root, so as root its programs run as the ``postgres`` OS user, in a
-folder that user owns. Every wait is bounded, and ``close`` stops the server and removes its folder.
+folder that user owns; RabbitMQ runs as the ``rabbitmq`` OS user for the same reason. Every wait is
+bounded, and ``close`` stops the server and removes its folder.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -209,6 +212,147 @@ class PrivateRedis:
         if process is not None:
             process.kill()
             process.wait(timeout=10)
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            if self._log is not None:
+                self._log.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+NATS_SERVER = "/usr/sbin/nats-server"
+
+
+class PrivateNats:
+    """A nats-server of this test on a free port, without JetStream, which the test may kill and start again."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.port = closed_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        """Start the server on its port and return the time.monotonic() at which it accepted connections."""
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"nats-server exited: {self.log_path.read_text()}"
+            if _accepts_connections(self.port):
+                return time.monotonic()
+            time.sleep(0.02)
+        raise AssertionError(f"nats-server did not listen on {self.port} within {START_TIMEOUT} s")
+
+    def stop(self) -> None:
+        """Kill the server with SIGKILL, as if it crashed, and reap it."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+"""The server script itself. Debian's /usr/sbin wrapper switches to the rabbitmq user with su, which sets
+HOME, and so the Erlang cookie, to the shared node's."""
+
+RABBITMQ_START_TIMEOUT = 60.0
+"""Seconds a RabbitMQ node gets to accept connections. A boot took about 4 s on a 2-core test machine, and an
+Erlang VM boots much slower under load."""
+
+
+class PrivateRabbitMQ:
+    """A RabbitMQ node of its own, with its own node name, ports, database, logs, plugins and Erlang cookie.
+
+    Its configuration file sets only the AMQP listener, on a free port of 127.0.0.1, so ``guest`` logs in
+    from there with its default password, to the default vhost ``/``. It registers its node name with
+    the machine's epmd, as every Erlang node does, and shares nothing else with the shared node. ``stop``
+    kills the node as if it crashed; ``start`` boots it again on the same ports and database.
+    """
+
+    def __init__(self) -> None:
+        self.port = closed_port()
+        self.dist_port = closed_port()
+        self.nodename = f"pikku_test_{uuid.uuid4().hex[:10]}@localhost"
+        self.folder = Path(tempfile.mkdtemp(prefix="pikku-rabbitmq-"))
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
+        self.as_rabbitmq = os.geteuid() == 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        (self.folder / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
+        (self.folder / "enabled_plugins").write_text("[].\n")
+        if self.as_rabbitmq:
+            for path in (self.folder, self.folder / "rabbitmq.conf", self.folder / "enabled_plugins"):
+                shutil.chown(path, user="rabbitmq", group="rabbitmq")
+
+    def _environment(self) -> dict[str, str]:
+        return {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            # Erlang creates a cookie in a home of its own, so this node and the shared one cannot connect.
+            "HOME": str(self.folder),
+            "RABBITMQ_NODENAME": self.nodename,
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(self.folder / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.folder / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.folder / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(self.folder / "rabbitmq.conf"),
+            "RABBITMQ_PID_FILE": str(self.folder / "node.pid"),
+        }
+
+    def start(self) -> float:
+        """Boot the node and return the time.monotonic() at which it accepted AMQP connections."""
+        assert self.process is None or self.process.poll() is not None, "this RabbitMQ node is already running"
+        command = ["env", *(f"{key}={value}" for key, value in self._environment().items()), RABBITMQ_SERVER]
+        if self.as_rabbitmq:
+            command = ["runuser", "-u", "rabbitmq", "--", *command]
+        if self._log is None:
+            self._log = (self.folder / "server.log").open("ab")
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + RABBITMQ_START_TIMEOUT
+        while not _accepts_connections(self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(
+                    f"RabbitMQ node {self.nodename} did not accept connections on port {self.port} within "
+                    f"{RABBITMQ_START_TIMEOUT} s:\n{(self.folder / 'server.log').read_text(errors='replace')[-3000:]}"
+                )
+            time.sleep(0.05)
+        return time.monotonic()
+
+    def stop(self) -> None:
+        """Kill the node's Erlang VM with SIGKILL, as if it crashed, and reap the script that started it."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        pid_file = self.folder / "node.pid"
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        with contextlib.suppress(OSError):
+            pid_file.unlink()
 
     def close(self) -> None:
         try:

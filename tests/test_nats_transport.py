@@ -8,10 +8,6 @@ restarted. A test fails, and does not skip, when a server cannot be reached.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -23,6 +19,7 @@ import msgpack
 import nats
 import pytest
 from _support_core import Mesh, closed_port, wait_until
+from _support_servers import PrivateNats
 from nats.aio.client import Client as NatsClient
 from nats.js.api import StorageType
 
@@ -47,8 +44,6 @@ from pikku_mq.transports._nats_wire import escape_name, parse_nats_endpoint, une
 from pikku_mq.transports.nats import NatsServer, NatsTransport
 
 SHARED_URL = "nats://127.0.0.1:4222"
-NATS_SERVER = "/usr/sbin/nats-server"
-SERVER_START_TIMEOUT = 10.0
 
 REG = FunctionRegistry()
 
@@ -584,39 +579,6 @@ async def test_server_replaces_closed_connection(mesh: Mesh) -> None:
 # -- a private nats-server, restarted --------------------------------------------------------------
 
 
-class PrivateNats:
-    """A nats-server of this test on a free port, which the test may kill and start again."""
-
-    def __init__(self, log_path: Path) -> None:
-        self.port = closed_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"nats-server exited: {self.log_path.read_text()}"
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"nats-server did not listen on {self.port} within {SERVER_START_TIMEOUT} s")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-
 @pytest.fixture
 def private_nats(tmp_path: Path) -> Iterator[PrivateNats]:
     server = PrivateNats(tmp_path / "nats-server.log")
@@ -624,7 +586,7 @@ def private_nats(tmp_path: Path) -> Iterator[PrivateNats]:
     try:
         yield server
     finally:
-        server.kill()
+        server.stop()
 
 
 async def test_broker_restart_recovers(mesh: Mesh, private_nats: PrivateNats) -> None:
@@ -641,7 +603,7 @@ async def test_broker_restart_recovers(mesh: Mesh, private_nats: PrivateNats) ->
         # A call in flight when the broker dies fails as a transport error, well before its deadline.
         in_flight = asyncio.create_task(caller.invoke("nap", 3.0, timeout=20))
         await asyncio.sleep(0.3)
-        private_nats.kill()
+        private_nats.stop()
         started = time.monotonic()
         with pytest.raises(TransportError):
             await in_flight
@@ -676,7 +638,7 @@ async def test_stop_while_broker_down(mesh: Mesh, private_nats: PrivateNats) -> 
     try:
         reply = await transport.call(worker.endpoint or "", request("nap", 0.0), 5.0)
         assert reply.body == "n-1"
-        private_nats.kill()
+        private_nats.stop()
         # Sent before the client noticed (TransportError) or refused after (EndpointUnreachableError).
         with pytest.raises(TransportError):
             await transport.call(worker.endpoint or "", request("nap", 0.0), 5.0)
