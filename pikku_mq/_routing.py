@@ -227,7 +227,8 @@ class Router:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceededError(f"call to '{request.name}' ran out of time before it could be sent")
-            request.headers[HEADER_DEADLINE] = str(int(remaining * 1000))
+            # At least 1: a worker rejects a deadline of 0 ms as malformed.
+            request.headers[HEADER_DEADLINE] = str(max(1, int(remaining * 1000)))
             if signer is not None:
                 request.headers[AUTHORIZATION_HEADER] = signer()  # a fresh token id for each attempt
 

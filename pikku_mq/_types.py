@@ -12,7 +12,9 @@ __all__ = [
     "HEADER_DEADLINE",
     "HEADER_HOP",
     "HEADER_REQUEST_ID",
+    "MAX_DEADLINE_DIGITS",
     "MAX_HOPS",
+    "MAX_HOP_DIGITS",
     "CallRequest",
     "DeploymentConfig",
     "DeploymentInfo",
@@ -30,6 +32,12 @@ DEFAULT_TIMEOUT = 30.0
 
 MAX_HOPS = 16
 """A call that has been forwarded this many times is rejected as a loop."""
+
+MAX_DEADLINE_DIGITS = 18
+"""Digits a ``pikku-deadline-ms`` header may have, so that every valid value fits a signed 64-bit integer."""
+
+MAX_HOP_DIGITS = 6
+"""Digits a ``pikku-hop`` header may have; any value above ``MAX_HOPS`` is rejected as a loop anyway."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,6 +65,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 from yarl import URL
 
+from .._dispatch import header_count
 from .._errors import (
     BadRequestError,
     CallInterruptedError,
@@ -82,7 +83,7 @@ from .._errors import (
 )
 from .._presence import ChangeKind, decode_change, encode_change
 from .._settings import default_amqp_url
-from .._types import HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP, HEADER_REQUEST_ID, CallRequest
+from .._types import HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP, HEADER_REQUEST_ID, MAX_DEADLINE_DIGITS, CallRequest
 from .base import ClientTransport, PresenceListener, Reply, ServerTransport
 from .http import DEFAULT_MAX_BODY_SIZE, _decode_call_body
 
@@ -903,10 +904,11 @@ class AmqpServer(ServerTransport):
         budget = self._dispatcher.default_timeout
         try:
             headers, name, data = self._parse(message)
-            with contextlib.suppress(ValueError):
-                budget = float(headers.get(HEADER_DEADLINE, budget * 1000)) / 1000
-            # A NaN or negative budget leaves no time to wait for a reconnection.
-            budget = min(budget, _REPLY_WAIT_LIMIT) if budget >= 0 else 0.0
+            # An invalid header keeps the default budget: the dispatcher answers it with a 400 at once.
+            with contextlib.suppress(BadRequestError):
+                deadline_ms = header_count(headers, HEADER_DEADLINE, MAX_DEADLINE_DIGITS)
+                budget = budget if deadline_ms is None else deadline_ms / 1000
+            budget = min(budget, _REPLY_WAIT_LIMIT)
             if getattr(message.delivery, "redelivered", False):
                 raise CallInterruptedError(
                     f"the broker delivered the call to '{name}' a second time after a channel failure; "
