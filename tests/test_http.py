@@ -645,6 +645,34 @@ async def test_lone_surrogate_is_400(worker: PikkuWorker, client: aiohttp.Client
     assert (status, json.loads(raw)) == (200, "str")
 
 
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b'{"data": "\xed\xa0\x80"}', JSON),
+        (b'{"data": ["a\xed\xbf\xbf"]}', JSON),
+        (b'{"data": "\xff"}', JSON),
+        ('{"data": "utf-16"}'.encode("utf-16"), JSON),
+        (b"\x81\xa4data\xa3\xed\xa0\x80", MSGPACK),
+    ],
+    ids=["surrogate-bytes", "nested-surrogate-bytes", "invalid-byte", "utf-16", "msgpack-surrogate-bytes"],
+)
+async def test_body_not_utf8_is_400(
+    worker: PikkuWorker, client: aiohttp.ClientSession, body: bytes, content_type: str
+) -> None:
+    # JSON with a lone surrogate written as UTF-8 bytes once reached the function, and its echo was a 500.
+    status, _, raw = await post(client, worker, "data_type", body, content_type=content_type)
+
+    assert status == 400
+    reply = msgpack.unpackb(raw) if content_type == MSGPACK else envelope(raw)
+    assert "not valid" in reply["message"]
+
+
+async def test_utf8_bom_is_accepted(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    status, _, raw = await post(client, worker, "data_type", b'\xef\xbb\xbf{"data": "x"}')
+
+    assert (status, json.loads(raw)) == (200, "str")
+
+
 @pytest.mark.parametrize("name", ["not_a_number", "nested_infinity"])
 async def test_non_finite_output_is_500(worker: PikkuWorker, client: aiohttp.ClientSession, name: str) -> None:
     status, _, raw = await post(client, worker, name, {"data": None})
