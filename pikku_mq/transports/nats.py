@@ -31,7 +31,7 @@ import msgpack
 import nats.errors
 import pydantic_core
 from nats.aio.client import Client as NatsClient
-from nats.protocol.parser import Parser
+from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
 from .._errors import (
     BadRequestError,
@@ -126,9 +126,11 @@ class _Parser(Parser):
     """nats-py's protocol parser, made to keep the connection when a subject contains ``\x0b`` or ``\x0c``.
 
     nats-server splits a protocol line on spaces and tabs only, so a subject may contain a vertical tab
-    or a form feed. nats-py (2.16) splits the ``MSG`` line on any whitespace, fails to read it and
-    reconnects, which takes the worker off its subscription for about a second and loses the replies in
-    flight. Here such a line is read again with those bytes turned into NUL. A subject with a NUL names
+    or a form feed. nats-py (2.16) splits the ``MSG`` line on any whitespace and fails to read it. With
+    less than 4 KiB in its buffer it reconnects, which takes the worker off its subscription for about a
+    second and loses the replies in flight. With more, for example a large header block, it waits for
+    more data that can never help, and reads nothing until missed pings make it reconnect about 80 s
+    later. Here such a line is read again with those bytes turned into NUL. A subject with a NUL names
     no function, so the worker answers 400, and a reply subject with one is dropped (see ``_Client``).
     """
 
@@ -137,14 +139,16 @@ class _Parser(Parser):
         while True:
             try:
                 await super().parse()
-                return
             except nats.errors.ProtocolError:
                 if not self._mask_line_whitespace():
                     raise
+                continue
+            if not self._mask_line_whitespace():
+                return
 
     def _mask_line_whitespace(self) -> bool:
         """Replace ``\x0b`` and ``\x0c`` in the message line at the start of the buffer; return whether any was."""
-        if not self.buf.startswith((b"MSG", b"HMSG")):
+        if self.state != AWAITING_CONTROL_LINE or not self.buf.startswith((b"MSG", b"HMSG")):
             return False
         end = self.buf.find(b"\r\n")
         line = bytes(self.buf[: max(end, 0)])
