@@ -84,6 +84,7 @@ from .._errors import (
 from .._presence import ChangeKind, decode_change, encode_change
 from .._settings import default_amqp_url
 from .._types import HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP, HEADER_REQUEST_ID, MAX_DEADLINE_DIGITS, CallRequest
+from ._amqp_frames import DamagedProperties, install, lenient_frames
 from .base import ClientTransport, PresenceListener, Reply, ServerTransport
 from .http import DEFAULT_MAX_BODY_SIZE, _decode_call_body
 
@@ -100,6 +101,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+install()
 
 DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024
 """RabbitMQ's default ``max_message_size`` in bytes (``rabbitmqctl environment`` shows 134217728 on
@@ -375,7 +378,8 @@ class _Link:
         cls, url: URL, vhost: str, timeout: float, name: str, presence: PresenceListener | None = None
     ) -> _Link:
         try:
-            connection = await aio_pika.connect(url, timeout=timeout, client_properties={"connection_name": name})
+            with lenient_frames():
+                connection = await aio_pika.connect(url, timeout=timeout, client_properties={"connection_name": name})
         except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
             raise _connect_error(exc, url, vhost) from exc
         try:
@@ -765,9 +769,11 @@ class AmqpServer(ServerTransport):
 
         name = f"pikku-mq worker {self._dispatcher.deployment_id}"
         try:
-            connection = await aio_pika.connect(
-                self._url, timeout=self.connect_timeout, client_properties={"connection_name": name}
-            )
+            # A request whose properties fail to decode must not close the connection (see _amqp_frames).
+            with lenient_frames():
+                connection = await aio_pika.connect(
+                    self._url, timeout=self.connect_timeout, client_properties={"connection_name": name}
+                )
         except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
             raise _connect_error(exc, self._url, self._vhost) from exc
 
@@ -946,6 +952,11 @@ class AmqpServer(ServerTransport):
                 payload={"max_body_size": self.max_body_size},
             )
         properties = message.header.properties
+        if isinstance(properties, DamagedProperties):
+            raise BadRequestError(
+                f"the message properties {properties.undecodable} cannot be decoded: send strings as UTF-8, "
+                "timestamps within range and header tables of reasonable depth"
+            )
         headers = _request_headers(properties.headers)
         name = headers.pop(HEADER_FUNCTION, None)
         if not name:
