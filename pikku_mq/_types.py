@@ -34,10 +34,12 @@ MAX_HOPS = 16
 """A call that has been forwarded this many times is rejected as a loop."""
 
 MAX_DEADLINE_DIGITS = 18
-"""Digits a ``pikku-deadline-ms`` header may have, so that every valid value fits a signed 64-bit integer."""
+"""Maximum number of digits in a ``pikku-deadline-ms`` header, so that every valid value fits in a signed
+64-bit integer."""
 
 MAX_HOP_DIGITS = 6
-"""Digits a ``pikku-hop`` header may have; any value above ``MAX_HOPS`` is rejected as a loop anyway."""
+"""Maximum number of digits in a ``pikku-hop`` header. A worker rejects any value above ``MAX_HOPS`` as a
+loop anyway."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,10 +92,10 @@ REPLY_TO = "amq.rabbitmq.reply-to"
 
 
 class RawProperties(Basic.Properties):
-    """Message properties sent as the given bytes, whatever they hold: aiormq marshals them with this method."""
+    """Message properties sent as the given bytes, whatever they contain: aiormq encodes them with ``marshal``."""
 
     def __init__(self, raw: bytes) -> None:
-        # aiormq gives properties without a message id one; this one is never encoded.
+        # aiormq adds a message id to properties that have none. This one is never encoded.
         super().__init__(message_id="raw")
         self.raw = raw
 

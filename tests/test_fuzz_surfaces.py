@@ -647,7 +647,8 @@ class NatsFuzzer(Fuzzer):
         frames = await self.until_pong(case.subject)
         if frames["errors"] or "closed" in frames:
             await self.disconnect()
-            return f"rejected by the broker: {b' '.join(frames['errors'])[:60].decode(errors='replace')}"
+            error = b" ".join(frames["errors"])[:60].decode(errors="replace") or "the connection closed"
+            return f"rejected by the broker: {error}"
         if not frames["delivered"]:
             return "not delivered by the broker"
         if case.reply_kind not in ANSWERED_REPLY_KINDS:

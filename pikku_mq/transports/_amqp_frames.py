@@ -9,7 +9,7 @@ waiting there, with one message.
 
 Inside :func:`lenient_frames`, the connections opened read a content header that fails to decode as
 one with the same body size whose properties are the ones that decode, and a
-:class:`DamagedProperties` that lists the others. The worker answers such a request with 400 when its
+:class:`DamagedProperties` that lists the others. The worker replies 400 to such a request when its
 ``reply_to`` is readable. Connections opened elsewhere in the process keep pamqp's behaviour.
 """
 

@@ -910,7 +910,7 @@ class AmqpServer(ServerTransport):
         budget = self._dispatcher.default_timeout
         try:
             headers, name, data = self._parse(message)
-            # An invalid header keeps the default budget: the dispatcher answers it with a 400 at once.
+            # An invalid header keeps the default budget, since the dispatcher replies 400 to it at once.
             with contextlib.suppress(BadRequestError):
                 deadline_ms = header_count(headers, HEADER_DEADLINE, MAX_DEADLINE_DIGITS)
                 budget = budget if deadline_ms is None else deadline_ms / 1000

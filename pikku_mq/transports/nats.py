@@ -113,7 +113,7 @@ def presence_subject() -> str:
 
 
 class _MalformedHeaders(dict[str, str]):
-    """The headers of a message whose header block nats-py failed to parse. A worker answers it 400."""
+    """The headers of a message whose header block nats-py failed to parse. A worker replies 400 to it."""
 
 
 _CONTROL_LINE_WHITESPACE = bytes.maketrans(b"\x0b\x0c", b"\x00\x00")
@@ -131,7 +131,7 @@ class _Parser(Parser):
     second and loses the replies in flight. With more, for example a large header block, it waits for
     more data that can never help, and reads nothing until missed pings make it reconnect about 80 s
     later. Here such a line is read again with those bytes turned into NUL. A subject with a NUL names
-    no function, so the worker answers 400, and a reply subject with one is dropped (see ``_Client``).
+    no function, so the worker replies 400, and a reply subject with one is dropped (see ``_Client``).
     """
 
     async def parse(self, data: bytes = b"") -> None:
@@ -162,15 +162,15 @@ class _Client(NatsClient):
     """nats-py's client, made to survive hostile messages from anyone who may publish on its subjects.
 
     nats-server passes subjects and header blocks on as bytes, and nats-py (2.16) reads them in its read
-    loop, where an exception ends the loop: the connection stays open but reads nothing more, until
+    loop, where an exception ends the loop. The connection then stays open but reads nothing more, until
     missed pings make nats-py reconnect about 80 seconds later. So this client:
 
     - decodes a subject that is not UTF-8 with U+FFFD for the bad bytes, which no escaped function name
-      contains, so the worker answers 400;
+      contains, so the worker replies 400;
     - drops a message whose reply subject is not UTF-8 or contains a control character, since it has no
       address to answer, as nats-py drops a message it builds no ``Msg`` for;
     - passes a message whose header block nats-py fails to parse (a status line that is not UTF-8, a block
-      of only ``NATS/1.0``) with :class:`_MalformedHeaders`, so the worker answers 400;
+      of only ``NATS/1.0``) with :class:`_MalformedHeaders`, so the worker replies 400;
     - reads a message line with a vertical tab or form feed in a subject (see :class:`_Parser`).
     """
 
