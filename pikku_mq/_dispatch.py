@@ -37,12 +37,21 @@ from ._errors import (
 from ._functions import FunctionDefinition, FunctionRegistry
 from ._rpc import RPC, Wire, run_function
 from ._security import AUTHORIZATION_HEADER, RemoteSecurity
-from ._types import DEFAULT_TIMEOUT, HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP, HEADER_REQUEST_ID, MAX_HOPS
+from ._types import (
+    DEFAULT_TIMEOUT,
+    HEADER_CALL_ID,
+    HEADER_DEADLINE,
+    HEADER_HOP,
+    HEADER_REQUEST_ID,
+    MAX_DEADLINE_DIGITS,
+    MAX_HOP_DIGITS,
+    MAX_HOPS,
+)
 
 if TYPE_CHECKING:
     from .backends.base import DeploymentService
 
-__all__ = ["DEFAULT_MAX_CONCURRENCY", "DEFAULT_MAX_IN_FLIGHT", "Admitted", "Dispatcher", "Outcome"]
+__all__ = ["DEFAULT_MAX_CONCURRENCY", "DEFAULT_MAX_IN_FLIGHT", "Admitted", "Dispatcher", "Outcome", "header_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -301,10 +310,9 @@ class Dispatcher:
         if definition is None or not definition.expose:
             raise function_not_found(name)
 
-        budget = _header_float(headers, HEADER_DEADLINE, default=self.default_timeout * 1000.0) / 1000.0
-        if budget <= 0:
-            raise DeadlineExceededError(f"call to '{name}' arrived after its deadline had passed")
-        hop = _header_hop(headers)
+        deadline_ms = header_count(headers, HEADER_DEADLINE, MAX_DEADLINE_DIGITS)
+        budget = self.default_timeout if deadline_ms is None else deadline_ms / 1000.0
+        hop = header_count(headers, HEADER_HOP, MAX_HOP_DIGITS) or 0
         if hop > MAX_HOPS:
             raise LoopDetectedError(f"call to '{name}' was forwarded {hop} times; the limit is {MAX_HOPS}")
 
@@ -412,23 +420,17 @@ class Dispatcher:
             self._idle.set()
 
 
-def _header_hop(headers: Mapping[str, str]) -> int:
-    raw = headers.get(HEADER_HOP)
-    if raw is None or raw == "":
-        return 0
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 6:
-        raise BadRequestError(f"header {HEADER_HOP} must be a non-negative integer, got {raw[:40]!r}")
-    return int(raw)
+def header_count(headers: Mapping[str, str], name: str, max_digits: int) -> int | None:
+    """Return the positive integer in header ``name``, or None when it is absent or empty.
 
-
-def _header_float(headers: Mapping[str, str], name: str, *, default: float) -> float:
+    Raise :class:`BadRequestError` for anything but 1 to ``max_digits`` ASCII digits with a value of at
+    least 1: a sign, a fraction, an exponent, spaces, other scripts' digits and zero are all rejected.
+    """
     raw = headers.get(name)
     if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise BadRequestError(f"header {name} must be a number, got {raw[:40]!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise BadRequestError(f"header {name} must be a finite number, got {raw[:40]!r}")
-    return value
+        return None
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= max_digits) or not int(raw):
+        raise BadRequestError(
+            f"header {name} must be a positive integer of at most {max_digits} digits, got {raw[:40]!r}"
+        )
+    return int(raw)

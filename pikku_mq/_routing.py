@@ -530,7 +530,8 @@ class Router:
             budget = call.budget(self.retry.attempt_timeout)
             if budget <= 0:
                 raise _OutOfTime
-            request.headers[HEADER_DEADLINE] = str(int(budget * 1000))
+            # At least 1: a worker rejects a deadline of 0 ms as malformed.
+            request.headers[HEADER_DEADLINE] = str(max(1, int(budget * 1000)))
             if call.signer is not None:
                 request.headers[AUTHORIZATION_HEADER] = call.signer()  # a fresh token id for each attempt
 

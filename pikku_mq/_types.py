@@ -12,7 +12,9 @@ __all__ = [
     "HEADER_DEADLINE",
     "HEADER_HOP",
     "HEADER_REQUEST_ID",
+    "MAX_DEADLINE_DIGITS",
     "MAX_HOPS",
+    "MAX_HOP_DIGITS",
     "CallRequest",
     "DeploymentConfig",
     "DeploymentInfo",
@@ -30,6 +32,14 @@ DEFAULT_TIMEOUT = 30.0
 
 MAX_HOPS = 16
 """A call that has been forwarded this many times is rejected as a loop."""
+
+MAX_DEADLINE_DIGITS = 18
+"""Maximum number of digits in a ``pikku-deadline-ms`` header, so that every valid value fits in a signed
+64-bit integer."""
+
+MAX_HOP_DIGITS = 6
+"""Maximum number of digits in a ``pikku-hop`` header. A worker rejects any value above ``MAX_HOPS`` as a
+loop anyway."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,11 @@ stop or restart the node itself.
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import uuid
+
+from pamqp.commands import Basic
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 """The broker URL of the tests: RabbitMQ's local default user."""
@@ -81,3 +84,59 @@ def close_vhost_connections(vhost: str, name_contains: str = "") -> int:
     for pid in pids:
         rabbitmqctl("close_connection", pid, "pikku_mq test: broker restart drill")
     return len(pids)
+
+
+# -- raw messages ----------------------------------------------------------------------------------
+
+REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+class RawProperties(Basic.Properties):
+    """Message properties sent as the given bytes, whatever they contain: aiormq encodes them with ``marshal``."""
+
+    def __init__(self, raw: bytes) -> None:
+        # aiormq adds a message id to properties that have none. This one is never encoded.
+        super().__init__(message_id="raw")
+        self.raw = raw
+
+    def marshal(self) -> bytes:
+        return self.raw
+
+
+def short_string(raw: bytes) -> bytes:
+    """Encode an AMQP short string from any bytes."""
+    return bytes([len(raw)]) + raw
+
+
+def field_table(entries: list[bytes]) -> bytes:
+    """Encode an AMQP field table from entries already encoded as name, type byte and value."""
+    content = b"".join(entries)
+    return struct.pack(">I", len(content)) + content
+
+
+def long_string_entry(name: bytes, value: bytes) -> bytes:
+    """Encode a field table entry whose value is a long string of any bytes."""
+    return short_string(name) + b"S" + struct.pack(">I", len(value)) + value
+
+
+def nested_table(depth: int) -> bytes:
+    """Encode a field table value nested ``depth`` tables deep."""
+    value = b"V"
+    for _ in range(depth):
+        value = b"F" + field_table([short_string(b"k") + value])
+    return value
+
+
+def raw_properties(
+    *, content_type: bytes = b"application/msgpack", table: bytes, correlation_id: bytes, reply_to: bytes = b""
+) -> bytes:
+    """Encode message properties with a content type, headers, a correlation id and a reply-to, from bytes."""
+    flags = Basic.Properties.flags
+    fields = [
+        (flags["content_type"], short_string(content_type)),
+        (flags["headers"], table),
+        (flags["delivery_mode"], b"\x01"),
+        (flags["correlation_id"], short_string(correlation_id)),
+        (flags["reply_to"], short_string(reply_to or REPLY_TO.encode())),
+    ]
+    return struct.pack(">H", sum(flag for flag, _ in fields)) + b"".join(value for _, value in fields)

@@ -21,19 +21,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
+import aiormq
 import msgpack
 import pytest
 from _support_amqp import (
     AMQP_URL,
+    REPLY_TO,
+    RawProperties,
     amqp_endpoint,
     close_vhost_connections,
     create_vhost,
     delete_vhost,
+    field_table,
+    long_string_entry,
+    nested_table,
     new_vhost,
+    raw_properties,
+    short_string,
     vhost_connections,
     vhost_heartbeats,
 )
 from _support_core import Mesh, closed_port, wait_until
+from aiormq.abc import DeliveredMessage
 
 from pikku_mq import (
     ConfigurationError,
@@ -347,6 +356,9 @@ async def test_malformed_raw_requests_rejected(mesh: Mesh, amqp_vhost: str, capl
         (msgpack.packb({"data": 1}), {}, None, 400, "BadRequestError"),
         (msgpack.packb({"data": 1}), {**fn, "pikku-hop": "x"}, None, 400, "BadRequestError"),
         (msgpack.packb({"data": 1}), {**fn, "pikku-deadline-ms": "soon"}, None, 400, "BadRequestError"),
+        (msgpack.packb({"data": 1}), {**fn, "pikku-deadline-ms": 0}, None, 400, "BadRequestError"),
+        (msgpack.packb({"data": 1}), {**fn, "pikku-deadline-ms": 2500.5}, None, 400, "BadRequestError"),
+        (msgpack.packb({"data": 1}), {**fn, "pikku-deadline-ms": -1}, None, 400, "BadRequestError"),
         (msgpack.packb({"data": 1}), {**fn, "pikku-hop": {"nested": 1}}, None, 400, "BadRequestError"),
         (msgpack.packb({"data": 1}), {"pikku-function": 7}, None, 400, "BadRequestError"),
         (msgpack.packb({"data": float("nan")}), fn, None, 400, "BadRequestError"),
@@ -380,6 +392,52 @@ async def test_malformed_raw_requests_rejected(mesh: Mesh, amqp_vhost: str, capl
             plain = await raw.send(queue, msgpack.packb({"data": [1, "a"]}), headers={**fn, "pikku-deadline-ms": 5000})
             assert await raw.reply(plain) == (200, [1, "a"])
             assert await mesh.service().invoke("echo", "after all that", timeout=5) == "after all that"
+        finally:
+            await connection.close()
+
+
+UNDECODABLE_PROPERTIES = {
+    "content-type-not-utf8": {"content_type": b"\xff\xfe"},
+    "key-not-utf8": {
+        "table": field_table([long_string_entry(b"pikku-function", b"echo"), long_string_entry(b"\xff", b"")])
+    },
+    "huge-timestamp": {"table": field_table([short_string(b"x-when") + b"T" + b"\xff" * 8])},
+    "deep-table": {"table": field_table([short_string(b"x-deep") + nested_table(3000)])},
+    "correlation-not-utf8": {"correlation_id": b"\xff\xfe"},
+}
+
+
+@pytest.mark.parametrize("variant", list(UNDECODABLE_PROPERTIES))
+async def test_undecodable_properties_keep_connection(mesh: Mesh, amqp_vhost: str, variant: str) -> None:
+    # RabbitMQ passes these on, pamqp failed to decode them, and aiormq closed the worker's connection,
+    # which deleted its exclusive queue with every request waiting there.
+    endpoint = amqp_endpoint()
+    queue = parse_endpoint(endpoint).queue
+    assert queue is not None
+    options: dict[str, Any] = {"table": field_table([long_string_entry(b"pikku-function", b"echo")])}
+    options["correlation_id"] = uuid.uuid4().hex.encode()
+    options.update(UNDECODABLE_PROPERTIES[variant])
+    async with make_worker(mesh, endpoint) as worker:
+        [server] = worker._servers
+        assert isinstance(server, AmqpServer)
+        connection = await aiormq.connect(f"amqp://guest:guest@127.0.0.1:5672/{amqp_vhost}")
+        try:
+            channel = await connection.channel(publisher_confirms=True)
+            replies: list[DeliveredMessage] = []
+
+            async def on_reply(message: DeliveredMessage) -> None:
+                replies.append(message)
+
+            await channel.basic_consume(REPLY_TO, on_reply, no_ack=True)
+            properties = RawProperties(raw_properties(**options))
+            await channel.basic_publish(msgpack.packb({"data": 1}), routing_key=queue, properties=properties)
+
+            await wait_until(lambda: replies, timeout=5)
+            headers = replies[0].header.properties.headers or {}
+            assert headers["pikku-status"] == 400
+            assert "cannot be decoded" in msgpack.unpackb(replies[0].body)["message"]
+            assert await mesh.service().invoke("echo", "still here", timeout=5) == "still here"
+            assert server.reconnects == 0
         finally:
             await connection.close()
 

@@ -402,7 +402,9 @@ async def test_reply_over_max_payload_is_error(mesh: Mesh) -> None:
         ("echo", msgpack.packb({"data": {"nested": {2: "int key"}}}), {}, 400, "not allowed for map key"),
         ("echo", msgpack.packb({"data": 1}), {"pikku-hop": "many"}, 400, "pikku-hop"),
         ("echo", msgpack.packb({"data": 1}), {"pikku-deadline-ms": "soon"}, 400, "pikku-deadline-ms"),
-        ("echo", msgpack.packb({"data": 1}), {"pikku-deadline-ms": "0"}, 504, "after its deadline"),
+        ("echo", msgpack.packb({"data": 1}), {"pikku-deadline-ms": "0"}, 400, "pikku-deadline-ms"),
+        ("echo", msgpack.packb({"data": 1}), {"pikku-deadline-ms": "2.5"}, 400, "pikku-deadline-ms"),
+        ("echo", msgpack.packb({"data": 1}), {"pikku-hop": "0"}, 400, "pikku-hop"),
         ("echo", msgpack.packb({"data": 1}), {"pikku-hop": "17"}, 508, "forwarded 17 times"),
         ("ech%6F", msgpack.packb({"data": 1}), {}, 400, "not the canonical escaping"),
         ("%zz", msgpack.packb({"data": 1}), {}, 400, "does not name a function"),
@@ -438,11 +440,15 @@ async def test_malformed_request_gets_error_reply(
 
 async def _raw_publish(subject: bytes, reply: bytes, headers: bytes, payload: bytes) -> None:
     """Publish bytes that nats-py would refuse to send, on a plain socket speaking the NATS protocol."""
+    await _raw_publish_block(subject, reply, b"NATS/1.0\r\n" + headers + b"\r\n", payload)
+
+
+async def _raw_publish_block(subject: bytes, reply: bytes, block: bytes, payload: bytes) -> None:
+    """Publish a message with ``block`` as its whole header block, whatever it holds."""
     reader, writer = await asyncio.open_connection("127.0.0.1", 4222)
     try:
         await reader.readline()  # INFO
         writer.write(b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\n')
-        block = b"NATS/1.0\r\n" + headers + b"\r\n"
         writer.write(
             b"HPUB %s %s %d %d\r\n%s%s\r\nPING\r\n"
             % (subject, reply, len(block), len(block) + len(payload), block, payload)
@@ -472,6 +478,67 @@ async def test_subject_not_utf8_gets_error_reply(mesh: Mesh, raw_client: NatsCli
         good = await raw_client.request(f"{prefix}.echo", msgpack.packb({"data": "still here"}), timeout=5)
         assert unpack(good.data) == "still here"
         await replies.unsubscribe()
+
+
+@pytest.mark.parametrize(
+    "block",
+    [b"NATS/1.0", b"NATS/1.0 \xff\xfe\xfd\r\n\r\n", b"NATS/1.0 200 \xff\r\npikku-hop: 1\r\n\r\n"],
+    ids=["no-line-end", "status-not-utf8", "description-not-utf8"],
+)
+async def test_malformed_header_block_gets_error_reply(mesh: Mesh, raw_client: NatsClient, block: bytes) -> None:
+    # nats-py raised on these inside its read loop, and the worker read nothing more for about 80 s.
+    prefix = new_prefix()
+    async with make_worker(mesh, shared_endpoint(prefix)) as worker:
+        inbox = raw_client.new_inbox()
+        replies = await raw_client.subscribe(inbox)
+        await _raw_publish_block(f"{prefix}.echo".encode(), inbox.encode(), block, msgpack.packb({"data": 1}))
+
+        reply = await replies.next_msg(timeout=5)
+        assert reply.headers is not None
+        assert reply.headers["pikku-status"] == "400"
+        assert "header block" in unpack(reply.data)["message"]
+        good = await raw_client.request(f"{prefix}.echo", msgpack.packb({"data": "still here"}), timeout=5)
+        assert unpack(good.data) == "still here"
+        assert _server_reconnects(worker) == 0
+        await replies.unsubscribe()
+
+
+@pytest.mark.parametrize("character", [b"\x0b", b"\x0c"], ids=["vertical-tab", "form-feed"])
+@pytest.mark.parametrize("header_size", [0, 6000], ids=["small", "large-headers"])
+async def test_subject_with_line_whitespace_keeps_connection(
+    mesh: Mesh, raw_client: NatsClient, character: bytes, header_size: int
+) -> None:
+    # nats-py splits a message line on these and failed to read it: it reconnected, dropping the
+    # subscription, or with 4 KiB behind the line it waited for more data and read nothing for 80 s.
+    prefix = new_prefix()
+    async with make_worker(mesh, shared_endpoint(prefix)) as worker:
+        inbox = raw_client.new_inbox()
+        replies = await raw_client.subscribe(inbox)
+        subject = prefix.encode() + b".ec" + character + b"ho"
+        headers = b"x-filler: " + b"f" * header_size + b"\r\n" if header_size else b""
+        await _raw_publish(subject, inbox.encode(), headers, msgpack.packb({"data": 1}))
+
+        reply = await replies.next_msg(timeout=5)
+        assert reply.headers is not None
+        assert reply.headers["pikku-status"] == "400"
+        assert "does not name a function" in unpack(reply.data)["message"]
+
+        # A reply subject with one has no address to answer: dropped, and the connection stays.
+        await _raw_publish(
+            f"{prefix}.echo".encode(), inbox.encode() + character + b"x", b"", msgpack.packb({"data": 2})
+        )
+        good = await raw_client.request(f"{prefix}.echo", msgpack.packb({"data": "still here"}), timeout=5)
+        assert unpack(good.data) == "still here"
+        assert _server_reconnects(worker) == 0
+        await replies.unsubscribe()
+
+
+def _server_reconnects(worker: PikkuWorker) -> int:
+    [server] = worker._servers
+    assert isinstance(server, NatsServer)
+    assert server._nc is not None
+    reconnects: int = server._nc.stats["reconnects"]
+    return reconnects
 
 
 async def test_plain_client_calls(mesh: Mesh, raw_client: NatsClient) -> None:

@@ -65,6 +65,7 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 from yarl import URL
 
+from .._dispatch import header_count
 from .._errors import (
     BadRequestError,
     CallInterruptedError,
@@ -82,7 +83,8 @@ from .._errors import (
 )
 from .._presence import ChangeKind, decode_change, encode_change
 from .._settings import default_amqp_url
-from .._types import HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP, HEADER_REQUEST_ID, CallRequest
+from .._types import HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP, HEADER_REQUEST_ID, MAX_DEADLINE_DIGITS, CallRequest
+from ._amqp_frames import DamagedProperties, install, lenient_frames
 from .base import ClientTransport, PresenceListener, PresencePublisher, Reply, ServerTransport
 from .http import DEFAULT_MAX_BODY_SIZE, _decode_call_body
 
@@ -99,6 +101,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+install()
 
 DEFAULT_MAX_MESSAGE_SIZE = 128 * 1024 * 1024
 """RabbitMQ's default ``max_message_size`` in bytes (``rabbitmqctl environment`` shows 134217728 on
@@ -374,7 +378,8 @@ class _Link:
         cls, url: URL, vhost: str, timeout: float, name: str, presence: PresenceListener | None = None
     ) -> _Link:
         try:
-            connection = await aio_pika.connect(url, timeout=timeout, client_properties={"connection_name": name})
+            with lenient_frames():
+                connection = await aio_pika.connect(url, timeout=timeout, client_properties={"connection_name": name})
         except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
             raise _connect_error(exc, url, vhost) from exc
         try:
@@ -769,9 +774,11 @@ class AmqpServer(ServerTransport):
 
         name = f"pikku-mq worker {self._dispatcher.deployment_id}"
         try:
-            connection = await aio_pika.connect(
-                self._url, timeout=self.connect_timeout, client_properties={"connection_name": name}
-            )
+            # A request whose properties fail to decode must not close the connection (see _amqp_frames).
+            with lenient_frames():
+                connection = await aio_pika.connect(
+                    self._url, timeout=self.connect_timeout, client_properties={"connection_name": name}
+                )
         except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
             raise _connect_error(exc, self._url, self._vhost) from exc
 
@@ -908,10 +915,11 @@ class AmqpServer(ServerTransport):
         budget = self._dispatcher.default_timeout
         try:
             headers, name, data = self._parse(message)
-            with contextlib.suppress(ValueError):
-                budget = float(headers.get(HEADER_DEADLINE, budget * 1000)) / 1000
-            # A NaN or negative budget leaves no time to wait for a reconnection.
-            budget = min(budget, _REPLY_WAIT_LIMIT) if budget >= 0 else 0.0
+            # An invalid header keeps the default budget, since the dispatcher replies 400 to it at once.
+            with contextlib.suppress(BadRequestError):
+                deadline_ms = header_count(headers, HEADER_DEADLINE, MAX_DEADLINE_DIGITS)
+                budget = budget if deadline_ms is None else deadline_ms / 1000
+            budget = min(budget, _REPLY_WAIT_LIMIT)
             if getattr(message.delivery, "redelivered", False):
                 raise CallInterruptedError(
                     f"the broker delivered the call to '{name}' a second time after a channel failure; "
@@ -949,6 +957,11 @@ class AmqpServer(ServerTransport):
                 payload={"max_body_size": self.max_body_size},
             )
         properties = message.header.properties
+        if isinstance(properties, DamagedProperties):
+            raise BadRequestError(
+                f"the message properties {properties.undecodable} cannot be decoded: send strings as UTF-8, "
+                "timestamps within range and header tables of reasonable depth"
+            )
         headers = _request_headers(properties.headers)
         name = headers.pop(HEADER_FUNCTION, None)
         if not name:

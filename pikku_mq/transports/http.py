@@ -181,14 +181,16 @@ def _decode_call_body(body: bytes, binary: bool) -> Any:
             call = msgpack.unpackb(body, raw=False)
             _reject_non_json(call)
         else:
-            call = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+            # json.loads on bytes would also take UTF-16 and UTF-32, and UTF-8 with encoded lone surrogates
+            # ("\xed\xa0\x80"), which no reply can carry back: only UTF-8 is JSON on the wire.
+            text = body.decode("utf-8-sig")
+            call = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
             # Most bodies cannot hold a lone surrogate or the nesting limit, which these counts rule out cheaply.
             if _SURROGATE_ESCAPE.search(body) or body.count(b"[") + body.count(b"{") > MAX_NESTING:
                 _reject_non_json(call)
     except (ValueError, RecursionError, msgpack.UnpackException) as exc:
         kind = "msgpack" if binary else "JSON"
-        reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc) or type(exc).__name__
-        raise BadRequestError(f"request body is not valid {kind}: {reason}") from None
+        raise BadRequestError(f"request body is not valid {kind}: {_decode_failure(exc)}") from None
 
     if not isinstance(call, dict):
         raise BadRequestError(f'request body must be an object {{"data": ...}}, got {type(call).__name__}')
@@ -197,6 +199,14 @@ def _decode_call_body(body: bytes, binary: bool) -> Any:
         raise BadRequestError(f"request body has unknown fields {unknown[:10]}; only 'data' is allowed")
     # Pikku sends {} when its data is undefined, so a missing field means None.
     return call.get("data")
+
+
+def _decode_failure(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "it is nested too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a string is not UTF-8 ({exc.reason} at byte {exc.start})"
+    return str(exc) or type(exc).__name__
 
 
 def _content_type(headers: dict[str, str]) -> str:

@@ -31,6 +31,7 @@ import msgpack
 import nats.errors
 import pydantic_core
 from nats.aio.client import Client as NatsClient
+from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
 from .._errors import (
     BadRequestError,
@@ -111,16 +112,80 @@ def presence_subject() -> str:
 # -- connecting --------------------------------------------------------------------------------------
 
 
-class _Client(NatsClient):
-    """nats-py's client, made to survive a message whose subject or reply subject is not UTF-8.
+class _MalformedHeaders(dict[str, str]):
+    """The headers of a message whose header block nats-py failed to parse. A worker replies 400 to it."""
 
-    nats-server passes subjects on as bytes, so anyone who may publish under a worker's prefix can send
-    one that is not UTF-8. nats-py (2.16) decodes it strictly in its read loop, and the error ends that
-    loop: the connection stays open but reads nothing more, until missed pings make nats-py reconnect
-    about a minute later. Here the subject is decoded with U+FFFD for the bad bytes, which no escaped
-    function name contains, so the worker replies 400. A message whose reply subject is not UTF-8 has no
-    address to answer and is dropped, as nats-py drops a message it returns no ``Msg`` for.
+
+_CONTROL_LINE_WHITESPACE = bytes.maketrans(b"\x0b\x0c", b"\x00\x00")
+"""Turns the vertical tab and form feed of a message line into NUL, which no valid subject contains."""
+
+_CONTROL_CHARACTERS = frozenset(range(0x20)) | {0x7F}
+
+
+class _Parser(Parser):
+    """nats-py's protocol parser, made to keep the connection when a subject contains ``\x0b`` or ``\x0c``.
+
+    nats-server splits a protocol line on spaces and tabs only, so a subject may contain a vertical tab
+    or a form feed. nats-py (2.16) splits the ``MSG`` line on any whitespace and fails to read it. With
+    less than 4 KiB in its buffer it reconnects, which takes the worker off its subscription for about a
+    second and loses the replies in flight. With more, for example a large header block, it waits for
+    more data that can never help, and reads nothing until missed pings make it reconnect about 80 s
+    later. Here such a line is read again with those bytes turned into NUL. A subject with a NUL names
+    no function, so the worker replies 400, and a reply subject with one is dropped (see ``_Client``).
     """
+
+    async def parse(self, data: bytes = b"") -> None:
+        self.buf.extend(data)
+        while True:
+            try:
+                await super().parse()
+            except nats.errors.ProtocolError:
+                if not self._mask_line_whitespace():
+                    raise
+                continue
+            if not self._mask_line_whitespace():
+                return
+
+    def _mask_line_whitespace(self) -> bool:
+        """Replace ``\x0b`` and ``\x0c`` in the message line at the start of the buffer; return whether any was."""
+        if self.state != AWAITING_CONTROL_LINE or not self.buf.startswith((b"MSG", b"HMSG")):
+            return False
+        end = self.buf.find(b"\r\n")
+        line = bytes(self.buf[: max(end, 0)])
+        if b"\x0b" not in line and b"\x0c" not in line:
+            return False
+        self.buf[:end] = line.translate(_CONTROL_LINE_WHITESPACE)
+        return True
+
+
+class _Client(NatsClient):
+    """nats-py's client, made to survive hostile messages from anyone who may publish on its subjects.
+
+    nats-server passes subjects and header blocks on as bytes, and nats-py (2.16) reads them in its read
+    loop, where an exception ends the loop. The connection then stays open but reads nothing more, until
+    missed pings make nats-py reconnect about 80 seconds later. So this client:
+
+    - decodes a subject that is not UTF-8 with U+FFFD for the bad bytes, which no escaped function name
+      contains, so the worker replies 400;
+    - drops a message whose reply subject is not UTF-8 or contains a control character, since it has no
+      address to answer, as nats-py drops a message it builds no ``Msg`` for;
+    - passes a message whose header block nats-py fails to parse (a status line that is not UTF-8, a block
+      of only ``NATS/1.0``) with :class:`_MalformedHeaders`, so the worker replies 400;
+    - reads a message line with a vertical tab or form feed in a subject (see :class:`_Parser`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ps = _Parser(self)
+
+    async def _process_headers(self, headers: bytes | None) -> dict[str, str] | None:
+        try:
+            return await super()._process_headers(headers)
+        except Exception:
+            # Any exception here would end the read loop, whatever its type (IndexError and
+            # UnicodeDecodeError in nats-py 2.16), so each one marks the message as malformed instead.
+            logger.debug("NATS: a message has a header block that cannot be parsed: %r", (headers or b"")[:200])
+            return _MalformedHeaders()
 
     def _build_message(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
@@ -129,6 +194,9 @@ class _Client(NatsClient):
             reply.decode()
         except UnicodeDecodeError:
             logger.info("NATS: dropped a message on %r whose reply subject is not UTF-8", subject[:200])
+            return None
+        if not _CONTROL_CHARACTERS.isdisjoint(reply):
+            logger.info("NATS: dropped a message on %r whose reply subject has control characters", subject[:200])
             return None
         try:
             subject.decode()
@@ -699,6 +767,8 @@ class NatsServer(ServerTransport):
             return
         assert self._dispatcher is not None
         try:
+            if isinstance(msg.headers, _MalformedHeaders):
+                raise BadRequestError("the header block of the request cannot be parsed; send NATS/1.0 headers")
             name = self._function_name(msg.subject)
             data = None if not msg.data else _decode_call_body(msg.data, True)
             headers = {key.lower(): value for key, value in (msg.headers or {}).items()}
