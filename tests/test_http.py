@@ -36,6 +36,7 @@ from pikku_mq import (
     pikku_sessionless_func,
 )
 from pikku_mq._types import CallRequest
+from pikku_mq.transports.http import MAX_NESTING, _decode_call_body
 
 MAX_BODY_SIZE = 4096
 JSON = "application/json"
@@ -688,3 +689,42 @@ async def test_stop_interrupts_stuck_call(client: aiohttp.ClientSession) -> None
     error = envelope(raw)
     assert error["name"] == "CallInterruptedError"
     assert error["retryable"] is False
+
+
+def _nested_lists(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (msgpack.packb({"data": b""}), "bytes values are not accepted"),
+        (msgpack.packb({"data": {b"key": 1}}), "map keys must be strings"),
+        (msgpack.packb({"data": math.nan}), "NaN"),
+        (msgpack.packb({"data": math.inf}, use_single_float=True), "NaN"),
+        (msgpack.packb({"data": msgpack.ExtType(1, b"")}), "ExtType values are not accepted"),
+        (msgpack.packb({"data": msgpack.ExtType(1, b"1234")}), "ExtType values are not accepted"),
+        (msgpack.packb({"data": msgpack.Timestamp(0, 0)}), "Timestamp values are not accepted"),
+        (msgpack.packb({"data": _nested_lists(MAX_NESTING)}), "nested too deeply"),
+    ],
+)
+def test_msgpack_body_rejects_non_json(body: bytes, reason: str) -> None:
+    with pytest.raises(BadRequestError) as caught:
+        _decode_call_body(body, binary=True)
+    assert reason in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"note": "\xca\xcb\xc4 in a string"},
+        {"n": 1, "s": "x" * 300},
+        _nested_lists(MAX_NESTING - 2),
+        [1, -1, 2**63, None, True, "ü"],
+    ],
+)
+def test_msgpack_body_accepts_json_values(data: Any) -> None:
+    assert _decode_call_body(msgpack.packb({"data": data}), binary=True) == data
