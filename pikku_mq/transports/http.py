@@ -440,6 +440,9 @@ class HttpServer(ServerTransport):
             log_level=logging.WARNING,
             timeout_graceful_shutdown=1,
             timeout_keep_alive=30,
+            # The app never reads the client's address, so uvicorn need not rewrite it from
+            # X-Forwarded-For on every request.
+            proxy_headers=False,
         )
         server = self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(server.serve(sockets=[sock]), name=f"pikku-http-{endpoint}")
