@@ -728,3 +728,37 @@ def test_msgpack_body_rejects_non_json(body: bytes, reason: str) -> None:
 )
 def test_msgpack_body_accepts_json_values(data: Any) -> None:
     assert _decode_call_body(msgpack.packb({"data": data}), binary=True) == data
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"data": {"pi": 3.141592653589793, "tiny": 5e-324, "big": 1.7976931348623157e308}}',
+        b'{"data": [0.1000000000000000055511151231257827021181583404541015625, 2.5e-8, -0.0, 1E5]}',
+        b'{"data": [123456789012345678901234567890, -1, 0]}',
+        b'{"data": "\\ud83d\\ude00 \\u00e9 \\n \\" \\\\ \\/"}',
+        b'{"data": {"a": 1, "a": 2}}',
+        b'\xef\xbb\xbf{"data": "after a byte order mark"}',
+        b'{"data": "' + b"x" * 70000 + b'"}',
+    ],
+)
+def test_json_body_decodes_as_json_module(raw: bytes) -> None:
+    assert repr(_decode_call_body(raw, binary=False)) == repr(json.loads(raw)["data"])
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"data": 1e400}', "out of the range of a 64-bit float"),
+        (b'{"data": [1, -1.5E+999]}', "out of the range of a 64-bit float"),
+        (b'{"data": 1' + b"0" * 400 + b".5}", "out of the range of a 64-bit float"),
+        (b'{"data": NaN}', "NaN is not valid JSON"),
+        (b'{"data": [Infinity]}', "Infinity is not valid JSON"),
+        (b'{"data": "\\ud800"}', "lone surrogates"),
+        (b'{"data": ' + b"[" * MAX_NESTING + b"]" * MAX_NESTING + b"}", "nested too deeply"),
+    ],
+)
+def test_json_body_rejects_non_finite_and_odd(raw: bytes, reason: str) -> None:
+    with pytest.raises(BadRequestError) as caught:
+        _decode_call_body(raw, binary=False)
+    assert reason in str(caught.value)

@@ -53,6 +53,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_SIZE = 1024 * 1024
 """Default limit of a request body, in bytes."""
 
+_MAX_CACHED_URLS = 10_000
+"""Request URLs a client transport remembers; past that it starts over, so the cache stays bounded."""
+
 _LARGE_BODY = 1024 * 1024
 """Request bodies over this many bytes are handed to aiohttp as a file object (its own threshold)."""
 
@@ -188,11 +191,13 @@ def _decode_call_body(body: bytes, binary: bool) -> Any:
             if len(body) >= MAX_NESTING or _MSGPACK_NON_JSON_TYPES.search(body):
                 _reject_non_json(call)
         else:
-            # The same as json.loads with these hooks, without building a decoder per call.
-            call = _JSON_DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
-            # Most bodies cannot hold a lone surrogate or the nesting limit, which these counts rule out cheaply.
-            if _SURROGATE_ESCAPE.search(body) or body.count(b"[") + body.count(b"{") > MAX_NESTING:
-                _reject_non_json(call)
+            call = _fast_json(body)
+            if call is _SLOW_PATH:
+                # The same as json.loads with these hooks, without building a decoder per call.
+                call = _JSON_DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+                # Most bodies cannot hold a lone surrogate or the nesting limit, which these checks rule out cheaply.
+                if _SURROGATE_ESCAPE.search(body) or body.count(b"[") + body.count(b"{") > MAX_NESTING:
+                    _reject_non_json(call)
     except (ValueError, RecursionError, msgpack.UnpackException) as exc:
         kind = "msgpack" if binary else "JSON"
         reason = "it is nested too deeply" if isinstance(exc, RecursionError) else str(exc) or type(exc).__name__
@@ -205,6 +210,29 @@ def _decode_call_body(body: bytes, binary: bool) -> Any:
         raise BadRequestError(f"request body has unknown fields {unknown[:10]}; only 'data' is allowed")
     # Pikku sends {} when its data is undefined, so a missing field means None.
     return call.get("data")
+
+
+_SLOW_PATH: Any = object()
+_FLOAT_OVERFLOW_RISK = re.compile(rb"[0-9][eE]|[0-9]{309}")
+"""A JSON number that overflows a float has an exponent after a digit, or at least 309 digits."""
+
+
+def _fast_json(body: bytes) -> Any:
+    """Decode a JSON body with pydantic_core's parser, or return ``_SLOW_PATH`` for the json module to decode.
+
+    pydantic_core parses long strings many times faster than the json module (5 µs against 60 µs for
+    a 64 KiB string on the benchmark machine). It rejects NaN, Infinity, lone surrogates, a BOM and
+    deep nesting, and those bodies go to the json module, which gives its own error or result. What
+    it accepts, the json module reads alike, except a number too large for a float, which it reads
+    as infinity and the json module's hook rejects: a body that may hold one goes to the json module too.
+    """
+    try:
+        call = pydantic_core.from_json(body, allow_inf_nan=False)
+    except ValueError:
+        return _SLOW_PATH
+    if body.count(b"[") + body.count(b"{") > MAX_NESTING or _FLOAT_OVERFLOW_RISK.search(body):
+        return _SLOW_PATH
+    return call
 
 
 def _content_type(headers: dict[str, str]) -> str:
@@ -314,10 +342,21 @@ def decode_reply(status: int, raw: bytes, content_type: str) -> Reply:
     if status == 204 or (not raw and 200 <= status < 300):
         return Reply(status=200, body=None)
     try:
-        body = msgpack.unpackb(raw, raw=False) if content_type.startswith(MSGPACK) else json.loads(raw)
+        body = msgpack.unpackb(raw, raw=False) if content_type.startswith(MSGPACK) else _decode_reply_json(raw)
     except (ValueError, msgpack.UnpackException) as exc:
         raise ProtocolError(f"peer returned status {status} with a body that cannot be decoded: {exc}") from None
     return Reply(status=status, body=body)
+
+
+def _decode_reply_json(raw: bytes) -> Any:
+    """Decode a JSON reply as json.loads does, with pydantic_core's faster parser where it reads the body alike.
+
+    What pydantic_core rejects (a BOM, lone surrogates) goes to json.loads, for its result or its error.
+    """
+    try:
+        return pydantic_core.from_json(raw)
+    except ValueError:
+        return json.loads(raw)
 
 
 class AiohttpTransport(ClientTransport):
@@ -329,6 +368,8 @@ class AiohttpTransport(ClientTransport):
         self._limit = limit
         self._keepalive_timeout = keepalive_timeout
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[tuple[str, str], str] = {}
+        """Request URLs by endpoint and function name, so a call does not percent-encode its name again."""
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -337,7 +378,12 @@ class AiohttpTransport(ClientTransport):
         return self._session
 
     async def call(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
-        url = endpoint.rstrip("/") + rpc_path(request.name)
+        url = self._urls.get((endpoint, request.name))
+        if url is None:
+            url = endpoint.rstrip("/") + rpc_path(request.name)
+            if len(self._urls) >= _MAX_CACHED_URLS:
+                self._urls.clear()
+            self._urls[endpoint, request.name] = url
         body = encode_request(request)
         headers = {**request.headers, "content-type": JSON}
         # aiohttp warns that writing a body over 1 MiB from bytes blocks the loop; a file object is
