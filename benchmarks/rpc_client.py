@@ -230,14 +230,17 @@ class CpuMeter:
         self.brokers = brokers
         self.start = self._sample()
 
-    def _sample(self) -> tuple[float, float, float, float, float]:
+    def _sample(self) -> tuple[float, list[float], list[float], float, float]:
         busy, total = machine_times()
         own = time.process_time()
-        return own, sum(map(process_cpu, self.servers)), sum(map(process_cpu, self.brokers)), busy, total
+        return own, [process_cpu(p) for p in self.servers], [process_cpu(p) for p in self.brokers], busy, total
 
     def stop(self, calls: int, elapsed: float) -> dict[str, float]:
         end = self._sample()
-        own, servers, brokers, busy, total = (b - a for a, b in zip(self.start, end, strict=True))
+        own, busy, total = end[0] - self.start[0], end[3] - self.start[3], end[4] - self.start[4]
+        # A process that exits during the phase reads as 0.0 at the end: count only what each one added.
+        servers = sum(max(0.0, b - a) for a, b in zip(self.start[1], end[1], strict=True))
+        brokers = sum(max(0.0, b - a) for a, b in zip(self.start[2], end[2], strict=True))
         per_call = 1e6 / max(calls, 1)
         return {
             "client_cpu_us": own * per_call,
