@@ -430,6 +430,8 @@ class NatsTransport(ClientTransport):
         self._opening: dict[int, asyncio.Task[_CallerConnection]] = {}
         self._next = itertools.count()
         self._endpoints: dict[str, NatsEndpoint] = {}
+        self._subjects: dict[tuple[str, str], str] = {}
+        """Request subjects by endpoint and function name, so a call does not escape its name again."""
         self._presence_listener: PresenceListener | None = None
         self._last_failure: tuple[float, EndpointUnreachableError] | None = None
 
@@ -453,6 +455,9 @@ class NatsTransport(ClientTransport):
         return _decode_reply(msg, request.name, subject, connection.addresses)
 
     def _subject(self, endpoint: str, name: str) -> str:
+        subject = self._subjects.get((endpoint, name))
+        if subject is not None:
+            return subject
         parsed = self._endpoints.get(endpoint)
         if parsed is None:
             try:
@@ -470,6 +475,9 @@ class NatsTransport(ClientTransport):
                 f"the subject of function '{name[:80]}...' is over {MAX_SUBJECT_LENGTH} bytes, "
                 "the limit of a NATS subject here"
             )
+        if len(self._subjects) >= 10_000:
+            self._subjects.clear()
+        self._subjects[endpoint, name] = subject
         return subject
 
     async def _connection(self, name: str, timeout: float) -> _CallerConnection:
