@@ -203,6 +203,10 @@ def fixture_names(amqp: bool) -> Iterator[Fixture]:
 
     tag = f"pikku_bench_{uuid.uuid4().hex[:10]}"
     fixture = Fixture(tag=tag, vhost=tag, broker_pids=broker_pids())
+    # Presence of its own: the default subject is shared by every mesh on the broker, and each join
+    # announced there (other helpers' test workers, say) expires every cached lookup of this run's callers.
+    os.environ["PIKKU_NATS_PRESENCE_SUBJECT"] = f"{tag}.presence"
+    os.environ["PIKKU_AMQP_PRESENCE_EXCHANGE"] = f"{tag}.presence"
     if amqp:
         rabbitmqctl("add_vhost", fixture.vhost)
     try:
@@ -668,7 +672,7 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {report['transport']} worker | {report['calls']:,} | {first['rss_bytes'] / 2**20:.1f} "
                 f"(after {first['calls']:,}) | {report['samples'][-1]['rss_bytes'] / 2**20:.1f} | "
-                f"{report['growth']:+.1%} |"
+                f"{report['growth']:+.2%} |"
             )
     if result["scale"]:
         lines.append("")
@@ -688,7 +692,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append("|---|---:|---|")
     for target in result["targets"]:
         value = target["value"]
-        shown = f"{value:.2f}" if isinstance(value, float) else str(value)
+        shown = f"{value:+.2%}" if "RSS growth" in target["target"] else f"{value:.2f}"
         lines.append(f"| {target['target']} | {shown} | {'yes' if target['met'] else '**no**'} |")
     return "\n".join(lines) + "\n"
 
