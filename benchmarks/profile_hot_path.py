@@ -28,6 +28,7 @@ from rpc_bench import (
     AMQP_BASE,
     HERE,
     NATS_URL,
+    PYTHONPATH,
     ROOT,
     SMALL,
     TRANSPORTS,
@@ -83,7 +84,7 @@ def profile(transport: str, args: argparse.Namespace, out_dir: Path, raw_dir: Pa
     with fixture_names(amqp) as fixture:
         group = f"profile-{transport}"
         worker = start_pikku(fixture, group, transport, group, secret=args.secret)
-        env = {"PYTHONPATH": str(HERE), "PIKKU_AMQP_URL": AMQP_BASE, "PIKKU_NATS_URL": NATS_URL}
+        env = {"PYTHONPATH": PYTHONPATH, "PIKKU_AMQP_URL": AMQP_BASE, "PIKKU_NATS_URL": NATS_URL}
         if args.secret:
             from rpc_bench import SECRET
 

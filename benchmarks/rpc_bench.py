@@ -52,6 +52,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+PYTHONPATH = f"{HERE}{os.pathsep}{ROOT}"
+"""The servers and clients import pikku_mq from this checkout, whatever version is installed."""
 REDIS_URL = "redis://127.0.0.1:6379/0"
 NATS_URL = "nats://127.0.0.1:4222"
 AMQP_BASE = "amqp://guest:guest@127.0.0.1:5672/"
@@ -144,7 +146,7 @@ def free_port() -> int:
 def start_server(fixture: Fixture, name: str, argv: list[str], env: dict[str, str] | None = None) -> Server:
     """Start a server process and wait until it prints READY (at most 60 s)."""
     process = subprocess.Popen(
-        argv, cwd=HERE, env={**os.environ, "PYTHONPATH": str(HERE), **(env or {})}, stdout=subprocess.PIPE
+        argv, cwd=HERE, env={**os.environ, "PYTHONPATH": PYTHONPATH, **(env or {})}, stdout=subprocess.PIPE
     )
     server = fixture.servers[name] = Server(name, process)
     assert process.stdout is not None
@@ -336,7 +338,7 @@ def run_client(argv: tuple[str, ...], settings: Settings, extra: list[str], env:
     completed = subprocess.run(
         command,
         cwd=HERE,
-        env={**base, "PYTHONPATH": str(HERE), "PIKKU_AMQP_URL": AMQP_BASE, "PIKKU_NATS_URL": NATS_URL, **env},
+        env={**base, "PYTHONPATH": PYTHONPATH, "PIKKU_AMQP_URL": AMQP_BASE, "PIKKU_NATS_URL": NATS_URL, **env},
         capture_output=True,
         text=True,
         timeout=300,
