@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import random
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -384,8 +384,9 @@ class Router:
             name=name,
             data=data,
             headers={
-                HEADER_REQUEST_ID: trace_id or uuid.uuid4().hex,
-                HEADER_CALL_ID: uuid.uuid4().hex,
+                # 32 random hex digits, as uuid4().hex gives, at a quarter of its cost.
+                HEADER_REQUEST_ID: trace_id or os.urandom(16).hex(),
+                HEADER_CALL_ID: os.urandom(16).hex(),
                 HEADER_HOP: str(hop),
             },
         )

@@ -36,6 +36,7 @@ from pikku_mq import (
     pikku_sessionless_func,
 )
 from pikku_mq._types import CallRequest
+from pikku_mq.transports.http import MAX_NESTING, _decode_call_body
 
 MAX_BODY_SIZE = 4096
 JSON = "application/json"
@@ -727,3 +728,76 @@ async def test_stop_interrupts_stuck_call(client: aiohttp.ClientSession) -> None
     error = envelope(raw)
     assert error["name"] == "CallInterruptedError"
     assert error["retryable"] is False
+
+
+def _nested_lists(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (msgpack.packb({"data": b""}), "bytes values are not accepted"),
+        (msgpack.packb({"data": {b"key": 1}}), "map keys must be strings"),
+        (msgpack.packb({"data": math.nan}), "NaN"),
+        (msgpack.packb({"data": math.inf}, use_single_float=True), "NaN"),
+        (msgpack.packb({"data": msgpack.ExtType(1, b"")}), "ExtType values are not accepted"),
+        (msgpack.packb({"data": msgpack.ExtType(1, b"1234")}), "ExtType values are not accepted"),
+        (msgpack.packb({"data": msgpack.Timestamp(0, 0)}), "Timestamp values are not accepted"),
+        (msgpack.packb({"data": _nested_lists(MAX_NESTING)}), "nested too deeply"),
+    ],
+)
+def test_msgpack_body_rejects_non_json(body: bytes, reason: str) -> None:
+    with pytest.raises(BadRequestError) as caught:
+        _decode_call_body(body, binary=True)
+    assert reason in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"note": "\xca\xcb\xc4 in a string"},
+        {"n": 1, "s": "x" * 300},
+        _nested_lists(MAX_NESTING - 2),
+        [1, -1, 2**63, None, True, "ü"],
+    ],
+)
+def test_msgpack_body_accepts_json_values(data: Any) -> None:
+    assert _decode_call_body(msgpack.packb({"data": data}), binary=True) == data
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"data": {"pi": 3.141592653589793, "tiny": 5e-324, "big": 1.7976931348623157e308}}',
+        b'{"data": [0.1000000000000000055511151231257827021181583404541015625, 2.5e-8, -0.0, 1E5]}',
+        b'{"data": [123456789012345678901234567890, -1, 0]}',
+        b'{"data": "\\ud83d\\ude00 \\u00e9 \\n \\" \\\\ \\/"}',
+        b'{"data": {"a": 1, "a": 2}}',
+        b'\xef\xbb\xbf{"data": "after a byte order mark"}',
+        b'{"data": "' + b"x" * 70000 + b'"}',
+    ],
+)
+def test_json_body_decodes_as_json_module(raw: bytes) -> None:
+    assert repr(_decode_call_body(raw, binary=False)) == repr(json.loads(raw)["data"])
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"data": 1e400}', "out of the range of a 64-bit float"),
+        (b'{"data": [1, -1.5E+999]}', "out of the range of a 64-bit float"),
+        (b'{"data": 1' + b"0" * 400 + b".5}", "out of the range of a 64-bit float"),
+        (b'{"data": NaN}', "NaN is not valid JSON"),
+        (b'{"data": [Infinity]}', "Infinity is not valid JSON"),
+        (b'{"data": "\\ud800"}', "lone surrogates"),
+        (b'{"data": ' + b"[" * MAX_NESTING + b"]" * MAX_NESTING + b"}", "nested too deeply"),
+    ],
+)
+def test_json_body_rejects_non_finite_and_odd(raw: bytes, reason: str) -> None:
+    with pytest.raises(BadRequestError) as caught:
+        _decode_call_body(raw, binary=False)
+    assert reason in str(caught.value)

@@ -24,6 +24,7 @@ __all__ = [
     "NatsEndpoint",
     "escape_name",
     "header_block_size",
+    "message_size",
     "parse_nats_endpoint",
     "server_addresses",
     "split_server_urls",
@@ -198,6 +199,16 @@ def header_block_size(headers: Mapping[str, str]) -> int:
         if key:
             size += len(key.encode()) + 2 + len(value.strip().translate(_HEADER_VALUE_NEWLINES).encode()) + 2
     return size
+
+
+def message_size(headers: Mapping[str, str], payload: bytes, max_payload: int) -> int:
+    """Return the bytes that ``headers`` and ``payload`` take in a NATS message, exactly if near ``max_payload``.
+
+    Far below the limit it returns an upper bound, which costs a few ``len`` calls instead of encoding
+    every header: UTF-8 takes at most 4 bytes per character, and each header line adds 4 bytes.
+    """
+    bound = len(_NATS_HEADER_LINE) + 2 + len(payload) + sum(4 * (len(k) + len(v)) + 4 for k, v in headers.items())
+    return bound if bound <= max_payload else header_block_size(headers) + len(payload)
 
 
 def split_server_urls(url: str) -> list[str]:

@@ -37,6 +37,9 @@ __all__ = [
     "endpoint_scheme",
 ]
 
+_MAX_CACHED_ENDPOINTS = 10_000
+"""Endpoints whose scheme a TransportSet remembers; past that it starts over, so the cache stays bounded."""
+
 PresenceListener = Callable[[ChangeEvent | None], None]
 """Receives presence events, and None after each (re)subscription, since events in a gap are lost."""
 
@@ -128,6 +131,8 @@ class TransportSet:
 
     def __init__(self, transports: Iterable[ClientTransport]) -> None:
         self._by_scheme: dict[str, ClientTransport] = {}
+        self._schemes: dict[str, str] = {}
+        """Schemes of the endpoints seen so far, since every attempt looks its endpoint up twice."""
         for transport in transports:
             for scheme in transport.schemes:
                 self._by_scheme[scheme] = transport
@@ -160,10 +165,19 @@ class TransportSet:
             self._by_scheme[scheme] = transport
 
     def for_endpoint(self, endpoint: str) -> ClientTransport | None:
-        return self._by_scheme.get(endpoint_scheme(endpoint))
+        return self._by_scheme.get(self._scheme(endpoint))
 
     def supports(self, endpoint: str) -> bool:
-        return endpoint_scheme(endpoint) in self._by_scheme
+        return self._scheme(endpoint) in self._by_scheme
+
+    def _scheme(self, endpoint: str) -> str:
+        scheme = self._schemes.get(endpoint)
+        if scheme is None:
+            scheme = endpoint_scheme(endpoint)
+            if len(self._schemes) >= _MAX_CACHED_ENDPOINTS:
+                self._schemes.clear()
+            self._schemes[endpoint] = scheme
+        return scheme
 
     def set_presence_listener(self, listener: PresenceListener | None) -> None:
         """Pass the presence events of every transport in the set to ``listener``."""

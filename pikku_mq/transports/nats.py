@@ -54,7 +54,7 @@ from ._nats_wire import (
     HEADER_STATUS,
     MAX_SUBJECT_LENGTH,
     NatsEndpoint,
-    header_block_size,
+    message_size,
     parse_nats_endpoint,
     server_addresses,
     split_server_urls,
@@ -382,7 +382,7 @@ class _CallerConnection:
             state = "reconnecting" if nc is not None and nc.is_reconnecting else "not connected"
             raise EndpointUnreachableError(f"the call to '{name}' was not sent: NATS at {self.addresses} is {state}")
 
-        size = header_block_size(headers) + len(payload)
+        size = message_size(headers, payload, nc.max_payload)
         if size > nc.max_payload:
             raise PayloadTooLargeError(
                 f"the request to '{name}' is {size} bytes with its headers, over the max_payload of "
@@ -391,7 +391,8 @@ class _CallerConnection:
             )
 
         token = str(next(self._tokens))
-        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Msg] = loop.create_future()
         self._pending[token] = (future, name)
         try:
             try:
@@ -408,15 +409,22 @@ class _CallerConnection:
                 raise EndpointUnreachableError(
                     f"the call to '{name}' was not sent to NATS at {self.addresses}: {_describe(exc)}"
                 ) from exc
+            # A timer that fails the future costs less per call than an asyncio.timeout() scope.
+            timer = loop.call_later(timeout, self._time_out, future, name, subject, timeout)
             try:
-                async with asyncio.timeout(timeout):
-                    return await future
-            except TimeoutError:
-                raise DeadlineExceededError(
-                    f"no reply to '{name}' on {subject} within {timeout:.3f} s (NATS at {self.addresses})"
-                ) from None
+                return await future
+            finally:
+                timer.cancel()
         finally:
             self._pending.pop(token, None)
+
+    def _time_out(self, future: asyncio.Future[Msg], name: str, subject: str, timeout: float) -> None:
+        if not future.done():
+            future.set_exception(
+                DeadlineExceededError(
+                    f"no reply to '{name}' on {subject} within {timeout:.3f} s (NATS at {self.addresses})"
+                )
+            )
 
     async def _on_presence(self, msg: Msg) -> None:
         event = decode_change(msg.data)
@@ -490,6 +498,8 @@ class NatsTransport(ClientTransport):
         self._opening: dict[int, asyncio.Task[_CallerConnection]] = {}
         self._next = itertools.count()
         self._endpoints: dict[str, NatsEndpoint] = {}
+        self._subjects: dict[tuple[str, str], str] = {}
+        """Request subjects by endpoint and function name, so a call does not escape its name again."""
         self._presence_listener: PresenceListener | None = None
         self._last_failure: tuple[float, EndpointUnreachableError] | None = None
 
@@ -513,6 +523,9 @@ class NatsTransport(ClientTransport):
         return _decode_reply(msg, request.name, subject, connection.addresses)
 
     def _subject(self, endpoint: str, name: str) -> str:
+        subject = self._subjects.get((endpoint, name))
+        if subject is not None:
+            return subject
         parsed = self._endpoints.get(endpoint)
         if parsed is None:
             try:
@@ -530,6 +543,9 @@ class NatsTransport(ClientTransport):
                 f"the subject of function '{name[:80]}...' is over {MAX_SUBJECT_LENGTH} bytes, "
                 "the limit of a NATS subject here"
             )
+        if len(self._subjects) >= 10_000:
+            self._subjects.clear()
+        self._subjects[endpoint, name] = subject
         return subject
 
     async def _connection(self, name: str, timeout: float) -> _CallerConnection:
@@ -802,7 +818,7 @@ class NatsServer(ServerTransport):
             error = OutputValidationError(f"the result of function '{name}' cannot be serialised to msgpack: {exc}")
             status, payload = error.http_status, msgpack.packb(error.to_envelope())
         headers = _reply_headers(status, error, rejected)
-        size = header_block_size(headers) + len(payload)
+        size = message_size(headers, payload, nc.max_payload)
         if size > nc.max_payload:
             error = PayloadTooLargeError(
                 f"the reply of function '{name}' is {size} bytes with its headers, over the max_payload of "

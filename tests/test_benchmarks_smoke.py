@@ -1,0 +1,42 @@
+"""A smoke run of the transport benchmark, so that benchmarks/rpc_bench.py keeps working as the library changes.
+
+It runs the harness in quick mode on NATS only, without peers, memory or scale runs, and checks the
+shape of the JSON it writes. It measures nothing: speed is judged by the benchmark, never by tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HARNESS = ROOT / "benchmarks" / "rpc_bench.py"
+
+
+@pytest.mark.timeout(180)
+def test_quick_run_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    command = [sys.executable, str(HARNESS), "--quick", "--transports", "nats", "--no-peers"]
+    command += ["--memory-transports", "", "--scale-transports", "", "--no-plot", "--out", str(out)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=170, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    result = json.loads(out.read_text())
+    assert set(result["cases"]) == {"pikku-nats", "raw-nats", "pikku-nats-secret"}
+    row = result["cases"]["pikku-nats"]["100"]
+    for metric in ("seq_p50_us", "seq_p99_us", "calls_per_s_1", "calls_per_s_64", "client_cpu_us_64"):
+        assert row[metric]["n"] == 1, metric
+        assert row[metric]["median"] > 0, metric
+    assert row["discovery_lookups"] >= 0
+    assert row["measured_calls"] > 0
+
+    versus = {(r["pikku"], r["versus"]) for r in result["ratios"]}
+    assert ("pikku-nats", "raw-nats") in versus
+    assert ("pikku-nats-secret", "pikku-nats") in versus
+    assert any(t["target"].startswith("nats 100 B: calls/s @64") for t in result["targets"])
+    assert result["environment"]["libraries"]["nats-py"] != "not installed"
+    assert "| pikku-nats | 100 B |" in completed.stdout
