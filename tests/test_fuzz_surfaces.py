@@ -57,8 +57,8 @@ from _support_fuzz import (
     status_problem,
     valid_token,
 )
+from _support_workers import WorkerProcess, WorkerProcesses
 from aiormq.abc import DeliveredMessage
-from conftest import WorkerProcess, WorkerProcesses
 from hypothesis import strategies as st
 from pamqp.commands import Basic
 

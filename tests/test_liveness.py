@@ -24,7 +24,7 @@ import pytest
 from _support_core import wait_until
 from _support_redis import REDIS_URL, delete_prefix
 from _support_sql import POSTGRES_DSN, drop_postgres_schema, unique_name
-from conftest import WorkerProcesses
+from _support_workers import WorkerProcesses
 
 from pikku_mq import (
     DeadlineExceededError,
@@ -36,7 +36,7 @@ from pikku_mq import (
 from pikku_mq._types import CallRequest
 
 if TYPE_CHECKING:
-    from conftest import WorkerProcess
+    from _support_workers import WorkerProcess
 
 MESH_WORKER = Path(__file__).parent / "apps" / "mesh_worker.py"
 INTERVAL = 0.5

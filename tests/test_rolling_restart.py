@@ -31,7 +31,7 @@ from pikku_mq import (
 )
 
 if TYPE_CHECKING:
-    from conftest import WorkerProcess, WorkerProcesses
+    from _support_workers import WorkerProcess, WorkerProcesses
 
 MESH_WORKER = Path(__file__).parent / "apps" / "mesh_worker.py"
 CALLERS = 8

@@ -16,7 +16,7 @@ import pytest
 from pikku_mq import DeploymentService, deployment_service_from_url
 
 if TYPE_CHECKING:
-    from conftest import WorkerProcess, WorkerProcesses
+    from _support_workers import WorkerProcess, WorkerProcesses
 
 MESH_WORKER = Path(__file__).parent / "apps" / "mesh_worker.py"
 WHOAMI = ("--functions", "whoami,whoami_once")
