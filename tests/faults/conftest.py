@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _harness import TRANSPORTS, Drill, MakeDrill, Wiring
+
+from ._harness import TRANSPORTS, Drill, MakeDrill, Wiring
 
 
 @pytest.fixture(params=TRANSPORTS)

@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _harness import MakeDrill, Wiring
 from _support_servers import PrivateNats, PrivateRabbitMQ
+
+from ._harness import MakeDrill, Wiring
 
 pytestmark = pytest.mark.timeout(120)
 

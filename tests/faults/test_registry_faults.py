@@ -18,10 +18,11 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from _harness import IDEMPOTENT, PLAIN, START_TIMEOUT, Drill, MakeDrill, Wiring
 from _support_servers import PrivatePostgres, PrivateRedis
 
 from pikku_mq import DeploymentService, PikkuMQError
+
+from ._harness import IDEMPOTENT, PLAIN, START_TIMEOUT, Drill, MakeDrill, Wiring
 
 pytestmark = pytest.mark.timeout(90)
 

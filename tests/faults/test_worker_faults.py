@@ -9,7 +9,8 @@ from __future__ import annotations
 import signal
 
 import pytest
-from _harness import MakeDrill, Wiring
+
+from ._harness import MakeDrill, Wiring
 
 pytestmark = pytest.mark.timeout(90)
 
