@@ -45,10 +45,21 @@ from ._errors import (
 )
 from ._outliers import EjectionPolicy, OutlierDetector
 from ._security import AUTHORIZATION_HEADER, RemoteSecurity
-from ._types import HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP, HEADER_REQUEST_ID, CallRequest, DeploymentInfo
+from ._types import (
+    HEADER_CALL_ID,
+    HEADER_DEADLINE,
+    HEADER_HOP,
+    HEADER_REQUEST_ID,
+    MAX_DEADLINE_DIGITS,
+    CallRequest,
+    DeploymentInfo,
+)
 from .transports.base import Reply, TransportSet
 
 __all__ = ["RetryPolicy", "Router"]
+
+_MAX_DEADLINE_MS = 10**MAX_DEADLINE_DIGITS - 1
+"""The largest budget that fits in the deadline header; a longer timeout is sent as this."""
 
 logger = logging.getLogger(__name__)
 
@@ -531,8 +542,8 @@ class Router:
             budget = call.budget(self.retry.attempt_timeout)
             if budget <= 0:
                 raise _OutOfTime
-            # At least 1: a worker rejects a deadline of 0 ms as malformed.
-            request.headers[HEADER_DEADLINE] = str(max(1, int(budget * 1000)))
+            # A worker rejects 0 ms and values of more than MAX_DEADLINE_DIGITS digits as malformed.
+            request.headers[HEADER_DEADLINE] = str(min(_MAX_DEADLINE_MS, max(1, int(budget * 1000))))
             if call.signer is not None:
                 request.headers[AUTHORIZATION_HEADER] = call.signer()  # a fresh token id for each attempt
 

@@ -423,6 +423,12 @@ async def test_timeout_deadline_travels(caller: RPC) -> None:
     assert 1.0 < left < 2.0
 
 
+async def test_huge_timeout_capped_in_header(caller: RPC) -> None:
+    left = await caller.remote("remaining", timeout=1e15)
+
+    assert 1e14 < left <= 1e15
+
+
 async def test_deadline_travels_nested(caller: RPC) -> None:
     left = await caller.remote("forward", "remaining", timeout=2.0)
 
