@@ -7,6 +7,7 @@ Every error that pikku_mq raises derives from :class:`PikkuMQError`::
     │   └── DeploymentConflictError              a live instance already has this deployment id
     ├── BadRequestError                    400   the request is malformed
     │   ├── MethodNotAllowedError          405   the HTTP method is not POST
+    │   ├── RequestTimeoutError            408   the client did not send the whole body in time
     │   └── UnsupportedMediaTypeError      415   the body's content type is not JSON or msgpack
     ├── UnauthorizedError                  401   no valid credentials
     │   └── MissingSessionError            401   the function needs a session and none arrived
@@ -68,6 +69,7 @@ __all__ = [
     "PikkuMQError",
     "ProtocolError",
     "RemoteError",
+    "RequestTimeoutError",
     "RoutingError",
     "ServiceUnavailableError",
     "TransportError",
@@ -160,6 +162,11 @@ class BadRequestError(PikkuMQError):
 class MethodNotAllowedError(BadRequestError):
     status = 405
     code = "method_not_allowed"
+
+
+class RequestTimeoutError(BadRequestError):
+    status = 408
+    code = "request_timeout"
 
 
 class UnsupportedMediaTypeError(BadRequestError):

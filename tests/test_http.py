@@ -35,8 +35,9 @@ from pikku_mq import (
     deployment_service_from_url,
     pikku_sessionless_func,
 )
+from pikku_mq._dispatch import Dispatcher
 from pikku_mq._types import CallRequest
-from pikku_mq.transports.http import MAX_NESTING, _decode_call_body
+from pikku_mq.transports.http import MAX_NESTING, PikkuASGIApp, _decode_call_body
 
 MAX_BODY_SIZE = 4096
 JSON = "application/json"
@@ -320,6 +321,34 @@ async def test_body_over_limit_chunked(worker: PikkuWorker, client: aiohttp.Clie
         assert response.request_info.headers["transfer-encoding"] == "chunked"
         assert response.status == 413
         assert envelope(await response.read())["name"] == "PayloadTooLargeError"
+
+
+async def test_stalled_body_gets_408() -> None:
+    app = PikkuASGIApp(Dispatcher(functions), body_timeout=0.5)
+    async with serve_asgi(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            head = f"POST /remote/rpc/greet HTTP/1.1\r\nhost: x\r\ncontent-type: {JSON}\r\ncontent-length: 1000\r\n\r\n"
+            writer.write(head.encode() + b'{"data": {"name": "' + b"x" * 100)
+            await writer.drain()
+            async with asyncio.timeout(5):
+                reply_head = await reader.readuntil(b"\r\n\r\n")
+                length = int(reply_head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+                reply_body = await reader.readexactly(length)
+        finally:
+            writer.close()
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(f"{url}/remote/rpc/greet", json={"data": {"name": "Ada"}}) as response,
+        ):
+            served = response.status
+
+    assert reply_head.startswith(b"HTTP/1.1 408 ")
+    error = envelope(reply_body)
+    assert error["name"] == "RequestTimeoutError"
+    assert error["payload"] == {"body_timeout": 0.5}
+    assert served == 200
 
 
 async def test_body_at_limit_is_served(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:

@@ -37,6 +37,7 @@ from .._errors import (
     PayloadTooLargeError,
     PikkuMQError,
     ProtocolError,
+    RequestTimeoutError,
     TransportError,
     UnsupportedMediaTypeError,
 )
@@ -52,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_SIZE = 1024 * 1024
 """Default limit of a request body, in bytes."""
+
+DEFAULT_BODY_TIMEOUT = 10.0
+"""Seconds a request body that arrives in several parts may take from its first part to its last."""
 
 _MAX_CACHED_URLS = 10_000
 """Request URLs a client transport remembers; past that it starts over, so the cache stays bounded."""
@@ -86,16 +90,25 @@ def rpc_path(name: str) -> str:
 class PikkuASGIApp:
     """ASGI app that serves ``POST /remote/rpc/{name}`` for a :class:`Dispatcher`.
 
-    A body over ``max_body_size`` bytes gets 413 before it is read in full; malformed JSON or msgpack,
+    A body over ``max_body_size`` bytes gets 413 before it is read in full, and a body that arrives in
+    several parts and is not complete ``body_timeout`` seconds after its first part gets 408; malformed JSON or msgpack,
     a body that is not ``{"data": ...}``, an unknown or hidden function each get their 4xx with the
     error envelope, and the app keeps serving.
     """
 
     def __init__(
-        self, dispatcher: Dispatcher, *, max_body_size: int = DEFAULT_MAX_BODY_SIZE, path_prefix: str = ""
+        self,
+        dispatcher: Dispatcher,
+        *,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        path_prefix: str = "",
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
     ) -> None:
         if max_body_size <= 0:
             raise ValueError(f"max_body_size must be a positive number of bytes, got {max_body_size!r}")
+        if not 0 < body_timeout < math.inf:
+            raise ValueError(f"body_timeout must be a positive, finite number of seconds, got {body_timeout!r}")
+        self.body_timeout = body_timeout
         self.dispatcher = dispatcher
         self.max_body_size = max_body_size
         self.rpc_prefix = path_prefix.rstrip("/") + RPC_PREFIX
@@ -158,10 +171,27 @@ class PikkuASGIApp:
         return _decode_call_body(body, content_type == MSGPACK)
 
     async def _read_body(self, receive: Receive) -> bytes:
+        message = await receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            body: bytes = message.get("body", b"")
+            if len(body) > self.max_body_size:
+                raise self._too_large()
+            return body
+        # A body in several parts: limit the wait for the rest, so a client that stops sending cannot
+        # keep the parts received so far in memory for as long as its connection stays open.
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                return await self._read_parts(message, receive)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"the client did not send the whole request body within {self.body_timeout} s",
+                payload={"body_timeout": self.body_timeout},
+            ) from None
+
+    async def _read_parts(self, message: Message, receive: Receive) -> bytes:
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
             if message["type"] == "http.disconnect":
                 raise BadRequestError("the client disconnected before sending the whole body")
             chunk: bytes = message.get("body", b"")
@@ -171,6 +201,7 @@ class PikkuASGIApp:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+            message = await receive()
 
     def _too_large(self) -> PayloadTooLargeError:
         return PayloadTooLargeError(
