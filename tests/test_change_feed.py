@@ -110,9 +110,12 @@ async def call_until_cached(caller: DeploymentService, *deployment_ids: str) -> 
     """Call until the caller's cache contains exactly ``deployment_ids`` and its feed is subscribed."""
 
     async def ready() -> bool:
+        # Read the flag before the call: subscribing expires the cache, and a subscription that
+        # completes during the call would leave an expired entry behind.
+        live = caller.change_feed_live
         await caller.invoke("whoami", timeout=5)
         cached = set(caller.router.cached_instances("whoami"))
-        return cached == set(deployment_ids) and caller.change_feed_live
+        return cached == set(deployment_ids) and live
 
     await wait_until(ready, timeout=10, interval=0.05)
 
