@@ -203,6 +203,25 @@ async def test_unroutable_call_fails_at_once(transport: AmqpTransport) -> None:
     assert "is gone" in str(unroutable.value)
 
 
+async def _wait_queue_deleted(vhost: str, queue: str | None) -> None:
+    """Return once the broker reports ``queue`` gone, polling for at most 5 s."""
+    assert queue is not None
+    connection = await aio_pika.connect(f"amqp://guest:guest@127.0.0.1:5672/{vhost}", timeout=5)
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            channel = await connection.channel()
+            try:
+                await channel.declare_queue(queue, passive=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                return
+            await channel.close()
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"queue {queue!r} still exists 5 s after its worker was killed")
+    finally:
+        await connection.close()
+
+
 async def test_crashed_worker_fails_over_at_once(
     worker_processes: WorkerProcesses, caller: DeploymentService, amqp_vhost: str
 ) -> None:
@@ -218,7 +237,13 @@ async def test_crashed_worker_fails_over_at_once(
     # SIGKILL: no deregistration, no draining. The broker drops the exclusive queue with the connection,
     # so calls routed to the crashed worker come back unroutable instead of waiting for the heartbeat TTL.
     crashing.kill()
+    killed = time.monotonic()
+    # The broker deletes the queue a moment after the connection drops. A call published in that
+    # moment waits in a queue that is being deleted and is lost, which no caller can tell apart from
+    # a slow function: that is the plain call in flight on a killed worker, not this test's subject.
+    await _wait_queue_deleted(amqp_vhost, parse_endpoint(crashing.endpoint).queue)
     started = time.monotonic()
+    assert started - killed < 2.0, f"the broker kept the crashed worker's queue for {started - killed:.2f} s"
     served_by = {await caller.invoke("whoami_once", None, timeout=5) for _ in range(10)}
     elapsed = time.monotonic() - started
     assert served_by == {"amqp-steady"}
