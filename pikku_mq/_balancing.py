@@ -10,7 +10,8 @@
   instances when none of them can take the call.
 
 An instance is usable for a call unless it is out of routing (see :mod:`pikku_mq._outliers`) or the
-call already failed on it.
+call already failed on it. The router asks for a pick that ignores ejection when every instance of a
+function is out of routing.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ class Balancer:
         self._outstanding: dict[str, int] = {}
         """Calls in flight from this caller, by deployment id; ids with none are removed."""
         self._random = random.Random()  # noqa: S311 - balancing, not security
+        self._ignore_ejection = False
+        """Set while :meth:`pick` runs with ``ignore_ejection``; picking never awaits, so no other call sees it."""
 
     # -- loads -------------------------------------------------------------------------------------
 
@@ -147,12 +150,31 @@ class Balancer:
         local: list[DeploymentInfo],
         strategy: Balancing,
         exclude: Collection[str] | None,
+        *,
+        ignore_ejection: bool = False,
     ) -> DeploymentInfo | None:
         """Return the instance of ``name`` for the next attempt, or None if no instance is usable.
 
         ``local`` contains the instances on this caller's host, and ``exclude`` the deployment ids
-        that this call must not use again.
+        that this call must not use again. ``ignore_ejection`` counts the instances that are out of
+        routing as usable.
         """
+        if ignore_ejection:
+            self._ignore_ejection = True
+            try:
+                return self._pick(name, instances, local, strategy, exclude)
+            finally:
+                self._ignore_ejection = False
+        return self._pick(name, instances, local, strategy, exclude)
+
+    def _pick(
+        self,
+        name: str,
+        instances: list[DeploymentInfo],
+        local: list[DeploymentInfo],
+        strategy: Balancing,
+        exclude: Collection[str] | None,
+    ) -> DeploymentInfo | None:
         now = time.monotonic()
         if strategy == "round_robin":
             return self._round_robin(name, instances, exclude, now)
@@ -199,10 +221,10 @@ class Balancer:
         deployment_id = instance.deployment_id
         if exclude and deployment_id in exclude:
             return False
-        return self._outliers.admits(deployment_id, now)
+        return self._ignore_ejection or self._outliers.admits(deployment_id, now)
 
     def _count_usable(self, instances: list[DeploymentInfo], exclude: Collection[str] | None, now: float) -> int:
-        if not exclude and not self._outliers.active:
+        if not exclude and (self._ignore_ejection or not self._outliers.active):
             return len(instances)
         return sum(1 for instance in instances if self._usable(instance, exclude, now))
 
@@ -210,7 +232,7 @@ class Balancer:
         self, instances: list[DeploymentInfo], index: int, exclude: Collection[str] | None, now: float
     ) -> DeploymentInfo | None:
         """Return the usable instance at ``index`` among the usable ones, in list order."""
-        if not exclude and not self._outliers.active:
+        if not exclude and (self._ignore_ejection or not self._outliers.active):
             return instances[index]
         for instance in instances:
             if self._usable(instance, exclude, now):

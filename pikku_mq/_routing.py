@@ -12,7 +12,9 @@ How one call moves between instances:
   deadline and at most :attr:`RetryPolicy.max_attempts` times: to an instance it has not tried when
   there is one, else to the same one. Every attempt carries the same ``pikku-call-id``, so a worker
   can tell a retry from a new call.
-- Failures count toward the ejection of the instance (see :mod:`pikku_mq._outliers`).
+- Failures count toward the ejection of the instance (see :mod:`pikku_mq._outliers`). When every
+  instance of a function is out of routing, calls still go to them, so that a call to a silent
+  instance fails by its deadline and an instance that answers again gets calls at once.
 """
 
 from __future__ import annotations
@@ -423,6 +425,11 @@ class Router:
                 uncertain = failure.error
             except _OutOfTime:
                 call.attempts -= 1  # nothing was sent
+                if call.last_uncertain is not None:
+                    # The backoff before this retry ended at the deadline: the failure that needed it is the cause.
+                    raise _with_attempts(
+                        call.last_uncertain, call, "no time left for another attempt before the deadline"
+                    ) from None
                 raise _with_attempts(
                     DeadlineExceededError(f"call to '{name}' ran out of time before it could be sent"), call
                 ) from None
@@ -452,8 +459,13 @@ class Router:
         entry = await self._entry(name, call.deadline)
         call.instances = entry.instances
         instance = self._pick_not_busy(name, entry, call.strategy, call.attempted)
-        if instance is not None or call.attempted is None:
+        if instance is not None:
             return instance
+        if call.attempted is None:
+            # Every instance is out of routing. Sending the call to one of them anyway costs little: an
+            # instance that refuses fails the call at once, and one that is silent fails it by its
+            # deadline, as it would without ejection, while one that answers again is used at once.
+            return self._pick_ejected(name, entry, call)
 
         if not call.refreshed:
             # Every cached instance failed this call; the registry may know of newer ones.
@@ -483,6 +495,19 @@ class Router:
                 if instance is not None:
                     return instance
         return self._balancer.pick(name, entry.instances, entry.local, strategy, exclude)
+
+    def _pick_ejected(self, name: str, entry: _Entry, call: _Call) -> DeploymentInfo | None:
+        """Pick among the instances that are out of routing, for a call that no usable instance can take."""
+        if not entry.instances:
+            return None
+        instance = self._balancer.pick(name, entry.instances, entry.local, call.strategy, None, ignore_ejection=True)
+        if instance is not None:
+            logger.debug(
+                "every instance of %s is out of routing; sending the call to %s anyway",
+                name[:200],
+                instance.deployment_id,
+            )
+        return instance
 
     async def _attempt(self, instance: DeploymentInfo, call: _Call) -> Reply:
         """Send one attempt to ``instance``, record its outcome for balancing and ejection, and return the reply.
@@ -739,13 +764,6 @@ class Router:
             return RoutingError(
                 f"no instance could take the call to '{name}'; tried {', '.join(tried)}{reasons}",
                 payload={"function": name, "tried": tried, "failures": failures, "attempts": call.attempts},
-            )
-        if call.instances:
-            ejected = sorted(i.deployment_id for i in call.instances)
-            return RoutingError(
-                f"every instance of '{name}' failed recent calls and is out of routing ({', '.join(ejected)}); "
-                "each is tried again with one call when its ejection interval ends",
-                payload={"function": name, "ejected": ejected},
             )
         # Nothing hosts it: the same not-found error as for a hidden function, which rpc.exposed relies on.
         return function_not_found(name)

@@ -80,9 +80,11 @@ async def test_invalidated_lookup_not_reported_missing() -> None:
         lookup = router._pending["ghost"]
         lookup.add_done_callback(lambda _: router.invalidate("ghost"))
 
+        # The instance is out of routing, but it is the only one, so the call tries it anyway.
         with pytest.raises(RoutingError) as raised:
             await call
-        assert raised.value.payload == {"function": "ghost", "ejected": ["refusing-a"]}
+        assert raised.value.payload["tried"] == ["refusing-a"]
+        assert raised.value.payload["attempts"] == 1
 
 
 async def test_resync_readmits_ejected_instances() -> None:
@@ -92,21 +94,54 @@ async def test_resync_readmits_ejected_instances() -> None:
         endpoint = f"http://127.0.0.1:{closed_port()}"
         holder = mesh.service()
         await holder.start(DeploymentConfig("back-a", endpoint, functions=["whoami"]))
+        other = PikkuWorker(
+            endpoint="http://127.0.0.1:0",
+            deployment_id="other-b",
+            registry=REG,
+            services="other-b",
+            deployment_service=mesh.service(),
+        )
+        async with other:
+            # Round-robin sends one of these to back-a, which refuses, and the call moves to other-b.
+            assert [await caller.invoke("whoami", timeout=5) for _ in range(2)] == ["other-b"] * 2
+            assert caller.router.is_ejected("back-a")
+            await holder.stop()
+
+            worker = PikkuWorker(
+                endpoint=endpoint,
+                deployment_id="back-a",
+                registry=REG,
+                services="back-a",
+                deployment_service=mesh.service(),
+            )
+            async with worker:
+                assert {await caller.invoke("whoami", timeout=5) for _ in range(4)} == {"other-b"}
+
+                # The caller's connection is back, and with it its change feed or presence subscription.
+                caller.router.resync()
+                assert {await caller.invoke("whoami", timeout=5) for _ in range(4)} == {"back-a", "other-b"}
+
+
+async def test_only_ejected_instances_still_get_calls() -> None:
+    async with Mesh() as mesh:
+        caller = mesh.service(ejection=EjectionPolicy(base_interval=30, max_interval=30))
+        endpoint = f"http://127.0.0.1:{closed_port()}"
+        holder = mesh.service()
+        await holder.start(DeploymentConfig("only-a", endpoint, functions=["whoami"]))
         with pytest.raises(RoutingError):
             await caller.invoke("whoami", timeout=5)
+        assert caller.router.is_ejected("only-a")
         await holder.stop()
 
+        # The only instance comes back at the same endpoint within its ejection interval, and the
+        # next call reaches it, since no other instance could take the call.
         worker = PikkuWorker(
             endpoint=endpoint,
-            deployment_id="back-a",
+            deployment_id="only-a",
             registry=REG,
-            services="back-a",
+            services="only-a",
             deployment_service=mesh.service(),
         )
         async with worker:
-            with pytest.raises(RoutingError):
-                await caller.invoke("whoami", timeout=5)
-
-            # The caller's connection is back, and with it its change feed or presence subscription.
-            caller.router.resync()
-            assert await caller.invoke("whoami", timeout=5) == "back-a"
+            assert await caller.invoke("whoami", timeout=5) == "only-a"
+            assert not caller.router.is_ejected("only-a")
