@@ -12,6 +12,9 @@ How one call moves between instances:
   deadline and at most :attr:`RetryPolicy.max_attempts` times: to an instance it has not tried when
   there is one, else to the same one. Every attempt carries the same ``pikku-call-id``, so a worker
   can tell a retry from a new call.
+- When an attempt finds an instance unreachable (refused, no responders, unroutable), its process is
+  gone, so the attempts that other calls have in flight to it will get no reply. They end at once
+  as uncertain failures, and idempotent ones are retried, instead of waiting for their deadline.
 - Failures count toward the ejection of the instance (see :mod:`pikku_mq._outliers`). When every
   instance of a function is out of routing, calls still go to them, so that a call to a silent
   instance fails by its deadline and an instance that answers again gets calls at once.
@@ -273,6 +276,10 @@ class Router:
         self._discovery_failing = False
         self._departed: dict[str, tuple[float, str]] = {}
         """Deployment ids that the change feed reported draining or gone, with when to stop filtering them out."""
+        self._in_flight: dict[str, dict[asyncio.Task[Any], float]] = {}
+        """The tasks with an attempt in flight, by deployment id, with the time.monotonic() each attempt began."""
+        self._aborted: dict[asyncio.Task[Any], str] = {}
+        """Tasks whose attempt :meth:`_abort_in_flight` cancelled, with the reason, until the attempt ends."""
         self._busy: dict[str, float] = {}
         """Deployment ids whose presence heartbeat reported a blocked event loop, with when to forget it."""
         self.security: RemoteSecurity | None = None
@@ -517,14 +524,32 @@ class Router:
         """
         deployment_id = instance.deployment_id
         call.attempts += 1
-        self._outliers.begin(deployment_id, time.monotonic())
+        now = time.monotonic()
+        self._outliers.begin(deployment_id, now)
         self._balancer.started(deployment_id)
+        task = asyncio.current_task()
+        assert task is not None
+        flights = self._in_flight.get(deployment_id)
+        if flights is None:
+            flights = self._in_flight[deployment_id] = {}
+        flights[task] = now
         try:
-            reply = await self._send(instance, call)
+            try:
+                reply = await self._send(instance, call)
+            except asyncio.CancelledError:
+                reason = self._aborted.pop(task, None)
+                if reason is None or task.uncancel() > 0:
+                    raise  # cancelled by the application, perhaps as well
+                raise _UncertainFailure(
+                    TransportError(
+                        f"instance {deployment_id} became unreachable while the call was in flight: {reason}"
+                    )
+                ) from None
             self._judge(deployment_id, reply)
             return reply
         except EndpointUnreachableError as exc:
             self._outliers.failed(deployment_id, f"unreachable: {exc}", eject_now=True)
+            self._abort_in_flight(deployment_id, str(exc), now)
             raise
         except _UncertainFailure as failure:
             self._outliers.failed(deployment_id, f"{type(failure.error).__name__}: {failure.error}")
@@ -533,8 +558,28 @@ class Router:
             self._outliers.failed(deployment_id, f"{type(exc).__name__}: {exc}")
             raise _UncertainFailure(exc) from exc
         finally:
+            del flights[task]
+            if not flights and self._in_flight.get(deployment_id) is flights:
+                del self._in_flight[deployment_id]
+            self._aborted.pop(task, None)
             self._balancer.finished(deployment_id)
             self._outliers.release(deployment_id)
+
+    def _abort_in_flight(self, deployment_id: str, reason: str, before: float) -> None:
+        """End the attempts to an instance that began before ``before``, once another found it unreachable.
+
+        Its process is gone (or its queue or subscription is), and the broker drops the requests it
+        held for it, so those attempts would wait for their deadline. Each one's task is cancelled, and
+        the attempt ends as an uncertain failure.
+        """
+        flights = self._in_flight.get(deployment_id)
+        if not flights:
+            return
+        for task, began in list(flights.items()):
+            if began < before and task not in self._aborted and not task.done():
+                self._aborted[task] = reason
+                task.cancel()
+        logger.debug("ended the attempts in flight to %s, which is unreachable: %s", deployment_id, reason)
 
     def _judge(self, deployment_id: str, reply: Reply) -> None:
         """Record a reply for ejection, or raise :class:`_UncertainFailure` for a reply without the function's result.
