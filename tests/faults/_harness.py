@@ -68,9 +68,9 @@ HEARTBEAT_TTL = 2.0
 stopped heartbeating leaves the lookups within a drill."""
 
 ATTEMPT_TIMEOUT = 0.5
-"""Seconds each attempt of an idempotent call may take, a quarter of the usual deadline. Without it, an
-attempt stuck on a worker that died without closing its connection, or that is stopped, would take the
-whole deadline and leave no time for a retry on another instance."""
+"""Seconds each attempt of an idempotent call may take, a quarter of the usual deadline, unless a drill
+runs with the default RetryPolicy. Without it, an attempt stuck on a stopped worker takes the whole
+deadline and leaves no time for a retry on another instance."""
 
 GRACE = 1.0
 """Seconds past its deadline after which a call that has not finished counts as hung."""
@@ -349,8 +349,11 @@ class Drill:
         deadline: float = 2.0,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         heartbeat_ttl: float = HEARTBEAT_TTL,
+        attempt_timeout: float | None = ATTEMPT_TIMEOUT,
     ) -> None:
         self.name = name
+        self.attempt_timeout = attempt_timeout
+        """The callers' RetryPolicy.attempt_timeout; None runs them with the default policy."""
         self.wiring = wiring
         self.folder = folder
         self.discovery_url = discovery_url
@@ -375,7 +378,9 @@ class Drill:
             heartbeat_interval=self.heartbeat_interval,
             heartbeat_ttl=self.heartbeat_ttl,
             transports=self.wiring.client_transports(),
-            retry=RetryPolicy(attempt_timeout=min(ATTEMPT_TIMEOUT, self.deadline)),
+            retry=RetryPolicy(attempt_timeout=min(self.attempt_timeout, self.deadline))
+            if self.attempt_timeout is not None
+            else RetryPolicy(),
             **options,
         )
 
