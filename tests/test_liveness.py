@@ -12,22 +12,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nats
 import pytest
+import redis.asyncio
 from _support_core import wait_until
 from _support_redis import REDIS_URL, delete_prefix
 from _support_sql import POSTGRES_DSN, drop_postgres_schema, unique_name
 from _support_workers import WorkerProcesses
 
 from pikku_mq import (
+    ConfigurationError,
     DeadlineExceededError,
+    DeploymentConfig,
     DeploymentService,
     PgDeploymentService,
     RedisDeploymentService,
@@ -250,3 +255,51 @@ async def test_busy_worker_avoided(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 async def both_answer(caller: DeploymentService) -> bool:
     return {await caller.invoke("whoami", timeout=5) for _ in range(4)} == {"busy-a", "free-b"}
+
+
+def _listed_from_thread(url: str, options: dict[str, Any], deployment_id: str) -> bool:
+    """Look ``deployment_id`` up from a thread of its own, with a new service, while this event loop is blocked."""
+
+    async def check() -> bool:
+        service = deployment_service_from_url(url, heartbeat_interval=INTERVAL, heartbeat_ttl=TTL, **options)
+        try:
+            return deployment_id in {i.deployment_id for i in await service.find_function("whoami")}
+        finally:
+            await service.close()
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, check()).result(timeout=30)
+
+
+@pytest.mark.parametrize("heartbeat_url", [True, False], ids=["heartbeat_url", "loop_heartbeats"])
+async def test_passed_in_client_heartbeats_from_thread(heartbeat_url: bool, caplog: pytest.LogCaptureFixture) -> None:
+    # A service built on a Redis client that the application passed in can still send its heartbeats
+    # from a thread, given the URL to connect with. Without it, blocking the loop expires the instance.
+    caplog.set_level(logging.INFO, logger="pikku_mq")
+    prefix = f"pikku_t_{uuid.uuid4().hex}:"
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    service = RedisDeploymentService(
+        client,
+        key_prefix=prefix,
+        heartbeat_interval=INTERVAL,
+        heartbeat_ttl=TTL,
+        heartbeat_url=REDIS_URL if heartbeat_url else None,
+        change_feed=False,
+    )
+    try:
+        await service.init()
+        await service.start(DeploymentConfig("passed-in", "http://127.0.0.1:9", functions=["whoami"]))
+        time.sleep(BLOCK)  # noqa: ASYNC251 - blocking the event loop is what this test does
+        assert _listed_from_thread(REDIS_URL, {"key_prefix": prefix}, "passed-in") is heartbeat_url
+        hints = [r.getMessage() for r in caplog.records if "Pass heartbeat_url=" in r.getMessage()]
+        assert len(hints) == (0 if heartbeat_url else 1)
+    finally:
+        await service.close()
+        await client.aclose()
+        delete_prefix(prefix)
+
+
+@pytest.mark.parametrize("value", ["", 42])
+def test_heartbeat_url_checked(value: Any) -> None:
+    with pytest.raises(ConfigurationError, match="heartbeat_url must be a non-empty URL or DSN string or None"):
+        RedisDeploymentService(REDIS_URL, heartbeat_url=value)

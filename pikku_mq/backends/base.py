@@ -98,8 +98,10 @@ class DeploymentService(ABC):
     heartbeats from a daemon thread, through a second service on the same store with connections of
     its own. A function that blocks the event loop for longer than the TTL then does not get its
     instance expired, while the heartbeats of a killed process stop with it. A service built on a
-    pool, client or engine that the caller passed in, and the in-memory one, heartbeat on the event
-    loop that called ``start``, because their connections belong to that loop.
+    pool, client or engine that the caller passed in heartbeats on the event loop that called
+    ``start``, because their connections belong to that loop, unless ``heartbeat_url`` gives the URL
+    or DSN of the same store for the thread to connect with. The in-memory service always heartbeats
+    on the event loop.
     """
 
     has_change_feed: ClassVar[bool] = False
@@ -121,7 +123,12 @@ class DeploymentService(ABC):
         ejection: EjectionPolicy | None = None,
         hostname: str | None = None,
         heartbeat_thread: bool = True,
+        heartbeat_url: str | None = None,
     ) -> None:
+        if heartbeat_url is not None and (not isinstance(heartbeat_url, str) or not heartbeat_url):
+            raise ConfigurationError(
+                f"heartbeat_url must be a non-empty URL or DSN string or None, got {heartbeat_url!r:.80}"
+            )
         if not heartbeat_interval > 0:
             raise ConfigurationError(f"heartbeat_interval must be positive seconds, got {heartbeat_interval!r}")
         if not heartbeat_ttl > heartbeat_interval:
@@ -160,6 +167,8 @@ class DeploymentService(ABC):
         self.router.security = RemoteSecurity.from_env() if security is None else security or None
         self._config: DeploymentConfig | None = None
         self.heartbeat_thread = heartbeat_thread
+        self.heartbeat_url = heartbeat_url
+        """The URL or DSN the heartbeat thread connects with, for a service built on a pool, client or engine."""
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._heartbeat_runner: LoopThread | None = None
         self._heartbeat_stop = asyncio.Event()
@@ -288,6 +297,15 @@ class DeploymentService(ABC):
         name = f"pikku-heartbeat-{config.deployment_id}"
         twin = self._heartbeat_twin() if self.heartbeat_thread else None
         if twin is None:
+            if self.heartbeat_thread and type(self)._heartbeat_twin is not DeploymentService._heartbeat_twin:
+                logger.info(
+                    "%r sends its heartbeats from the event loop, because it was built on a pool, client or "
+                    "engine passed in: a function that blocks the loop for longer than the TTL (%.1f s) gets "
+                    "%s expired. Pass heartbeat_url= to send them from a thread with connections of their own.",
+                    self,
+                    self.heartbeat_ttl,
+                    config.deployment_id,
+                )
             self._heartbeat_stop = asyncio.Event()
             self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(config, functions), name=name)
             return

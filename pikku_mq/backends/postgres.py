@@ -239,9 +239,10 @@ class PgDeploymentService(DeploymentService):
         return f"{type(self).__name__}({where!r}, schema={self.schema!r})"
 
     def _heartbeat_twin(self) -> PgDeploymentService | None:
-        if self._dsn is None:
+        dsn = self._dsn or self.heartbeat_url
+        if dsn is None:
             return None
-        return type(self)(self._dsn, schema=self.schema, pool_options=self._pool_options, **self._twin_options())
+        return type(self)(dsn, schema=self.schema, pool_options=self._pool_options, **self._twin_options())
 
     @property
     def pool(self) -> Any:

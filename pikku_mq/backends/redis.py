@@ -323,9 +323,10 @@ class RedisDeploymentService(DeploymentService):
         return f"{type(self).__name__}({self._description!r}, key_prefix={self.key_prefix!r})"
 
     def _heartbeat_twin(self) -> RedisDeploymentService | None:
-        if self._url is None:
+        url = self._url or self.heartbeat_url
+        if url is None:
             return None
-        return type(self)(self._url, key_prefix=self.key_prefix, **self._client_options, **self._twin_options())
+        return type(self)(url, key_prefix=self.key_prefix, **self._client_options, **self._twin_options())
 
     async def _create_schema(self) -> None:
         # Redis creates keys on first write; checking the connection here reports a wrong URL early.

@@ -181,9 +181,12 @@ class SqlAlchemyDeploymentService(DeploymentService):
         return f"{type(self).__name__}({_redact(self.engine.url.render_as_string(hide_password=True))!r})"
 
     def _heartbeat_twin(self) -> SqlAlchemyDeploymentService | None:
-        if not self._owns_engine:
+        if self._owns_engine:
+            url = self.engine.url.render_as_string(hide_password=False)
+        elif self.heartbeat_url is not None:
+            url = self.heartbeat_url
+        else:
             return None
-        url = self.engine.url.render_as_string(hide_password=False)
         return type(self)(url, schema=self._metadata.schema, **self._twin_options())
 
     async def start(self, config: DeploymentConfig) -> None:
