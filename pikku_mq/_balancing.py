@@ -10,7 +10,7 @@
   instances when none of them can take the call.
 
 An instance is usable for a call unless it is out of routing (see :mod:`pikku_mq._outliers`) or the
-call already failed on it. The router asks for a pick that ignores ejection when every instance of a
+call already failed on it. The router requests a pick that ignores ejection when every instance of a
 function is out of routing.
 """
 
@@ -107,7 +107,7 @@ class Balancer:
         """Calls in flight from this caller, by deployment id; ids with none are removed."""
         self._random = random.Random()  # noqa: S311 - balancing, not security
         self._ignore_ejection = False
-        """Set while :meth:`pick` runs with ``ignore_ejection``; picking never awaits, so no other call sees it."""
+        """Set while :meth:`pick` runs with ``ignore_ejection``. Picking never awaits, so no other call reads it."""
 
     # -- loads -------------------------------------------------------------------------------------
 

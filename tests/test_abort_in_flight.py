@@ -115,7 +115,7 @@ async def _start_call(caller: Any, name: str, taken: list[Any], *, idempotent: b
     return call
 
 
-async def test_idempotent_call_moves_on_when_its_instance_vanishes(broker: str) -> None:
+async def test_idempotent_call_instance_vanishes(broker: str) -> None:
     async with Mesh() as mesh, BLACK_HOLES[broker]() as (endpoint, taken, vanish):
         await mesh.service().start(DeploymentConfig("hole", endpoint, functions=["stamp"]))
         caller = mesh.service()
@@ -140,7 +140,7 @@ async def test_idempotent_call_moves_on_when_its_instance_vanishes(broker: str) 
     assert len(taken) == 1
 
 
-async def test_plain_call_fails_at_once_when_its_instance_vanishes(broker: str) -> None:
+async def test_plain_call_instance_vanishes(broker: str) -> None:
     async with Mesh() as mesh, BLACK_HOLES[broker]() as (endpoint, taken, vanish):
         await mesh.service().start(DeploymentConfig("hole", endpoint, functions=["stamp_once"]))
         caller = mesh.service()
@@ -158,7 +158,7 @@ async def test_plain_call_fails_at_once_when_its_instance_vanishes(broker: str) 
         assert "not retried, because 'stamp_once' is not marked idempotent=True" in raised.value.message
 
 
-async def test_application_cancel_wins_over_abort() -> None:
+async def test_application_cancel_beats_abort() -> None:
     # The application cancels a call in the same loop iteration in which the router ends its attempt:
     # the call ends with CancelledError, not with a retry.
     async with Mesh() as mesh, nats_black_hole() as (endpoint, taken, _):
