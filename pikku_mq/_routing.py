@@ -155,13 +155,14 @@ class _Call:
         self,
         request: CallRequest,
         deadline: float,
-        idempotent: bool,
+        idempotent: bool | None,
         strategy: Balancing,
         signer: Callable[[], str] | None,
     ) -> None:
         self.request = request
         self.deadline = deadline
         self.idempotent = idempotent
+        """Whether the caller marked the call idempotent; None takes what each instance registered."""
         self.strategy = strategy
         self.signer = signer
         self.attempts = 0
@@ -216,10 +217,14 @@ class _Call:
                 if self.excluded is not None:
                     self.excluded.discard(instance.deployment_id)
 
-    def budget(self, attempt_timeout: float | None) -> float:
+    def is_idempotent_on(self, instance: DeploymentInfo) -> bool:
+        """Return whether the call may run twice on ``instance``: the caller's flag, else the instance's."""
+        return self.idempotent if self.idempotent is not None else instance.idempotent
+
+    def budget(self, attempt_timeout: float | None, idempotent: bool) -> float:
         """Return the seconds the next attempt may take; zero or less once the deadline has passed."""
         remaining = self.deadline - time.monotonic()
-        if attempt_timeout is not None and self.idempotent:
+        if attempt_timeout is not None and idempotent:
             return min(remaining, attempt_timeout)
         return remaining
 
@@ -385,15 +390,16 @@ class Router:
         deadline: float,
         trace_id: str | None,
         hop: int,
-        idempotent: bool,
+        idempotent: bool | None,
         session: Any = None,
         balancing: str | None = None,
     ) -> Any:
         """Call ``name`` on a live instance and return its result, or raise the error it returned.
 
-        A call whose deadline has already passed is not started. ``balancing`` overrides the strategy
-        for this call. ``session`` travels only when a remote secret is set, sealed in each attempt's
-        token.
+        ``idempotent=None`` retries the call after an uncertain failure when the instance that failed
+        registered the function as idempotent. A call whose deadline has already passed is not
+        started. ``balancing`` overrides the strategy for this call. ``session`` travels only when a
+        remote secret is set, sealed in each attempt's token.
         """
         if deadline <= time.monotonic():
             raise DeadlineExceededError(
@@ -444,7 +450,7 @@ class Router:
             if uncertain is not None:
                 # Outside the except block, so that the error raised here does not chain the internal one.
                 call.failed_on(instance, f"{type(uncertain).__name__}: {uncertain}", exclude=False)
-                await self._wait_for_retry(call, uncertain)
+                await self._wait_for_retry(call, uncertain, instance)
                 continue
             if reply.rejected:
                 # The worker declined the call before running it: draining, or busy.
@@ -609,7 +615,7 @@ class Router:
             transport = self.transports.for_endpoint(endpoint)
             assert transport is not None  # _endpoints_for only returns endpoints with a transport
 
-            budget = call.budget(self.retry.attempt_timeout)
+            budget = call.budget(self.retry.attempt_timeout, call.is_idempotent_on(instance))
             if budget <= 0:
                 raise _OutOfTime
             # A worker rejects 0 ms and values of more than MAX_DEADLINE_DIGITS digits as malformed.
@@ -631,15 +637,21 @@ class Router:
         assert unreachable is not None  # every endpoint raised one of the two
         raise unreachable
 
-    async def _wait_for_retry(self, call: _Call, error: PikkuMQError) -> None:
-        """Wait before the next attempt after an uncertain failure, or raise the error if no retry is allowed."""
+    async def _wait_for_retry(self, call: _Call, error: PikkuMQError, instance: DeploymentInfo) -> None:
+        """Wait before the next attempt after an uncertain failure on ``instance``, or raise if no retry is allowed."""
         call.uncertain += 1
         call.last_uncertain = error
         name = call.request.name
         if time.monotonic() >= call.deadline:
             raise _with_attempts(error, call)
-        if not call.idempotent:
-            raise _with_attempts(error, call, f"not retried, because '{name}' is not marked idempotent=True")
+        if not call.is_idempotent_on(instance):
+            if call.idempotent is None:
+                reason = (
+                    f"not retried, because instance {instance.deployment_id} did not register '{name}' as idempotent"
+                )
+            else:
+                reason = f"not retried, because '{name}' is not marked idempotent=True"
+            raise _with_attempts(error, call, reason)
         if call.uncertain >= self.retry.max_attempts:
             raise _with_attempts(error, call, f"the limit of {self.retry.max_attempts} attempts")
 

@@ -143,8 +143,9 @@ class RPC:
         """Call ``name`` on an instance found through the deployment service, even if it is local.
 
         ``timeout`` (seconds) shortens the deadline for this call; it never extends the deadline of
-        the call this one is part of. ``idempotent`` allows a retry after an uncertain failure; it
-        defaults to the flag of the local definition of ``name``, if this process has one.
+        the call this one is part of. ``idempotent`` allows a retry after an uncertain failure. It
+        defaults to the flag of the local definition of ``name``, if this process has one, and else
+        to the flag that the instance which failed the call registered.
         ``session`` replaces the session this RPC forwards (``wire.session`` inside a function); it
         travels only when the deployment service has a remote secret. ``balancing`` names the
         strategy that picks the instance of this call, in place of this RPC's or the deployment
@@ -163,7 +164,8 @@ class RPC:
 
         if idempotent is None:
             definition = self._registry.get(name)
-            idempotent = definition.idempotent if definition is not None else False
+            if definition is not None:
+                idempotent = definition.idempotent
         return await self._deployment_service.call(
             name,
             data,

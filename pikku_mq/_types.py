@@ -48,7 +48,9 @@ class DeploymentConfig:
 
     ``functions=None`` lets the worker register its exposed functions. ``hostname`` names the host the
     instance runs on, for callers that prefer local instances; None lets the deployment service fill in
-    its own ``hostname``.
+    its own ``hostname``. ``idempotent_functions`` names the functions among ``functions`` that are
+    safe to run twice, so that callers without their definitions retry them after an uncertain
+    failure; PikkuWorker fills it from ``idempotent=True``.
     """
 
     deployment_id: str
@@ -56,6 +58,7 @@ class DeploymentConfig:
     functions: Sequence[str] | None = None
     fallback_endpoints: Sequence[str] = ()
     hostname: str | None = None
+    idempotent_functions: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if not self.deployment_id:
@@ -68,6 +71,8 @@ class DeploymentConfig:
             raise TypeError("fallback_endpoints must be a sequence of URLs, not a string")
         if self.hostname is not None and not self.hostname:
             raise ValueError("hostname must not be empty; pass None to use the deployment service's hostname")
+        if isinstance(self.idempotent_functions, str):
+            raise TypeError("idempotent_functions must be a sequence of function names, not a string")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +81,8 @@ class DeploymentInfo:
 
     ``in_flight`` and ``hostname`` are None where the registry row has none, as in rows that Pikku
     writes. They are left out of comparisons, because the load changes with every heartbeat.
+    ``idempotent`` is whether the instance registered the function that was looked up as idempotent
+    (False for rows without that information).
     """
 
     deployment_id: str
@@ -85,6 +92,7 @@ class DeploymentInfo:
     """Calls in flight that the instance reported with its last heartbeat."""
     hostname: str | None = field(default=None, compare=False)
     """The host name the instance registered with."""
+    idempotent: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +111,8 @@ class DeploymentRecord:
     """Calls in flight that the instance reported with its last heartbeat, or None if it reports none."""
     hostname: str | None = None
     """The host name the instance registered with, or None if the row has none."""
+    idempotent_functions: tuple[str, ...] = ()
+    """The functions the instance registered as idempotent."""
 
 
 @dataclass(slots=True)

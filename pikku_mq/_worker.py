@@ -220,6 +220,7 @@ class PikkuWorker:
                     endpoint=self.endpoint,
                     functions=self._names(),
                     fallback_endpoints=self.fallback_endpoints,
+                    idempotent_functions=sorted(d.name for d in self.registry if d.expose and d.idempotent),
                 )
                 await self.deployment_service.start(config)
         except BaseException:

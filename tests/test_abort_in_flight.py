@@ -129,6 +129,9 @@ async def test_idempotent_call_instance_vanishes(broker: str) -> None:
             deployment_service=mesh.service(),
         )
         async with good:
+            # The worker registers which of its functions are idempotent.
+            assert {i.deployment_id: i.idempotent for i in await caller.find_function("stamp")}["good"] is True
+            assert [i.idempotent for i in await caller.find_function("stamp_once")] == [False]
             await vanish()
             started = time.monotonic()
             # Round-robin sends one of these calls to the black hole. It finds it gone and moves to good,
@@ -171,3 +174,32 @@ async def test_application_cancel_beats_abort() -> None:
             await first
         assert caller.router._in_flight == {}
         assert caller.router._aborted == {}
+
+
+@pytest.mark.parametrize("registered", [True, False], ids=["registered_idempotent", "registered_plain"])
+async def test_retry_follows_registration(registered: bool) -> None:
+    # A caller without the function's definition retries it only if the instance registered it as idempotent.
+    async with Mesh() as mesh, nats_black_hole() as (endpoint, taken, vanish):
+        idempotent = ["stamp"] if registered else []
+        config = DeploymentConfig("hole", endpoint, functions=["stamp"], idempotent_functions=idempotent)
+        await mesh.service().start(config)
+        caller = mesh.service()
+        first = asyncio.create_task(caller.invoke("stamp", "x", timeout=DEADLINE))
+        await wait_until(lambda: taken, timeout=5)
+
+        good = PikkuWorker(
+            endpoint=ENDPOINTS["nats"](),
+            deployment_id="good",
+            registry=REG,
+            services="good",
+            deployment_service=mesh.service(),
+        )
+        async with good:
+            await vanish()
+            assert [await caller.invoke("stamp", "y", timeout=DEADLINE) for _ in range(3)] == ["good"] * 3
+            if registered:
+                assert await asyncio.wait_for(first, timeout=5) == "good"
+            else:
+                with pytest.raises(TransportError) as raised:
+                    await asyncio.wait_for(first, timeout=5)
+                assert "not retried, because instance hole did not register 'stamp' as idempotent" in str(raised.value)

@@ -180,7 +180,7 @@ async def test_lost_connection_not_retried(make_service: Callable[..., Deploymen
             await caller.invoke("tally", timeout=5, balancing="prefer_local")
 
     error = caught.value
-    assert "not retried, because 'tally' is not marked idempotent=True" in error.message
+    assert "not retried, because instance faulty did not register 'tally' as idempotent" in error.message
     assert "1 attempt on faulty" in error.message
     assert error.payload["attempts"] == 1
     assert len(faulty.requests) == 1

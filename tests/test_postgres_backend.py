@@ -101,6 +101,7 @@ async def test_init_creates_pikku_layout(schema: str, make_service: Callable[...
         ("heartbeat_ttl", "double precision", "YES"),
         ("in_flight", "integer", "YES"),
         ("hostname", "text", "YES"),
+        ("idempotent_functions", "ARRAY", "YES"),
     ]
     [gin] = postgres_fetch(
         "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND indexname = 'idx_pikku_deployments_functions'",
@@ -204,7 +205,7 @@ async def test_older_table_gets_new_columns(schema: str, make_service: Callable[
 
     found = {info.deployment_id: info for info in await service.find_function("greet")}
     assert sorted(found) == ["new", "old"]
-    assert (found["old"].in_flight, found["old"].hostname) == (None, None)
+    assert (found["old"].in_flight, found["old"].hostname, found["old"].idempotent) == (None, None, False)
     assert (found["new"].in_flight, found["new"].hostname) == (3, "node-a")
 
 

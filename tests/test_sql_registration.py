@@ -331,7 +331,7 @@ async def test_long_names_rejected(
 
 # -- tables created by Pikku or an older pikku_mq ---------------------------------------------------------
 
-ADDED_COLUMNS = ("fallback_endpoints", "heartbeat_ttl", "in_flight", "hostname")
+ADDED_COLUMNS = ("fallback_endpoints", "heartbeat_ttl", "in_flight", "hostname", "idempotent_functions")
 """pikku_mq's nullable columns, which a table created by Pikku's Kysely service lacks."""
 
 

@@ -284,6 +284,9 @@ class DeploymentService(ABC):
         functions = sorted(set(config.functions))
         if config.hostname is None:
             config = dataclasses.replace(config, hostname=self.hostname)
+        idempotent = tuple(sorted(set(config.idempotent_functions) & set(functions)))
+        if tuple(config.idempotent_functions) != idempotent:
+            config = dataclasses.replace(config, idempotent_functions=idempotent)
         async with self._translate_errors(f"registering {config.deployment_id}"):
             await self._register(config, functions)
         self._config = config
@@ -431,13 +434,14 @@ class DeploymentService(ABC):
         trace_id: str | None = None,
         *,
         timeout: float | None = None,
-        idempotent: bool = False,
+        idempotent: bool | None = None,
         balancing: str | None = None,
     ) -> Any:
         """Call ``name`` on a live instance and return its result (Pikku's ``invoke``).
 
         ``timeout`` is in seconds and defaults to ``default_timeout``. ``idempotent`` allows retries
-        after an uncertain failure, and ``balancing`` overrides the strategy for this call.
+        after an uncertain failure; None takes the flag that the instance registered the function
+        with. ``balancing`` overrides the strategy for this call.
         """
         budget = self.default_timeout if timeout is None else timeout
         if not 0 < budget < math.inf:
@@ -462,7 +466,7 @@ class DeploymentService(ABC):
         trace_id: str | None,
         deadline: float,
         hop: int,
-        idempotent: bool,
+        idempotent: bool | None,
         balancing: str | None = None,
     ) -> Any:
         """Route one call with an absolute :func:`time.monotonic` deadline (used by ``RPC.remote``)."""

@@ -21,6 +21,7 @@ class _Row:
     heartbeat_ttl: float
     hostname: str | None = None
     in_flight: int | None = None
+    idempotent_functions: tuple[str, ...] = ()
 
     def age(self) -> float:
         return time.monotonic() - self.last_heartbeat
@@ -74,6 +75,7 @@ class MemoryDeploymentService(DeploymentService):
             heartbeat_ttl=self.heartbeat_ttl,
             hostname=config.hostname,
             in_flight=self._in_flight(),
+            idempotent_functions=tuple(config.idempotent_functions),
         )
 
     async def _heartbeat(self, config: DeploymentConfig, functions: list[str]) -> bool:
@@ -98,7 +100,14 @@ class MemoryDeploymentService(DeploymentService):
     async def find_function(self, name: str) -> list[DeploymentInfo]:
         self.registry.lookups += 1
         return [
-            DeploymentInfo(deployment_id, row.endpoint, row.fallback_endpoints, row.in_flight, row.hostname)
+            DeploymentInfo(
+                deployment_id,
+                row.endpoint,
+                row.fallback_endpoints,
+                row.in_flight,
+                row.hostname,
+                name in row.idempotent_functions,
+            )
             for deployment_id, row in self.registry.rows.items()
             if name in row.functions and row.is_live()
         ]
@@ -114,6 +123,7 @@ class MemoryDeploymentService(DeploymentService):
                 fallback_endpoints=row.fallback_endpoints,
                 in_flight=row.in_flight,
                 hostname=row.hostname,
+                idempotent_functions=row.idempotent_functions,
             )
             for deployment_id, row in sorted(self.registry.rows.items())
         ]

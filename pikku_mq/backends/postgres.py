@@ -8,7 +8,8 @@ One row per instance, so a Pikku TypeScript instance and a pikku_mq instance can
                                fallback_endpoints text[] NULL,         -- pikku_mq's own
                                heartbeat_ttl double precision NULL,    -- pikku_mq's own, seconds
                                in_flight integer NULL,                 -- pikku_mq's own
-                               hostname text NULL)                     -- pikku_mq's own
+                               hostname text NULL,                     -- pikku_mq's own
+                               idempotent_functions text[] NULL)       -- pikku_mq's own
 
 with a GIN index on ``functions`` and a B-tree index on ``last_heartbeat``, named as @pikku/pg 0.12.1
 names them. Liveness is judged with the database's clock (``now()``) and each row's own TTL. A row
@@ -50,6 +51,7 @@ _COLUMNS_ADDED = {
     "heartbeat_ttl": "double precision",
     "in_flight": "integer",
     "hostname": "text",
+    "idempotent_functions": "text[]",
 }
 _FUNCTIONS_INDEX = "idx_pikku_deployments_functions"
 _HEARTBEAT_INDEX = "idx_pikku_deployments_heartbeat"
@@ -140,8 +142,8 @@ class _Statements:
         self.register = f"""
             INSERT INTO {table} AS d
                 (deployment_id, endpoint, functions, fallback_endpoints, heartbeat_ttl, in_flight, hostname,
-                 last_heartbeat, created_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, now(), now())
+                 idempotent_functions, last_heartbeat, created_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), now())
             ON CONFLICT (deployment_id) DO UPDATE
             SET endpoint = EXCLUDED.endpoint,
                 functions = EXCLUDED.functions,
@@ -149,6 +151,7 @@ class _Statements:
                 heartbeat_ttl = EXCLUDED.heartbeat_ttl,
                 in_flight = EXCLUDED.in_flight,
                 hostname = EXCLUDED.hostname,
+                idempotent_functions = EXCLUDED.idempotent_functions,
                 last_heartbeat = now(),
                 created_at = now()
             WHERE d.endpoint = EXCLUDED.endpoint
@@ -177,13 +180,16 @@ class _Statements:
         self.notify = "SELECT pg_notify($1, $2)"
         # "functions @> ARRAY[name]" rather than "name = ANY(functions)": only the former can use the GIN index.
         self.find = f"""
-            SELECT deployment_id, endpoint, fallback_endpoints, in_flight, hostname FROM {table}
+            SELECT deployment_id, endpoint, fallback_endpoints, in_flight, hostname,
+                   coalesce(idempotent_functions @> ARRAY[$1::text], false)
+            FROM {table}
             WHERE functions @> ARRAY[$1::text] AND {is_live.format(ttl="$2")}
             """  # noqa: S608
         # COLLATE "C" sorts by code point, as Python sorts strings.
         self.list = f"""
             SELECT deployment_id, endpoint, functions, fallback_endpoints,
-                   extract(epoch FROM now() - last_heartbeat)::float8, heartbeat_ttl, in_flight, hostname
+                   extract(epoch FROM now() - last_heartbeat)::float8, heartbeat_ttl, in_flight, hostname,
+                   idempotent_functions
             FROM {table} ORDER BY deployment_id COLLATE "C"
             """  # noqa: S608
 
@@ -314,7 +320,8 @@ class PgDeploymentService(DeploymentService):
                         fallback_endpoints TEXT[],
                         heartbeat_ttl DOUBLE PRECISION,
                         in_flight INTEGER,
-                        hostname TEXT
+                        hostname TEXT,
+                        idempotent_functions TEXT[]
                     )
                     """
                 )
@@ -349,6 +356,7 @@ class PgDeploymentService(DeploymentService):
             self.heartbeat_ttl,
             self._in_flight(),
             config.hostname,
+            list(config.idempotent_functions) or None,
         ):
             await self._announce_quietly("join", config.deployment_id)
             return
@@ -444,13 +452,13 @@ class PgDeploymentService(DeploymentService):
     async def find_function(self, name: str) -> list[DeploymentInfo]:
         pool = await self._connect()
         rows = await pool.fetch(self._sql.find, name, self.heartbeat_ttl)
-        return [DeploymentInfo(row[0], row[1], _endpoints(row[2]), row[3], row[4]) for row in rows]
+        return [DeploymentInfo(row[0], row[1], _endpoints(row[2]), row[3], row[4], row[5]) for row in rows]
 
     async def list_deployments(self) -> list[DeploymentRecord]:
         pool = await self._connect()
         rows = await pool.fetch(self._sql.list)
         records = []
-        for deployment_id, endpoint, functions, fallbacks, age, ttl, in_flight, hostname in rows:
+        for deployment_id, endpoint, functions, fallbacks, age, ttl, in_flight, hostname, idempotent in rows:
             live = age <= (ttl if ttl is not None else self.heartbeat_ttl)
             records.append(
                 DeploymentRecord(
@@ -462,6 +470,7 @@ class PgDeploymentService(DeploymentService):
                     fallback_endpoints=_endpoints(fallbacks),
                     in_flight=in_flight,
                     hostname=hostname,
+                    idempotent_functions=tuple(sorted(idempotent or ())),
                 )
             )
         return records

@@ -6,7 +6,8 @@ one registry. With the default key prefix ``pikku:``::
     pikku:deployment:<id>   hash: endpoint, functions (a JSON array of names), and pikku_mq's own
                             fallback_endpoints (a JSON array), heartbeat_ttl (seconds),
                             last_heartbeat_ms, created_at_ms, in_flight (the calls in flight at
-                            the last heartbeat) and hostname; the key expires after
+                            the last heartbeat), hostname and idempotent_functions (a JSON
+                            array, absent when there are none); the key expires after
                             RETENTION_FACTOR times the TTL, so a stale row stays listable for a while
     pikku:fn:<name>         sorted set: member = deployment id, score = its expiry time in ms; no TTL,
                             as Pikku writes it, because Pikku's members would expire with the key
@@ -132,6 +133,9 @@ if ARGV[11] ~= '' then
   redis.call('HSET', KEYS[1], 'in_flight', ARGV[11])
 end
 redis.call('HSET', KEYS[1], 'hostname', ARGV[12])
+if ARGV[13] ~= '' then
+  redis.call('HSET', KEYS[1], 'idempotent_functions', ARGV[13])
+end
 local retention = tonumber(ARGV[6])
 redis.call('PEXPIRE', KEYS[1], retention)
 local expiry = int(now + ttl)
@@ -234,21 +238,23 @@ return deleted
 )
 
 # KEYS: the function's set. ARGV: row key prefix.
-# Returns {id, endpoint, fallbacks JSON or '', in_flight or '', hostname or '', ...} for each live
-# member whose row exists.
+# Returns {id, endpoint, fallbacks JSON or '', in_flight or '', hostname or '', idempotent functions
+# JSON or '', ...} for each live member whose row exists.
 _FIND = (
     _LUA_HELPERS
     + """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], int(now_ms()), '+inf')
 local found = {}
 for _, id in ipairs(ids) do
-  local row = redis.call('HMGET', ARGV[1] .. id, 'endpoint', 'fallback_endpoints', 'in_flight', 'hostname')
+  local row = redis.call('HMGET', ARGV[1] .. id, 'endpoint', 'fallback_endpoints', 'in_flight', 'hostname',
+    'idempotent_functions')
   if row[1] then
     table.insert(found, id)
     table.insert(found, row[1])
     table.insert(found, row[2] or '')
     table.insert(found, row[3] or '')
     table.insert(found, row[4] or '')
+    table.insert(found, row[5] or '')
   end
 end
 return found
@@ -353,6 +359,7 @@ class RedisDeploymentService(DeploymentService):
             encode_change("join", config.deployment_id),
             _count_arg(self._in_flight()),
             config.hostname or "",
+            json.dumps(list(config.idempotent_functions)) if config.idempotent_functions else "",
         ]
         holder = await self._register_script(keys=keys, args=args)
         if holder:
@@ -425,9 +432,14 @@ class RedisDeploymentService(DeploymentService):
         ]
         return [
             DeploymentInfo(
-                flat[i], flat[i + 1], decode_string_list(flat[i + 2]), _count(flat[i + 3]), flat[i + 4] or None
+                flat[i],
+                flat[i + 1],
+                decode_string_list(flat[i + 2]),
+                _count(flat[i + 3]),
+                flat[i + 4] or None,
+                name in decode_string_list(flat[i + 5]),
             )
-            for i in range(0, len(flat), 5)
+            for i in range(0, len(flat), 6)
         ]
 
     async def list_deployments(self) -> list[DeploymentRecord]:
@@ -473,6 +485,7 @@ class RedisDeploymentService(DeploymentService):
             fallback_endpoints=decode_string_list(fields.get("fallback_endpoints")),
             in_flight=_count(fields.get("in_flight")),
             hostname=fields.get("hostname") or None,
+            idempotent_functions=tuple(sorted(decode_string_list(fields.get("idempotent_functions")))),
         )
 
     async def _close_store(self) -> None:

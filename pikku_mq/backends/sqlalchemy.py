@@ -4,7 +4,7 @@ The layout is that of Pikku's Kysely deployment service, so both can share one r
 
     pikku_deployments(deployment_id PK, endpoint, last_heartbeat, created_at,
                       fallback_endpoints NULL, heartbeat_ttl NULL,  -- pikku_mq's own columns from here
-                      in_flight NULL, hostname NULL)
+                      in_flight NULL, hostname NULL, idempotent_functions NULL)
     pikku_deployment_functions(deployment_id FK ON DELETE CASCADE, function_name)
 
 Liveness is judged with the database's clock, so instances whose clocks disagree still agree on who
@@ -120,6 +120,7 @@ def _tables(schema: str | None) -> tuple[sa.MetaData, sa.Table, sa.Table]:
         sa.Column("heartbeat_ttl", sa.Float, nullable=True),
         sa.Column("in_flight", sa.Integer, nullable=True),
         sa.Column("hostname", sa.Text, nullable=True),
+        sa.Column("idempotent_functions", sa.Text, nullable=True),  # a JSON array of names
         sa.Index("pikku_deployments_last_heartbeat_idx", "last_heartbeat"),
     )
     qualified = f"{schema}.pikku_deployments" if schema else "pikku_deployments"
@@ -377,6 +378,9 @@ class SqlAlchemyDeploymentService(DeploymentService):
                     heartbeat_ttl=self.heartbeat_ttl,
                     in_flight=self._in_flight(),
                     hostname=config.hostname,
+                    idempotent_functions=json.dumps(list(config.idempotent_functions))
+                    if config.idempotent_functions
+                    else None,
                 )
             )
         except sa.exc.IntegrityError as exc:
@@ -475,14 +479,26 @@ class SqlAlchemyDeploymentService(DeploymentService):
     async def find_function(self, name: str) -> list[DeploymentInfo]:
         d, f = self._deployments, self._functions
         statement = (
-            sa.select(d.c.deployment_id, d.c.endpoint, d.c.fallback_endpoints, d.c.in_flight, d.c.hostname)
+            sa.select(
+                d.c.deployment_id,
+                d.c.endpoint,
+                d.c.fallback_endpoints,
+                d.c.in_flight,
+                d.c.hostname,
+                d.c.idempotent_functions,
+            )
             .join(f, f.c.deployment_id == d.c.deployment_id)
             .where(f.c.function_name == name, self._is_live())
         )
         async with self._translate_errors(f"looking up '{name}'"), self.engine.connect() as conn:
             await conn.execution_options(**_READ_ONLY)
             rows = (await conn.execute(statement)).all()
-        return [DeploymentInfo(row[0], row[1], decode_string_list(row[2]), row[3], row[4]) for row in rows]
+        return [
+            DeploymentInfo(
+                row[0], row[1], decode_string_list(row[2]), row[3], row[4], name in decode_string_list(row[5])
+            )
+            for row in rows
+        ]
 
     async def list_deployments(self) -> list[DeploymentRecord]:
         d, f = self._deployments, self._functions
@@ -498,6 +514,7 @@ class SqlAlchemyDeploymentService(DeploymentService):
                         d.c.heartbeat_ttl,
                         d.c.in_flight,
                         d.c.hostname,
+                        d.c.idempotent_functions,
                     ).order_by(d.c.deployment_id)
                 )
             ).all()
@@ -507,7 +524,7 @@ class SqlAlchemyDeploymentService(DeploymentService):
         for deployment_id, function_name in pairs:
             functions.setdefault(deployment_id, []).append(function_name)
         records = []
-        for deployment_id, endpoint, fallbacks, age, ttl, in_flight, hostname in rows:
+        for deployment_id, endpoint, fallbacks, age, ttl, in_flight, hostname, idempotent in rows:
             live = float(age) <= (ttl if ttl is not None else self.heartbeat_ttl)
             records.append(
                 DeploymentRecord(
@@ -519,6 +536,7 @@ class SqlAlchemyDeploymentService(DeploymentService):
                     fallback_endpoints=decode_string_list(fallbacks),
                     in_flight=in_flight,
                     hostname=hostname,
+                    idempotent_functions=tuple(sorted(decode_string_list(idempotent))),
                 )
             )
         return records

@@ -417,6 +417,26 @@ async def test_hostname_registered(store: Store) -> None:
     assert records == hosts
 
 
+async def test_idempotent_functions_registered(store: Store) -> None:
+    marked, plain, observer = store.service(), store.service(), store.service()
+    config = DeploymentConfig(
+        "alpha",
+        "http://127.0.0.1:1/alpha",
+        functions=["greet", "sum"],
+        # A name that the instance does not register is dropped.
+        idempotent_functions=["greet", "not-hosted"],
+    )
+    await marked.start(config)
+    await plain.start(_config("beta", "greet", "sum"))
+
+    greet = {info.deployment_id: info.idempotent for info in await observer.find_function("greet")}
+    assert greet == {"alpha": True, "beta": False}
+    sums = {info.deployment_id: info.idempotent for info in await observer.find_function("sum")}
+    assert sums == {"alpha": False, "beta": False}
+    records = {record.deployment_id: record.idempotent_functions for record in await observer.list_deployments()}
+    assert records == {"alpha": ("greet",), "beta": ()}
+
+
 async def test_heartbeat_reports_in_flight(store: Store) -> None:
     calls = [2]
     service, silent, observer = store.service(), store.service(), store.service()
