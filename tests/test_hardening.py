@@ -49,22 +49,20 @@ async def test_restarted_instance_used_again(mesh: Mesh) -> None:
     registrar = mesh.service(heartbeat_interval=5.0, heartbeat_ttl=15.0)
     await registrar.start(DeploymentConfig("echo-1", f"http://127.0.0.1:{port}", functions=["echo"]))
 
-    # Nothing listens yet: the only instance refused, so it is skipped, and the error says unavailable.
+    # Nothing listens yet: the only instance refused, which takes it out of routing. It is the only
+    # one, so the next call still tries it, and fails at once.
     with pytest.raises(RoutingError):
         await caller.invoke("echo", 1, timeout=2)
-    with pytest.raises(RoutingError, match="tried again with one call when its ejection interval ends"):
+    assert caller.router.is_ejected("echo-1")
+    started = time.monotonic()
+    with pytest.raises(RoutingError, match="no instance could take the call to 'echo'; tried echo-1"):
         await caller.invoke("echo", 2, timeout=2)
+    assert time.monotonic() - started < 1.0
 
-    # The instance comes back on the same endpoint: the caller uses it again within one backoff.
+    # The instance comes back on the same endpoint, within its ejection interval: the next call uses it.
     async with PikkuWorker(endpoint=f"http://127.0.0.1:{port}", registry=REG, discovery=False):
-        started = time.monotonic()
-        while True:
-            try:
-                assert await caller.invoke("echo", 3, timeout=2) == 3
-                break
-            except RoutingError:
-                assert time.monotonic() - started < 2.0
-                await asyncio.sleep(0.05)
+        assert await caller.invoke("echo", 3, timeout=2) == 3
+        assert not caller.router.is_ejected("echo-1")
 
 
 async def test_memory_transport_rejects_nan(mesh: Mesh) -> None:
