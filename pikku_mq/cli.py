@@ -90,7 +90,8 @@ _TRANSPORT_SCHEMES = {"http": ("http", "https"), "nats": ("nats",), "amqp": ("am
 """The endpoint schemes that ``call --transport`` keeps, by transport name."""
 
 _RELOAD_CHILD = "PIKKU_MQ_RELOAD_CHILD"
-"""Set to 1 in the environment of the worker process that ``worker --reload`` starts, which then just serves."""
+"""The variable set to 1 in the environment of the worker that ``worker --reload`` starts, so that it serves
+without watching."""
 
 _RELOAD_STOP_TIMEOUT = 30
 """Seconds ``--reload`` lets a worker deregister and drain after SIGINT before it sends SIGKILL."""
@@ -312,7 +313,7 @@ def _add_call_parser(commands: Any) -> None:
         help="send the call only to endpoints of this transport, preferred or fallback (default: any); "
         f"nats uses ${ENV_NATS_URL} and amqp uses ${ENV_AMQP_URL} to reach the broker",
     )
-    # The typed error on stderr tells what failed; the router's warnings on the way would repeat it.
+    # The typed error printed on stderr names what failed, so the router's warnings would only repeat it.
     _add_log_level_flag(parser, "ERROR")
     parser.set_defaults(handler=_run_call)
 
@@ -453,8 +454,8 @@ def _run_reloading(args: argparse.Namespace) -> int:
 
     def log_changes(changes: set[tuple[Any, str]]) -> None:
         changed = sorted({path for _, path in changes})
-        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-        logger.info("restarting the worker, because these files changed: %s", shown)
+        listed = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        logger.info("restarting the worker, because these files changed: %s", listed)
 
     # NOTE: on Ctrl-C or SIGTERM, watchfiles 1.3.0 stops the last worker with its own default of 5 s
     # before SIGKILL, not with sigint_timeout, so a drain longer than that is cut short.
@@ -603,7 +604,7 @@ def _run_call(args: argparse.Namespace) -> int:
     if session is not None and RemoteSecurity.from_env() is None:
         raise UsageError(
             f"--session needs ${ENV_REMOTE_SECRET}: a session travels only sealed in a call signed with the "
-            "remote secret, and the worker rejects a session from an unsigned call"
+            "remote secret, so without one the session would be dropped"
         )
     try:
         result = asyncio.run(_call(_discovery_url(args), args.name, data, args.timeout, session, args.transport))
@@ -639,13 +640,13 @@ def call_exit_code(error: PikkuMQError) -> int:
     return EXIT_FAILURE
 
 
-def _parse_json(text: str | None, what: str) -> Any:
+def _parse_json(text: str | None, label: str) -> Any:
     if text is None:
         return None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"invalid JSON {what}: {exc}; quote it for the shell, e.g. '{{\"a\": 1}}'") from None
+        raise UsageError(f"invalid JSON {label}: {exc}; quote it for the shell, e.g. '{{\"a\": 1}}'") from None
 
 
 def _transports_for(name: str | None) -> TransportSet | None:
@@ -690,7 +691,7 @@ async def _call(
         except NotFoundError:
             if transport is None:
                 raise
-            # The router skipped the instances without an endpoint of this transport: say so if there are any.
+            # The router skipped the instances without an endpoint of this transport, so name them if there are any.
             elsewhere = await service.find_function(name)
             if not elsewhere:
                 raise
@@ -700,13 +701,13 @@ async def _call(
 def _no_instance_on(name: str, transport: str, instances: Sequence[DeploymentInfo]) -> RoutingError:
     """Return the error for a function none of whose instances has an endpoint of the chosen transport."""
     schemes = list(_TRANSPORT_SCHEMES[transport])
-    shown = [
+    described = [
         f"{instance.deployment_id} ({', '.join((instance.endpoint, *instance.fallback_endpoints))})"
         for instance in sorted(instances, key=lambda i: i.deployment_id)[:5]
     ]
     return RoutingError(
         f"no instance of '{name}' has an endpoint of scheme {' or '.join(schemes)}, as --transport requires; "
-        f"its instances: {'; '.join(shown)}",
+        f"its instances: {'; '.join(described)}",
         payload={"function": name, "schemes": schemes, "instances": [i.deployment_id for i in instances]},
     )
 
@@ -822,7 +823,7 @@ def _run_completion(args: argparse.Namespace) -> int:
 
 
 def _complete(parser: argparse.ArgumentParser) -> None:
-    """Answer a completion request of the shell script that ``completion`` prints, then exit.
+    """Write the completions of the command line that the completion script passes in, then exit.
 
     The script runs ``pikku-mq`` with ``_ARGCOMPLETE`` set; without argcomplete there is nothing to offer.
     """

@@ -75,9 +75,9 @@ class Mesh:
     """Deployments and callers that share one in-memory registry and one set of fault switches.
 
     ``heartbeat_interval`` and ``heartbeat_ttl`` (seconds) are the defaults of every deployment and
-    caller of the mesh. ``secret`` turns on signed calls and session forwarding for all of them, as
-    ``PIKKU_REMOTE_SECRET`` does (at least 32 characters); without it the mesh ignores that variable,
-    so a test behaves the same whatever the environment holds.
+    caller of the mesh. ``secret`` (at least 32 characters) turns on signed calls and session
+    forwarding for all of them, as ``PIKKU_REMOTE_SECRET`` does. Without it the mesh ignores that
+    variable, so a test behaves the same whatever the environment contains.
     """
 
     def __init__(

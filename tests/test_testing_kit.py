@@ -1,7 +1,8 @@
 """pikku_mq.testing: the in-process mesh, each fault it injects, and parity of its errors with real HTTP faults.
 
-The parity tests provoke each fault once in the kit and once with real parts (an HTTP worker, a closed
-port, a TCP server that hangs or drops, a Redis URL on a closed port) and compare what the caller raises.
+The parity tests provoke each fault once in the kit and once with real parts, then compare what the
+caller raises. The real parts are an HTTP worker, a closed port, a TCP server that hangs or drops the
+connection, and a Redis URL on a closed port.
 """
 
 from __future__ import annotations
