@@ -1,7 +1,9 @@
-"""The ``pikku-mq`` command: run a worker, make one call, list deployments, run the demo.
+# PYTHON_ARGCOMPLETE_OK
+"""The ``pikku-mq`` command: run a worker, make one call, list deployments, run the demo, print completion scripts.
 
 Exit statuses: 0 on success, 1 when a call or a worker fails at run time, 2 for invalid arguments or
 configuration (argparse's convention), 130 after Ctrl-C where a command does not handle it itself.
+``call`` has a status of its own for each kind of failure (see :data:`CALL_EXIT_CODES`).
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.util
 import inspect
 import json
 import logging
 import math
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -22,14 +26,34 @@ from typing import Any, NoReturn
 
 from ._dedup import DEFAULT_DEDUP_WINDOW
 from ._dispatch import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_IN_FLIGHT
-from ._errors import ConfigurationError, PikkuMQError, function_not_found
+from ._errors import (
+    BadRequestError,
+    CallInterruptedError,
+    ConfigurationError,
+    DeadlineExceededError,
+    DiscoveryError,
+    EndpointUnreachableError,
+    ForbiddenError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PikkuMQError,
+    ProtocolError,
+    RoutingError,
+    ServiceUnavailableError,
+    TransportError,
+    UnauthorizedError,
+    UnprocessableContentError,
+    function_not_found,
+)
 from ._functions import FunctionDefinition, default_registry
-from ._settings import ENV_AMQP_URL, ENV_DISCOVERY_URL, ENV_NATS_URL, default_discovery_url
-from ._types import DEFAULT_TIMEOUT, DeploymentRecord
+from ._security import RemoteSecurity
+from ._settings import ENV_AMQP_URL, ENV_DISCOVERY_URL, ENV_NATS_URL, ENV_REMOTE_SECRET, default_discovery_url
+from ._types import DEFAULT_TIMEOUT, DeploymentInfo, DeploymentRecord
 from ._worker import PikkuWorker
 from .backends import DeploymentService, _redact, deployment_service_from_url
 from .backends.base import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TTL
 from .backends.sqlite import SqliteDeploymentService
+from .transports.base import ClientTransport, TransportSet
 
 __all__ = ["build_parser", "format_deployments", "main", "run"]
 
@@ -39,6 +63,38 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+# Exit statuses of `pikku-mq call`, one per kind of failure, so that scripts can react to each.
+EXIT_NOT_FOUND = 3
+EXIT_REJECTED = 4
+EXIT_UNAVAILABLE = 5
+EXIT_DEADLINE = 6
+EXIT_IN_TRANSIT = 7
+EXIT_DISCOVERY = 8
+
+CALL_EXIT_CODES = (
+    (EXIT_OK, "the call succeeded; the result is on stdout"),
+    (EXIT_FAILURE, "the function raised an error (500, or an error class of the application), or another error"),
+    (EXIT_USAGE, "invalid arguments or configuration"),
+    (EXIT_NOT_FOUND, "no instance hosts the function, or it is not exposed (404)"),
+    (EXIT_REJECTED, "the worker rejected the request: invalid input, too large, unauthorized or forbidden (4xx)"),
+    (EXIT_UNAVAILABLE, "no instance could take the call: none reachable, all busy or draining, or none on --transport"),
+    (EXIT_DEADLINE, "the deadline (--timeout) passed; the function may have run (504)"),
+    (EXIT_IN_TRANSIT, "the call failed after it was sent; the function may have run (502)"),
+    (EXIT_DISCOVERY, "the discovery store failed"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+)
+"""The exit statuses of ``pikku-mq call``, with what each means, as its --help lists them."""
+
+_TRANSPORT_SCHEMES = {"http": ("http", "https"), "nats": ("nats",), "amqp": ("amqp", "amqps")}
+"""The endpoint schemes that ``call --transport`` keeps, by transport name."""
+
+_RELOAD_CHILD = "PIKKU_MQ_RELOAD_CHILD"
+"""The variable set to 1 in the environment of the worker that ``worker --reload`` starts, so that it serves
+without watching."""
+
+_RELOAD_STOP_TIMEOUT = 30
+"""Seconds ``--reload`` lets a worker deregister and drain after SIGINT before it sends SIGKILL."""
 
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -71,7 +127,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 def run(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` and return the exit status."""
     parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:
+        _complete(parser)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         status: int = args.handler(args)
     except UsageError as exc:
@@ -95,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_call_parser(commands)
     _add_ls_parser(commands)
     _add_demo_parser(commands)
+    _add_completion_parser(commands)
     return parser
 
 
@@ -200,16 +260,36 @@ def _add_worker_parser(commands: Any) -> None:
         f"same call id gets it instead of running the function again; 0 turns this off "
         f"(default: {DEFAULT_DEDUP_WINDOW:g})",
     )
+    parser.add_argument(
+        "--reload",
+        action="store_true",
+        help="for development: restart the worker whenever a .py file under the module's folder (or under "
+        f"--reload-dir) changes. Each restart stops the worker as SIGINT does (deregister, drain; SIGKILL after "
+        f"{_RELOAD_STOP_TIMEOUT} seconds) and starts a new process. Needs watchfiles: pip install 'pikku-mq[reload]'",
+    )
+    parser.add_argument(
+        "--reload-dir",
+        dest="reload_dirs",
+        metavar="DIR",
+        action="append",
+        help="folder to watch with --reload instead of the module's folder; repeat for several",
+    )
     _add_log_level_flag(parser, "INFO")
     parser.set_defaults(handler=_run_worker)
 
 
 def _add_call_parser(commands: Any) -> None:
+    codes = "\n".join(f"  {code:>3}  {meaning}" for code, meaning in CALL_EXIT_CODES)
     parser = commands.add_parser(
         "call",
         help="call a function once and print its result",
-        description="Call NAME on a live instance found through discovery and print the result as JSON on "
-        "stdout. A typed error is printed on stderr and the exit status is 1.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Call NAME on a live instance found through discovery and print the result as JSON on stdout.\n"
+            "A failed call prints the error on stderr: its class, HTTP status, code and message, the\n"
+            "attempts and instances tried, and its payload."
+        ),
+        epilog=f"exit status:\n{codes}",
     )
     parser.add_argument("name", metavar="NAME", help="function name")
     parser.add_argument("data", metavar="JSON", nargs="?", help="input data as JSON (default: null)")
@@ -219,9 +299,22 @@ def _add_call_parser(commands: Any) -> None:
         type=_positive_seconds,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
-        help=f"deadline of the call in seconds (default: {DEFAULT_TIMEOUT:g})",
+        help=f"deadline of the call in seconds, retries included (default: {DEFAULT_TIMEOUT:g})",
     )
-    _add_log_level_flag(parser, "WARNING")
+    parser.add_argument(
+        "--session",
+        metavar="JSON",
+        help=f"session to forward to the function as JSON, e.g. '{{\"user_id\": 7}}'; sessions travel only in "
+        f"signed calls, so this needs ${ENV_REMOTE_SECRET}",
+    )
+    parser.add_argument(
+        "--transport",
+        choices=sorted(_TRANSPORT_SCHEMES),
+        help="send the call only to endpoints of this transport, preferred or fallback (default: any); "
+        f"nats uses ${ENV_NATS_URL} and amqp uses ${ENV_AMQP_URL} to reach the broker",
+    )
+    # The typed error printed on stderr names what failed, so the router's warnings would only repeat it.
+    _add_log_level_flag(parser, "ERROR")
     parser.set_defaults(handler=_run_call)
 
 
@@ -256,6 +349,23 @@ def _add_demo_parser(commands: Any) -> None:
     )
     _add_log_level_flag(parser, "WARNING")
     parser.set_defaults(handler=_run_demo)
+
+
+def _add_completion_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "completion",
+        help="print a shell completion script",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Print the script that completes pikku-mq commands and flags in SHELL. Load it with:\n"
+            '  bash:  eval "$(pikku-mq completion bash)"   (e.g. in ~/.bashrc)\n'
+            '  zsh:   eval "$(pikku-mq completion zsh)"    (e.g. in ~/.zshrc)\n'
+            "  fish:  pikku-mq completion fish | source   (e.g. in ~/.config/fish/config.fish)\n"
+            "Needs argcomplete: pip install 'pikku-mq[completion]'."
+        ),
+    )
+    parser.add_argument("shell", choices=["bash", "zsh", "fish"], help="the shell to print the script for")
+    parser.set_defaults(handler=_run_completion)
 
 
 def _positive_int(text: str) -> int:
@@ -302,6 +412,10 @@ def _discovery_url(args: argparse.Namespace) -> str:
 
 def _run_worker(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
+    if args.reload_dirs and not args.reload:
+        raise UsageError("--reload-dir only applies with --reload")
+    if args.reload and os.environ.get(_RELOAD_CHILD) != "1":
+        return _run_reloading(args)
     module_name, _, attr = args.target.partition(":")
     module = _import_module(module_name)
 
@@ -320,6 +434,64 @@ def _run_worker(args: argparse.Namespace) -> int:
         logger.error("worker %s failed: %s: %s", worker.deployment_id, type(exc).__name__, exc)  # noqa: TRY400
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _run_reloading(args: argparse.Namespace) -> int:
+    """Run the worker in a child process and start a new one whenever a watched Python file changes."""
+    try:
+        import watchfiles
+    except ImportError:
+        raise UsageError(
+            "--reload needs the watchfiles package, which is not installed; install it with "
+            "pip install 'pikku-mq[reload]'"
+        ) from None
+
+    paths = _reload_paths(args)
+    command = shlex.join([sys.executable, "-m", "pikku_mq", *args.argv])
+    # The child inherits this environment, and with it the marker that makes it serve instead of watching.
+    os.environ[_RELOAD_CHILD] = "1"
+    logger.info("watching %s for changes to .py files; the worker restarts on each change", ", ".join(paths))
+
+    def log_changes(changes: set[tuple[Any, str]]) -> None:
+        changed = sorted({path for _, path in changes})
+        listed = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        logger.info("restarting the worker, because these files changed: %s", listed)
+
+    # NOTE: on Ctrl-C or SIGTERM, watchfiles 1.3.0 stops the last worker with its own default of 5 s
+    # before SIGKILL, not with sigint_timeout, so a drain longer than that is cut short.
+    watchfiles.run_process(
+        *paths,
+        target=command,
+        target_type="command",
+        callback=log_changes,
+        watch_filter=watchfiles.PythonFilter(),
+        sigint_timeout=_RELOAD_STOP_TIMEOUT,
+    )
+    return EXIT_OK
+
+
+def _reload_paths(args: argparse.Namespace) -> list[str]:
+    """Return the folders that ``--reload`` watches: ``--reload-dir``, else the folder of the target's top package."""
+    if args.reload_dirs:
+        missing = [path for path in args.reload_dirs if not os.path.isdir(path)]
+        if missing:
+            raise UsageError(f"--reload-dir {missing[0]!r} is not a folder")
+        return [os.path.abspath(path) for path in args.reload_dirs]
+
+    top_level = args.target.partition(":")[0].split(".")[0]
+    if not top_level:
+        raise UsageError("missing module name; pass MODULE or MODULE:ATTR, e.g. myapp.functions")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    # find_spec locates a top-level module without running it.
+    spec = importlib.util.find_spec(top_level)
+    if spec is None:
+        raise UsageError(f"module {top_level!r} was not found in the working directory or the import path")
+    if spec.submodule_search_locations:
+        return [os.path.abspath(path) for path in spec.submodule_search_locations]
+    if spec.origin is None or not os.path.isfile(spec.origin):
+        raise UsageError(f"module {top_level!r} has no source folder to watch; pass --reload-dir")
+    return [os.path.dirname(os.path.abspath(spec.origin))]
 
 
 def _import_module(name: str) -> ModuleType:
@@ -427,38 +599,117 @@ def _check_factory(target: Any, label: str) -> None:
 
 def _run_call(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
-    data = _parse_json(args.data)
+    data = _parse_json(args.data, "input data")
+    session = _parse_json(args.session, "--session") if args.session is not None else None
+    if session is not None and RemoteSecurity.from_env() is None:
+        raise UsageError(
+            f"--session needs ${ENV_REMOTE_SECRET}: a session travels only sealed in a call signed with the "
+            "remote secret, so without one the session would be dropped"
+        )
     try:
-        result = asyncio.run(_call(_discovery_url(args), args.name, data, args.timeout))
+        result = asyncio.run(_call(_discovery_url(args), args.name, data, args.timeout, session, args.transport))
     except ConfigurationError as exc:
         raise UsageError(str(exc)) from None
     except PikkuMQError as exc:
         _print_error(exc)
-        return EXIT_FAILURE
+        return call_exit_code(exc)
 
     print(json.dumps(result, ensure_ascii=False))
     return EXIT_OK
 
 
-def _parse_json(text: str | None) -> Any:
+def call_exit_code(error: PikkuMQError) -> int:
+    """Return the exit status of ``pikku-mq call`` for ``error``, as :data:`CALL_EXIT_CODES` lists them."""
+    if isinstance(error, DiscoveryError):
+        return EXIT_DISCOVERY
+    if isinstance(error, NotFoundError):
+        return EXIT_NOT_FOUND
+    if isinstance(error, DeadlineExceededError):
+        return EXIT_DEADLINE
+    if isinstance(error, RoutingError | EndpointUnreachableError):
+        return EXIT_UNAVAILABLE
+    # Checked before ServiceUnavailableError, its base: an interrupted function may have partly run.
+    if isinstance(error, TransportError | ProtocolError | CallInterruptedError):
+        return EXIT_IN_TRANSIT
+    if isinstance(error, ServiceUnavailableError):
+        return EXIT_UNAVAILABLE
+    if isinstance(
+        error, BadRequestError | UnauthorizedError | ForbiddenError | PayloadTooLargeError | UnprocessableContentError
+    ):
+        return EXIT_REJECTED
+    return EXIT_FAILURE
+
+
+def _parse_json(text: str | None, label: str) -> Any:
     if text is None:
         return None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise UsageError(f"invalid JSON input data: {exc}; quote it for the shell, e.g. '{{\"a\": 1}}'") from None
+        raise UsageError(f"invalid JSON {label}: {exc}; quote it for the shell, e.g. '{{\"a\": 1}}'") from None
 
 
-async def _call(url: str, name: str, data: Any, timeout: float) -> Any:
+def _transports_for(name: str | None) -> TransportSet | None:
+    """Return the client transports that ``--transport name`` allows, or None for the default set."""
+    if name is None:
+        return None
+    transport: ClientTransport
+    if name == "http":
+        from .transports.http import AiohttpTransport
+
+        transport = AiohttpTransport()
+    elif name == "nats":
+        try:
+            from .transports.nats import NatsTransport
+        except ImportError as exc:
+            raise ConfigurationError(f"--transport nats needs nats-py ({exc}); pip install 'pikku-mq[nats]'") from None
+        transport = NatsTransport()
+    else:
+        try:
+            from .transports.amqp import AmqpTransport
+        except ImportError as exc:
+            raise ConfigurationError(f"--transport amqp needs aio-pika ({exc}); pip install 'pikku-mq[amqp]'") from None
+        transport = AmqpTransport()
+    return TransportSet([transport])
+
+
+async def _call(
+    url: str, name: str, data: Any, timeout: float, session: Any = None, transport: str | None = None
+) -> Any:
+    """Make one call; ``transport`` (http, nats or amqp) limits it to endpoints of that transport."""
     # One call needs no change feed, whose subscription would cost a connection and a round trip.
-    service = deployment_service_from_url(url, change_feed=False)
+    transports = _transports_for(transport)
+    service = deployment_service_from_url(url, change_feed=False, transports=transports)
     if _registry_file_missing(service):
         await service.close()
         missing = function_not_found(name)
         missing.message += f"; the registry file of {_redact(url)} does not exist, so no worker is registered there"
         raise missing
     async with service:
-        return await service.invoke(name, data, timeout=timeout)
+        try:
+            return await service.invoke(name, data, session, timeout=timeout)
+        except NotFoundError:
+            if transport is None:
+                raise
+            # The router skipped the instances without an endpoint of this transport, so name them if there are any.
+            elsewhere = await service.find_function(name)
+            if not elsewhere:
+                raise
+            raise _no_instance_on(name, transport, elsewhere) from None
+
+
+def _no_instance_on(name: str, transport: str, instances: Sequence[DeploymentInfo]) -> RoutingError:
+    """Return the error for a function none of whose instances has an endpoint of the chosen transport."""
+    schemes = list(_TRANSPORT_SCHEMES[transport])
+    described = [
+        f"{instance.deployment_id} ({', '.join((instance.endpoint, *instance.fallback_endpoints))})"
+        for instance in sorted(instances, key=lambda i: i.deployment_id)[:5]
+    ]
+    return RoutingError(
+        f"no instance of '{name}' has an endpoint of scheme {' or '.join(schemes)}, as --transport requires; "
+        f"its instances: {'; '.join(described)}",
+        payload={"function": name, "schemes": schemes, "instances": [i.deployment_id for i in instances]},
+    )
 
 
 def _registry_file_missing(service: DeploymentService) -> bool:
@@ -471,10 +722,23 @@ def _registry_file_missing(service: DeploymentService) -> bool:
 
 
 def _print_error(error: PikkuMQError) -> None:
+    """Print a typed error on stderr: class, status, code and message, then the attempts and the payload.
+
+    The message and payload come from the worker, so characters that a terminal would act on are escaped.
+    """
     envelope = error.to_envelope()
-    print(f"{envelope['name']} ({error.http_status}, {envelope['code']}): {envelope['message']}", file=sys.stderr)
-    if envelope["payload"] is not None:
-        print(f"payload: {json.dumps(envelope['payload'], ensure_ascii=False)}", file=sys.stderr)
+    print(
+        f"{_printable(envelope['name'])} ({error.http_status}, {_printable(str(envelope['code']))}): "
+        f"{_printable(envelope['message'])}",
+        file=sys.stderr,
+    )
+    payload = envelope["payload"]
+    if isinstance(payload, dict) and isinstance(payload.get("attempts"), int):
+        instances = payload.get("instances") or payload.get("tried") or []
+        tried = f" on {', '.join(_printable(str(i)) for i in instances)}" if instances else ""
+        print(f"attempts: {payload['attempts']}{tried}", file=sys.stderr)
+    if payload is not None:
+        print(f"payload: {_printable(json.dumps(payload, ensure_ascii=False))}", file=sys.stderr)
 
 
 # -- ls --------------------------------------------------------------------------------------------
@@ -541,6 +805,33 @@ def _printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+# -- completion ----------------------------------------------------------------------------------
+
+
+def _run_completion(args: argparse.Namespace) -> int:
+    try:
+        from argcomplete.shell_integration import shellcode
+    except ImportError:
+        raise UsageError(
+            "shell completion needs the argcomplete package, which is not installed; install it with "
+            "pip install 'pikku-mq[completion]'"
+        ) from None
+    print(shellcode(["pikku-mq"], shell=args.shell))
+    return EXIT_OK
+
+
+def _complete(parser: argparse.ArgumentParser) -> None:
+    """Write the completions of the command line that the completion script passes in, then exit.
+
+    The script runs ``pikku-mq`` with ``_ARGCOMPLETE`` set; without argcomplete there is nothing to offer.
+    """
+    try:
+        import argcomplete
+    except ImportError:
+        sys.exit(EXIT_OK)
+    argcomplete.autocomplete(parser)
 
 
 # -- demo ------------------------------------------------------------------------------------------

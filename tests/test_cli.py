@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -19,7 +21,8 @@ from urllib.parse import urlsplit
 import pytest
 from _support_core import closed_port
 
-from pikku_mq import DeploymentRecord, cli
+from pikku_mq import DeploymentConfig, DeploymentRecord, SqliteDeploymentService, cli
+from pikku_mq import _errors as errors
 
 CLI_TIMEOUT = 30.0
 """Seconds one short command (call, ls) may take; starting Python and importing pikku_mq takes over a second."""
@@ -298,13 +301,13 @@ def test_worker_call_and_ls(
     assert json.loads(added.stdout) == 5
 
     invalid = run_cli("call", "add", '{"a": "two", "b": 3}', cwd=project, env=cli_env)
-    assert invalid.returncode == 1
+    assert invalid.returncode == cli.EXIT_REJECTED
     assert invalid.stdout == ""
     assert invalid.stderr.startswith("InputValidationError (422, invalid_input):")
 
     # helpers.echo is exposed and imported by calc, but it is not defined in calc, so it is not served.
     not_served = run_cli("call", "echo", '"hi"', cwd=project, env=cli_env)
-    assert not_served.returncode == 1
+    assert not_served.returncode == cli.EXIT_NOT_FOUND
     assert not_served.stderr.startswith("FunctionNotFoundError (404, function_not_found):")
 
     table = run_cli("ls", "--heartbeat-ttl", "3", cwd=project, env=cli_env)
@@ -405,7 +408,7 @@ def test_worker_rejects_bad_arguments(project: Path, cli_env: dict[str, str], ar
 def test_call_missing_function(tmp_path: Path, cli_env: dict[str, str]) -> None:
     completed = run_cli("call", "no_such_function", "{}", cwd=tmp_path, env=cli_env)
 
-    assert completed.returncode == 1
+    assert completed.returncode == cli.EXIT_NOT_FOUND
     assert completed.stdout == ""
     first_line, payload_line = completed.stderr.splitlines()
     assert first_line.startswith("FunctionNotFoundError (404, function_not_found):")
@@ -430,7 +433,7 @@ def test_ls_without_registry_file(tmp_path: Path, discovery: str, cli_env: dict[
     assert table.stdout.strip() == f"no deployments registered in {discovery}"
     assert as_json.returncode == 0
     assert json.loads(as_json.stdout) == []
-    assert call.returncode == 1
+    assert call.returncode == cli.EXIT_NOT_FOUND
     # Reading commands must not create the registry file.
     assert not (tmp_path / "registry.db").exists()
 
@@ -494,3 +497,337 @@ def test_ls_escapes_control_characters() -> None:
     assert "http://x\\x1b[31m" in table
     assert "ok, bell\\x07" in table
     assert "\x1b" not in table
+
+
+# -- call: errors, sessions, transports -------------------------------------------------------------
+
+TOOLS_MODULE = textwrap.dedent(
+    """
+    import asyncio
+
+    from pikku_mq import pikku_func, pikku_sessionless_func
+
+
+    @pikku_sessionless_func(expose=True)
+    async def nap(services, data: float) -> str:
+        await asyncio.sleep(data)
+        return "awake"
+
+
+    @pikku_func(expose=True)
+    async def whoami(services, data, wire):
+        return wire.session
+    """
+)
+
+SECRET = "0123456789abcdef0123456789abcdef-cli"
+
+
+@pytest.fixture
+def tools(tmp_path: Path) -> Path:
+    """A folder with a module ``tools`` whose functions sleep and return the caller's session."""
+    (tmp_path / "tools.py").write_text(TOOLS_MODULE)
+    return tmp_path
+
+
+def run_console(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``pikku-mq`` console script, as a user's shell does."""
+    assert CONSOLE_SCRIPT is not None, "pikku-mq is not installed next to this interpreter"
+    return subprocess.run(
+        [CONSOLE_SCRIPT, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (errors.DiscoveryError("down"), cli.EXIT_DISCOVERY),
+        (errors.FunctionNotFoundError("missing"), cli.EXIT_NOT_FOUND),
+        (errors.NotFoundError("missing"), cli.EXIT_NOT_FOUND),
+        (errors.DeadlineExceededError("late"), cli.EXIT_DEADLINE),
+        (errors.RoutingError("none"), cli.EXIT_UNAVAILABLE),
+        (errors.BusyError("busy"), cli.EXIT_UNAVAILABLE),
+        (errors.ServiceUnavailableError("draining"), cli.EXIT_UNAVAILABLE),
+        (errors.EndpointUnreachableError("refused"), cli.EXIT_UNAVAILABLE),
+        (errors.TransportError("lost"), cli.EXIT_IN_TRANSIT),
+        (errors.ProtocolError("garbled"), cli.EXIT_IN_TRANSIT),
+        (errors.CallInterruptedError("stopped"), cli.EXIT_IN_TRANSIT),
+        (errors.InputValidationError("bad"), cli.EXIT_REJECTED),
+        (errors.BadRequestError("bad"), cli.EXIT_REJECTED),
+        (errors.PayloadTooLargeError("big"), cli.EXIT_REJECTED),
+        (errors.UnauthorizedError("who"), cli.EXIT_REJECTED),
+        (errors.ForbiddenError("no"), cli.EXIT_REJECTED),
+        (errors.InternalServerError("boom"), cli.EXIT_FAILURE),
+        (errors.LoopDetectedError("loop"), cli.EXIT_FAILURE),
+        (errors.RemoteError("AppError", "app failed"), cli.EXIT_FAILURE),
+    ],
+)
+def test_call_exit_code_by_kind(error: errors.PikkuMQError, status: int) -> None:
+    assert cli.call_exit_code(error) == status
+
+
+def test_call_exit_codes_distinct_and_documented() -> None:
+    codes = [code for code, _ in cli.CALL_EXIT_CODES]
+    assert len(codes) == len(set(codes))
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["call"].format_help()  # type: ignore[union-attr]
+    for code, meaning in cli.CALL_EXIT_CODES:
+        assert f"{code:>3}  {meaning}" in help_text
+
+
+async def test_call_refused_prints_attempts(tmp_path: Path, discovery: str, cli_env: dict[str, str]) -> None:
+    registrar = SqliteDeploymentService(str(tmp_path / "registry.db"))
+    await registrar.start(DeploymentConfig("dead-1", f"http://127.0.0.1:{closed_port()}", functions=["add"]))
+    try:
+        completed = await asyncio.to_thread(run_console, "call", "add", "{}", cwd=tmp_path, env=cli_env)
+    finally:
+        await registrar.close()
+
+    assert completed.returncode == cli.EXIT_UNAVAILABLE, completed.stderr
+    assert completed.stdout == ""
+    first_line, attempts_line, payload_line = completed.stderr.splitlines()
+    assert first_line.startswith("RoutingError (503, no_instance): no instance could take the call to 'add'")
+    assert attempts_line == "attempts: 1 on dead-1"
+    assert json.loads(payload_line.removeprefix("payload: "))["tried"] == ["dead-1"]
+
+
+def test_call_timeout_and_session(tools: Path, cli_env: dict[str, str], spawned: list[subprocess.Popen[Any]]) -> None:
+    env = {**cli_env, "PIKKU_REMOTE_SECRET": SECRET}
+    worker = start_worker(spawned, "tools", "--id", "tools-1", cwd=tools, env=env)
+    wait_registered("tools-1", worker, tools, env)
+
+    late = run_console("call", "nap", "5", "--timeout", "0.5", cwd=tools, env=env)
+    assert late.returncode == cli.EXIT_DEADLINE, late.stderr
+    assert late.stderr.startswith("DeadlineExceededError (504, deadline_exceeded):")
+    assert "attempts: 1 on tools-1" in late.stderr.splitlines()
+
+    session = run_console("call", "whoami", "--session", '{"user": 7}', cwd=tools, env=env)
+    assert session.returncode == 0, session.stderr
+    assert json.loads(session.stdout) == {"user": 7}
+
+    # Without a session, the function that needs one is refused before it runs.
+    missing = run_console("call", "whoami", cwd=tools, env=env)
+    assert missing.returncode == cli.EXIT_REJECTED
+    assert missing.stderr.startswith("MissingSessionError (401, missing_session):")
+
+    unsigned = run_console("call", "whoami", "--session", '{"user": 7}', cwd=tools, env=cli_env)
+    assert unsigned.returncode == cli.EXIT_USAGE
+    assert "--session needs $PIKKU_REMOTE_SECRET" in unsigned.stderr
+
+    bad = run_console("call", "whoami", "--session", "{user: 7}", cwd=tools, env=env)
+    assert bad.returncode == cli.EXIT_USAGE
+    assert "invalid JSON --session" in bad.stderr
+    assert stop_worker(worker) == 0
+
+
+def test_call_transport_restricts_routing(
+    project: Path, cli_env: dict[str, str], spawned: list[subprocess.Popen[Any]]
+) -> None:
+    # The shared nats-server of the test machine, on a subject prefix of this test's own; HTTP as fallback.
+    endpoint = f"nats://127.0.0.1:4222/pikku_t_cli_{uuid.uuid4().hex[:12]}"
+    env = {**cli_env, "PIKKU_NATS_URL": "nats://127.0.0.1:4222"}
+    worker = start_worker(
+        spawned,
+        "calc",
+        "--id",
+        "calc-both",
+        "--endpoint",
+        endpoint,
+        "--fallback-endpoint",
+        "http://127.0.0.1:0",
+        cwd=project,
+        env=env,
+    )
+    wait_registered("calc-both", worker, project, env)
+
+    for transport in ("nats", "http"):
+        added = run_console("call", "add", '{"a": 1, "b": 2}', "--transport", transport, cwd=project, env=env)
+        assert added.returncode == 0, f"{transport}: {added.stderr}"
+        assert json.loads(added.stdout) == 3
+
+    nowhere = run_console("call", "add", '{"a": 1, "b": 2}', "--transport", "amqp", cwd=project, env=env)
+    assert nowhere.returncode == cli.EXIT_UNAVAILABLE
+    assert "no instance of 'add' has an endpoint of scheme amqp or amqps, as --transport requires" in nowhere.stderr
+    assert f"calc-both ({endpoint}, http://127.0.0.1:" in nowhere.stderr
+
+    missing = run_console("call", "nothing_here", "--transport", "http", cwd=project, env=env)
+    assert missing.returncode == cli.EXIT_NOT_FOUND
+
+    wrong = run_console("call", "add", "--transport", "smtp", cwd=project, env=env)
+    assert wrong.returncode == cli.EXIT_USAGE
+    assert "invalid choice: 'smtp'" in wrong.stderr
+    assert stop_worker(worker) == 0
+
+
+def test_call_error_escapes_control_characters(capsys: pytest.CaptureFixture[str]) -> None:
+    cli._print_error(errors.RemoteError("Evil\x1b[2J", "line\nbreak\x07", payload={"note": "\x1b]0;title\x07"}))
+
+    stderr = capsys.readouterr().err
+    assert "\x1b" not in stderr
+    assert "\x07" not in stderr
+    assert stderr.startswith("Evil\\x1b[2J (500, remote): line\\nbreak\\x07\n")
+
+
+# -- help and completion ---------------------------------------------------------------------------
+
+COMMANDS = ["worker", "call", "ls", "demo", "completion"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_every_command(tmp_path: Path, cli_env: dict[str, str], command: str) -> None:
+    completed = run_console(command, "--help", cwd=tmp_path, env=cli_env)
+
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.startswith(f"usage: pikku-mq {command}")
+
+
+def test_help_gives_units() -> None:
+    parser = cli.build_parser()
+    subparsers = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    units = {"SECONDS": "seconds", "BYTES": "bytes"}
+    checked = 0
+    for command, subparser in subparsers.items():
+        for action in subparser._actions:
+            unit = units.get(str(action.metavar))
+            if unit is not None:
+                assert unit in (action.help or ""), f"{command} {action.option_strings}: no unit in {action.help!r}"
+                checked += 1
+    # call --timeout, ls --heartbeat-ttl, worker --heartbeat-interval, --heartbeat-ttl and --dedup-window.
+    assert checked >= 5
+
+
+def test_completion_bash_script(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    completed = run_console("completion", "bash", cwd=tmp_path, env=cli_env)
+    assert completed.returncode == 0, completed.stderr
+    script = tmp_path / "pikku-mq.bash"
+    script.write_text(completed.stdout)
+
+    syntax = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert syntax.returncode == 0, syntax.stderr
+
+    # Complete as bash does on Tab: the script runs pikku-mq, found on PATH, with the line typed so far.
+    env = {**cli_env, "PATH": f"{Path(CONSOLE_SCRIPT or '').parent}{os.pathsep}{cli_env.get('PATH', '')}"}
+    cases = {
+        "pikku-mq wo": "worker",
+        "pikku-mq call --tr": "--transport",
+        "pikku-mq call --transport ": "amqp http nats",
+    }
+    for line, expected in cases.items():
+        words = line.split(" ")
+        program = textwrap.dedent(
+            f"""
+            source {shlex.quote(str(script))}
+            COMP_WORDS=({" ".join(shlex.quote(word) for word in words)})
+            COMP_CWORD={len(words) - 1}
+            COMP_LINE={shlex.quote(line)}
+            COMP_POINT=${{#COMP_LINE}}
+            _python_argcomplete pikku-mq
+            echo "${{COMPREPLY[@]}}"
+            """
+        )
+        completion = subprocess.run(
+            ["bash", "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=CLI_TIMEOUT
+        )
+        assert completion.returncode == 0, completion.stderr
+        assert " ".join(completion.stdout.split()) == expected, line
+
+
+@pytest.mark.parametrize("shell", ["zsh", "fish"])
+def test_completion_script_parses(tmp_path: Path, cli_env: dict[str, str], shell: str) -> None:
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} is not installed")
+    completed = run_console("completion", shell, cwd=tmp_path, env=cli_env)
+    assert completed.returncode == 0, completed.stderr
+    script = tmp_path / f"pikku-mq.{shell}"
+    script.write_text(completed.stdout)
+
+    syntax = subprocess.run([shell, "-n", str(script)], capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert syntax.returncode == 0, syntax.stderr
+    assert "pikku-mq" in completed.stdout
+
+
+# -- worker --reload --------------------------------------------------------------------------------
+
+RELOAD_TIMEOUT = 30.0
+"""Seconds a change may take to reach a new worker: watchfiles waits 1.6 s for changes to settle, then the
+old worker drains and the new one imports pikku_mq."""
+
+
+def test_worker_reload_restarts_on_change(
+    project: Path, cli_env: dict[str, str], spawned: list[subprocess.Popen[Any]]
+) -> None:
+    watcher = start_worker(
+        spawned,
+        "calc",
+        "--reload",
+        "--id",
+        "calc-reload",
+        "--heartbeat-interval",
+        "1",
+        "--heartbeat-ttl",
+        "3",
+        cwd=project,
+        env=cli_env,
+    )
+    first = wait_registered("calc-reload", watcher, project, cli_env)
+    added = run_console("call", "add", '{"a": 1, "b": 2}', cwd=project, env=cli_env)
+    assert json.loads(added.stdout) == 3
+
+    calc = project / "calc.py"
+    calc.write_text(calc.read_text().replace("return data.a + data.b", "return data.a + data.b + 100"))
+    deadline = time.monotonic() + RELOAD_TIMEOUT
+    while True:
+        added = run_console("call", "add", '{"a": 1, "b": 2}', cwd=project, env=cli_env)
+        if added.returncode == 0 and json.loads(added.stdout) == 103:
+            break
+        assert time.monotonic() < deadline, (
+            f"no reload within {RELOAD_TIMEOUT} s: {(project / 'worker.log').read_text()}"
+        )
+        time.sleep(0.3)
+
+    # The watcher stops its worker as SIGINT does, which deregisters it before the new one registers.
+    log = (project / "worker.log").read_text()
+    assert "restarting the worker, because these files changed:" in log
+    assert str(calc) in log
+    assert log.count("deregistered deployment calc-reload") == 1
+    assert log.count("worker calc-reload stopped") == 1
+    second = wait_registered("calc-reload", watcher, project, cli_env)
+    assert second["endpoint"] != first["endpoint"]
+
+    assert stop_worker(watcher) == 0
+    assert list_deployments(project, cli_env) == []
+    assert (project / "worker.log").read_text().count("deregistered deployment calc-reload") == 2
+
+
+def test_reload_dir_needs_reload(project: Path, cli_env: dict[str, str]) -> None:
+    completed = run_cli("worker", "calc", "--reload-dir", ".", cwd=project, env=cli_env)
+
+    assert completed.returncode == cli.EXIT_USAGE
+    assert "--reload-dir only applies with --reload" in completed.stderr
+
+
+def test_reload_dir_must_exist(project: Path, cli_env: dict[str, str]) -> None:
+    completed = run_cli("worker", "calc", "--reload", "--reload-dir", "no-such-dir", cwd=project, env=cli_env)
+
+    assert completed.returncode == cli.EXIT_USAGE
+    assert "--reload-dir 'no-such-dir' is not a folder" in completed.stderr
+
+
+@pytest.mark.parametrize(
+    ("package", "args", "message"),
+    [
+        ("watchfiles", ["worker", "calc", "--reload"], "--reload needs the watchfiles package"),
+        ("argcomplete", ["completion", "bash"], "shell completion needs the argcomplete package"),
+    ],
+)
+def test_missing_optional_package_explained(
+    project: Path, cli_env: dict[str, str], package: str, args: list[str], message: str
+) -> None:
+    # Setting a module to None in sys.modules makes its import fail, as when it is not installed.
+    script = f"import sys; sys.modules[{package!r}] = None; from pikku_mq.cli import main; main()"
+    completed = subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=project, env=cli_env, capture_output=True, text=True, timeout=60
+    )
+
+    assert completed.returncode == cli.EXIT_USAGE
+    assert message in completed.stderr
+    assert f"pip install 'pikku-mq[{'reload' if package == 'watchfiles' else 'completion'}]'" in completed.stderr

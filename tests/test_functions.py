@@ -28,6 +28,7 @@ from pikku_mq import (
     default_registry,
     pikku_func,
     pikku_sessionless_func,
+    testing,
 )
 
 REG = FunctionRegistry()
@@ -390,10 +391,11 @@ async def test_unserialisable_output_http(remote: RPC, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["opaque_any", "opaque_unhinted"])
-async def test_unserialisable_output_memory(mesh: Mesh, name: str) -> None:
-    async with PikkuWorker(endpoint="memory://functions-opaque", registry=REG, deployment_service=mesh.service()):
+async def test_unserialisable_output_memory(name: str) -> None:
+    async with testing.Mesh() as mesh:
+        await mesh.add("opaque", registry=REG)
         with pytest.raises(OutputValidationError, match="cannot be serialised"):
-            await RPC(registry=FunctionRegistry(), deployment_service=mesh.service()).remote(name, timeout=5)
+            await mesh.caller().remote(name, timeout=5)
 
 
 async def test_output_model_becomes_json(remote: RPC) -> None:

@@ -22,6 +22,7 @@ from pikku_mq import (
     PikkuWorker,
     RoutingError,
     pikku_sessionless_func,
+    testing,
 )
 
 REG = FunctionRegistry()
@@ -65,9 +66,9 @@ async def test_restarted_instance_used_again(mesh: Mesh) -> None:
         assert not caller.router.is_ejected("echo-1")
 
 
-async def test_memory_transport_rejects_nan(mesh: Mesh) -> None:
-    worker = PikkuWorker(endpoint="memory://hardening-nan", registry=REG, deployment_service=mesh.service())
-    async with worker:
+async def test_memory_transport_rejects_nan() -> None:
+    async with testing.Mesh() as mesh:
+        await mesh.add("nan", registry=REG)
         with pytest.raises(OutputValidationError, match="NaN or Infinity"):
             await mesh.service().invoke("infinite", None)
 

@@ -19,6 +19,7 @@ from pikku_mq import (
     PikkuWorker,
     RoutingError,
     pikku_sessionless_func,
+    testing,
 )
 
 REG = FunctionRegistry()
@@ -35,30 +36,22 @@ async def whoami(services: Any) -> str:
 async def test_wiped_registry_keeps_routing() -> None:
     # Workers write their registrations again with their next heartbeat. A caller that trusted the
     # empty lookup in between would fail calls with not-found while the instances serve.
-    async with Mesh() as mesh:
+    async with testing.Mesh() as mesh:
         # The worker's next heartbeat is far off, so nothing registers it again during the test.
-        worker_service = mesh.service(heartbeat_interval=30, heartbeat_ttl=60)
+        await mesh.add("wiped-a", registry=REG, services="wiped-a", heartbeat_interval=30, heartbeat_ttl=60)
         caller = mesh.service(heartbeat_interval=0.2, heartbeat_ttl=CALLER_TTL, routing_cache_ttl=0)
-        worker = PikkuWorker(
-            endpoint="http://127.0.0.1:0",
-            deployment_id="wiped-a",
-            registry=REG,
-            services="wiped-a",
-            deployment_service=worker_service,
-        )
-        async with worker:
-            assert await caller.invoke("whoami", timeout=5) == "wiped-a"
+        assert await caller.invoke("whoami", timeout=5) == "wiped-a"
 
-            mesh.registry.rows.clear()
-            lookups = mesh.registry.lookups
-            served = [await caller.invoke("whoami", timeout=5) for _ in range(3)]
-            assert served == ["wiped-a"] * 3
-            assert mesh.registry.lookups > lookups, "the calls did not look the function up again"
+        mesh.wipe_registry()
+        lookups = mesh.registry.lookups
+        served = [await caller.invoke("whoami", timeout=5) for _ in range(3)]
+        assert served == ["wiped-a"] * 3
+        assert mesh.registry.lookups > lookups, "the calls did not look the function up again"
 
-            # Once the instance has been absent for longer than the caller's TTL, the caller believes the registry.
-            await asyncio.sleep(CALLER_TTL + 0.2)
-            with pytest.raises(FunctionNotFoundError):
-                await caller.invoke("whoami", timeout=5)
+        # Once the instance has been absent for longer than the caller's TTL, the caller believes the registry.
+        await asyncio.sleep(CALLER_TTL + 0.2)
+        with pytest.raises(FunctionNotFoundError):
+            await caller.invoke("whoami", timeout=5)
 
 
 async def test_invalidated_lookup_not_reported_missing() -> None:
