@@ -172,7 +172,7 @@ async def test_kill_breaks_call_in_flight() -> None:
             await call
 
     assert type(raised.value) is TransportError
-    assert "not retried, because 'hold' is not marked idempotent=True" in raised.value.message
+    assert "not retried, because instance a did not register 'hold' as idempotent" in raised.value.message
 
 
 async def test_killed_deployment_starts_again() -> None:
