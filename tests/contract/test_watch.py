@@ -10,17 +10,20 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
+from _support_amqp import AMQP_URL, SESSION_VHOST, amqp_endpoint
 from _support_core import wait_until
 from _support_redis import REDIS_URL, delete_prefix, redis_prefix
 from _support_sql import drop_postgres_schema, postgres_url, unique_name
 from test_change_feed import kill_feed_connection
 
 from pikku_mq import (
+    ClientTransport,
     ConfigurationError,
     DeploymentConfig,
     DeploymentService,
@@ -34,6 +37,7 @@ from pikku_mq import (
     TransportSet,
     pikku_sessionless_func,
 )
+from pikku_mq.transports.amqp import AmqpTransport
 from pikku_mq.transports.nats import NatsTransport
 
 from .test_deployment_services import BACKENDS, INTERVAL, TTL, Store, _open_store
@@ -242,7 +246,7 @@ async def test_feed_loss_resyncs_from_table(feed_services: list[DeploymentServic
         await wait_until(lambda: watcher.change_feed_live, timeout=EVENT_TIMEOUT)
 
 
-# -- broker presence: NATS ------------------------------------------------------------------------------
+# -- broker presence: NATS and AMQP ---------------------------------------------------------------------
 
 REG = FunctionRegistry()
 
@@ -252,24 +256,40 @@ async def whoami(services: Any) -> str:
     return str(services)
 
 
-async def test_nats_presence_triggers_resync(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A registry without a change feed and a slow poll: the worker's NATS presence brings the events.
+def _nats_presence(monkeypatch: pytest.MonkeyPatch) -> tuple[ClientTransport, str, dict[str, str]]:
     monkeypatch.setenv("PIKKU_NATS_PRESENCE_SUBJECT", f"pikku_t_{uuid.uuid4().hex[:12]}.presence")
+    endpoint = f"nats://127.0.0.1:4222/pikku_t_{uuid.uuid4().hex[:12]}"
+    return NatsTransport("nats://127.0.0.1:4222"), endpoint, {"nats_url": "nats://127.0.0.1:4222"}
+
+
+def _amqp_presence(monkeypatch: pytest.MonkeyPatch) -> tuple[ClientTransport, str, dict[str, str]]:
+    monkeypatch.setenv("PIKKU_AMQP_PRESENCE_EXCHANGE", f"pikku_t_{uuid.uuid4().hex[:12]}.presence")
+    url = f"{AMQP_URL}{quote(SESSION_VHOST, safe='')}"
+    return AmqpTransport(url), amqp_endpoint(), {"amqp_url": AMQP_URL}
+
+
+@pytest.mark.usefixtures("amqp_vhost")
+@pytest.mark.parametrize("broker", [_nats_presence, _amqp_presence], ids=["nats", "amqp"])
+async def test_broker_presence_triggers_resync(
+    broker: Callable[[pytest.MonkeyPatch], tuple[ClientTransport, str, dict[str, str]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A registry without a change feed and a slow poll: the worker's presence messages bring the events.
+    transport, endpoint, worker_options = broker(monkeypatch)
     registry_service = MemoryDeploymentService(heartbeat_interval=INTERVAL, heartbeat_ttl=TTL)
     watcher = MemoryDeploymentService(
         registry_service.registry,
         heartbeat_interval=INTERVAL,
         heartbeat_ttl=TTL,
-        transports=TransportSet([NatsTransport("nats://127.0.0.1:4222")]),
+        transports=TransportSet([transport]),
     )
-    endpoint = f"nats://127.0.0.1:4222/pikku_t_{uuid.uuid4().hex[:12]}"
     worker = PikkuWorker(
         registry=REG,
         deployment_id="presence-a",
         services="presence-a",
         deployment_service=registry_service,
         endpoint=endpoint,
-        nats_url="nats://127.0.0.1:4222",
+        **worker_options,
     )
     try:
         async with watcher.watch(poll_interval=SLOW_POLL) as events:
