@@ -255,6 +255,7 @@ class DeploymentWatch:
             del self._known[deployment_id]
             if record is None:
                 # Deleted without an event: deregistered while a feed was down, or purged once stale.
+                # NOTE: judged by this service's heartbeat_ttl, because a listing does not return each row's own TTL.
                 age = known.record.heartbeat_age + (started - known.listed_at)
                 kind: MeshEventKind = "expired" if age > self.service.heartbeat_ttl and not known.draining else "leave"
             elif record.state != "live":

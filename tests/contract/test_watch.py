@@ -19,7 +19,7 @@ import pytest
 from _support_amqp import AMQP_URL, SESSION_VHOST, amqp_endpoint
 from _support_core import wait_until
 from _support_redis import REDIS_URL, delete_prefix, redis_prefix
-from _support_sql import drop_postgres_schema, postgres_url, unique_name
+from _support_sql import drop_postgres_schema, postgres_execute, postgres_fetch, postgres_url, unique_name
 from test_change_feed import kill_feed_connection
 
 from pikku_mq import (
@@ -137,8 +137,8 @@ async def test_watch_reports_expiry(store: Store) -> None:
 
 
 async def test_watch_reports_deleted_row_as_leave(store: Store) -> None:
-    # A long TTL, so the row is live when it is deleted.
-    a, watcher = store.service(INTERVAL, TTL * 20), store.service()
+    # A long TTL on both sides, so the row is live when it is deleted and the watch judges it by that TTL.
+    a, watcher = store.service(INTERVAL, TTL * 20), store.service(INTERVAL, TTL * 20)
     await a.start(_config("watch-a", "greet"))
 
     async with watcher.watch(poll_interval=POLL) as events:
@@ -196,7 +196,14 @@ async def feed_services(request: pytest.FixtureRequest, tmp_path: Path) -> Async
         schema = unique_name()
 
         def make() -> DeploymentService:
-            return PgDeploymentService(postgres_url(), schema=schema, heartbeat_interval=INTERVAL, heartbeat_ttl=TTL)
+            return PgDeploymentService(
+                postgres_url(),
+                schema=schema,
+                heartbeat_interval=INTERVAL,
+                heartbeat_ttl=TTL,
+                # The application name lets kill_listener find this test's connections among the server's.
+                pool_options={"server_settings": {"application_name": schema}},
+            )
     else:
         prefix = redis_prefix(tmp_path)
         # The client name lets kill_feed_connection find this test's connections among the server's.
@@ -233,7 +240,7 @@ async def test_feed_loss_resyncs_from_table(feed_services: list[DeploymentServic
     async with watcher.watch(poll_interval=SLOW_POLL) as events:
         assert (await next_event(events)).deployment_id == "feed-a"
         assert watcher.change_feed_live
-        await kill_feed_connection(watcher)
+        await kill_listener(watcher)
         # Changes made while the feed is down: their notifications are lost, so only the resync can report them.
         await b.start(_config("feed-b", "greet"))
         await a.stop()
@@ -244,6 +251,22 @@ async def test_feed_loss_resyncs_from_table(feed_services: list[DeploymentServic
             seen.append((event.kind, event.deployment_id))
             assert len(seen) <= 3, seen
         await wait_until(lambda: watcher.change_feed_live, timeout=EVENT_TIMEOUT)
+
+
+async def kill_listener(service: DeploymentService) -> None:
+    """Close the service's change-feed connection from the server's side."""
+    if not isinstance(service, PgDeploymentService):
+        await kill_feed_connection(service)
+        return
+    # pg_stat_activity shows each connection's last statement: LISTEN, or the feed's periodic SELECT 1
+    # check. The pool's connections run the registry's queries.
+    rows = postgres_fetch(
+        "SELECT pid FROM pg_stat_activity "
+        "WHERE application_name = $1 AND (query LIKE 'LISTEN %' OR query = 'SELECT 1')",
+        service.schema,
+    )
+    assert len(rows) == 1
+    postgres_execute("SELECT pg_terminate_backend($1)", rows[0][0])
 
 
 # -- broker presence: NATS and AMQP ---------------------------------------------------------------------
