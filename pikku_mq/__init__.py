@@ -41,6 +41,7 @@ from ._routing import RetryPolicy
 from ._rpc import RPC, Wire
 from ._security import RemoteSecurity
 from ._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
+from ._watch import DeploymentWatch, MeshEvent, MeshEventKind
 from ._worker import PikkuWorker
 from .backends import DeploymentService, MemoryDeploymentService, MemoryRegistry, deployment_service_from_url
 from .backends.postgres import PgDeploymentService
@@ -72,6 +73,7 @@ __all__ = [
     "DeploymentInfo",
     "DeploymentRecord",
     "DeploymentService",
+    "DeploymentWatch",
     "DiscoveryError",
     "EjectionPolicy",
     "EndpointUnreachableError",
@@ -86,6 +88,8 @@ __all__ = [
     "MemoryDeploymentService",
     "MemoryRegistry",
     "MemoryTransport",
+    "MeshEvent",
+    "MeshEventKind",
     "MethodNotAllowedError",
     "MissingSessionError",
     "NotFoundError",

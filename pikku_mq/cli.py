@@ -326,7 +326,26 @@ def _add_ls_parser(commands: Any) -> None:
         "age and state (live, or stale when the last heartbeat is older than the deployment's TTL).",
     )
     _add_discovery_flag(parser)
-    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON list instead of a table; with --watch, one JSON object per event and line",
+    )
+    parser.add_argument(
+        "--watch",
+        action="store_true",
+        help="keep running and show each join, draining, leave and expiry until Ctrl-C or SIGTERM: on a terminal "
+        "the table is redrawn (needs the cli extra, pip install 'pikku-mq[cli]'), otherwise each event is printed "
+        "as a tab-separated line: kind, id, endpoints, functions",
+    )
+    parser.add_argument(
+        "--poll-interval",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="with --watch, how often the registry table is listed to find expired deployments and changes that "
+        "no change feed reports (default: 5, or the heartbeat interval if shorter)",
+    )
     parser.add_argument(
         "--heartbeat-ttl",
         type=_positive_seconds,
@@ -747,6 +766,10 @@ def _print_error(error: PikkuMQError) -> None:
 def _run_ls(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
     url = _discovery_url(args)
+    if args.watch:
+        return _run_ls_watch(args, url)
+    if args.poll_interval is not None:
+        raise UsageError("--poll-interval only applies with --watch")
     try:
         records = asyncio.run(_list(url, args.heartbeat_ttl))
     except ConfigurationError as exc:
@@ -764,10 +787,36 @@ def _run_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _list(url: str, heartbeat_ttl: float) -> list[DeploymentRecord]:
-    # The interval only has to be below the TTL: this service never heartbeats.
+def _run_ls_watch(args: argparse.Namespace, url: str) -> int:
+    try:
+        asyncio.run(_watch(url, args))
+    except ConfigurationError as exc:
+        raise UsageError(str(exc)) from None
+    except PikkuMQError as exc:
+        _print_error(exc)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def _watch(url: str, args: argparse.Namespace) -> None:
+    # Imported here: the other commands do not need it.
+    from ._cli_watch import watch_deployments
+
+    async with _listing_service(url, args.heartbeat_ttl) as service:
+        await watch_deployments(service, _redact(url), _printable, as_json=args.json, poll_interval=args.poll_interval)
+
+
+def _listing_service(url: str, heartbeat_ttl: float) -> DeploymentService:
+    """Build a service that only reads the registry.
+
+    It never registers, so its heartbeat interval only has to be below the TTL.
+    """
     interval = min(DEFAULT_HEARTBEAT_INTERVAL, heartbeat_ttl / 2)
-    service = deployment_service_from_url(url, heartbeat_interval=interval, heartbeat_ttl=heartbeat_ttl)
+    return deployment_service_from_url(url, heartbeat_interval=interval, heartbeat_ttl=heartbeat_ttl)
+
+
+async def _list(url: str, heartbeat_ttl: float) -> list[DeploymentRecord]:
+    service = _listing_service(url, heartbeat_ttl)
     if _registry_file_missing(service):
         await service.close()
         return []

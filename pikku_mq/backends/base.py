@@ -35,6 +35,7 @@ from .._routing import RetryPolicy, Router
 from .._security import RemoteSecurity
 from .._settings import ENV_HOSTNAME
 from .._types import DEFAULT_TIMEOUT, DeploymentConfig, DeploymentInfo, DeploymentRecord
+from .._watch import DeploymentWatch
 from ..transports.base import TransportSet
 
 __all__ = [
@@ -179,6 +180,7 @@ class DeploymentService(ABC):
         self._feed_task: asyncio.Task[None] | None = None
         self._feed_failing = False
         self._feed_subscribed = False
+        self._watch_listeners: list[Callable[[ChangeEvent | None], None]] = []
         self.in_flight_source: Callable[[], int] | None = None
         """Returns this instance's calls in flight, which registrations and heartbeats write to the registry.
 
@@ -472,8 +474,7 @@ class DeploymentService(ABC):
         """Route one call with an absolute :func:`time.monotonic` deadline (used by ``RPC.remote``)."""
         # Callers need not call init(), and on a fresh store the lookup would query tables that do not exist.
         await self.init()
-        if self.change_feed and self._feed_task is None:
-            self._feed_task = asyncio.create_task(self._feed_loop(), name=f"pikku-change-feed-{id(self):x}")
+        self._ensure_change_feed()
         # Sessions travel only sealed in signed tokens, so without a remote secret the router drops them.
         return await self.router.call(
             name,
@@ -515,8 +516,36 @@ class DeploymentService(ABC):
             self._feed_subscribed = True
         self._on_presence(event)
 
+    def _ensure_change_feed(self) -> None:
+        """Subscribe to the change feed in a task of its own, unless it is off or already running."""
+        if self.change_feed and self._feed_task is None:
+            self._feed_task = asyncio.create_task(self._feed_loop(), name=f"pikku-change-feed-{id(self):x}")
+
+    def watch(
+        self, *, poll_interval: float | None = None, include_existing: bool = True, presence: bool = True
+    ) -> DeploymentWatch:
+        """Return a :class:`~pikku_mq.DeploymentWatch` of the joins, draining, leaves and expiries in this registry.
+
+        ``poll_interval`` (seconds, default ``min(5, heartbeat_interval)``) is how often the table is
+        listed, which bounds how late an expiry is reported past the TTL. With ``include_existing``
+        every live instance is reported as a ``join`` first. With ``presence`` the watch also opens the
+        NATS and AMQP connections that receive the workers' presence messages (``PIKKU_NATS_URL``,
+        ``PIKKU_AMQP_URL``); a broker that cannot be reached is logged and left out.
+        """
+        interval = min(5.0, self.heartbeat_interval) if poll_interval is None else poll_interval
+        return DeploymentWatch(self, poll_interval=interval, include_existing=include_existing, presence=presence)
+
+    def _add_watch_listener(self, listener: Callable[[ChangeEvent | None], None]) -> None:
+        self._watch_listeners.append(listener)
+
+    def _remove_watch_listener(self, listener: Callable[[ChangeEvent | None], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._watch_listeners.remove(listener)
+
     def _on_presence(self, event: ChangeEvent | None) -> None:
         """Apply a change or presence event to the routing cache; None means the feed (re)subscribed."""
+        for listener in self._watch_listeners:
+            listener(event)
         if event is None or event.kind == "resync":
             self.router.resync()
         elif event.kind == "join":

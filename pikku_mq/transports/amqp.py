@@ -497,6 +497,17 @@ class AmqpTransport(ClientTransport):
         """Pass presence events to ``listener``; each vhost's connection subscribes when it opens next."""
         self._presence_listener = listener
 
+    async def open_presence(self, timeout: float) -> None:
+        """Open the connection to the vhost of ``url``, which binds a presence queue, if a listener is set."""
+        if self._presence_listener is not None:
+            try:
+                vhost = unquote(URL(self.url).raw_path.lstrip("/")) or "/"
+            except (ValueError, TypeError) as exc:
+                raise ConfigurationError(
+                    f"AMQP broker URL {_without_password(self.url)!r} is not a valid URL: {exc}"
+                ) from None
+            await self._link(vhost, timeout, _without_password(self.url))
+
     async def call(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
         deadline = time.monotonic() + timeout
         target = self._targets.get(endpoint)

@@ -14,13 +14,14 @@ raised far downstream is never mistaken for a failure of this hop.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, PikkuMQError
 from .._presence import ChangeEvent, ChangeKind
 from .._types import CallRequest
 
@@ -36,6 +37,8 @@ __all__ = [
     "TransportSet",
     "endpoint_scheme",
 ]
+
+logger = logging.getLogger(__name__)
 
 _MAX_CACHED_ENDPOINTS = 10_000
 """Endpoints whose scheme a TransportSet remembers; past that it starts over, so the cache stays bounded."""
@@ -74,6 +77,9 @@ class ClientTransport(ABC):
 
         A transport without presence ignores the listener. One listener per transport: the last set wins.
         """
+
+    async def open_presence(self, timeout: float) -> None:  # noqa: B027 - no presence by default
+        """Connect now to receive presence events, instead of on the first call; raise if that fails."""
 
 
 class PresencePublisher(ABC):
@@ -183,6 +189,14 @@ class TransportSet:
         """Pass the presence events of every transport in the set to ``listener``."""
         for transport in {id(t): t for t in self._by_scheme.values()}.values():
             transport.set_presence_listener(listener)
+
+    async def open_presence(self, timeout: float) -> None:
+        """Connect every transport that carries presence, each within ``timeout`` seconds, logging those that fail."""
+        for transport in {id(t): t for t in self._by_scheme.values()}.values():
+            try:
+                await transport.open_presence(timeout)
+            except (PikkuMQError, OSError) as exc:
+                logger.info("no presence events from %s: %s: %s", type(transport).__name__, type(exc).__name__, exc)
 
     async def close(self) -> None:
         for transport in {id(t): t for t in self._by_scheme.values()}.values():

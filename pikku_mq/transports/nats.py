@@ -548,8 +548,15 @@ class NatsTransport(ClientTransport):
         self._subjects[endpoint, name] = subject
         return subject
 
+    async def open_presence(self, timeout: float) -> None:
+        """Open the connection that subscribes to presence, if a listener is set and it is not open yet."""
+        if self._presence_listener is not None:
+            await self._slot_connection(0, "presence", timeout)
+
     async def _connection(self, name: str, timeout: float) -> _CallerConnection:
-        index = next(self._next) % len(self._slots)
+        return await self._slot_connection(next(self._next) % len(self._slots), name, timeout)
+
+    async def _slot_connection(self, index: int, name: str, timeout: float) -> _CallerConnection:
         connection = self._slots[index]
         if connection is not None and connection.usable:
             return connection
