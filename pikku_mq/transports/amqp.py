@@ -954,7 +954,7 @@ class AmqpServer(ServerTransport):
                 payload={"deployment_id": self._dispatcher.deployment_id},
             )
             return error.http_status, error.to_envelope(), True, budget
-        outcome = await self._dispatcher.handle(name, data, headers)
+        outcome = await self._dispatcher.handle(name, data, headers, "amqp")
         status, body = outcome.encode_python()
         return status, body, outcome.rejected, budget
 

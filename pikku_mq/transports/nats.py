@@ -791,7 +791,7 @@ class NatsServer(ServerTransport):
         except PikkuMQError as exc:
             await self._reply(msg.reply, exc.http_status, exc.to_envelope(), error=exc, rejected=False, name="")
             return
-        outcome = await self._dispatcher.handle(name, data, headers)
+        outcome = await self._dispatcher.handle(name, data, headers, "nats")
         status, body = outcome.encode_python()
         await self._reply(msg.reply, status, body, error=outcome.error, rejected=outcome.rejected, name=name)
 
