@@ -48,7 +48,7 @@ from ._errors import (
     error_from_envelope,
     function_not_found,
 )
-from ._logs import RepeatedFailureLog
+from ._logs import RepeatedFailureLog, call_extra
 from ._outliers import EjectionPolicy, OutlierDetector
 from ._security import AUTHORIZATION_HEADER, RemoteSecurity
 from ._telemetry import CallObservation, Telemetry
@@ -649,10 +649,12 @@ class Router:
             try:
                 return await transport.call(endpoint, request, budget)
             except EndpointUnreachableError as exc:
-                logger.debug("instance %s is unreachable at %s: %s", instance.deployment_id, endpoint, exc)
+                extra = _log_extra(call, instance.deployment_id)
+                logger.debug("instance %s is unreachable at %s: %s", instance.deployment_id, endpoint, exc, extra=extra)
                 unreachable = exc
             except PayloadTooLargeError as exc:
-                logger.debug("%s cannot carry the call to %s: %s", endpoint, request.name, exc)
+                extra = _log_extra(call, instance.deployment_id)
+                logger.debug("%s cannot carry the call to %s: %s", endpoint, request.name, exc, extra=extra)
                 too_large = exc
 
         if too_large is not None:
@@ -681,7 +683,13 @@ class Router:
         delay = self.retry.delay(call.uncertain)
         if time.monotonic() + delay >= call.deadline:
             raise _with_attempts(error, call, "no time left for another attempt before the deadline")
-        logger.debug("call to %s failed after it may have run, retrying in %.3f s (idempotent): %s", name, delay, error)
+        logger.debug(
+            "call to %s failed after it may have run, retrying in %.3f s (idempotent): %s",
+            name,
+            delay,
+            error,
+            extra=_log_extra(call, instance.deployment_id),
+        )
         await asyncio.sleep(delay)
 
     # -- lookups -----------------------------------------------------------------------------------
@@ -867,6 +875,12 @@ def _with_attempts(error: PikkuMQError, call: _Call, note: str = "") -> PikkuMQE
     details = {"function": call.request.name, "attempts": count, "instances": instances}
     error.payload = {**error.payload, **details} if isinstance(error.payload, dict) else details
     return error
+
+
+def _log_extra(call: _Call, deployment_id: str) -> dict[str, str]:
+    """Return the ``extra`` fields of a log record about an attempt of ``call`` to ``deployment_id``."""
+    headers = call.request.headers
+    return call_extra(headers[HEADER_CALL_ID], headers[HEADER_REQUEST_ID], call.request.name, deployment_id)
 
 
 def _same_instance(instance: DeploymentInfo, deployment_id: str, endpoint: str) -> bool:

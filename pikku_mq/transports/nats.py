@@ -44,6 +44,7 @@ from .._errors import (
     ProtocolError,
     TransportError,
 )
+from .._logs import RepeatedFailureLog
 from .._presence import ChangeKind, decode_change, encode_change
 from .._settings import default_nats_url
 from .._types import CallRequest
@@ -851,12 +852,13 @@ class NatsServer(ServerTransport):
 
     async def _revive(self) -> None:
         wait, longest = _REVIVE_BACKOFF
+        failures = RepeatedFailureLog(logger)
         try:
             while not self._stopping:
                 try:
                     await self._connect()
                 except (EndpointUnreachableError, ConfigurationError) as exc:
-                    logger.warning("%s; trying again in %.1f s", exc, wait)
+                    failures.failed(logging.WARNING, "%s; trying again with backoff up to every %.1f s", exc, longest)
                     await asyncio.sleep(wait)
                     wait = min(wait * 2, longest)
                 else:
