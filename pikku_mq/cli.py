@@ -24,7 +24,14 @@ from ._dedup import DEFAULT_DEDUP_WINDOW
 from ._dispatch import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_IN_FLIGHT
 from ._errors import ConfigurationError, PikkuMQError, function_not_found
 from ._functions import FunctionDefinition, default_registry
-from ._settings import ENV_AMQP_URL, ENV_DISCOVERY_URL, ENV_NATS_URL, default_discovery_url
+from ._settings import (
+    ENV_AMQP_URL,
+    ENV_DISCOVERY_URL,
+    ENV_METRICS_HOST,
+    ENV_METRICS_PORT,
+    ENV_NATS_URL,
+    default_discovery_url,
+)
 from ._types import DEFAULT_TIMEOUT, DeploymentRecord
 from ._worker import PikkuWorker
 from .backends import DeploymentService, _redact, deployment_service_from_url
@@ -56,6 +63,8 @@ _WORKER_FLAGS = {
     "dedup_window": "--dedup-window",
     "nats_url": "--nats-url",
     "amqp_url": "--amqp-url",
+    "metrics_port": "--metrics-port",
+    "metrics_host": "--metrics-host",
 }
 
 
@@ -200,6 +209,18 @@ def _add_worker_parser(commands: Any) -> None:
         f"same call id gets it instead of running the function again; 0 turns this off "
         f"(default: {DEFAULT_DEDUP_WINDOW:g})",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help=f"serve Prometheus metrics on http://HOST:PORT/metrics, apart from the endpoints, and turn metrics "
+        f"on; 0 picks a free port (default: ${ENV_METRICS_PORT}, else none). Needs pikku-mq[metrics]",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        help=f"address that --metrics-port listens on (default: ${ENV_METRICS_HOST}, else 127.0.0.1)",
+    )
     _add_log_level_flag(parser, "INFO")
     parser.set_defaults(handler=_run_worker)
 
@@ -266,6 +287,12 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return value
+
+
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {text!r}")
+    return int(text)
 
 
 def _non_negative_seconds(text: str) -> float:
@@ -360,6 +387,8 @@ def _worker_for_module(module: ModuleType, args: argparse.Namespace) -> PikkuWor
         "dedup_window",
         "nats_url",
         "amqp_url",
+        "metrics_port",
+        "metrics_host",
     ):
         value = getattr(args, name)
         if value is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -254,3 +256,46 @@ def test_second_registration_in_registry_fails() -> None:
 def test_default_metrics_once_per_registry() -> None:
     registry = CollectorRegistry()
     assert PikkuMetrics.default(registry) is PikkuMetrics.default(registry)
+
+
+def _launch_cli_worker(tmp_path: Path, deployment_id: str, *args: str) -> WorkerProcess:
+    """Start ``pikku-mq worker ARGS --id DEPLOYMENT_ID`` with its stderr in a file."""
+    stderr_path = tmp_path / "worker.stderr"
+    with stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pikku_mq", "worker", *args, "--id", deployment_id],
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    return WorkerProcess(deployment_id, process, stderr_path)
+
+
+async def test_cli_worker_metrics_port(tmp_path: Path, discovery_url: str) -> None:
+    endpoint = f"nats://127.0.0.1:4222/pikku_t_{uuid.uuid4().hex[:12]}"
+    worker = _launch_cli_worker(
+        tmp_path,
+        "cli-metrics",
+        "pikku_mq.demo.greeter",
+        "--endpoint",
+        endpoint,
+        "--discovery",
+        discovery_url,
+        "--metrics-port",
+        "0",
+    )
+    process = worker.process
+    caller = deployment_service_from_url(discovery_url)
+    try:
+        url = f"http://127.0.0.1:{await metrics_port(worker)}/metrics"
+        await wait_until(lambda: process.poll() is not None or "serving at" in worker.stderr(), timeout=20)
+        for _ in range(3):
+            await caller.invoke("greet", {"name": "Ada"}, timeout=10)
+        text = await scrape(url)
+    finally:
+        await caller.close()
+        process.terminate()
+        process.wait(timeout=20)
+    assert sample(text, "pikku_mq_server_calls_total", function="greet", transport="nats") == 3
+    assert process.returncode == 0
