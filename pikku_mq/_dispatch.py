@@ -206,7 +206,7 @@ class Dispatcher:
 
         ``transport`` (http, nats, amqp or memory) labels the call's span and metrics.
         """
-        if self.telemetry is not None:
+        if self.telemetry is not None and self.telemetry.recording():
             definition = self.registry.get(name)
             function = name if definition is not None and definition.expose else UNKNOWN_FUNCTION
             return await self.telemetry.serve(

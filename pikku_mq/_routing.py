@@ -704,12 +704,13 @@ class Router:
 
     async def _entry(self, name: str, deadline: float | None = None) -> _Entry:
         entry = self._entries.get(name)
+        telemetry = self.telemetry
         if entry is not None and entry.expires > time.monotonic():
-            if self.telemetry is not None:
-                self.telemetry.cache_hit(name)
+            if telemetry is not None and telemetry.metrics is not None:
+                telemetry.metrics.cache_hits.labels(name).inc()
             return entry
-        if self.telemetry is not None:
-            self.telemetry.cache_miss(name)
+        if telemetry is not None and telemetry.metrics is not None:
+            telemetry.metrics.cache_misses.labels(name).inc()
 
         # One lookup per function at a time, in a task of its own: concurrent callers share its result,
         # and each waits no longer than its own deadline, however long the store takes to respond.

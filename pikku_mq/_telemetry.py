@@ -96,6 +96,10 @@ class Telemetry:
         self.tracing = tracing
         self.metrics = metrics
 
+    def recording(self) -> bool:
+        """Return whether metrics are on or a tracer provider is set, so that calls are recorded."""
+        return self.metrics is not None or (self.tracing is not None and self.tracing.tracer() is not None)
+
     # -- caller side -------------------------------------------------------------------------------
 
     def observe_call(self, function: str, call_id: str) -> CallObservation | None:
@@ -104,14 +108,6 @@ class Telemetry:
         if tracer is None and self.metrics is None:
             return None
         return CallObservation(tracer, self.metrics, function, call_id)
-
-    def cache_hit(self, function: str) -> None:
-        if self.metrics is not None:
-            self.metrics.cache_hits.labels(function).inc()
-
-    def cache_miss(self, function: str) -> None:
-        if self.metrics is not None:
-            self.metrics.cache_misses.labels(function).inc()
 
     def heartbeat_failed(self) -> None:
         if self.metrics is not None:
