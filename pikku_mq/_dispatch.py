@@ -398,7 +398,7 @@ class Dispatcher:
         """Log a function's exception with its traceback: each at DEBUG, and a rate-limited line at ERROR.
 
         Every record carries the errorId that the caller's error shows, so one failure can be found
-        in the DEBUG log; the ERROR line makes a run of failures visible without one line per call.
+        in the DEBUG log. The ERROR line shows a run of failures without writing one line per call.
         """
         extra = _extra_of(wire)
         message = "function %s raised %s (errorId=%s, trace_id=%s)"

@@ -1,9 +1,9 @@
 """Log helpers: the ``extra`` fields of a call's records, and a limit on repeated failure messages.
 
 Every record that pikku_mq logs about one call carries the same ``extra`` fields, so a JSON formatter
-(python-json-logger, structlog's stdlib bridge) prints them as keys: ``call_id``, ``trace_id``
-(the ``x-request-id`` that stays the same across hops), ``function`` and ``deployment_id`` (the
-instance that serves the call, or the one a caller sends it to).
+(python-json-logger, structlog's stdlib bridge) prints them as keys. They are ``call_id``,
+``trace_id`` (the ``x-request-id``, which stays the same across hops), ``function`` and
+``deployment_id`` (the instance that serves the call, or the one a caller sends it to).
 """
 
 from __future__ import annotations

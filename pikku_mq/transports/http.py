@@ -73,7 +73,7 @@ encoded without one of these bytes, so a body that contains none of them holds n
 
 RPC_PREFIX = "/remote/rpc/"
 METRICS_PATH = "/metrics"
-"""Where a worker with metrics on serves them, after the endpoint's path."""
+"""The path of the Prometheus metrics of a worker with metrics on, after the endpoint's own path."""
 HEADER_REJECTED = "pikku-rejected"
 JSON = "application/json"
 MSGPACK = "application/msgpack"
