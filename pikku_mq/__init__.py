@@ -36,6 +36,7 @@ from ._errors import (
     UnsupportedMediaTypeError,
 )
 from ._functions import FunctionDefinition, FunctionRegistry, default_registry, pikku_func, pikku_sessionless_func
+from ._metrics import PikkuMetrics
 from ._outliers import EjectionPolicy
 from ._routing import RetryPolicy
 from ._rpc import RPC, Wire
@@ -98,6 +99,7 @@ __all__ = [
     "PgDeploymentService",
     "PikkuASGIApp",
     "PikkuMQError",
+    "PikkuMetrics",
     "PikkuWorker",
     "ProtocolError",
     "RPC",

@@ -35,8 +35,10 @@ from ._errors import (
     function_not_found,
 )
 from ._functions import FunctionDefinition, FunctionRegistry
+from ._logs import RepeatedFailureLog, call_extra
 from ._rpc import RPC, Wire, run_function
 from ._security import AUTHORIZATION_HEADER, RemoteSecurity
+from ._telemetry import UNKNOWN_FUNCTION, Telemetry
 from ._types import (
     DEFAULT_TIMEOUT,
     HEADER_CALL_ID,
@@ -193,9 +195,26 @@ class Dispatcher:
             else None
         )
         """Replies of the recent calls to idempotent functions, by call id, or None with de-duplication off."""
+        self.telemetry: Telemetry | None = None
+        """Traces and counts the calls served when tracing or metrics are on; None costs nothing per call."""
+        self._unauthorized_log = RepeatedFailureLog(logger)
+        self._raised_logs: dict[str, RepeatedFailureLog] = {}
+        """The log of exceptions raised by each function, by name; only registered names are keys."""
 
-    async def handle(self, name: str, data: Any, headers: Mapping[str, str]) -> Outcome:
-        """Admit and run one call; every failure becomes an error outcome, none is raised."""
+    async def handle(self, name: str, data: Any, headers: Mapping[str, str], transport: str = "") -> Outcome:
+        """Admit and run one call; every failure becomes an error outcome, none is raised.
+
+        ``transport`` (http, nats, amqp or memory) labels the call's span and metrics.
+        """
+        if self.telemetry is not None and self.telemetry.recording():
+            definition = self.registry.get(name)
+            function = name if definition is not None and definition.expose else UNKNOWN_FUNCTION
+            return await self.telemetry.serve(
+                self._handle, name, data, headers, transport, function, self.deployment_id
+            )
+        return await self._handle(name, data, headers)
+
+    async def _handle(self, name: str, data: Any, headers: Mapping[str, str]) -> Outcome:
         try:
             admitted = self.admit(name, headers, data)
         except PikkuMQError as exc:
@@ -220,7 +239,7 @@ class Dispatcher:
             if found is None:
                 break
             if isinstance(found, Outcome):
-                logger.debug("replaying the reply of call %s to %s", key[1], key[0])
+                logger.debug("replaying the reply of call %s to %s", key[1], key[0], extra=_extra(admitted))
                 return found
             outcome = await self._wait_for(found, admitted)
             if outcome is not None:
@@ -303,7 +322,9 @@ class Dispatcher:
             try:
                 session = self.security.verify(headers.get(AUTHORIZATION_HEADER), name, data)
             except UnauthorizedError as exc:
-                logger.info("rejected a call to %r: %s", name[:200], exc.message)
+                # Per call at DEBUG; a stream of them (a caller with a wrong secret) also at INFO, rate-limited.
+                logger.debug("rejected a call to %r: %s", name[:200], exc.message)
+                self._unauthorized_log.failed(logging.INFO, "rejected a call to %r: %s", name[:200], exc.message)
                 raise
 
         definition = self.registry.get(name)
@@ -333,7 +354,16 @@ class Dispatcher:
             hop=hop,
             default_timeout=self.default_timeout,
         )
-        wire = Wire(rpc=rpc, session=session, trace_id=trace_id, call_id=call_id, deadline=deadline, hop=hop)
+        wire = Wire(
+            rpc=rpc,
+            session=session,
+            trace_id=trace_id,
+            call_id=call_id,
+            deadline=deadline,
+            hop=hop,
+            function=name,
+            deployment_id=self.deployment_id,
+        )
         return Admitted(definition, wire)
 
     async def execute(self, admitted: Admitted, data: Any) -> Any:
@@ -359,16 +389,25 @@ class Dispatcher:
             raise
         except Exception as exc:
             error = InternalServerError(f"function '{definition.name}' raised {type(exc).__name__}")
-            logger.exception(
-                "function %s raised %s (errorId=%s, trace_id=%s)",
-                definition.name,
-                type(exc).__name__,
-                error.error_id,
-                wire.trace_id,
-            )
+            self._log_raised(definition, wire, exc, error)
             raise error from exc
         finally:
             self._leave()
+
+    def _log_raised(self, definition: FunctionDefinition, wire: Wire, exc: Exception, error: PikkuMQError) -> None:
+        """Log a function's exception with its traceback: each at DEBUG, and a rate-limited line at ERROR.
+
+        Every record carries the errorId that the caller's error shows, so one failure can be found
+        in the DEBUG log. The ERROR line shows a run of failures without writing one line per call.
+        """
+        extra = _extra_of(wire)
+        message = "function %s raised %s (errorId=%s, trace_id=%s)"
+        args = (definition.name, type(exc).__name__, error.error_id, wire.trace_id)
+        logger.debug(message, *args, exc_info=exc, extra=extra)
+        raised_log = self._raised_logs.get(definition.name)
+        if raised_log is None:
+            raised_log = self._raised_logs[definition.name] = RepeatedFailureLog(logger)
+        raised_log.failed(logging.ERROR, message, *args, extra=extra, exc_info=exc)
 
     def _interrupted(self, definition: FunctionDefinition) -> CallInterruptedError:
         return CallInterruptedError(
@@ -434,3 +473,11 @@ def header_count(headers: Mapping[str, str], name: str, max_digits: int) -> int 
             f"header {name} must be a positive integer of at most {max_digits} digits, got {raw[:40]!r}"
         )
     return int(raw)
+
+
+def _extra(admitted: Admitted) -> dict[str, str]:
+    return _extra_of(admitted.wire)
+
+
+def _extra_of(wire: Wire) -> dict[str, str]:
+    return call_extra(wire.call_id, wire.trace_id, wire.function, wire.deployment_id)

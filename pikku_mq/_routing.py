@@ -48,8 +48,10 @@ from ._errors import (
     error_from_envelope,
     function_not_found,
 )
+from ._logs import RepeatedFailureLog, call_extra
 from ._outliers import EjectionPolicy, OutlierDetector
 from ._security import AUTHORIZATION_HEADER, RemoteSecurity
+from ._telemetry import CallObservation, Telemetry
 from ._types import (
     HEADER_CALL_ID,
     HEADER_DEADLINE,
@@ -143,6 +145,7 @@ class _Call:
         "idempotent",
         "instances",
         "last_uncertain",
+        "observation",
         "refreshed",
         "request",
         "signer",
@@ -184,6 +187,8 @@ class _Call:
         self.busy: Reply | None = None
         self.too_large: PayloadTooLargeError | None = None
         self.refreshed = False
+        self.observation: CallObservation | None = None
+        """The call's span and metrics, or None when neither tracing nor metrics record it."""
 
     def failed_on(self, instance: DeploymentInfo, reason: str | None, *, exclude: bool) -> None:
         """Record a failure of this call on an instance; ``exclude`` keeps retries away from it."""
@@ -278,7 +283,7 @@ class Router:
         self._balancer = Balancer(self._outliers)
         self._entries: dict[str, _Entry] = {}
         self._pending: dict[str, asyncio.Task[_Entry]] = {}
-        self._discovery_failing = False
+        self._discovery_failures = RepeatedFailureLog(logger)
         self._departed: dict[str, tuple[float, str]] = {}
         """Deployment ids that the change feed reported draining or gone, with when to stop filtering them out."""
         self._in_flight: dict[str, dict[asyncio.Task[Any], float]] = {}
@@ -289,6 +294,8 @@ class Router:
         """Deployment ids whose presence heartbeat reported a blocked event loop, with when to forget it."""
         self.security: RemoteSecurity | None = None
         """With a remote secret, every attempt carries a token of its own, with the caller's session."""
+        self.telemetry: Telemetry | None = None
+        """Traces and counts calls when tracing or metrics are on; None costs nothing per call."""
 
     def invalidate(self, name: str | None = None) -> None:
         """Forget cached lookups, of one function or of all."""
@@ -406,19 +413,30 @@ class Router:
                 f"call to '{name}' was not started because its deadline had already passed",
                 payload={"function": name, "attempts": 0},
             )
+        # 32 random hex digits, as uuid4().hex gives, at a quarter of its cost.
+        call_id = os.urandom(16).hex()
+        observation = self.telemetry.observe_call(name, call_id) if self.telemetry is not None else None
+        if trace_id is None and observation is not None:
+            trace_id = observation.trace_id  # log records then name the trace of the spans
         request = CallRequest(
             name=name,
             data=data,
             headers={
-                # 32 random hex digits, as uuid4().hex gives, at a quarter of its cost.
                 HEADER_REQUEST_ID: trace_id or os.urandom(16).hex(),
-                HEADER_CALL_ID: os.urandom(16).hex(),
+                HEADER_CALL_ID: call_id,
                 HEADER_HOP: str(hop),
             },
         )
         signer = self.security.signer(name, data, session) if self.security is not None else None
         call = _Call(request, deadline, idempotent, self._strategy(name, balancing), signer)
+        if observation is None:
+            return await self._run(call)
+        call.observation = observation
+        return await observation.run(lambda: self._run(call))
 
+    async def _run(self, call: _Call) -> Any:
+        """Send the attempts of ``call`` until one returns a result or the call fails."""
+        name = call.request.name
         while True:
             instance = await self._choose(call)
             if instance is None:
@@ -426,7 +444,10 @@ class Router:
 
             uncertain: PikkuMQError | None = None
             try:
-                reply = await self._attempt(instance, call)
+                if call.observation is None:
+                    reply = await self._attempt(instance, call)
+                else:
+                    reply = await call.observation.attempt(self._attempt, instance, call, call.attempts + 1)
             except EndpointUnreachableError as exc:
                 call.failed_on(instance, str(exc), exclude=True)
                 continue
@@ -528,8 +549,8 @@ class Router:
         Raise :class:`EndpointUnreachableError` or :class:`PayloadTooLargeError` when the instance
         could not take the call, and :class:`_UncertainFailure` when the function may have run without a result.
         """
-        deployment_id = instance.deployment_id
         call.attempts += 1
+        deployment_id = instance.deployment_id
         now = time.monotonic()
         self._outliers.begin(deployment_id, now)
         self._balancer.started(deployment_id)
@@ -622,14 +643,18 @@ class Router:
             request.headers[HEADER_DEADLINE] = str(min(_MAX_DEADLINE_MS, max(1, int(budget * 1000))))
             if call.signer is not None:
                 request.headers[AUTHORIZATION_HEADER] = call.signer()  # a fresh token id for each attempt
+            if call.observation is not None:
+                call.observation.sending(endpoint, request.headers)
 
             try:
                 return await transport.call(endpoint, request, budget)
             except EndpointUnreachableError as exc:
-                logger.debug("instance %s is unreachable at %s: %s", instance.deployment_id, endpoint, exc)
+                extra = _log_extra(call, instance.deployment_id)
+                logger.debug("instance %s is unreachable at %s: %s", instance.deployment_id, endpoint, exc, extra=extra)
                 unreachable = exc
             except PayloadTooLargeError as exc:
-                logger.debug("%s cannot carry the call to %s: %s", endpoint, request.name, exc)
+                extra = _log_extra(call, instance.deployment_id)
+                logger.debug("%s cannot carry the call to %s: %s", endpoint, request.name, exc, extra=extra)
                 too_large = exc
 
         if too_large is not None:
@@ -658,7 +683,13 @@ class Router:
         delay = self.retry.delay(call.uncertain)
         if time.monotonic() + delay >= call.deadline:
             raise _with_attempts(error, call, "no time left for another attempt before the deadline")
-        logger.debug("call to %s failed after it may have run, retrying in %.3f s (idempotent): %s", name, delay, error)
+        logger.debug(
+            "call to %s failed after it may have run, retrying in %.3f s (idempotent): %s",
+            name,
+            delay,
+            error,
+            extra=_log_extra(call, instance.deployment_id),
+        )
         await asyncio.sleep(delay)
 
     # -- lookups -----------------------------------------------------------------------------------
@@ -673,8 +704,13 @@ class Router:
 
     async def _entry(self, name: str, deadline: float | None = None) -> _Entry:
         entry = self._entries.get(name)
+        telemetry = self.telemetry
         if entry is not None and entry.expires > time.monotonic():
+            if telemetry is not None and telemetry.metrics is not None:
+                telemetry.metrics.cache_hits.labels(name).inc()
             return entry
+        if telemetry is not None and telemetry.metrics is not None:
+            telemetry.metrics.cache_misses.labels(name).inc()
 
         # One lookup per function at a time, in a task of its own: concurrent callers share its result,
         # and each waits no longer than its own deadline, however long the store takes to respond.
@@ -720,15 +756,14 @@ class Router:
         except DiscoveryError as exc:
             if entry is None or not entry.instances:
                 raise
-            if not self._discovery_failing:
-                logger.warning("discovery failed, routing from the last lookups until it is back: %s", exc)
-                self._discovery_failing = True
+            self._discovery_failures.failed(
+                logging.WARNING, "discovery failed, routing from the last lookups until it is back: %s", exc
+            )
             entry.expires = time.monotonic() + min(self._cache_ttl, _STALE_RETRY)
             return entry
 
-        if self._discovery_failing:
-            logger.info("discovery is back")
-            self._discovery_failing = False
+        if self._discovery_failures.failing:
+            logger.info("discovery is back after %d failed lookups", self._discovery_failures.recovered())
         if not found and entry is not None and entry.instances and self._keep_vanished(name, entry):
             return entry
         for instance in found:
@@ -841,6 +876,12 @@ def _with_attempts(error: PikkuMQError, call: _Call, note: str = "") -> PikkuMQE
     details = {"function": call.request.name, "attempts": count, "instances": instances}
     error.payload = {**error.payload, **details} if isinstance(error.payload, dict) else details
     return error
+
+
+def _log_extra(call: _Call, deployment_id: str) -> dict[str, str]:
+    """Return the ``extra`` fields of a log record about an attempt of ``call`` to ``deployment_id``."""
+    headers = call.request.headers
+    return call_extra(headers[HEADER_CALL_ID], headers[HEADER_REQUEST_ID], call.request.name, deployment_id)
 
 
 def _same_instance(instance: DeploymentInfo, deployment_id: str, endpoint: str) -> bool:

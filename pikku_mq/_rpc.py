@@ -18,6 +18,7 @@ from ._errors import (
     function_not_found,
 )
 from ._functions import FunctionDefinition, FunctionRegistry, default_registry
+from ._logs import call_extra
 from ._types import DEFAULT_TIMEOUT, MAX_HOPS
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ class Wire:
     call from application code without a timeout).
     """
 
-    __slots__ = ("call_id", "deadline", "hop", "rpc", "session", "trace_id")
+    __slots__ = ("call_id", "deadline", "deployment_id", "function", "hop", "rpc", "session", "trace_id")
 
     def __init__(
         self,
@@ -46,6 +47,8 @@ class Wire:
         call_id: str,
         deadline: float | None,
         hop: int = 0,
+        function: str = "",
+        deployment_id: str = "",
     ) -> None:
         self.rpc = rpc
         self.session = session
@@ -53,6 +56,10 @@ class Wire:
         self.call_id = call_id
         self.deadline = deadline
         self.hop = hop
+        self.function = function
+        """The name of the function the call runs."""
+        self.deployment_id = deployment_id
+        """The instance that serves the call; empty for a local call outside a worker."""
 
     @property
     def remaining(self) -> float | None:
@@ -63,8 +70,10 @@ class Wire:
 
     @property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:
-        """A logger that adds the trace id and call id to each record's ``extra``."""
-        return logging.LoggerAdapter(_function_logger, {"trace_id": self.trace_id, "call_id": self.call_id})
+        """A logger that adds the call id, trace id, function name and deployment id to each record's ``extra``."""
+        return logging.LoggerAdapter(
+            _function_logger, call_extra(self.call_id, self.trace_id, self.function, self.deployment_id)
+        )
 
 
 class RPC:
@@ -198,6 +207,7 @@ class RPC:
             call_id=uuid.uuid4().hex,
             deadline=deadline,
             hop=self._hop,
+            function=definition.name,
         )
         if deadline is None:
             return await run_function(definition, self._services, data, wire)

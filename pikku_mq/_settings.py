@@ -12,6 +12,9 @@ __all__ = [
     "ENV_AMQP_URL",
     "ENV_DISCOVERY_URL",
     "ENV_HOSTNAME",
+    "ENV_METRICS",
+    "ENV_METRICS_HOST",
+    "ENV_METRICS_PORT",
     "ENV_NATS_URL",
     "ENV_REMOTE_SECRET",
     "ENV_REMOTE_SECRET_PREVIOUS",
@@ -29,6 +32,12 @@ DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 ENV_REMOTE_SECRET = "PIKKU_REMOTE_SECRET"  # noqa: S105 - the variable name, not a secret
 ENV_REMOTE_SECRET_PREVIOUS = "PIKKU_REMOTE_SECRET_PREVIOUS"  # noqa: S105 - the variable name
 ENV_HOSTNAME = "PIKKU_HOSTNAME"
+ENV_METRICS = "PIKKU_METRICS"
+"""Set to 1 (or true, yes, on) to turn on metrics in the global Prometheus registry."""
+ENV_METRICS_PORT = "PIKKU_METRICS_PORT"
+"""A port on which a worker serves its metrics by itself; setting it turns metrics on."""
+ENV_METRICS_HOST = "PIKKU_METRICS_HOST"
+"""The address the metrics port listens on; 127.0.0.1 by default."""
 
 
 def default_discovery_url() -> str:

@@ -11,7 +11,7 @@ import socket
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 from urllib.parse import urlsplit
 
 from ._dedup import DEFAULT_DEDUP_MAX_BYTES, DEFAULT_DEDUP_MAX_ENTRIES, DEFAULT_DEDUP_WINDOW
@@ -21,7 +21,8 @@ from ._functions import FunctionDefinition, FunctionRegistry, default_registry
 from ._liveness import LoopThread, WorkerWatch
 from ._presence import ChangeKind
 from ._security import RemoteSecurity
-from ._settings import default_discovery_url
+from ._settings import ENV_METRICS_HOST, ENV_METRICS_PORT, default_discovery_url
+from ._telemetry import make_telemetry
 from ._types import DEFAULT_TIMEOUT, DeploymentConfig
 from .backends import deployment_service_from_url
 from .backends.base import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TTL, DeploymentService
@@ -29,6 +30,11 @@ from .transports._nats_wire import parse_nats_endpoint
 from .transports.base import ClientTransport, PresencePublisher, ServerTransport, TransportSet, endpoint_scheme
 from .transports.http import DEFAULT_MAX_BODY_SIZE, HttpServer, PikkuASGIApp
 from .transports.memory import MemoryServer
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
+    from ._metrics import MetricsServer, PikkuMetrics
 
 __all__ = ["PikkuWorker"]
 
@@ -83,6 +89,13 @@ class PikkuWorker:
     it (or with a previous secret it accepts), gives each function the caller's session, and signs its
     nested calls, with a deployment service that has no secret of its own too. A secret shorter than
     32 characters raises :class:`ConfigurationError` here, before anything starts.
+
+    ``tracing`` and ``metrics`` are as for :class:`~pikku_mq.backends.base.DeploymentService`, and
+    apply to the calls this worker serves and to its own deployment service, unless one is passed in.
+    With metrics on, an HTTP endpoint also serves them on ``/metrics``. ``metrics_port`` (by default
+    ``PIKKU_METRICS_PORT``) serves them on a port of their own, at ``metrics_host`` (by default
+    ``PIKKU_METRICS_HOST``, else 127.0.0.1), and turns metrics on; a worker that serves only brokers
+    needs it to be scraped.
     """
 
     def __init__(
@@ -110,6 +123,10 @@ class PikkuWorker:
         dedup_window: float = DEFAULT_DEDUP_WINDOW,
         dedup_max_entries: int = DEFAULT_DEDUP_MAX_ENTRIES,
         dedup_max_bytes: int = DEFAULT_DEDUP_MAX_BYTES,
+        tracing: TracerProvider | bool | None = None,
+        metrics: PikkuMetrics | bool | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str | None = None,
     ) -> None:
         if drain_timeout < 0:
             raise ConfigurationError(f"drain_timeout must not be negative, got {drain_timeout!r}")
@@ -129,6 +146,14 @@ class PikkuWorker:
         self.amqp_url = amqp_url
 
         self.security = RemoteSecurity.from_env() if security is None else security or None
+        self.metrics_port = _metrics_port(metrics_port)
+        self.metrics_host = metrics_host or os.environ.get(ENV_METRICS_HOST, "").strip() or "127.0.0.1"
+        if metrics is None and self.metrics_port is not None:
+            metrics = True
+        telemetry = make_telemetry(tracing, metrics)
+        own_metrics = telemetry.metrics if telemetry is not None and telemetry.metrics is not None else False
+        self._metrics_server: MetricsServer | None = None
+
         if isinstance(deployment_service, DeploymentService):
             self.deployment_service: DeploymentService | None = deployment_service
             self._owns_deployment_service = False
@@ -142,6 +167,8 @@ class PikkuWorker:
                 default_timeout=default_timeout,
                 transports=_caller_transports(nats_url, amqp_url),
                 security=self.security or False,
+                tracing=tracing,
+                metrics=own_metrics,
             )
             self._owns_deployment_service = True
         else:
@@ -161,6 +188,7 @@ class PikkuWorker:
             dedup_max_entries=dedup_max_entries,
             dedup_max_bytes=dedup_max_bytes,
         )
+        self.dispatcher.telemetry = telemetry
         if self.deployment_service is not None:
             # Heartbeats write the calls in flight to the registry, for least-loaded callers.
             self.deployment_service.in_flight_source = self._in_flight
@@ -214,6 +242,7 @@ class PikkuWorker:
         self.endpoint = await self._listen()
         self.dispatcher.draining = False
         try:
+            self._serve_metrics()
             if self.deployment_service is not None:
                 config = DeploymentConfig(
                     deployment_id=self.deployment_id,
@@ -225,6 +254,7 @@ class PikkuWorker:
                 await self.deployment_service.start(config)
         except BaseException:
             # Not registered, so there is nothing to drain: just release the listener and the store.
+            self._stop_metrics()
             await self._close_listener()
             if self.deployment_service is not None and self._owns_deployment_service:
                 await self.deployment_service.close()
@@ -266,6 +296,7 @@ class PikkuWorker:
             await self._announce("leave")
         finally:
             await self._close_listener()
+            self._stop_metrics()
             if self.deployment_service is not None and self._owns_deployment_service:
                 await self.deployment_service.close()
         logger.info("worker %s stopped", self.deployment_id)
@@ -290,6 +321,26 @@ class PikkuWorker:
 
     def _in_flight(self) -> int:
         return self.dispatcher.in_flight
+
+    def _serve_metrics(self) -> None:
+        """Serve the metrics on their own port, when one is set."""
+        telemetry = self.dispatcher.telemetry
+        if self.metrics_port is None or telemetry is None or telemetry.metrics is None:
+            return
+        from ._metrics import MetricsServer
+
+        server = MetricsServer(telemetry.metrics, self.metrics_host, self.metrics_port)
+        try:
+            self.metrics_port = server.start()
+        except ConfigurationError:
+            self._stop_metrics()
+            raise
+        self._metrics_server = server
+
+    def _stop_metrics(self) -> None:
+        server, self._metrics_server = self._metrics_server, None
+        if server is not None:
+            server.stop()
 
     async def _deregister(self) -> None:
         assert self.deployment_service is not None
@@ -414,6 +465,20 @@ class PikkuWorker:
 def _on_signal(signum: int, stop: asyncio.Event) -> None:
     logger.info("received %s", signal.Signals(signum).name)
     stop.set()
+
+
+def _metrics_port(port: int | None) -> int | None:
+    """Return the metrics port: ``port``, else ``PIKKU_METRICS_PORT``, else None; 0 picks a free port."""
+    if port is None:
+        raw = os.environ.get(ENV_METRICS_PORT, "").strip()
+        if not raw:
+            return None
+        if not raw.isdigit():
+            raise ConfigurationError(f"{ENV_METRICS_PORT} must be a port number from 0 to 65535, got {raw[:20]!r}")
+        port = int(raw)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigurationError(f"metrics_port must be a port number from 0 to 65535, got {port!r}")
+    return port
 
 
 def _caller_transports(nats_url: str | None, amqp_url: str | None) -> TransportSet:

@@ -47,7 +47,15 @@ from ._errors import (
 )
 from ._functions import FunctionDefinition, default_registry
 from ._security import RemoteSecurity
-from ._settings import ENV_AMQP_URL, ENV_DISCOVERY_URL, ENV_NATS_URL, ENV_REMOTE_SECRET, default_discovery_url
+from ._settings import (
+    ENV_AMQP_URL,
+    ENV_DISCOVERY_URL,
+    ENV_METRICS_HOST,
+    ENV_METRICS_PORT,
+    ENV_NATS_URL,
+    ENV_REMOTE_SECRET,
+    default_discovery_url,
+)
 from ._types import DEFAULT_TIMEOUT, DeploymentInfo, DeploymentRecord
 from ._worker import PikkuWorker
 from .backends import DeploymentService, _redact, deployment_service_from_url
@@ -112,6 +120,8 @@ _WORKER_FLAGS = {
     "dedup_window": "--dedup-window",
     "nats_url": "--nats-url",
     "amqp_url": "--amqp-url",
+    "metrics_port": "--metrics-port",
+    "metrics_host": "--metrics-host",
 }
 
 
@@ -274,6 +284,18 @@ def _add_worker_parser(commands: Any) -> None:
         action="append",
         help="folder to watch with --reload instead of the module's folder; repeat for several",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help=f"serve Prometheus metrics on http://HOST:PORT/metrics, apart from the endpoints, and turn metrics "
+        f"on; 0 picks a free port (default: ${ENV_METRICS_PORT}, else none). Needs pikku-mq[metrics]",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        help=f"address that --metrics-port listens on (default: ${ENV_METRICS_HOST}, else 127.0.0.1)",
+    )
     _add_log_level_flag(parser, "INFO")
     parser.set_defaults(handler=_run_worker)
 
@@ -395,6 +417,12 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
     return value
+
+
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {text!r}")
+    return int(text)
 
 
 def _non_negative_seconds(text: str) -> float:
@@ -551,6 +579,8 @@ def _worker_for_module(module: ModuleType, args: argparse.Namespace) -> PikkuWor
         "dedup_window",
         "nats_url",
         "amqp_url",
+        "metrics_port",
+        "metrics_host",
     ):
         value = getattr(args, name)
         if value is not None:

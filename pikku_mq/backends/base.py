@@ -25,18 +25,25 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
-from typing import Any, ClassVar, Literal, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 from .._errors import ConfigurationError, DeploymentConflictError, DiscoveryError, PikkuMQError
 from .._liveness import LoopThread, wait_for_event
+from .._logs import RepeatedFailureLog
 from .._outliers import EjectionPolicy
 from .._presence import ChangeEvent, ChangeKind
 from .._routing import RetryPolicy, Router
 from .._security import RemoteSecurity
 from .._settings import ENV_HOSTNAME
+from .._telemetry import Telemetry, make_telemetry
 from .._types import DEFAULT_TIMEOUT, DeploymentConfig, DeploymentInfo, DeploymentRecord
 from .._watch import DeploymentWatch
 from ..transports.base import TransportSet
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
+    from .._metrics import PikkuMetrics
 
 __all__ = [
     "DEFAULT_HEARTBEAT_INTERVAL",
@@ -103,6 +110,12 @@ class DeploymentService(ABC):
     ``start``, because their connections belong to that loop, unless ``heartbeat_url`` gives the URL
     or DSN of the same store for the thread to connect with. The in-memory service always heartbeats
     on the event loop.
+
+    ``tracing`` and ``metrics`` turn on OpenTelemetry spans and Prometheus metrics of this caller's
+    calls, heartbeats and routing cache. ``tracing=None`` traces once a tracer provider is set, if the
+    ``otel`` extra is installed; pass a ``TracerProvider`` to use that one, or False to turn tracing off.
+    ``metrics`` is a :class:`~pikku_mq.PikkuMetrics` or True for the global Prometheus registry;
+    None turns metrics on when ``PIKKU_METRICS`` is 1.
     """
 
     has_change_feed: ClassVar[bool] = False
@@ -125,6 +138,8 @@ class DeploymentService(ABC):
         hostname: str | None = None,
         heartbeat_thread: bool = True,
         heartbeat_url: str | None = None,
+        tracing: TracerProvider | bool | None = None,
+        metrics: PikkuMetrics | bool | None = None,
     ) -> None:
         if heartbeat_url is not None and (not isinstance(heartbeat_url, str) or not heartbeat_url):
             raise ConfigurationError(
@@ -166,6 +181,7 @@ class DeploymentService(ABC):
         )
         self.router.transports.set_presence_listener(self._on_presence)
         self.router.security = RemoteSecurity.from_env() if security is None else security or None
+        self.router.telemetry = make_telemetry(tracing, metrics)
         self._config: DeploymentConfig | None = None
         self.heartbeat_thread = heartbeat_thread
         self.heartbeat_url = heartbeat_url
@@ -178,7 +194,7 @@ class DeploymentService(ABC):
         self._initialized = False
         self.change_feed = change_feed and self.has_change_feed
         self._feed_task: asyncio.Task[None] | None = None
-        self._feed_failing = False
+        self._feed_failures = RepeatedFailureLog(logger)
         self._feed_subscribed = False
         self._watch_listeners: list[Callable[[ChangeEvent | None], None]] = []
         self.in_flight_source: Callable[[], int] | None = None
@@ -315,6 +331,7 @@ class DeploymentService(ABC):
             self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(config, functions), name=name)
             return
         twin.in_flight_source = self.in_flight_source
+        twin.router.telemetry = self.router.telemetry  # heartbeat failures count in this service's metrics
         owner = asyncio.get_running_loop()
         self._heartbeat_runner = LoopThread(
             name, lambda stop: twin._heartbeat_in_thread(config, functions, stop, owner)
@@ -510,9 +527,8 @@ class DeploymentService(ABC):
 
     def _on_change(self, event: ChangeEvent | None) -> None:
         if event is None:
-            if self._feed_failing:
+            if self._feed_failures.recovered():
                 logger.info("change feed of %r is back; looking every function up again", self)
-            self._feed_failing = False
             self._feed_subscribed = True
         self._on_presence(event)
 
@@ -572,15 +588,14 @@ class DeploymentService(ABC):
                 if self._feed_subscribed:
                     delay = _FEED_FIRST_RETRY  # it was up, so this is a new outage
                 self._feed_subscribed = False
-                if not self._feed_failing:
-                    logger.warning(
-                        "change feed of %r lost, subscribing again with backoff; until then routing "
-                        "caches expire as usual: %s: %s",
-                        self,
-                        type(exc).__name__,
-                        exc,
-                    )
-                self._feed_failing = True
+                self._feed_failures.failed(
+                    logging.WARNING,
+                    "change feed of %r lost, subscribing again with backoff; until then routing "
+                    "caches expire as usual: %s: %s",
+                    self,
+                    type(exc).__name__,
+                    exc,
+                )
             # Jitter keeps many callers from subscribing again in step after an outage.
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - not for security
             delay = min(delay * 2, _FEED_MAX_RETRY)
@@ -602,7 +617,7 @@ class DeploymentService(ABC):
         outage costs a fraction of an interval and a registration is back within one interval of the
         store's return. No exception but the task's own cancellation leaves the loop.
         """
-        health = _HeartbeatHealth(config.deployment_id, self.heartbeat_interval)
+        health = _HeartbeatHealth(config.deployment_id, self.heartbeat_interval, self.router.telemetry)
         delay = self.heartbeat_interval
         while not await self._heartbeat_stopped(delay):
             try:
@@ -669,38 +684,45 @@ def _heartbeat_retry_delay(failures: int, interval: float) -> float:
 class _HeartbeatHealth:
     """Failure state of one heartbeat loop, which decides what to log and how long to wait after each attempt.
 
-    An outage logs one WARNING with its first error and one INFO when it ends, however many
-    heartbeats fail in between.
+    An outage logs one WARNING with its first error, a WARNING with the count of failed attempts at
+    most every :data:`~pikku_mq._logs.SUMMARY_INTERVAL` seconds while it lasts, and one INFO when it
+    ends. ``telemetry``, when set, counts every failed heartbeat.
     """
 
-    def __init__(self, deployment_id: str, interval: float) -> None:
+    def __init__(self, deployment_id: str, interval: float, telemetry: Telemetry | None = None) -> None:
         self.deployment_id = deployment_id
         self.interval = interval
-        self.failures = 0
-        self.failed_at: float | None = None
-        """The time.monotonic() of the outage's first failure, or None while heartbeats succeed."""
+        self.telemetry = telemetry
+        self.log = RepeatedFailureLog(logger)
         self.is_fenced = False
 
     @property
     def failing(self) -> bool:
-        return self.failed_at is not None
+        return self.log.failing
+
+    @property
+    def failures(self) -> int:
+        """Failed heartbeats in a row."""
+        return self.log.failures
 
     def failed(self, error: Exception) -> float:
         """Record a failed heartbeat and return the seconds until the next attempt."""
-        self.failures += 1
-        if self.failed_at is None:
-            self.failed_at = time.monotonic()
-            logger.warning(
-                "heartbeat of %s failed, retrying with backoff up to every %.1f s: %s: %s",
-                self.deployment_id,
-                self.interval,
-                type(error).__name__,
-                error,
-            )
-        return _heartbeat_retry_delay(self.failures, self.interval)
+        if self.telemetry is not None:
+            self.telemetry.heartbeat_failed()
+        self.log.failed(
+            logging.WARNING,
+            "heartbeat of %s failed, retrying with backoff up to every %.1f s: %s: %s",
+            self.deployment_id,
+            self.interval,
+            type(error).__name__,
+            error,
+        )
+        return _heartbeat_retry_delay(self.log.failures, self.interval)
 
     def fenced(self, error: DeploymentConflictError) -> float:
         """Record that a live instance at another endpoint has the id, and return the seconds until the next attempt."""
+        if self.telemetry is not None:
+            self.telemetry.heartbeat_failed()
         if not self.is_fenced:
             logger.error("deployment %s is not registered: %s", self.deployment_id, error)
         self.is_fenced = True
@@ -708,17 +730,19 @@ class _HeartbeatHealth:
 
     def succeeded(self, restored: bool) -> float:
         """Record a heartbeat that went through, and return the seconds until the next one."""
-        if self.failed_at is not None:
+        started_at = self.log.started_at
+        if started_at is not None:
             logger.info(
                 "heartbeat of %s recovered after %.1f s and %d failed attempts%s",
                 self.deployment_id,
-                time.monotonic() - self.failed_at,
-                self.failures,
+                time.monotonic() - started_at,
+                self.log.failures,
                 "; the registration was missing, so it registered again" if restored else "",
             )
         elif self.is_fenced:
             logger.info("heartbeat of %s recovered", self.deployment_id)
-        self.failed_at, self.failures, self.is_fenced = None, 0, False
+        self.log.recovered()
+        self.is_fenced = False
         return self.interval
 
 

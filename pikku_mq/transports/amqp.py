@@ -81,6 +81,7 @@ from .._errors import (
     TransportError,
     UnsupportedMediaTypeError,
 )
+from .._logs import RepeatedFailureLog
 from .._presence import ChangeKind, decode_change, encode_change
 from .._settings import default_amqp_url
 from .._types import HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP, HEADER_REQUEST_ID, MAX_DEADLINE_DIGITS, CallRequest
@@ -866,15 +867,15 @@ class AmqpServer(ServerTransport):
                 with contextlib.suppress(Exception):
                     await wrapper.close()
             delay = _FIRST_RECONNECT_DELAY
-            failures = 0
+            failures = RepeatedFailureLog(logger)
             while not self._stopping:
                 await asyncio.sleep(delay)
                 try:
                     await self._open()
                 except Exception as exc:
-                    failures += 1
-                    log = logger.warning if failures == 1 or failures % 10 == 0 else logger.debug
-                    log("AMQP server on queue %s cannot reconnect yet (attempt %d): %s", self._queue, failures, exc)
+                    failures.failed(
+                        logging.WARNING, "AMQP server on queue %s cannot reconnect yet: %s", self._queue, exc
+                    )
                     delay = min(delay * 2, _MAX_RECONNECT_DELAY)
                     continue
                 self.reconnects += 1
@@ -965,7 +966,7 @@ class AmqpServer(ServerTransport):
                 payload={"deployment_id": self._dispatcher.deployment_id},
             )
             return error.http_status, error.to_envelope(), True, budget
-        outcome = await self._dispatcher.handle(name, data, headers)
+        outcome = await self._dispatcher.handle(name, data, headers, "amqp")
         status, body = outcome.encode_python()
         return status, body, outcome.rejected, budget
 

@@ -72,6 +72,8 @@ _MSGPACK_NON_JSON_TYPES = re.compile(rb"[\xc4-\xcb\xd4-\xd8]")
 encoded without one of these bytes, so a body that contains none of them holds none of those values."""
 
 RPC_PREFIX = "/remote/rpc/"
+METRICS_PATH = "/metrics"
+"""The path of the Prometheus metrics of a worker with metrics on, after the endpoint's own path."""
 HEADER_REJECTED = "pikku-rejected"
 JSON = "application/json"
 MSGPACK = "application/msgpack"
@@ -112,12 +114,17 @@ class PikkuASGIApp:
         self.dispatcher = dispatcher
         self.max_body_size = max_body_size
         self.rpc_prefix = path_prefix.rstrip("/") + RPC_PREFIX
+        self.metrics_path = path_prefix.rstrip("/") + METRICS_PATH
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
             return
         if scope["type"] != "http":
+            return
+        telemetry = self.dispatcher.telemetry
+        if telemetry is not None and telemetry.metrics is not None and scope["path"] == self.metrics_path:
+            await _send_metrics(send, scope["method"], telemetry.metrics.render)
             return
 
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -129,7 +136,7 @@ class PikkuASGIApp:
             await _send_error(send, exc, binary=binary)
             return
 
-        outcome = await self.dispatcher.handle(name, data, headers)
+        outcome = await self.dispatcher.handle(name, data, headers, "http")
         if binary:
             status, body = outcome.encode_python()
             await _send(send, status, msgpack.packb(body), MSGPACK, rejected=outcome.rejected)
@@ -311,6 +318,17 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+async def _send_metrics(send: Send, method: str, render: Callable[[], tuple[bytes, str]]) -> None:
+    """Reply to a scrape of ``/metrics`` with the registry in Prometheus's text format."""
+    if method not in ("GET", "HEAD"):
+        await _send_error(
+            send, MethodNotAllowedError(f"{METRICS_PATH} accepts GET and HEAD, not {method[:20]}"), binary=False
+        )
+        return
+    body, content_type = render()
+    await _send(send, 200, b"" if method == "HEAD" else body, content_type, rejected=False)
 
 
 async def _send_error(send: Send, error: PikkuMQError, *, binary: bool) -> None:

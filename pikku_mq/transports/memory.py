@@ -81,7 +81,7 @@ class MemoryTransport(ClientTransport):
         except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
             raise BadRequestError(f"data for function '{request.name}' cannot be serialised: {exc}") from None
 
-        outcome = await dispatcher.handle(request.name, data, request.headers)
+        outcome = await dispatcher.handle(request.name, data, request.headers, "memory")
         status, body = outcome.encode_python()
         return Reply(status=status, body=body, rejected=outcome.rejected)
 

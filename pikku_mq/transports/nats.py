@@ -44,6 +44,7 @@ from .._errors import (
     ProtocolError,
     TransportError,
 )
+from .._logs import RepeatedFailureLog
 from .._presence import ChangeKind, decode_change, encode_change
 from .._settings import default_nats_url
 from .._types import CallRequest
@@ -798,7 +799,7 @@ class NatsServer(ServerTransport):
         except PikkuMQError as exc:
             await self._reply(msg.reply, exc.http_status, exc.to_envelope(), error=exc, rejected=False, name="")
             return
-        outcome = await self._dispatcher.handle(name, data, headers)
+        outcome = await self._dispatcher.handle(name, data, headers, "nats")
         status, body = outcome.encode_python()
         await self._reply(msg.reply, status, body, error=outcome.error, rejected=outcome.rejected, name=name)
 
@@ -858,12 +859,13 @@ class NatsServer(ServerTransport):
 
     async def _revive(self) -> None:
         wait, longest = _REVIVE_BACKOFF
+        failures = RepeatedFailureLog(logger)
         try:
             while not self._stopping:
                 try:
                     await self._connect()
                 except (EndpointUnreachableError, ConfigurationError) as exc:
-                    logger.warning("%s; trying again in %.1f s", exc, wait)
+                    failures.failed(logging.WARNING, "%s; trying again with backoff up to every %.1f s", exc, longest)
                     await asyncio.sleep(wait)
                     wait = min(wait * 2, longest)
                 else:

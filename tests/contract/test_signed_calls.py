@@ -25,6 +25,10 @@ import jwt
 import pytest
 import yarl
 from _support_core import Mesh, wait_until
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
 
 from pikku_mq import (
     RPC,
@@ -32,6 +36,7 @@ from pikku_mq import (
     ConfigurationError,
     FunctionRegistry,
     MissingSessionError,
+    PikkuMetrics,
     PikkuWorker,
     RemoteSecurity,
     Reply,
@@ -471,21 +476,29 @@ async def test_logs_hide_secret_and_session(
     secret = _secret()
     monkeypatch.setenv("PIKKU_REMOTE_SECRET", secret)
     caplog.set_level(logging.DEBUG)
-    caller = mesh.service()
+    # With tracing and metrics on, so that their records, span attributes and samples are scanned too.
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    metrics = PikkuMetrics(CollectorRegistry())
+    observed = {"tracing": provider, "metrics": metrics}
+    caller = mesh.service(**observed)
     messages: list[str] = []
     front = PikkuWorker(
         registry=REG,
         endpoint=ENDPOINTS[transport](),
         deployment_id="front",
-        deployment_service=mesh.service(),
+        deployment_service=mesh.service(**observed),
         functions=["forward", "record"],
+        **observed,
     )
     back = PikkuWorker(
         registry=REG,
         endpoint=ENDPOINTS[transport](),
         deployment_id="back",
-        deployment_service=mesh.service(),
+        deployment_service=mesh.service(**observed),
         functions=["session_keys", "whoami"],
+        **observed,
     )
     async with front, back:
         keys = ["note", "roles", "userId"]
@@ -502,6 +515,10 @@ async def test_logs_hide_secret_and_session(
             messages.append(str(caught.value))
             messages.append(repr(caught.value))
     messages.extend([repr(front), repr(front.security), repr(caller), repr(caller.security)])
+    spans = exporter.get_finished_spans()
+    assert spans
+    messages.extend(span.to_json() for span in spans)
+    messages.append(metrics.render()[0].decode())
 
     logged = caplog.text + "\n".join(repr(record.__dict__) for record in caplog.records)
     assert "rejected a call" in logged  # the rejections are logged, without what they carried
