@@ -63,6 +63,9 @@ DEFAULT_MAX_CONCURRENCY = 100
 DEFAULT_MAX_IN_FLIGHT = 1000
 """Calls a worker accepts at once by default, running or waiting; past it, it replies busy."""
 
+_GAVE_UP_CODES = frozenset({CallInterruptedError.code, DeadlineExceededError.code})
+"""Codes of the errors with which a worker reports that it gave up on a call, naming itself in the payload."""
+
 
 class Admitted:
     """A call that passed admission: its function and the wire it runs with."""
@@ -273,7 +276,8 @@ class Dispatcher:
             return Outcome(
                 error=DeadlineExceededError(
                     f"an earlier attempt of this call to '{definition.name}' is still running on instance "
-                    f"'{self.deployment_id}' and did not finish before this attempt's deadline"
+                    f"'{self.deployment_id}' and did not finish before this attempt's deadline",
+                    payload={"deployment_id": self.deployment_id},
                 )
             )
         finally:
@@ -381,12 +385,13 @@ class Dispatcher:
             raise self._interrupted(definition) from None
         except TimeoutError as exc:
             if isinstance(exc, PikkuMQError):
-                raise
+                raise _raised_by_function(exc) from None
             raise DeadlineExceededError(
-                f"function '{definition.name}' did not finish before the call's deadline"
+                f"function '{definition.name}' did not finish before the call's deadline",
+                payload={"deployment_id": self.deployment_id},
             ) from None
-        except PikkuMQError:
-            raise
+        except PikkuMQError as exc:
+            raise _raised_by_function(exc) from None
         except Exception as exc:
             error = InternalServerError(f"function '{definition.name}' raised {type(exc).__name__}")
             self._log_raised(definition, wire, exc, error)
@@ -457,6 +462,20 @@ class Dispatcher:
             self._running.discard(task)
         if self.in_flight == 0:
             self._idle.set()
+
+
+def _raised_by_function(error: PikkuMQError) -> PikkuMQError:
+    """Return ``error``, which the function raised, without the mark of a worker that gave up on a call.
+
+    A worker that stops a function at its deadline, or stops mid-call, names itself in the payload
+    (``deployment_id``), and callers retry such a reply as an uncertain failure. The same errors from
+    a nested call that the function let through name the nested call's worker, or no worker: this
+    worker ran its function, which failed, so the mark is removed.
+    """
+    payload = error.payload
+    if isinstance(payload, dict) and "deployment_id" in payload and error.code in _GAVE_UP_CODES:
+        error.payload = {key: value for key, value in payload.items() if key != "deployment_id"}
+    return error
 
 
 def header_count(headers: Mapping[str, str], name: str, max_digits: int) -> int | None:

@@ -41,6 +41,7 @@ message, payload and status.
 
 from __future__ import annotations
 
+import math
 import uuid
 import warnings
 from typing import Any, ClassVar
@@ -388,3 +389,23 @@ def error_from_envelope(status: int, body: Any) -> PikkuMQError:
     error.payload = payload
     error.error_id = error_id or uuid.uuid4().hex
     return error
+
+
+def check_seconds(value: object, name: str) -> float:
+    """Return ``value`` as seconds, or raise :class:`ConfigurationError` unless it is a positive, finite number.
+
+    A bool is refused although Python counts it as an int: ``timeout=True`` is a mistake, not one second.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ConfigurationError(f"{name} must be a positive, finite number of seconds, got {value!r:.80}")
+    return float(value)
+
+
+def check_flag(value: object, name: str) -> bool | None:
+    """Return ``value`` if it is True, False or None, else raise :class:`ConfigurationError`.
+
+    A string such as ``"false"`` read from a configuration file would otherwise count as true.
+    """
+    if value is not None and not isinstance(value, bool):
+        raise ConfigurationError(f"{name} must be True, False or None, got {value!r:.80}")
+    return value

@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, check_seconds
 
 __all__ = ["EjectionPolicy", "OutlierDetector"]
 
@@ -52,8 +52,9 @@ class EjectionPolicy:
             )
         if self.consecutive_failures < 1:
             raise ConfigurationError(f"consecutive_failures must be at least 1, got {self.consecutive_failures}")
-        if not (0 < self.base_interval < math.inf):
-            raise ConfigurationError(f"base_interval must be positive, finite seconds, got {self.base_interval!r}")
+        check_seconds(self.base_interval, "base_interval")
+        if self.max_interval is not None:
+            check_seconds(self.max_interval, "max_interval")
         if self.max_interval is not None and not (self.base_interval <= self.max_interval < math.inf):
             raise ConfigurationError(
                 f"max_interval ({self.max_interval!r} s) must be finite and at least base_interval "

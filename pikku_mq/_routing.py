@@ -45,6 +45,7 @@ from ._errors import (
     ProtocolError,
     RoutingError,
     TransportError,
+    check_seconds,
     error_from_envelope,
     function_not_found,
 )
@@ -78,6 +79,9 @@ _STALE_RETRY = 1.0
 _EMPTY_RESULT_TTL = 1.0
 """Seconds to remember that no instance hosts a function, so a stream of such calls stays cheap."""
 
+_ABORT_GRACE = 0.05
+"""Seconds between finding an instance unreachable and ending the attempts in flight to it."""
+
 _UNCERTAIN_REPLY_CODES = frozenset({CallInterruptedError.code, DeadlineExceededError.code})
 """Error codes of replies in which the worker reports that it gave up on the function, which may have partly run."""
 
@@ -103,10 +107,12 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
             raise ConfigurationError(f"max_attempts must be an integer of at least 1, got {self.max_attempts!r}")
-        if self.attempt_timeout is not None and not (0 < self.attempt_timeout < math.inf):
-            raise ConfigurationError(
-                f"attempt_timeout must be positive, finite seconds or None, got {self.attempt_timeout!r}"
-            )
+        if self.attempt_timeout is not None:
+            check_seconds(self.attempt_timeout, "attempt_timeout")
+        for name in ("backoff", "max_backoff"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigurationError(f"{name} must be a number of seconds, got {value!r:.80}")
         if not (0 <= self.backoff <= self.max_backoff < math.inf):
             raise ConfigurationError(
                 f"backoff ({self.backoff!r} s) and max_backoff ({self.max_backoff!r} s) must be finite, "
@@ -499,7 +505,7 @@ class Router:
             # Every instance is out of routing. Sending the call to one of them anyway costs little: an
             # instance that refuses fails the call at once, and one that is silent fails it by its
             # deadline, as it would without ejection, while one that answers again is used at once.
-            return self._pick_ejected(name, entry, call)
+            return self._pick_ejected(name, entry, call, None)
 
         if not call.refreshed:
             # Every cached instance failed this call; the registry may know of newer ones.
@@ -512,8 +518,13 @@ class Router:
             if instance is not None:
                 return instance
         if call.uncertain:
-            # A retry after an uncertain failure may go to an instance that was tried, even the only one.
-            return self._pick_not_busy(name, entry, call.strategy, call.excluded)
+            # A retry after an uncertain failure may go to an instance that was tried, even the only one,
+            # and to one out of routing when no other can take it: the worker's de-duplication makes a
+            # retry there safe, and its first attempt may have failed only because the instance is slow.
+            instance = self._pick_not_busy(name, entry, call.strategy, call.excluded)
+            if instance is None:
+                instance = self._pick_ejected(name, entry, call, call.excluded)
+            return instance
         return None
 
     def _pick_not_busy(
@@ -530,11 +541,11 @@ class Router:
                     return instance
         return self._balancer.pick(name, entry.instances, entry.local, strategy, exclude)
 
-    def _pick_ejected(self, name: str, entry: _Entry, call: _Call) -> DeploymentInfo | None:
+    def _pick_ejected(self, name: str, entry: _Entry, call: _Call, exclude: set[str] | None) -> DeploymentInfo | None:
         """Pick among the instances that are out of routing, for a call that no usable instance can take."""
         if not entry.instances:
             return None
-        instance = self._balancer.pick(name, entry.instances, entry.local, call.strategy, None, ignore_ejection=True)
+        instance = self._balancer.pick(name, entry.instances, entry.local, call.strategy, exclude, ignore_ejection=True)
         if instance is not None:
             logger.debug(
                 "every instance of %s is out of routing; sending the call to %s anyway",
@@ -576,7 +587,8 @@ class Router:
             return reply
         except EndpointUnreachableError as exc:
             self._outliers.failed(deployment_id, f"unreachable: {exc}", eject_now=True)
-            self._abort_in_flight(deployment_id, str(exc), now)
+            if deployment_id in self._in_flight:
+                asyncio.get_running_loop().call_later(_ABORT_GRACE, self._abort_in_flight, deployment_id, str(exc), now)
             raise
         except _UncertainFailure as failure:
             self._outliers.failed(deployment_id, f"{type(failure.error).__name__}: {failure.error}")
@@ -597,10 +609,12 @@ class Router:
 
         Its process is gone (or its queue or subscription is), and the broker drops the requests it
         held for it, so those attempts would wait for their deadline. Each one's task is cancelled, and
-        the attempt ends as an uncertain failure.
+        the attempt ends as an uncertain failure. A draining NATS worker also leaves its subscription,
+        and finishes the calls it has: the router waits ``_ABORT_GRACE`` for the draining event, which
+        travels on another connection, and keeps the attempts to an instance that announced it.
         """
         flights = self._in_flight.get(deployment_id)
-        if not flights:
+        if not flights or deployment_id in self._departed:
             return
         for task, began in list(flights.items()):
             if began < before and task not in self._aborted and not task.done():
@@ -912,7 +926,9 @@ def _uncertain_reply(reply: Reply) -> PikkuMQError | None:
 
     That is a 5xx reply without a pikku_mq error envelope, from a proxy or gateway in front of the
     worker. It is also the worker's own report that it gave up on the function, because it stopped
-    mid-call (``CallInterruptedError``) or the deadline it was given passed (``DeadlineExceededError``).
+    mid-call (``CallInterruptedError``) or the deadline it was given passed (``DeadlineExceededError``),
+    which names the worker in the payload. The same errors without that name come from the function,
+    which let a nested call's error through: it ran and failed, so they are its result.
     """
     if reply.status < 500 or reply.rejected:
         return None
@@ -920,7 +936,9 @@ def _uncertain_reply(reply: Reply) -> PikkuMQError | None:
     if not (isinstance(body, dict) and isinstance(body.get("name"), str)):
         return error_from_envelope(reply.status, body)  # a ProtocolError
     if body.get("code") in _UNCERTAIN_REPLY_CODES:
-        return error_from_envelope(reply.status, body)
+        payload = body.get("payload")
+        if isinstance(payload, dict) and "deployment_id" in payload:
+            return error_from_envelope(reply.status, body)
     return None
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -15,6 +14,8 @@ from ._errors import (
     DeadlineExceededError,
     LoopDetectedError,
     MissingSessionError,
+    check_flag,
+    check_seconds,
     function_not_found,
 )
 from ._functions import FunctionDefinition, FunctionRegistry, default_registry
@@ -102,8 +103,9 @@ class RPC:
         default_timeout: float = DEFAULT_TIMEOUT,
         balancing: str | None = None,
     ) -> None:
-        if default_timeout <= 0:
-            raise ConfigurationError(f"default_timeout must be positive seconds, got {default_timeout!r}")
+        default_timeout = check_seconds(default_timeout, "default_timeout")
+        if isinstance(hop, bool) or not isinstance(hop, int) or not 0 <= hop <= MAX_HOPS:
+            raise ConfigurationError(f"hop must be an integer from 0 to {MAX_HOPS}, got {hop!r:.80}")
         self._registry = registry if registry is not None else default_registry
         self._services = services
         self._deployment_service = deployment_service
@@ -120,6 +122,7 @@ class RPC:
         Only the registry decides where the call goes: an error raised while the local function runs,
         not-found included, is raised to the caller and never re-sent to another instance.
         """
+        _check_name(name)
         definition = self._registry.get(name)
         if definition is not None:
             return await self._run_local(definition, data, timeout)
@@ -130,6 +133,7 @@ class RPC:
 
         A hidden function raises the same :class:`FunctionNotFoundError` as a missing one.
         """
+        _check_name(name)
         definition = self._registry.get(name)
         if definition is None and self._deployment_service is None:
             raise function_not_found(name)
@@ -163,6 +167,8 @@ class RPC:
         A call whose deadline, inherited from the call this one is part of, has passed is not started:
         it raises :class:`DeadlineExceededError` without a lookup.
         """
+        _check_name(name)
+        check_flag(idempotent, "idempotent")
         if self._deployment_service is None:
             raise ConfigurationError(
                 f"rpc.remote('{name}') needs a deployment service: pass deployment_service= to RPC, or run "
@@ -220,12 +226,15 @@ class RPC:
             raise DeadlineExceededError(f"function '{definition.name}' did not finish before its deadline") from None
 
     def _child_deadline(self, timeout: float) -> float:
-        if not 0 < timeout < math.inf:
-            raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + check_seconds(timeout, "timeout")
         if self._deadline is not None:
             deadline = min(deadline, self._deadline)
         return deadline
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"a function name must be a non-empty string, got {name!r:.80}")
 
 
 async def run_function(definition: FunctionDefinition, services: Any, data: Any, wire: Wire) -> Any:

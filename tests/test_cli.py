@@ -233,6 +233,27 @@ def test_demo_without_brokers_uses_http(tmp_path: Path, spawned: list[subprocess
     assert "every check passed" in stdout
 
 
+def test_demo_without_broker_libraries(tmp_path: Path, spawned: list[subprocess.Popen[Any]]) -> None:
+    # The brokers answer on their standard ports, but the nats and amqp extras are not installed:
+    # importing their client libraries fails, as in a plain `pip install pikku-mq`.
+    hide = "import sys; sys.modules['nats'] = None; sys.modules['aio_pika'] = None; "
+    demo = subprocess.Popen(
+        [sys.executable, "-c", hide + "from pikku_mq.cli import main; main(['demo'])"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    spawned.append(demo)
+    stdout, stderr = demo.communicate(timeout=DEMO_TIMEOUT)
+
+    assert demo.returncode == 0, stdout + stderr
+    assert "but nats-py is not installed (pip install 'pikku-mq[nats]'): shouter-1 serves over HTTP" in stdout
+    assert "but aio-pika is not installed (pip install 'pikku-mq[amqp]'): greeter-2 serves over HTTP" in stdout
+    assert "every check passed" in stdout
+
+
 def test_demo_interrupt_cleans_up(tmp_path: Path, spawned: list[subprocess.Popen[Any]]) -> None:
     # TMPDIR points the demo's temporary folder here, so the test finds only the folders of its own run.
     env = {**os.environ, "TMPDIR": str(tmp_path)}

@@ -252,19 +252,22 @@ async def test_retries_stop_at_deadline(make_service: Callable[..., DeploymentSe
     assert 3 <= caught.value.payload["attempts"] == len(faulty.requests) < 30
 
 
-async def test_ejection_ends_retries(make_service: Callable[..., DeploymentService]) -> None:
+async def test_ejected_only_instance_retried(make_service: Callable[..., DeploymentService]) -> None:
+    # Ejection does not end the retries of a call whose only instance it takes out of routing: the
+    # attempt limit and the deadline do.
     caller = make_service(
-        retry=RetryPolicy(max_attempts=10, backoff=0.01), ejection=EjectionPolicy(consecutive_failures=2)
+        retry=RetryPolicy(max_attempts=4, backoff=0.01), ejection=EjectionPolicy(consecutive_failures=2)
     )
     async with FaultyInstance("drop") as faulty:
         await _register_local(make_service, "faulty", faulty.endpoint)
 
         with pytest.raises(TransportError) as caught:
             await caller.invoke("tally", timeout=5, idempotent=True)
+        assert caller.router.is_ejected("faulty")
 
-    assert "2 attempts on faulty; no instance left to retry on" in caught.value.message
-    assert caught.value.payload["attempts"] == 2
-    assert len(faulty.requests) == 2
+    assert "4 attempts on faulty; the limit of 4 attempts" in caught.value.message
+    assert caught.value.payload["attempts"] == 4
+    assert len(faulty.requests) == 4
 
 
 async def test_hanging_instance_times_out_once(make_service: Callable[..., DeploymentService]) -> None:

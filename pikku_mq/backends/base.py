@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import socket
@@ -27,7 +26,14 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
-from .._errors import ConfigurationError, DeploymentConflictError, DiscoveryError, PikkuMQError
+from .._errors import (
+    ConfigurationError,
+    DeploymentConflictError,
+    DiscoveryError,
+    PikkuMQError,
+    check_flag,
+    check_seconds,
+)
 from .._liveness import LoopThread, wait_for_event
 from .._logs import RepeatedFailureLog
 from .._outliers import EjectionPolicy
@@ -307,11 +313,46 @@ class DeploymentService(ABC):
             config = dataclasses.replace(config, idempotent_functions=idempotent)
         async with self._translate_errors(f"registering {config.deployment_id}"):
             await self._register(config, functions)
+        if self.heartbeat_url is not None and self.heartbeat_thread:
+            await self._check_heartbeat_url(config, functions)
         self._config = config
         self._start_heartbeats(config, functions)
         logger.info(
             "registered deployment %s at %s with %d functions", config.deployment_id, config.endpoint, len(functions)
         )
+
+    async def _check_heartbeat_url(self, config: DeploymentConfig, functions: list[str]) -> None:
+        """Check that ``heartbeat_url`` reaches the store of this registration, or deregister and raise.
+
+        A URL of another database would have the heartbeat thread register the instance there, while
+        the registration that callers read expires. The check sends one heartbeat through a service
+        on that URL, from a thread with an event loop of its own, as the heartbeat thread does.
+        """
+        probe = self._heartbeat_twin()
+        if probe is None:
+            return
+
+        async def heartbeat() -> bool:
+            try:
+                return await probe._heartbeat(config, functions)
+            finally:
+                await probe.close()
+
+        try:
+            found = await asyncio.to_thread(asyncio.run, heartbeat())
+        except Exception as exc:
+            found = False
+            reason = f"it failed: {type(exc).__name__}: {exc}"
+        else:
+            reason = f"it found no registration of {config.deployment_id} there"
+        if not found:
+            async with self._translate_errors(f"deregistering {config.deployment_id}"):
+                await self._deregister(config)
+            raise ConfigurationError(
+                f"heartbeat_url does not reach the store that {self!r} registered {config.deployment_id} in: "
+                f"a heartbeat through {probe!r} was sent to check it, and {reason}. Pass the URL or DSN of "
+                "the same database, with the same schema or key prefix."
+            )
 
     def _start_heartbeats(self, config: DeploymentConfig, functions: list[str]) -> None:
         """Start the heartbeat loop: in a thread through a twin service where there is one, else as a task."""
@@ -462,9 +503,8 @@ class DeploymentService(ABC):
         after an uncertain failure; None takes the flag that the instance registered the function
         with. ``balancing`` overrides the strategy for this call.
         """
-        budget = self.default_timeout if timeout is None else timeout
-        if not 0 < budget < math.inf:
-            raise ValueError(f"timeout must be a positive, finite number of seconds, got {timeout!r}")
+        budget = self.default_timeout if timeout is None else check_seconds(timeout, "timeout")
+        check_flag(idempotent, "idempotent")
         return await self.call(
             name,
             data,

@@ -153,14 +153,17 @@ class _Clock:
             # DATETIME has no time zone and NOW() is in the session's, so sessions in different
             # zones would disagree on every age. UTC_TIMESTAMP() is the same for all of them.
             return sa.func.utc_timestamp(6)
-        return sa.func.now()
+        # Not now(), which PostgreSQL fixes at the start of the transaction: registering runs several
+        # statements, and a row written with a time from before a wait on a lock could look stale to
+        # the next instance that registers the same id, which would then take it over.
+        return sa.func.statement_timestamp()
 
     def age(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
         if self.dialect == "sqlite":
             return (sa.func.julianday("now") - sa.func.julianday(column)) * 86400.0
         if self.dialect in ("mysql", "mariadb"):
             return sa.func.timestampdiff(sa.literal_column("MICROSECOND"), column, self.now()) / 1e6
-        return sa.extract("epoch", sa.func.now() - column)
+        return sa.extract("epoch", self.now() - column)
 
 
 class SqlAlchemyDeploymentService(DeploymentService):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
 import os
 import shutil
@@ -174,7 +175,10 @@ async def _choose_transports(mesh: _Mesh) -> None:
     nats = urlsplit(default_nats_url().split(",")[0])
     nats_address = f"{nats.hostname or '127.0.0.1'}:{nats.port or 4222}"
     failure = await _probe(nats.hostname or "127.0.0.1", nats.port or 4222)
-    if failure is None:
+    missing = _missing("nats", "nats-py", "nats")
+    if failure is None and missing is not None:
+        print(f"NATS at {nats_address} answers, but {missing}: shouter-1 serves over HTTP.")
+    elif failure is None:
         mesh.endpoints["shouter-1"] = _Endpoints(f"nats://{nats_address}/pikku_demo_{tag}", ["http://127.0.0.1:0"])
         print(f"NATS at {nats_address} answers: shouter-1 serves over NATS, with an HTTP fallback.")
     else:
@@ -184,7 +188,10 @@ async def _choose_transports(mesh: _Mesh) -> None:
     amqp = urlsplit(default_amqp_url())
     amqp_address = f"{amqp.hostname or '127.0.0.1'}:{amqp.port or 5672}"
     failure = await _probe(amqp.hostname or "127.0.0.1", amqp.port or 5672)
-    if failure is None:
+    missing = _missing("aio_pika", "aio-pika", "amqp")
+    if failure is None and missing is not None:
+        print(f"RabbitMQ at {amqp_address} answers, but {missing}: greeter-2 serves over HTTP.")
+    elif failure is None:
         endpoint = f"amqp://{amqp_address}/%2F?queue=pikku-demo-{tag}.greeter-2"
         mesh.endpoints["greeter-2"] = _Endpoints(endpoint, ["http://127.0.0.1:0"])
         print(f"RabbitMQ at {amqp_address} answers: greeter-2 serves over AMQP, with an HTTP fallback.")
@@ -192,6 +199,15 @@ async def _choose_transports(mesh: _Mesh) -> None:
         print(f"RabbitMQ at {amqp_address} is not reachable ({failure}): greeter-2 serves over HTTP. Start")
         print("  RabbitMQ or set PIKKU_AMQP_URL to see a call over AMQP.")
     print()
+
+
+def _missing(module: str, package: str, extra: str) -> str | None:
+    """Return why the workers cannot use a broker's client library, or None if it can be imported."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return f"{package} is not installed (pip install 'pikku-mq[{extra}]')"
+    return None
 
 
 async def _probe(host: str, port: int) -> str | None:
