@@ -5,6 +5,7 @@ Instances register in a discovery store and keep themselves alive with heartbeat
 counterpart of the remote RPC of the TypeScript framework Pikku, wire-compatible with it over HTTP.
 """
 
+from ._durable import DeliveryPolicy
 from ._errors import (
     BadRequestError,
     BusyError,
@@ -35,6 +36,7 @@ from ._errors import (
     UnprocessableContentError,
     UnsupportedMediaTypeError,
 )
+from ._events import EventBus, event_bus_from_url
 from ._functions import FunctionDefinition, FunctionRegistry, default_registry, pikku_func, pikku_sessionless_func
 from ._metrics import PikkuMetrics
 from ._outliers import EjectionPolicy
@@ -69,6 +71,7 @@ __all__ = [
     "ClientTransport",
     "ConfigurationError",
     "DeadlineExceededError",
+    "DeliveryPolicy",
     "DeploymentConfig",
     "DeploymentConflictError",
     "DeploymentInfo",
@@ -78,6 +81,7 @@ __all__ = [
     "DiscoveryError",
     "EjectionPolicy",
     "EndpointUnreachableError",
+    "EventBus",
     "ForbiddenError",
     "FunctionDefinition",
     "FunctionNotFoundError",
@@ -122,6 +126,7 @@ __all__ = [
     "__version__",
     "default_registry",
     "deployment_service_from_url",
+    "event_bus_from_url",
     "pikku_func",
     "pikku_sessionless_func",
 ]

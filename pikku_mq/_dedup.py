@@ -143,6 +143,12 @@ class CallRecords:
             else:
                 claim.future.set_result(outcome)
 
+    def forget(self, key: tuple[str, str]) -> None:
+        """Drop the finished record of ``key``, if there is one, so that the next attempt runs the call."""
+        record = self._finished.pop(key, None)
+        if record is not None:
+            self.size -= record.size
+
     def _record(self, claim: Claim, outcome: Outcome) -> None:
         size = _RECORD_OVERHEAD + _encoded_size(outcome)
         if size > self.max_bytes:

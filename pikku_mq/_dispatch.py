@@ -20,6 +20,7 @@ from ._dedup import (
     fingerprint,
     is_final,
 )
+from ._durable import HEADER_EVENT_ID, trace_headers
 from ._errors import (
     BadRequestError,
     BusyError,
@@ -36,7 +37,7 @@ from ._errors import (
 )
 from ._functions import FunctionDefinition, FunctionRegistry
 from ._logs import RepeatedFailureLog, call_extra
-from ._rpc import RPC, Wire, run_function
+from ._rpc import RPC, TracedDeploymentService, Wire, run_function
 from ._security import AUTHORIZATION_HEADER, RemoteSecurity
 from ._telemetry import UNKNOWN_FUNCTION, Telemetry
 from ._types import (
@@ -191,6 +192,8 @@ class Dispatcher:
         self.last_rejection = 0.0
         """:func:`time.monotonic` of the last call rejected while draining."""
         self._running: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        """Tasks of the one-way calls running here, kept so that they are not garbage-collected."""
         self._aborting = False
         self.records = (
             CallRecords(window=dedup_window, max_entries=dedup_max_entries, max_bytes=dedup_max_bytes)
@@ -414,6 +417,106 @@ class Dispatcher:
             raised_log = self._raised_logs[definition.name] = RepeatedFailureLog(logger)
         raised_log.failed(logging.ERROR, message, *args, extra=extra, exc_info=exc)
 
+    def accept_one_way(self, name: str, data: Any, headers: Mapping[str, str]) -> Outcome | None:
+        """Admit a one-way call and start it in the background; return None once it started, else the error.
+
+        The function runs within the worker's default timeout, not the caller's deadline, since the
+        caller does not wait. Its failure is logged, because no caller receives it. A retry of the
+        call with the same ``pikku-call-id`` that arrives while the first runs, or within the
+        de-duplication window after it ended, does not run the function again.
+        """
+        try:
+            admitted = self.admit(name, {k: v for k, v in headers.items() if k != HEADER_DEADLINE}, data)
+        except PikkuMQError as exc:
+            return Outcome(error=exc, rejected=isinstance(exc, ServiceUnavailableError))
+        # Counted now, so a drain that begins before the task runs waits for it.
+        self.in_flight += 1
+        self._idle.clear()
+        task = asyncio.create_task(self._run_one_way(admitted, data), name=f"pikku-one-way-{name[:60]}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return None
+
+    async def _run_one_way(self, admitted: Admitted, data: Any) -> None:
+        try:
+            outcome = await self.run_admitted_once(admitted, data)
+        finally:
+            self._leave(counted_only=True)
+        if outcome.error is not None:
+            logger.warning(
+                "one-way call %s to %s failed: %s: %s",
+                admitted.wire.call_id,
+                admitted.definition.name,
+                type(outcome.error).__name__,
+                outcome.error.message,
+            )
+
+    async def run_admitted_once(self, admitted: Admitted, data: Any) -> Outcome:
+        """Run an admitted call, de-duplicated by its call id whatever the function's idempotent flag.
+
+        Only a success is kept for replay: a delivery that failed runs again when the broker redelivers it.
+        """
+        if self.records is not None:
+            outcome = await self._handle_once(admitted, data, self.records)
+            if outcome.error is not None:
+                self.records.forget((admitted.definition.name, admitted.wire.call_id))
+            return outcome
+        try:
+            result = await self.execute(admitted, data)
+        except PikkuMQError as exc:
+            return Outcome(error=exc)
+        return Outcome(definition=admitted.definition, result=result)
+
+    def admit_delivery(
+        self, definition: FunctionDefinition, data: Any, headers: Mapping[str, str], *, signed: bool
+    ) -> Admitted:
+        """Check a durable one-way call or an event before it runs; raise the error that settles it.
+
+        ``signed`` applies the remote secret, as for any call, except that a token seen before is
+        accepted, because the broker redelivers. Events are not signed: whoever may publish on the
+        subject may run its handlers, so broker permissions guard them.
+        """
+        if self.draining:
+            raise ServiceUnavailableError(f"instance '{self.deployment_id}' is draining and takes no new deliveries")
+        session = None
+        if signed and self.security is not None:
+            session = self.security.verify(headers.get(AUTHORIZATION_HEADER), definition.name, data, check_replay=False)
+
+        hop = header_count(headers, HEADER_HOP, MAX_HOP_DIGITS) or 0
+        if hop > MAX_HOPS:
+            raise LoopDetectedError(f"call to '{definition.name}' was forwarded {hop} times; the limit is {MAX_HOPS}")
+        trace_id = headers.get(HEADER_REQUEST_ID) or uuid.uuid4().hex
+        call_id = headers.get(HEADER_CALL_ID) or headers.get(HEADER_EVENT_ID) or uuid.uuid4().hex
+        if len(call_id) > MAX_CALL_ID_LENGTH:
+            raise BadRequestError(f"the call id or event id must be at most {MAX_CALL_ID_LENGTH} characters")
+
+        deployment_service: Any = self.deployment_service
+        trace = trace_headers(headers)
+        if trace and deployment_service is not None:
+            deployment_service = TracedDeploymentService(deployment_service, trace)
+        deadline = time.monotonic() + self.default_timeout
+        rpc = RPC(
+            registry=self.registry,
+            services=self.services,
+            deployment_service=deployment_service,
+            session=session,
+            trace_id=trace_id,
+            deadline=deadline,
+            hop=hop,
+            default_timeout=self.default_timeout,
+        )
+        wire = Wire(
+            rpc=rpc,
+            session=session,
+            trace_id=trace_id,
+            call_id=call_id,
+            deadline=deadline,
+            hop=hop,
+            function=definition.name,
+            deployment_id=self.deployment_id,
+        )
+        return Admitted(definition, wire)
+
     def _interrupted(self, definition: FunctionDefinition) -> CallInterruptedError:
         return CallInterruptedError(
             f"instance '{self.deployment_id}' stopped before function '{definition.name}' finished; "
@@ -455,10 +558,10 @@ class Dispatcher:
             self._running.add(task)
         return task
 
-    def _leave(self) -> None:
+    def _leave(self, *, counted_only: bool = False) -> None:
         self.in_flight -= 1
         task = asyncio.current_task()
-        if task is not None:
+        if task is not None and not counted_only:
             self._running.discard(task)
         if self.in_flight == 0:
             self._idle.set()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Awaitable, Callable, Iterator
+import re
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
@@ -42,6 +43,8 @@ class FunctionDefinition:
     arity: int
     input_adapter: pydantic.TypeAdapter[Any] | None
     output_adapter: pydantic.TypeAdapter[Any] | None
+    events: tuple[str, ...] = ()
+    """Event subjects whose events run this function, once per group of workers that host it."""
 
     def validate_input(self, data: Any) -> Any:
         """Return ``data`` converted to the input type, or raise :class:`InputValidationError`."""
@@ -136,6 +139,7 @@ def pikku_func(
     idempotent: bool = False,
     auth: bool = True,
     registry: FunctionRegistry | None = None,
+    events: Sequence[str] = (),
 ) -> Callable[[F], F]: ...
 def pikku_func(
     func: F | None = None,
@@ -146,17 +150,19 @@ def pikku_func(
     idempotent: bool = False,
     auth: bool = True,
     registry: FunctionRegistry | None = None,
+    events: Sequence[str] = (),
 ) -> F | Callable[[F], F]:
     """Register ``async def f(services, data, wire)`` as a pikku function.
 
     ``expose=True`` makes it callable from other instances; ``idempotent=True`` allows a retry after
     a failure that leaves it unknown whether the call ran; ``auth=True`` (the default) rejects a call
-    that carries no session with :class:`MissingSessionError`. The function object is returned
-    unchanged, so it can still be called directly.
+    that carries no session with :class:`MissingSessionError`. ``events`` lists event subjects, such
+    as ``orders.created``, whose events run the function on a worker that has an event bus (see
+    docs/events.md). The function object is returned unchanged, so it can still be called directly.
     """
 
     def decorate(f: F) -> F:
-        definition = define_function(f, name=name, expose=expose, idempotent=idempotent, auth=auth)
+        definition = define_function(f, name=name, expose=expose, idempotent=idempotent, auth=auth, events=events)
         (registry if registry is not None else default_registry).add(definition)
         f.__pikku__ = definition  # type: ignore[attr-defined]
         return f
@@ -173,6 +179,7 @@ def pikku_sessionless_func(
     expose: bool = False,
     idempotent: bool = False,
     registry: FunctionRegistry | None = None,
+    events: Sequence[str] = (),
 ) -> Callable[[F], F]: ...
 def pikku_sessionless_func(
     func: F | None = None,
@@ -182,9 +189,12 @@ def pikku_sessionless_func(
     expose: bool = False,
     idempotent: bool = False,
     registry: FunctionRegistry | None = None,
+    events: Sequence[str] = (),
 ) -> F | Callable[[F], F]:
     """Register a function that runs without a session (``pikku_func`` with ``auth=False``)."""
-    decorator = pikku_func(name=name, expose=expose, idempotent=idempotent, auth=False, registry=registry)
+    decorator = pikku_func(
+        name=name, expose=expose, idempotent=idempotent, auth=False, registry=registry, events=events
+    )
     return decorator(func) if func is not None else decorator
 
 
@@ -195,6 +205,7 @@ def define_function(
     expose: bool = False,
     idempotent: bool = False,
     auth: bool = True,
+    events: Sequence[str] = (),
 ) -> FunctionDefinition:
     """Build a :class:`FunctionDefinition` from an async function and its type hints."""
     if not inspect.iscoroutinefunction(func):
@@ -221,6 +232,7 @@ def define_function(
         arity=len(parameters),
         input_adapter=None if input_type is Any else pydantic.TypeAdapter(input_type),
         output_adapter=None if output_type is Any else pydantic.TypeAdapter(output_type),
+        events=_checked_events(events, func),
     )
 
 
@@ -237,6 +249,45 @@ def _checked_name(name: str, func: Callable[..., Any]) -> str:
             "use printable characters and not '.' or '..'"
         )
     return name
+
+
+def _checked_events(events: Sequence[str], func: Callable[..., Any]) -> tuple[str, ...]:
+    if isinstance(events, str):
+        raise TypeError(f"events of {_origin(func)} must be a sequence of subjects, not the string {events!r}")
+    checked = tuple(events)
+    for subject in checked:
+        check_subject(subject, wildcards=True, what=f"event subject of {_origin(func)}")
+    if len(set(checked)) != len(checked):
+        raise ConfigurationError(f"events of {_origin(func)} lists a subject twice: {list(checked)}")
+    return checked
+
+
+_SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+
+MAX_SUBJECT_LENGTH = 200
+"""Maximum length of an event subject, in characters, so that it fits in NATS subjects and AMQP routing keys."""
+
+
+def check_subject(subject: str, *, wildcards: bool, what: str = "event subject") -> None:
+    """Raise ConfigurationError unless ``subject`` is dot-separated tokens of ASCII letters, digits, ``_`` and ``-``.
+
+    With ``wildcards``, a token may also be ``*`` (any one token), and the last token ``>`` (one or
+    more tokens), as NATS writes them.
+    """
+    if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT_LENGTH:
+        raise ConfigurationError(
+            f"{what} must be a string of 1 to {MAX_SUBJECT_LENGTH} characters, got {subject!r:.80}"
+        )
+    parts = subject.split(".")
+    for index, part in enumerate(parts):
+        if _SUBJECT_TOKEN.fullmatch(part):
+            continue
+        if wildcards and (part == "*" or (part == ">" and index == len(parts) - 1)):
+            continue
+        raise ConfigurationError(
+            f"{what} {subject!r} is not valid: use tokens of ASCII letters, digits, '_' and '-' separated by "
+            "single dots" + (", with '*' for one token and a final '>' for the rest" if wildcards else "")
+        )
 
 
 def _has_non_finite(value: Any) -> bool:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._balancing import Balancer, Balancing, check_balancing, check_function_balancing, is_local
+from ._durable import HEADER_ONE_WAY
 from ._errors import (
     BusyError,
     CallInterruptedError,
@@ -406,13 +407,15 @@ class Router:
         idempotent: bool | None,
         session: Any = None,
         balancing: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Any:
         """Call ``name`` on a live instance and return its result, or raise the error it returned.
 
         ``idempotent=None`` retries the call after an uncertain failure when the instance that failed
         registered the function as idempotent. A call whose deadline has already passed is not
         started. ``balancing`` overrides the strategy for this call. ``session`` travels only when a
-        remote secret is set, sealed in each attempt's token.
+        remote secret is set, sealed in each attempt's token. ``headers`` travel with every attempt,
+        under the metadata headers.
         """
         if deadline <= time.monotonic():
             raise DeadlineExceededError(
@@ -433,6 +436,8 @@ class Router:
                 HEADER_HOP: str(hop),
             },
         )
+        if headers:
+            request.headers = {**headers, **request.headers}
         signer = self.security.signer(name, data, session) if self.security is not None else None
         call = _Call(request, deadline, idempotent, self._strategy(name, balancing), signer)
         if observation is None:
@@ -485,6 +490,81 @@ class Router:
                 call.failed_on(instance, None, exclude=True)
                 continue
             return _result(reply)
+
+    async def notify(
+        self,
+        name: str,
+        data: Any,
+        *,
+        deadline: float,
+        trace_id: str | None,
+        hop: int,
+        session: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Hand a one-way call of ``name`` to a live instance's endpoint, and return once it took the call.
+
+        An instance that certainly did not take it (unreachable, no durable one-way calls on its
+        broker, draining) is skipped for the next one, as for :meth:`call`. A failure after which
+        the call may have been taken (no acknowledgement in time, a connection lost) is raised and
+        not retried, because the call might then run twice.
+        """
+        if deadline <= time.monotonic():
+            raise DeadlineExceededError(f"one-way call to '{name}' was not started because its deadline had passed")
+        request = CallRequest(
+            name=name,
+            data=data,
+            headers={
+                **(headers or {}),
+                HEADER_REQUEST_ID: trace_id or os.urandom(16).hex(),
+                HEADER_CALL_ID: os.urandom(16).hex(),
+                HEADER_HOP: str(hop),
+                HEADER_ONE_WAY: "1",
+            },
+        )
+        signer = self.security.signer(name, data, session) if self.security is not None else None
+        call = _Call(request, deadline, False, self._strategy(name, None), signer)
+        while True:
+            instance = await self._choose(call)
+            if instance is None:
+                raise self._no_instance(call)
+            call.attempts += 1
+            try:
+                reply = await self._notify_once(instance, call)
+            except EndpointUnreachableError as exc:
+                call.failed_on(instance, str(exc), exclude=True)
+                continue
+            except PayloadTooLargeError as exc:
+                call.too_large = exc
+                call.failed_on(instance, None, exclude=True)
+                continue
+            if reply.rejected:
+                call.busy = reply if _is_busy(reply) else call.busy
+                call.failed_on(instance, None, exclude=True)
+                continue
+            if not 200 <= reply.status < 300:
+                raise _error(reply)
+            return
+
+    async def _notify_once(self, instance: DeploymentInfo, call: _Call) -> Reply:
+        """Offer a one-way call to the endpoints of ``instance`` in order, and return the first acceptance."""
+        request = call.request
+        failure: EndpointUnreachableError | PayloadTooLargeError | None = None
+        for endpoint in self._endpoints_for(instance):
+            transport = self.transports.for_endpoint(endpoint)
+            assert transport is not None  # _endpoints_for only returns endpoints with a transport
+            budget = call.deadline - time.monotonic()
+            if budget <= 0:
+                raise DeadlineExceededError(f"one-way call to '{request.name}' ran out of time before it was taken")
+            if call.signer is not None:
+                request.headers[AUTHORIZATION_HEADER] = call.signer()
+            try:
+                return await transport.notify(endpoint, request, budget)
+            except (EndpointUnreachableError, PayloadTooLargeError) as exc:
+                logger.debug("%s did not take the one-way call to %s: %s", endpoint, request.name, exc)
+                failure = exc
+        assert failure is not None
+        raise failure
 
     def _strategy(self, name: str, balancing: str | None) -> Balancing:
         if balancing is not None:

@@ -25,7 +25,7 @@ from ._types import DEFAULT_TIMEOUT, MAX_HOPS
 if TYPE_CHECKING:
     from .backends.base import DeploymentService
 
-__all__ = ["RPC", "Wire", "run_function"]
+__all__ = ["RPC", "TracedDeploymentService", "Wire", "run_function"]
 
 _function_logger = logging.getLogger("pikku_mq.function")
 
@@ -192,6 +192,49 @@ class RPC:
             balancing=balancing if balancing is not None else self._balancing,
         )
 
+    async def notify(self, name: str, data: Any = None, *, timeout: float | None = None, session: Any = None) -> None:
+        """Run ``name`` remotely without waiting for its result, and return once a worker or broker took it.
+
+        The call is routed as :meth:`remote` routes it, and the endpoint's transport decides what is
+        promised: on a NATS or AMQP endpoint whose worker takes durable one-way calls, the broker has
+        stored the call when this returns; on HTTP the worker has admitted it and runs it in the
+        background. docs/events.md lists the promises of each transport. ``timeout`` (seconds) bounds
+        the wait for that acknowledgement, not the run of the function.
+        """
+        service = self._remote_service(name)
+        await service.notify(
+            name,
+            data,
+            session=self._session if session is None else session,
+            trace_id=self._trace_id,
+            deadline=self._child_deadline(timeout if timeout is not None else self._default_timeout),
+            hop=self._hop + 1,
+        )
+
+    async def publish(self, subject: str, data: Any = None, *, timeout: float | None = None) -> str:
+        """Publish an event on ``subject`` through the deployment service's event bus; return the event id.
+
+        It returns once the broker stored the event. Every group of workers whose functions listen on
+        the subject runs it once (at least once, across failures).
+        """
+        service = self._remote_service(f"publish {subject}")
+        return await service.publish(
+            subject,
+            data,
+            trace_id=self._trace_id,
+            deadline=self._child_deadline(timeout if timeout is not None else self._default_timeout),
+        )
+
+    def _remote_service(self, what: str) -> DeploymentService:
+        if self._deployment_service is None:
+            raise ConfigurationError(
+                f"rpc '{what}' needs a deployment service: pass deployment_service= to RPC, or run "
+                "the function in a PikkuWorker, which reads PIKKU_DISCOVERY_URL (for example sqlite:///pikku.db)"
+            )
+        if self._hop + 1 > MAX_HOPS:
+            raise LoopDetectedError(f"'{what}' would exceed the hop limit of {MAX_HOPS}")
+        return self._deployment_service
+
     async def _run_local(self, definition: FunctionDefinition, data: Any, timeout: float | None) -> Any:
         deadline = self._child_deadline(timeout) if timeout is not None else self._deadline
         trace_id = self._trace_id or uuid.uuid4().hex
@@ -249,3 +292,28 @@ async def run_function(definition: FunctionDefinition, services: Any, data: Any,
     arguments = (services, value, wire)[: definition.arity]
     result = await definition.func(*arguments)
     return definition.validate_output(result)
+
+
+class TracedDeploymentService:
+    """A deployment service that adds an event's trace context headers to every call routed through it.
+
+    A worker hands it to the RPC of an event handler, so the handler's ``rpc.remote``, ``rpc.notify``
+    and ``rpc.publish`` carry the event's ``traceparent`` and ``tracestate`` unchanged. Everything
+    else is the wrapped service's.
+    """
+
+    def __init__(self, inner: DeploymentService, headers: dict[str, str]) -> None:
+        self._inner = inner
+        self._headers = headers
+
+    async def call(self, name: str, data: Any, **options: Any) -> Any:
+        return await self._inner.call(name, data, headers=self._headers, **options)
+
+    async def notify(self, name: str, data: Any, **options: Any) -> None:
+        await self._inner.notify(name, data, headers=self._headers, **options)
+
+    async def publish(self, subject: str, data: Any, **options: Any) -> str:
+        return await self._inner.publish(subject, data, headers=self._headers, **options)
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._inner, attribute)

@@ -280,12 +280,14 @@ class RemoteSecurity:
         """Decrypt a session blob made with any accepted secret and return the session it holds."""
         return self._open_session(blob, self._secrets)
 
-    def verify(self, authorization: str | None, name: str, data: Any) -> Any:
+    def verify(self, authorization: str | None, name: str, data: Any, *, check_replay: bool = True) -> Any:
         """Check the ``authorization`` header of a call of ``name`` with ``data``; return its session.
 
         Raise :class:`UnauthorizedError` if the call is not signed with an accepted secret, or its
         token is expired, for another audience or function, replayed, or made for other data. The
         message names the failed check and contains neither the token, a secret nor a session.
+        ``check_replay=False`` accepts a token id seen before, for a broker's redelivery of a durable
+        one-way call, which the worker de-duplicates by call id instead.
         """
         token = _bearer_token(authorization)
         claims, secret = self._decode(token)
@@ -302,7 +304,7 @@ class RemoteSecurity:
                 raise _unauthorized("the session in the token is not a string")
             session = self._open_session(blob, [secret])
 
-        if "jti" in claims:
+        if "jti" in claims and check_replay:
             jti = claims["jti"]
             if not isinstance(jti, str) or not 0 < len(jti) <= _MAX_JTI_LENGTH:
                 raise _unauthorized(f"the token id (jti) must be a string of 1 to {_MAX_JTI_LENGTH} characters")

@@ -16,12 +16,14 @@ from urllib.parse import urlsplit
 
 from ._dedup import DEFAULT_DEDUP_MAX_BYTES, DEFAULT_DEDUP_MAX_ENTRIES, DEFAULT_DEDUP_WINDOW
 from ._dispatch import DEFAULT_MAX_CONCURRENCY, DEFAULT_MAX_IN_FLIGHT, Dispatcher
+from ._durable import DeliveryPolicy
 from ._errors import ConfigurationError
+from ._events import ENV_EVENTS_URL, DeliverySource, EventBus, event_bus_from_url
 from ._functions import FunctionDefinition, FunctionRegistry, default_registry
 from ._liveness import LoopThread, WorkerWatch
 from ._presence import ChangeKind
 from ._security import RemoteSecurity
-from ._settings import ENV_METRICS_HOST, ENV_METRICS_PORT, default_discovery_url
+from ._settings import ENV_METRICS_HOST, ENV_METRICS_PORT, default_amqp_url, default_discovery_url, default_nats_url
 from ._telemetry import make_telemetry
 from ._types import DEFAULT_TIMEOUT, DeploymentConfig
 from .backends import deployment_service_from_url
@@ -84,6 +86,15 @@ class PikkuWorker:
     ``dedup_max_bytes`` of their JSON text (default 64 MiB), and drops the oldest first.
     ``dedup_window=0`` turns this off.
 
+    ``durable_notify=True`` makes the worker take durable one-way calls (``rpc.notify``) on its NATS
+    and AMQP endpoints: it creates the JetStream stream of its subject prefix, or the durable queues
+    of its functions in its vhost, and consumes them. ``events`` is the event bus (an
+    :class:`EventBus` or its URL, by default ``PIKKU_EVENTS_URL``) whose events run the functions
+    declared with ``events=[...]``; ``rpc.publish`` in a function publishes on it too. ``delivery``
+    sets the retries and dead-lettering of both (see :class:`DeliveryPolicy`), and
+    ``delivery_concurrency`` the deliveries of each consumer that run at once. docs/events.md
+    describes what each broker promises.
+
     ``security`` is the remote secret (see :class:`RemoteSecurity`), by default from
     ``PIKKU_REMOTE_SECRET``; ``False`` turns it off. With one, the worker serves only calls signed with
     it (or with a previous secret it accepts), gives each function the caller's session, and signs its
@@ -127,6 +138,10 @@ class PikkuWorker:
         metrics: PikkuMetrics | bool | None = None,
         metrics_port: int | None = None,
         metrics_host: str | None = None,
+        events: EventBus | str | None = None,
+        durable_notify: bool = False,
+        delivery: DeliveryPolicy | None = None,
+        delivery_concurrency: int = 16,
     ) -> None:
         if drain_timeout < 0:
             raise ConfigurationError(f"drain_timeout must not be negative, got {drain_timeout!r}")
@@ -189,6 +204,15 @@ class PikkuWorker:
             dedup_max_bytes=dedup_max_bytes,
         )
         self.dispatcher.telemetry = telemetry
+        if delivery_concurrency < 1:
+            raise ConfigurationError(f"delivery_concurrency must be at least 1, got {delivery_concurrency!r}")
+        self.events = _event_bus(events, self.registry)
+        self.durable_notify = durable_notify
+        self.delivery = delivery if delivery is not None else DeliveryPolicy()
+        self.delivery_concurrency = delivery_concurrency
+        self._sources: list[DeliverySource] = []
+        if self.deployment_service is not None and self.deployment_service.events is None:
+            self.deployment_service.events = self.events
         if self.deployment_service is not None:
             # Heartbeats write the calls in flight to the registry, for least-loaded callers.
             self.deployment_service.in_flight_source = self._in_flight
@@ -243,6 +267,8 @@ class PikkuWorker:
         self.dispatcher.draining = False
         try:
             self._serve_metrics()
+            # Before registering, so that a caller that finds this worker finds its queues and streams.
+            await self._start_sources()
             if self.deployment_service is not None:
                 config = DeploymentConfig(
                     deployment_id=self.deployment_id,
@@ -255,6 +281,7 @@ class PikkuWorker:
         except BaseException:
             # Not registered, so there is nothing to drain: just release the listener and the store.
             self._stop_metrics()
+            await self._close_sources()
             await self._close_listener()
             if self.deployment_service is not None and self._owns_deployment_service:
                 await self.deployment_service.close()
@@ -282,6 +309,8 @@ class PikkuWorker:
                 await self._deregister()
             # Leave broker queue groups first: a call that arrives before that is still served.
             await self._begin_drain()
+            for source in self._sources:
+                await source.stop_taking()
             self.dispatcher.draining = True
             if not await self.dispatcher.wait_idle(self.drain_timeout):
                 logger.warning(
@@ -293,8 +322,11 @@ class PikkuWorker:
                 self.dispatcher.abort()
                 await self.dispatcher.wait_idle(_ABORT_GRACE)
             await self.dispatcher.wait_quiet(_QUIET_PERIOD, min(_MAX_LINGER, self.drain_timeout))
+            for source in self._sources:
+                await source.wait_settled(_ABORT_GRACE)
             await self._announce("leave")
         finally:
+            await self._close_sources()
             await self._close_listener()
             self._stop_metrics()
             if self.deployment_service is not None and self._owns_deployment_service:
@@ -453,6 +485,28 @@ class PikkuWorker:
             return server
         return HttpServer(bind_host=self.bind_host, max_body_size=self.max_body_size)
 
+    async def _start_sources(self) -> None:
+        """Start consuming durable one-way calls (with ``durable_notify``) and the events of the handlers."""
+        sources: list[DeliverySource] = []
+        if self.durable_notify:
+            for server, url in zip(self._servers, (self.endpoint, *self.fallback_endpoints), strict=False):
+                source = _notify_source(server, url or "", self.nats_url, self.amqp_url, self.deployment_id)
+                if source is not None:
+                    sources.append(source)
+        if self.events is not None:
+            sources.append(self.events)
+        for source in sources:
+            self._sources.append(source)
+            await source.start(self.dispatcher, self.delivery, self.delivery_concurrency)
+
+    async def _close_sources(self) -> None:
+        sources, self._sources = self._sources, []
+        for source in sources:
+            try:
+                await source.close()
+            except Exception:
+                logger.exception("worker %s failed to close %r", self.deployment_id, source)
+
     async def _close_listener(self) -> None:
         servers, self._servers = self._servers, []
         for server in reversed(servers):
@@ -537,6 +591,41 @@ def _amqp() -> Any:
             "Install it with: pip install 'pikku-mq[amqp]'"
         ) from None
     return amqp
+
+
+def _event_bus(events: EventBus | str | None, registry: FunctionRegistry) -> EventBus | None:
+    """Return the worker's event bus: the one given, or the one that ``PIKKU_EVENTS_URL`` names."""
+    if isinstance(events, EventBus):
+        return events
+    url = events if events is not None else os.environ.get(ENV_EVENTS_URL, "").strip()
+    if url:
+        return event_bus_from_url(url)
+    listening = [d.name for d in registry if d.events]
+    if listening:
+        logger.warning(
+            "functions %s listen to events, but the worker has no event bus; pass events= or set %s",
+            ", ".join(listening),
+            ENV_EVENTS_URL,
+        )
+    return None
+
+
+def _notify_source(
+    server: ServerTransport, endpoint: str, nats_url: str | None, amqp_url: str | None, deployment_id: str
+) -> DeliverySource | None:
+    """Return the source of durable one-way calls for an endpoint on a broker, or None for other endpoints."""
+    scheme = endpoint_scheme(endpoint)
+    if scheme == "nats":
+        from .transports.jetstream_events import JetStreamNotifySource
+
+        parsed = parse_nats_endpoint(endpoint)
+        return JetStreamNotifySource(nats_url or default_nats_url(parsed.server_url), parsed.prefix)
+    if scheme in ("amqp", "amqps"):
+        from .transports.amqp_durable import AmqpNotifySource
+
+        vhost = _amqp().parse_endpoint(endpoint).vhost
+        return AmqpNotifySource(amqp_url or default_amqp_url(), vhost, deployment_id)
+    return None
 
 
 def _select_functions(

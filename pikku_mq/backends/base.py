@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 
 from .._errors import (
     ConfigurationError,
+    DeadlineExceededError,
     DeploymentConflictError,
     DiscoveryError,
     PikkuMQError,
     check_flag,
     check_seconds,
 )
+from .._events import EventBus, event_bus_from_env
 from .._liveness import LoopThread, wait_for_event
 from .._logs import RepeatedFailureLog
 from .._outliers import EjectionPolicy
@@ -203,6 +205,10 @@ class DeploymentService(ABC):
         self._feed_failures = RepeatedFailureLog(logger)
         self._feed_subscribed = False
         self._watch_listeners: list[Callable[[ChangeEvent | None], None]] = []
+        self._own_events: EventBus | None = None
+        self.events: EventBus | None = None
+        """The event bus that :meth:`publish` uses. None builds one from ``PIKKU_EVENTS_URL`` on the first publish;
+        :class:`~pikku_mq.PikkuWorker` sets its own."""
         self.in_flight_source: Callable[[], int] | None = None
         """Returns this instance's calls in flight, which registrations and heartbeats write to the registry.
 
@@ -440,6 +446,8 @@ class DeploymentService(ABC):
             await self._stop_feed()
             await self.router.close()
             await self.router.transports.close()
+            if self._own_events is not None:
+                await self._own_events.close()
             await self._close_store()
 
     async def __aenter__(self) -> Self:
@@ -527,8 +535,12 @@ class DeploymentService(ABC):
         hop: int,
         idempotent: bool | None,
         balancing: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Any:
-        """Route one call with an absolute :func:`time.monotonic` deadline (used by ``RPC.remote``)."""
+        """Route one call with an absolute :func:`time.monotonic` deadline (used by ``RPC.remote``).
+
+        ``headers`` are sent with every attempt, beside the metadata headers (an event's trace context).
+        """
         # Callers need not call init(), and on a fresh store the lookup would query tables that do not exist.
         await self.init()
         self._ensure_change_feed()
@@ -542,7 +554,54 @@ class DeploymentService(ABC):
             idempotent=idempotent,
             session=session,
             balancing=balancing,
+            headers=headers,
         )
+
+    async def notify(
+        self,
+        name: str,
+        data: Any = None,
+        *,
+        session: Any = None,
+        trace_id: str | None = None,
+        deadline: float | None = None,
+        hop: int = 1,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Start ``name`` on a live instance without waiting for its result (one-way call).
+
+        ``deadline`` (a :func:`time.monotonic` instant, by default ``default_timeout`` from now)
+        bounds the wait for the broker's or worker's acknowledgement. See :meth:`RPC.notify`.
+        """
+        await self.init()
+        self._ensure_change_feed()
+        await self.router.notify(
+            name,
+            data,
+            deadline=time.monotonic() + self.default_timeout if deadline is None else deadline,
+            trace_id=trace_id,
+            hop=hop,
+            session=session,
+            headers=headers,
+        )
+
+    async def publish(
+        self,
+        subject: str,
+        data: Any = None,
+        *,
+        trace_id: str | None = None,
+        deadline: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> str:
+        """Publish an event on ``subject`` through :attr:`events`; return its event id once the broker stored it."""
+        bus = self.events
+        if bus is None:
+            bus = self.events = self._own_events = event_bus_from_env()
+        timeout = self.default_timeout if deadline is None else deadline - time.monotonic()
+        if timeout <= 0:
+            raise DeadlineExceededError(f"publishing on '{subject}' was not started because its deadline had passed")
+        return await bus.publish(subject, data, trace_id=trace_id, headers=headers, timeout=timeout)
 
     @contextlib.asynccontextmanager
     async def _translate_errors(self, action: str) -> AsyncIterator[None]:

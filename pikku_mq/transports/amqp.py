@@ -569,6 +569,57 @@ class AmqpTransport(ClientTransport):
             ) from None
         return _decode_reply(message, endpoint, request.name)
 
+    async def notify(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
+        """Store a one-way call in the durable queue ``pikku.notify.<function>`` of the endpoint's vhost.
+
+        It returns once the broker confirmed the persistent message. A vhost without that queue (no
+        worker there takes durable one-way calls) returns the message as unroutable, which raises
+        :class:`EndpointUnreachableError`.
+        """
+        from .amqp_durable import notify_queue
+
+        deadline = time.monotonic() + timeout
+        try:
+            target = parse_endpoint(endpoint)
+        except ConfigurationError as exc:
+            raise EndpointUnreachableError(f"cannot call {endpoint}: {exc}") from None
+        body = self._encode(request)
+        link = await self._link(target.vhost, timeout, endpoint)
+        queue = notify_queue(request.name)
+        properties = spec.Basic.Properties(
+            content_type=MSGPACK,
+            delivery_mode=2,
+            message_id=request.headers.get(HEADER_CALL_ID),
+            headers={**request.headers, HEADER_FUNCTION: request.name},
+        )
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                confirmation = await link.channel.basic_publish(
+                    body, routing_key=queue, properties=properties, mandatory=True
+                )
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"the AMQP broker did not confirm the one-way call to '{request.name}' within {timeout:.3f} s; "
+                "it may have been stored"
+            ) from None
+        except aiormq.exceptions.ChannelInvalidStateError:
+            raise EndpointUnreachableError(
+                f"the channel to the AMQP broker closed before the one-way call to '{request.name}' was sent"
+            ) from None
+        except aiormq.exceptions.PublishError:
+            raise EndpointUnreachableError(
+                f"no queue {queue!r} in vhost {target.vhost!r}: no worker there takes durable one-way calls "
+                "(start them with PikkuWorker(durable_notify=True))"
+            ) from None
+        except (_LinkLostError, aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            raise TransportError(
+                f"the connection to the AMQP broker closed during the one-way call to '{request.name}'; "
+                f"it may have been stored: {exc}"
+            ) from None
+        if not isinstance(confirmation, spec.Basic.Ack):
+            raise TransportError(f"the AMQP broker did not store the one-way call to '{request.name}' ({confirmation})")
+        return Reply(status=202, body=None)
+
     def _encode(self, request: CallRequest) -> bytes:
         try:
             body = _pack({"data": pydantic_core.to_jsonable_python(request.data)})

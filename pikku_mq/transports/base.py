@@ -69,6 +69,15 @@ class ClientTransport(ABC):
     async def call(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
         """Send ``request`` to ``endpoint`` and wait at most ``timeout`` seconds for the reply."""
 
+    async def notify(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
+        """Hand a one-way call to ``endpoint`` and return the acceptance, without waiting for the function.
+
+        By default the call goes out as a request with the ``pikku-one-way: 1`` header, which a
+        pikku_mq worker answers with ``202`` once it admitted the call. A broker transport overrides
+        this to store the call durably instead.
+        """
+        return await self.call(endpoint, request, timeout)
+
     async def close(self) -> None:  # noqa: B027 - closing is optional for transports without connections
         """Release connections. The transport may be used again afterwards and reconnects."""
 

@@ -27,6 +27,7 @@ import pydantic_core
 import uvicorn
 
 from .._dispatch import Dispatcher
+from .._durable import HEADER_ONE_WAY
 from .._errors import (
     BadRequestError,
     ConfigurationError,
@@ -136,7 +137,14 @@ class PikkuASGIApp:
             await _send_error(send, exc, binary=binary)
             return
 
-        outcome = await self.dispatcher.handle(name, data, headers, "http")
+        if headers.get(HEADER_ONE_WAY) == "1":
+            rejection = self.dispatcher.accept_one_way(name, data, headers)
+            if rejection is None:
+                await _send(send, 202, b"", JSON, rejected=False)
+                return
+            outcome = rejection
+        else:
+            outcome = await self.dispatcher.handle(name, data, headers, "http")
         if binary:
             status, body = outcome.encode_python()
             await _send(send, status, msgpack.packb(body), MSGPACK, rejected=outcome.rejected)

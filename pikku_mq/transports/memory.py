@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import pydantic_core
 
+from .._durable import HEADER_ONE_WAY
 from .._errors import BadRequestError, EndpointUnreachableError
 from .._presence import ChangeEvent, ChangeKind
 from .._types import CallRequest
@@ -81,7 +82,13 @@ class MemoryTransport(ClientTransport):
         except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
             raise BadRequestError(f"data for function '{request.name}' cannot be serialised: {exc}") from None
 
-        outcome = await dispatcher.handle(request.name, data, request.headers, "memory")
+        if request.headers.get(HEADER_ONE_WAY) == "1":
+            rejection = dispatcher.accept_one_way(request.name, data, request.headers)
+            if rejection is None:
+                return Reply(status=202, body=None)
+            outcome = rejection
+        else:
+            outcome = await dispatcher.handle(request.name, data, request.headers, "memory")
         status, body = outcome.encode_python()
         return Reply(status=status, body=body, rejected=outcome.rejected)
 

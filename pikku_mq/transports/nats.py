@@ -523,6 +523,19 @@ class NatsTransport(ClientTransport):
         msg = await connection.request(subject, payload, headers, deadline - loop.time(), request.name)
         return _decode_reply(msg, request.name, subject, connection.addresses)
 
+    async def notify(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
+        """Store a one-way call in the JetStream stream of the endpoint's subject prefix (see :mod:`.jetstream`)."""
+        from .jetstream import publish_notify
+
+        try:
+            prefix = parse_nats_endpoint(endpoint).prefix
+        except ConfigurationError as exc:
+            raise EndpointUnreachableError(str(exc)) from None
+        connection = await self._connection(request.name, timeout)
+        assert connection.nc is not None
+        await publish_notify(connection.nc, prefix, request, timeout)
+        return Reply(status=202, body=None)
+
     def _subject(self, endpoint: str, name: str) -> str:
         subject = self._subjects.get((endpoint, name))
         if subject is not None:

@@ -1,0 +1,175 @@
+"""Event buses and durable delivery sources: what a worker consumes besides its request-reply endpoints.
+
+An event bus is named by a URL, ``PIKKU_EVENTS_URL`` by default:
+
+- ``nats://[user:password@]host:port/<subject-prefix>``: NATS JetStream (see
+  :mod:`pikku_mq.transports.jetstream`);
+- ``amqp://user:password@host:port/<vhost>?exchange=<name>``: a RabbitMQ topic exchange (see
+  :mod:`pikku_mq.transports.amqp_durable`); ``exchange`` defaults to ``pikku.events``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from ._durable import HEADER_EVENT_ID, DeliveryPolicy, Settlement, settle
+from ._errors import ConfigurationError, PikkuMQError, function_not_found
+
+if TYPE_CHECKING:
+    from ._dispatch import Dispatcher
+    from ._functions import FunctionDefinition
+
+__all__ = ["ENV_EVENTS_URL", "DeliverySource", "EventBus", "event_bus_from_env", "event_bus_from_url", "run_delivery"]
+
+logger = logging.getLogger(__name__)
+
+ENV_EVENTS_URL = "PIKKU_EVENTS_URL"
+
+
+class DeliverySource(ABC):
+    """Durable deliveries that a worker consumes: the one-way calls of an endpoint, or the events of a bus."""
+
+    @abstractmethod
+    async def start(self, dispatcher: Dispatcher, policy: DeliveryPolicy, concurrency: int) -> None:
+        """Declare what is missing on the broker (streams, queues, consumers) and start consuming.
+
+        It returns once the broker has the consumer groups, so that a caller that finds the worker
+        in the registry afterwards can deliver to them.
+        """
+
+    @abstractmethod
+    async def stop_taking(self) -> None:
+        """Stop taking new deliveries; the running ones go on and are settled."""
+
+    @abstractmethod
+    async def wait_settled(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds until every delivery taken is settled."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close the connections. A delivery not yet settled goes back to the broker for another worker."""
+
+
+class EventBus(DeliverySource):
+    """Publishes events, and consumes them for the functions declared with ``events=[...]``."""
+
+    @abstractmethod
+    async def publish(
+        self,
+        subject: str,
+        data: Any = None,
+        *,
+        trace_id: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 10.0,
+    ) -> str:
+        """Publish an event and return its id once the broker stored it.
+
+        Raise :class:`~pikku_mq.EndpointUnreachableError` when the broker cannot be reached (the event
+        was not sent) and :class:`~pikku_mq.DeadlineExceededError` when it did not confirm in time
+        (the event may have been stored).
+        """
+
+    def handlers(self, dispatcher: Dispatcher) -> list[FunctionDefinition]:
+        """Return the functions of the worker that listen to events."""
+        return [definition for definition in dispatcher.registry if definition.events]
+
+
+def event_bus_from_url(url: str, *, max_age: float | None = None) -> EventBus:
+    """Build the event bus that ``url`` names (see the module's documentation). Nothing connects yet.
+
+    ``max_age`` (seconds) is how long a NATS stream keeps an event; it does not apply to AMQP.
+    """
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "nats":
+        from .transports.jetstream_events import JetStreamEventBus
+
+        return JetStreamEventBus(url, max_age=max_age)
+    if scheme in ("amqp", "amqps"):
+        from .transports.amqp_durable import AmqpEventBus
+
+        return AmqpEventBus(url)
+    raise ConfigurationError(
+        f"the event bus URL must be nats://host:port/<subject-prefix> or "
+        f"amqp://user:password@host:port/<vhost>?exchange=<name>, got scheme {scheme!r}"
+    )
+
+
+def event_bus_from_env() -> EventBus:
+    """Build the event bus of ``PIKKU_EVENTS_URL``, or raise ConfigurationError if it is not set."""
+    url = os.environ.get(ENV_EVENTS_URL, "").strip()
+    if not url:
+        raise ConfigurationError(
+            f"publishing events needs an event bus: set {ENV_EVENTS_URL} (for example nats://127.0.0.1:4222/events) "
+            "or assign deployment_service.events"
+        )
+    return event_bus_from_url(url)
+
+
+async def run_delivery(
+    dispatcher: Dispatcher,
+    name: str,
+    data: Any,
+    headers: dict[str, str],
+    attempt: int,
+    policy: DeliveryPolicy,
+    *,
+    event: bool,
+) -> Settlement:
+    """Run one durable delivery of function ``name`` and return how to settle it.
+
+    ``data`` is the decoded data, or the :class:`PikkuMQError` that decoding raised. A one-way call
+    (``event=False``) must name an exposed function and is checked against the remote secret; an
+    event runs any function of the worker that listens to it.
+    """
+    error: PikkuMQError | None
+    try:
+        if isinstance(data, PikkuMQError):
+            raise data
+        definition = dispatcher.registry.get(name)
+        if definition is None or not (definition.events if event else definition.expose):
+            raise function_not_found(name)
+        admitted = dispatcher.admit_delivery(definition, data, headers, signed=not event)
+    except PikkuMQError as exc:
+        error = exc
+    else:
+        outcome = await dispatcher.run_admitted_once(admitted, data)
+        error = outcome.error
+
+    settlement = settle(error, attempt, policy)
+    _log(settlement, name, headers, attempt, event=event)
+    return settlement
+
+
+def _log(settlement: Settlement, name: str, headers: Mapping[str, str], attempt: int, *, event: bool) -> None:
+    if settlement.error is None:
+        return
+    kind = "event" if event else "one-way call"
+    delivery_id = headers.get(HEADER_EVENT_ID) or headers.get("pikku-call-id") or "?"
+    error = settlement.error
+    if settlement.action == "retry":
+        logger.info(
+            "%s %s to %s failed on attempt %d: %s: %s; delivering it again in %.2f s",
+            kind,
+            delivery_id,
+            name,
+            attempt,
+            type(error).__name__,
+            error.message,
+            settlement.delay,
+        )
+    else:
+        logger.warning(
+            "%s %s to %s failed on attempt %d: %s: %s; moving it to the dead letter",
+            kind,
+            delivery_id,
+            name,
+            attempt,
+            type(error).__name__,
+            error.message,
+        )
