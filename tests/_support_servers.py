@@ -239,19 +239,25 @@ NATS_SERVER = "/usr/sbin/nats-server"
 
 
 class PrivateNats:
-    """A nats-server of this test on a free port, without JetStream, which the test may kill and start again."""
+    """A nats-server of this test on a free port, which the test may kill and start again.
 
-    def __init__(self, log_path: Path) -> None:
+    With ``store_dir`` it runs JetStream and keeps its streams in that folder, so they outlive a
+    restart; without it, it runs no JetStream.
+    """
+
+    def __init__(self, log_path: Path, store_dir: Path | None = None) -> None:
         self.port = closed_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.store_dir = store_dir
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> float:
         """Start the server on its port and return the time.monotonic() at which it accepted connections."""
+        jetstream = ["-js", "-sd", str(self.store_dir)] if self.store_dir is not None else []
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port)],
+                [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), *jetstream],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
