@@ -122,6 +122,8 @@ _WORKER_FLAGS = {
     "amqp_url": "--amqp-url",
     "metrics_port": "--metrics-port",
     "metrics_host": "--metrics-host",
+    "events": "--events",
+    "durable_notify": "--durable-notify",
 }
 
 
@@ -229,6 +231,20 @@ def _add_worker_parser(commands: Any) -> None:
         metavar="URL",
         help=f"broker URL with credentials that an amqp:// endpoint connects with; default: ${ENV_AMQP_URL}, "
         "else amqp://guest:guest@127.0.0.1:5672/",
+    )
+    parser.add_argument(
+        "--events",
+        metavar="URL",
+        help="event bus whose events run the functions declared with events=[...], and that rpc.publish "
+        "publishes on: nats://host:port/SUBJECT_PREFIX or amqp://user:password@host:port/<vhost>?exchange=<name> "
+        "(default: $PIKKU_EVENTS_URL)",
+    )
+    parser.add_argument(
+        "--durable-notify",
+        action="store_const",
+        const=True,
+        help="take one-way calls (rpc.notify) on the nats:// and amqp:// endpoints from a JetStream stream or "
+        "durable queues, which keep them across worker crashes and broker restarts",
     )
     parser.add_argument(
         "--heartbeat-interval",
@@ -557,10 +573,10 @@ def _import_module(name: str) -> ModuleType:
 
 def _worker_for_module(module: ModuleType, args: argparse.Namespace) -> PikkuWorker:
     functions = _functions_of(module)
-    if not any(definition.expose for definition in functions):
+    if not any(definition.expose or definition.events for definition in functions):
         raise UsageError(
-            f"module {module.__name__!r} defines no exposed functions; decorate them with "
-            "@pikku_func(expose=True) or @pikku_sessionless_func(expose=True)"
+            f"module {module.__name__!r} defines no exposed functions and no event handlers; decorate them "
+            "with @pikku_func(expose=True) or @pikku_sessionless_func(expose=True), or pass events=[...]"
         )
 
     options: dict[str, Any] = {
@@ -581,6 +597,8 @@ def _worker_for_module(module: ModuleType, args: argparse.Namespace) -> PikkuWor
         "amqp_url",
         "metrics_port",
         "metrics_host",
+        "events",
+        "durable_notify",
     ):
         value = getattr(args, name)
         if value is not None:

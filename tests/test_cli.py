@@ -417,6 +417,9 @@ def test_worker_on_nats_endpoint(
         (["calc:build", "--nats-url", "nats://127.0.0.1:4222"], "--nats-url cannot be combined with MODULE:ATTR"),
         (["helpers", "--dedup-window", "-1"], "must be a finite number of seconds, 0 or more, got '-1'"),
         (["calc:build", "--dedup-window", "5"], "--dedup-window cannot be combined with MODULE:ATTR"),
+        (["calc:build", "--durable-notify"], "--durable-notify cannot be combined with MODULE:ATTR"),
+        (["calc:build", "--events", "nats://127.0.0.1:4222/ev"], "--events cannot be combined with MODULE:ATTR"),
+        (["helpers", "--events", "redis://127.0.0.1/ev"], "the event bus URL must be nats://"),
     ],
 )
 def test_worker_rejects_bad_arguments(project: Path, cli_env: dict[str, str], args: list[str], message: str) -> None:
@@ -457,6 +460,28 @@ def test_ls_without_registry_file(tmp_path: Path, discovery: str, cli_env: dict[
     assert call.returncode == cli.EXIT_NOT_FOUND
     # Reading commands must not create the registry file.
     assert not (tmp_path / "registry.db").exists()
+
+
+def test_worker_events_flags_applied(project: Path, cli_env: dict[str, str]) -> None:
+    script = textwrap.dedent(
+        """
+        import json
+        from pikku_mq import cli
+
+        args = cli.build_parser().parse_args(
+            ["worker", "helpers", "--events", "nats://127.0.0.1:4222/app-events", "--durable-notify"]
+        )
+        worker = cli._worker_for_module(cli._import_module("helpers"), args)
+        print(json.dumps([type(worker.events).__name__, worker.events.prefix, worker.durable_notify]))
+        """
+    )
+    command = [sys.executable, "-c", script]
+    completed = subprocess.run(
+        command, cwd=project, env=cli_env, capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout) == ["JetStreamEventBus", "app-events", True]
 
 
 def test_worker_limits_and_bind_host_applied(project: Path, cli_env: dict[str, str]) -> None:
