@@ -473,8 +473,8 @@ class Dispatcher:
         """Check a durable one-way call or an event before it runs; raise the error that settles it.
 
         ``signed`` applies the remote secret, as for any call, except that a token seen before is
-        accepted, because the broker redelivers. Events are not signed: whoever may publish on the
-        subject may run its handlers, so broker permissions guard them.
+        accepted, because the broker redelivers. Events are not signed, so any client that may publish
+        on the subject may run its handlers, and broker permissions must restrict publishing.
         """
         if self.draining:
             raise ServiceUnavailableError(f"instance '{self.deployment_id}' is draining and takes no new deliveries")

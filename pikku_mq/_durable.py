@@ -78,9 +78,9 @@ class DeliveryPolicy:
     ``max_attempts`` counts the runs of the function, the first included; after the last failed one
     the delivery goes to the dead letter. The wait before the n-th retry is ``backoff * 2**(n-1)``
     seconds, at most ``max_backoff``, times a random factor between 0.5 and 1. ``ack_wait`` (seconds)
-    is how long the broker waits for the acknowledgement of a delivery before it hands the delivery
-    to another worker; on NATS a running function extends it every third of it, and on RabbitMQ a
-    closed connection returns the delivery at once instead.
+    is how long JetStream waits for the acknowledgement of a delivery before it hands the delivery
+    to another worker. A running function renews it every third of ``ack_wait``. RabbitMQ does not use
+    it, because it returns the deliveries of a closed connection at once.
     """
 
     max_attempts: int = 5
@@ -107,7 +107,7 @@ class DeliveryPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Settlement:
-    """What a worker does with a delivery once the function ran: ``ack``, ``retry`` or ``dead``.
+    """The action on a delivery once the function ran: ``ack``, ``retry`` or ``dead``.
 
     ``delay`` is the seconds before the retry, ``error`` the failure that a retry or dead letter follows.
     """

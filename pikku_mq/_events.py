@@ -124,7 +124,7 @@ async def run_delivery(
     """Run one durable delivery of function ``name`` and return how to settle it.
 
     ``data`` is the decoded data, or the :class:`PikkuMQError` that decoding raised. A one-way call
-    (``event=False``) must name an exposed function and is checked against the remote secret; an
+    (``event=False``) must name an exposed function and is checked against the remote secret. An
     event runs any function of the worker that listens to it.
     """
     error: PikkuMQError | None

@@ -196,8 +196,8 @@ class RPC:
         """Run ``name`` remotely without waiting for its result, and return once a worker or broker took it.
 
         The call is routed as :meth:`remote` routes it, and the endpoint's transport decides what is
-        promised: on a NATS or AMQP endpoint whose worker takes durable one-way calls, the broker has
-        stored the call when this returns; on HTTP the worker has admitted it and runs it in the
+        promised. On a NATS or AMQP endpoint whose worker takes durable one-way calls, the broker has
+        stored the call when this returns. On HTTP the worker has admitted it and runs it in the
         background. docs/events.md lists the promises of each transport. ``timeout`` (seconds) bounds
         the wait for that acknowledgement, not the run of the function.
         """

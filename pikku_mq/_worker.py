@@ -489,8 +489,8 @@ class PikkuWorker:
         """Start consuming durable one-way calls (with ``durable_notify``) and the events of the handlers."""
         sources: list[DeliverySource] = []
         if self.durable_notify:
-            for server, url in zip(self._servers, (self.endpoint, *self.fallback_endpoints), strict=False):
-                source = _notify_source(server, url or "", self.nats_url, self.amqp_url, self.deployment_id)
+            for url in (self.endpoint, *self.fallback_endpoints):
+                source = _notify_source(url or "", self.nats_url, self.amqp_url, self.deployment_id)
                 if source is not None:
                     sources.append(source)
         if self.events is not None:
@@ -611,7 +611,7 @@ def _event_bus(events: EventBus | str | None, registry: FunctionRegistry) -> Eve
 
 
 def _notify_source(
-    server: ServerTransport, endpoint: str, nats_url: str | None, amqp_url: str | None, deployment_id: str
+    endpoint: str, nats_url: str | None, amqp_url: str | None, deployment_id: str
 ) -> DeliverySource | None:
     """Return the source of durable one-way calls for an endpoint on a broker, or None for other endpoints."""
     scheme = endpoint_scheme(endpoint)

@@ -81,11 +81,11 @@ def _clear() -> None:
 
 @pytest.fixture(params=["nats", "amqp"])
 async def broker(request: pytest.FixtureRequest) -> AsyncIterator[TestBroker]:
-    made = nats_broker() if request.param == "nats" else amqp_broker()
+    created = nats_broker() if request.param == "nats" else amqp_broker()
     try:
-        yield made
+        yield created
     finally:
-        await made.close()
+        await created.close()
 
 
 def seen(handler: str) -> list[Any]:

@@ -2,7 +2,7 @@
 
 The group and SIGKILL tests use the shared NATS and RabbitMQ servers, on subjects or a vhost of the
 test's own. The restart tests start a private nats-server with JetStream and its own store folder,
-or a private RabbitMQ node, and kill and start it again; the shared servers are never restarted.
+or a private RabbitMQ node, and kill and start it again. The shared servers are never restarted.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ EVENTS = 20
 
 @pytest.fixture(params=["nats", "amqp"])
 async def broker(request: pytest.FixtureRequest) -> AsyncIterator[TestBroker]:
-    made = nats_broker() if request.param == "nats" else amqp_broker()
+    created = nats_broker() if request.param == "nats" else amqp_broker()
     try:
-        yield made
+        yield created
     finally:
-        await made.close()
+        await created.close()
 
 
 def ledger_lines(ledger: Path, kind: str) -> list[tuple[str, str]]:

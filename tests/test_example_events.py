@@ -28,11 +28,11 @@ def readme_command() -> list[str]:
 
 @pytest.fixture(params=["nats", "amqp"])
 def broker(request: pytest.FixtureRequest) -> Iterator[TestBroker]:
-    made = nats_broker() if request.param == "nats" else amqp_broker()
+    created = nats_broker() if request.param == "nats" else amqp_broker()
     try:
-        yield made
+        yield created
     finally:
-        asyncio.run(made.close())
+        asyncio.run(created.close())
 
 
 @pytest.mark.timeout(90)

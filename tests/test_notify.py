@@ -61,11 +61,11 @@ def _clear_runs() -> None:
 
 @pytest.fixture(params=["nats", "amqp"])
 async def broker(request: pytest.FixtureRequest) -> AsyncIterator[TestBroker]:
-    made = nats_broker() if request.param == "nats" else amqp_broker()
+    created = nats_broker() if request.param == "nats" else amqp_broker()
     try:
-        yield made
+        yield created
     finally:
-        await made.close()
+        await created.close()
 
 
 def runs_of(tag: str) -> list[tuple[str, Any, str]]:
@@ -87,7 +87,7 @@ async def test_notify_http_runs_in_background() -> None:
             assert runs_of("h")[0][2] == "trace-http"
 
 
-async def test_notify_memory_rejects_bad_input() -> None:
+async def test_notify_memory_unknown_function() -> None:
     async with Mesh() as mesh:
         worker = PikkuWorker(endpoint="memory://notify-bad", registry=REG, deployment_service=mesh.service())
         async with worker:

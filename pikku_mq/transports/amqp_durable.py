@@ -230,6 +230,8 @@ class _AmqpConsumer:
                 type(exc).__name__,
                 exc,
             )
+        except Exception:
+            logger.exception("a delivery from %s failed unexpectedly; it will be delivered again", group.queue)
 
     async def _republish(
         self,

@@ -72,8 +72,8 @@ class ClientTransport(ABC):
     async def notify(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
         """Hand a one-way call to ``endpoint`` and return the acceptance, without waiting for the function.
 
-        By default the call goes out as a request with the ``pikku-one-way: 1`` header, which a
-        pikku_mq worker answers with ``202`` once it admitted the call. A broker transport overrides
+        By default the call goes out as a request with the ``pikku-one-way: 1`` header, to which a
+        pikku_mq worker replies ``202`` once it admitted the call. A broker transport overrides
         this to store the call durably instead.
         """
         return await self.call(endpoint, request, timeout)

@@ -112,7 +112,8 @@ def _bounded(name: str) -> str:
     return name[: _MAX_NAME - 17] + "_" + hashlib.sha256(name.encode()).hexdigest()[:16]
 
 
-def _consumer_name(*parts: str) -> str:
+def consumer_name(*parts: str) -> str:
+    """Return the durable consumer name made of ``parts``, with the characters JetStream forbids replaced."""
     # JetStream names may not contain '.', '*', '>' or path separators; escaped names have none but '%'.
     return _bounded("--".join(parts).replace(".", "_").replace("*", "+").replace(">", "="))
 

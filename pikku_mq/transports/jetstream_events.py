@@ -17,7 +17,7 @@ from ._nats_wire import escape_name, server_addresses
 from .jetstream import (
     DEFAULT_MAX_AGE,
     JetStreamConsumer,
-    _consumer_name,
+    consumer_name,
     decode_data,
     encode_data,
     ensure_stream,
@@ -108,7 +108,7 @@ class JetStreamNotifySource(DeliverySource):
             consumer = JetStreamConsumer(
                 nc,
                 stream=stream,
-                durable=_consumer_name("notify", escape_name(name)),
+                durable=consumer_name("notify", escape_name(name)),
                 filter_subject=notify_subject(self.prefix, name),
                 dead_subject=notify_dead_subject(self.prefix, name),
                 function=name,
@@ -140,8 +140,8 @@ class JetStreamNotifySource(DeliverySource):
 class JetStreamEventBus(EventBus):
     """Events in the JetStream stream of a subject prefix: ``nats://[user:password@]host:port/<prefix>``.
 
-    ``max_age`` (seconds, default 7 days) is how long the stream keeps an event; it applies when this
-    bus creates the stream.
+    ``max_age`` (seconds, default 7 days) is how long the stream keeps an event. It applies only when
+    this bus creates the stream.
     """
 
     def __init__(self, url: str, *, max_age: float | None = None) -> None:
@@ -209,7 +209,7 @@ class JetStreamEventBus(EventBus):
                 consumer = JetStreamConsumer(
                     nc,
                     stream=self.stream,
-                    durable=_consumer_name(escape_name(name), subject),
+                    durable=consumer_name(escape_name(name), subject),
                     filter_subject=f"{self.prefix}.{subject}",
                     dead_subject=f"{self.prefix}-dead.{escape_name(name)}",
                     function=name,

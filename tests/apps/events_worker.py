@@ -7,7 +7,7 @@ Every finished run appends a line ``<kind> <tag> <deployment id>`` to the ledger
 ``notify`` for the one-way function ``record`` and ``event`` for the handler of ``jobs.created``.
 The handler also appends ``<tag> <deployment id>`` to ``<ledger>.started`` when it starts, and when
 the job has a ``hold`` and no run of its tag started before, it sleeps that many seconds first. So
-a test can kill the worker that holds an event and see another worker finish it.
+a test can kill the worker that runs an event and see another worker finish it.
 """
 
 from __future__ import annotations
