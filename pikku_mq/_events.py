@@ -17,8 +17,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from ._dispatch import Outcome
 from ._durable import HEADER_EVENT_ID, DeliveryPolicy, Settlement, settle
 from ._errors import ConfigurationError, PikkuMQError, function_not_found
+from ._telemetry import UNKNOWN_FUNCTION
 
 if TYPE_CHECKING:
     from ._dispatch import Dispatcher
@@ -120,28 +122,37 @@ async def run_delivery(
     policy: DeliveryPolicy,
     *,
     event: bool,
+    transport: str,
 ) -> Settlement:
     """Run one durable delivery of function ``name`` and return how to settle it.
 
     ``data`` is the decoded data, or the :class:`PikkuMQError` that decoding raised. A one-way call
     (``event=False``) must name an exposed function and is checked against the remote secret. An
-    event runs any function of the worker that listens to it.
+    event runs any function of the worker that listens to it. With telemetry on, the run gets a
+    server span that continues the trace of the delivery's ``traceparent``, labelled ``transport``.
     """
-    error: PikkuMQError | None
-    try:
-        if isinstance(data, PikkuMQError):
-            raise data
-        definition = dispatcher.registry.get(name)
-        if definition is None or not (definition.events if event else definition.expose):
-            raise function_not_found(name)
-        admitted = dispatcher.admit_delivery(definition, data, headers, signed=not event)
-    except PikkuMQError as exc:
-        error = exc
-    else:
-        outcome = await dispatcher.run_admitted_once(admitted, data)
-        error = outcome.error
+    definition = dispatcher.registry.get(name)
+    known = definition is not None and bool(definition.events if event else definition.expose)
 
-    settlement = settle(error, attempt, policy)
+    async def run(name: str, data: Any, headers: Mapping[str, str]) -> Outcome:
+        try:
+            if isinstance(data, PikkuMQError):
+                raise data
+            if definition is None or not known:
+                raise function_not_found(name)
+            admitted = dispatcher.admit_delivery(definition, data, headers, signed=not event)
+        except PikkuMQError as exc:
+            return Outcome(error=exc)
+        return await dispatcher.run_admitted_once(admitted, data)
+
+    telemetry = dispatcher.telemetry
+    if telemetry is not None and telemetry.recording():
+        function = name if known else UNKNOWN_FUNCTION
+        outcome = await telemetry.serve(run, name, data, headers, transport, function, dispatcher.deployment_id)
+    else:
+        outcome = await run(name, data, headers)
+
+    settlement = settle(outcome.error, attempt, policy)
     _log(settlement, name, headers, attempt, event=event)
     return settlement
 

@@ -13,6 +13,11 @@ from typing import Any
 import pytest
 from _support_core import Mesh, wait_until
 from _support_events import RecordingTransport, TestBroker, amqp_broker, nats_broker
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from pikku_mq import (
     RPC,
@@ -216,6 +221,43 @@ async def test_handler_calls_carry_trace(broker: TestBroker) -> None:
         assert sent["tracestate"] == "vendor=1"
         assert sent["x-request-id"] == "trace-7"
     assert "pikku-one-way" in recording.sent[1][1]
+
+
+async def test_handler_span_continues_event_trace(broker: TestBroker) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    async with Mesh() as mesh:
+        echo_worker = PikkuWorker(
+            endpoint="memory://events-span-echo", functions=["echo"], registry=REG, deployment_service=mesh.service()
+        )
+        worker = PikkuWorker(
+            endpoint="memory://events-span",
+            functions=["ship_order", "track_order"],
+            registry=REG,
+            deployment_service=mesh.service(tracing=provider),
+            events=broker.events_url,
+            tracing=provider,
+        )
+        async with echo_worker, worker:
+            publisher = event_bus_from_url(broker.events_url)
+            try:
+                await publisher.publish("orders.created", {"call_back": True}, headers={"traceparent": TRACEPARENT})
+                await wait_until(lambda: seen("track_order"), timeout=10)
+            finally:
+                await publisher.close()
+
+    spans = list(exporter.get_finished_spans())
+    handler = [span for span in spans if span.name == "ship_order" and span.kind == SpanKind.SERVER]
+    echo_calls = [span for span in spans if span.name == "echo" and span.kind == SpanKind.CLIENT]
+    assert len(handler) == 1
+    assert handler[0].parent is not None
+    assert trace.format_span_id(handler[0].parent.span_id) == TRACEPARENT.split("-")[2]
+    assert trace.format_trace_id(handler[0].context.trace_id) == TRACEPARENT.split("-")[1]
+    assert handler[0].attributes is not None
+    assert handler[0].attributes["pikku_mq.transport"] == broker.kind
+    assert len(echo_calls) == 1
+    assert echo_calls[0].context.trace_id == handler[0].context.trace_id
 
 
 async def test_publish_without_event_bus(monkeypatch: pytest.MonkeyPatch) -> None:

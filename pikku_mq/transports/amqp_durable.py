@@ -320,7 +320,9 @@ class AmqpNotifySource(DeliverySource):
                 except PikkuMQError as exc:
                     data = exc
                 # The queue names the function; a pikku-function header in the message is not trusted over it.
-                return await run_delivery(dispatcher, name, data, headers, attempt, policy, event=False)
+                return await run_delivery(
+                    dispatcher, name, data, headers, attempt, policy, event=False, transport="amqp"
+                )
 
             consumer.groups.append(_Group(notify_queue(name), name, handle, None))
         await consumer.start()
@@ -453,7 +455,9 @@ class AmqpEventBus(EventBus):
                     data: Any = decode_data(body)
                 except PikkuMQError as exc:
                     data = exc
-                return await run_delivery(dispatcher, name, data, headers, attempt, policy, event=True)
+                return await run_delivery(
+                    dispatcher, name, data, headers, attempt, policy, event=True, transport="amqp"
+                )
 
             keys = tuple(routing_key(subject) for subject in definition.events)
             queue = _bounded(f"{self.exchange}.{definition.name}")

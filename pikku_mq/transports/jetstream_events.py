@@ -103,7 +103,9 @@ class JetStreamNotifySource(DeliverySource):
                     function = function_of_notify_subject(self.prefix, subject)
                 except PikkuMQError as exc:
                     data, function = exc, subject
-                return await run_delivery(dispatcher, function, data, headers, attempt, policy, event=False)
+                return await run_delivery(
+                    dispatcher, function, data, headers, attempt, policy, event=False, transport="nats"
+                )
 
             consumer = JetStreamConsumer(
                 nc,
@@ -203,7 +205,9 @@ class JetStreamEventBus(EventBus):
                     data: Any = decode_data(payload)
                 except PikkuMQError as exc:
                     data = exc
-                return await run_delivery(dispatcher, name, data, headers, attempt, policy, event=True)
+                return await run_delivery(
+                    dispatcher, name, data, headers, attempt, policy, event=True, transport="nats"
+                )
 
             for subject in definition.events:
                 consumer = JetStreamConsumer(
