@@ -73,8 +73,9 @@ class EventBus(DeliverySource):
         """Publish an event and return its id once the broker stored it.
 
         Raise :class:`~pikku_mq.EndpointUnreachableError` when the broker cannot be reached (the event
-        was not sent) and :class:`~pikku_mq.DeadlineExceededError` when it did not confirm in time
-        (the event may have been stored).
+        was not sent), :class:`~pikku_mq.DeadlineExceededError` when it did not confirm in time, and
+        :class:`~pikku_mq.TransportError` when the connection failed during the publish. After the
+        last two the event may have been stored.
         """
 
     def handlers(self, dispatcher: Dispatcher) -> list[FunctionDefinition]:

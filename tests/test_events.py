@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from _support_core import Mesh, wait_until
+from _support_core import Mesh, closed_port, wait_until
 from _support_events import RecordingTransport, TestBroker, amqp_broker, nats_broker
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -23,6 +23,7 @@ from pikku_mq import (
     RPC,
     ConfigurationError,
     DeliveryPolicy,
+    EndpointUnreachableError,
     FunctionRegistry,
     InputValidationError,
     InternalServerError,
@@ -267,6 +268,16 @@ async def test_publish_without_event_bus(monkeypatch: pytest.MonkeyPatch) -> Non
         rpc = RPC(deployment_service=mesh.service())
         with pytest.raises(ConfigurationError, match="PIKKU_EVENTS_URL"):
             await rpc.publish("orders.created", {})
+
+
+@pytest.mark.parametrize("url", ["nats://127.0.0.1:{port}/events", "amqp://guest:guest@127.0.0.1:{port}/%2F"])
+async def test_publish_broker_unreachable(url: str) -> None:
+    bus = event_bus_from_url(url.format(port=closed_port()))
+    try:
+        with pytest.raises(EndpointUnreachableError, match="cannot connect"):
+            await bus.publish("orders.created", {}, timeout=5)
+    finally:
+        await bus.close()
 
 
 @pytest.mark.parametrize("subject", ["", "orders..created", "orders.*", "orders created", "orders.>"])

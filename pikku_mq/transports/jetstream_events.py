@@ -7,11 +7,13 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.api import DeliverPolicy
 
 from .._durable import DeliveryPolicy, Settlement
-from .._errors import PikkuMQError
+from .._errors import DeadlineExceededError, EndpointUnreachableError, PikkuMQError
 from .._events import DeliverySource, EventBus, run_delivery
 from ._nats_wire import escape_name, server_addresses
 from .jetstream import (
@@ -183,7 +185,17 @@ class JetStreamEventBus(EventBus):
     ) -> str:
         message_headers = event_headers(subject, trace_id, headers)
         payload = encode_data(data, f"event {subject}")
-        nc = await asyncio.wait_for(self._publisher_client(), timeout)
+        try:
+            nc = await asyncio.wait_for(self._publisher_client(), timeout)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"connecting to NATS at {server_addresses(self.server_url)} for an event on '{subject}' timed out"
+            ) from None
+        except (nats.errors.Error, nats.js.errors.APIError) as exc:
+            raise EndpointUnreachableError(
+                f"cannot set up the JetStream stream {self.stream} for an event on '{subject}': "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
         await publish_stored(
             nc.jetstream(), f"{self.prefix}.{subject}", payload, message_headers, timeout, f"an event on '{subject}'"
         )
