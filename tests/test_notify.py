@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -16,16 +17,20 @@ import msgpack
 import pytest
 from _support_core import Mesh, wait_until
 from _support_events import TestBroker, amqp_broker, amqp_letters, nats_broker, nats_letters
+from _support_servers import PrivateNats
 
 from pikku_mq import (
     RPC,
     DeliveryPolicy,
+    EndpointUnreachableError,
     FunctionNotFoundError,
     FunctionRegistry,
     InputValidationError,
     PikkuWorker,
+    RemoteSecurity,
     RoutingError,
     ServiceUnavailableError,
+    UnauthorizedError,
     Wire,
     pikku_sessionless_func,
 )
@@ -208,6 +213,63 @@ async def test_amqp_redelivered_call_runs_once() -> None:
                 assert len(runs_of("twice")) == 1
     finally:
         await broker.close()
+
+
+async def test_signed_redelivery_runs_once() -> None:
+    security = RemoteSecurity("a-secret-of-at-least-32-characters-for-tests")
+    broker = amqp_broker()
+    try:
+        async with Mesh() as mesh:
+            worker = PikkuWorker(
+                endpoint=broker.endpoint,
+                registry=REG,
+                deployment_service=mesh.service(),
+                durable_notify=True,
+                security=security,
+                **broker.worker_options(),
+            )
+            async with worker:
+                data = {"tag": "signed"}
+                token = security.signer("record", data, None)()
+                headers = {"pikku-call-id": uuid.uuid4().hex, "authorization": token}
+                connection = await aio_pika.connect(f"{broker.broker_url.rstrip('/')}/{broker.vhost}")
+                async with connection:
+                    channel = await connection.channel()
+                    # The same signed call twice: the token id is accepted again, and the call id runs once.
+                    for _ in range(2):
+                        message = aio_pika.Message(msgpack.packb({"data": data}), headers=headers)
+                        await channel.default_exchange.publish(message, routing_key=notify_queue("record"))
+                    unsigned = aio_pika.Message(msgpack.packb({"data": {"tag": "unsigned"}}))
+                    await channel.default_exchange.publish(unsigned, routing_key=notify_queue("record"))
+
+                await wait_until(lambda: runs_of("signed"), timeout=10)
+                letters = await _notify_dead_letters(broker, "record")
+                await asyncio.sleep(1.0)  # the redelivery takes milliseconds to replay or fail
+                letters = await _notify_dead_letters(broker, "record")
+                assert len(runs_of("signed")) == 1
+        assert runs_of("unsigned") == []
+        assert len(letters) == 1
+        assert letters[0][1] == {"tag": "unsigned"}
+        assert letters[0][0]["pikku-error-class"] == UnauthorizedError.__name__
+    finally:
+        await broker.close()
+
+
+async def test_durable_notify_needs_jetstream(tmp_path: Path) -> None:
+    server = PrivateNats(tmp_path / "nats.log")
+    server.start()
+    try:
+        worker = PikkuWorker(
+            endpoint=f"nats://127.0.0.1:{server.port}/pikku-nojs",
+            registry=REG,
+            discovery=False,
+            durable_notify=True,
+            nats_url=server.url,
+        )
+        with pytest.raises(EndpointUnreachableError, match="start nats-server with JetStream"):
+            await worker.start()
+    finally:
+        server.stop()
 
 
 async def _notify_dead_letters(broker: TestBroker, function: str) -> list[tuple[dict[str, str], Any]]:

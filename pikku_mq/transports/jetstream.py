@@ -132,7 +132,24 @@ def parse_events_url(url: str) -> tuple[str, str]:
 
 
 async def ensure_stream(js: JetStreamContext, name: str, subjects: list[str], max_age: float) -> None:
-    """Create the stream ``name`` on ``subjects`` if it does not exist; an existing one is left as it is."""
+    """Create the stream ``name`` on ``subjects`` if it does not exist; an existing one is left as it is.
+
+    Raise :class:`EndpointUnreachableError` when the server has no JetStream, and
+    :class:`TransportError` when JetStream rejects the stream (for example subjects that overlap
+    another stream's).
+    """
+    try:
+        await _create_stream(js, name, subjects, max_age)
+    except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        raise EndpointUnreachableError(
+            f"JetStream did not respond, so stream {name} cannot be used; start nats-server with JetStream "
+            "on (nats-server -js, or a jetstream block in its configuration)"
+        ) from None
+    except nats.js.errors.APIError as exc:
+        raise TransportError(f"JetStream rejected stream {name} on {subjects}: {exc}") from None
+
+
+async def _create_stream(js: JetStreamContext, name: str, subjects: list[str], max_age: float) -> None:
     try:
         await js.stream_info(name)
     except nats.js.errors.NotFoundError:
