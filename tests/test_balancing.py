@@ -144,7 +144,7 @@ async def test_unknown_call_strategy_rejected(make_service: Callable[..., Deploy
     ("build", "message"),
     [
         (lambda: RetryPolicy(max_attempts=0), "max_attempts must be an integer of at least 1"),
-        (lambda: RetryPolicy(attempt_timeout=-1.0), "attempt_timeout must be positive"),
+        (lambda: RetryPolicy(attempt_timeout=-1.0), "attempt_timeout must be a positive"),
         (lambda: RetryPolicy(backoff=2.0, max_backoff=1.0), "0 <= backoff <= max_backoff"),
         (lambda: EjectionPolicy(consecutive_failures=0), "consecutive_failures must be at least 1"),
         (lambda: EjectionPolicy(base_interval=2.0, max_interval=1.0), "at least base_interval"),
