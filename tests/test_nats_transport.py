@@ -567,6 +567,30 @@ async def test_odd_function_names(mesh: Mesh, raw_client: NatsClient) -> None:
         assert unpack(reply.data) == "orders.create"
 
 
+async def test_default_pool_spreads_calls(mesh: Mesh) -> None:
+    prefix = new_prefix()
+    transport = NatsTransport(SHARED_URL)
+    events: list[Any] = []
+    transport.set_presence_listener(events.append)
+    async with make_worker(mesh, shared_endpoint(prefix)):
+        replies = [await transport.call(shared_endpoint(prefix), request("echo", i), 5.0) for i in range(6)]
+        first, second = transport._slots
+        assert first is not None
+        assert second is not None
+        assert first.nc is not None
+        assert second.nc is not None
+        sent = (first.nc.stats["out_msgs"], second.nc.stats["out_msgs"])
+        subscriptions = (len(first.nc._subs), len(second.nc._subs))
+        distinct = first.nc.client_id != second.nc.client_id
+    await transport.close()
+
+    assert [reply.body for reply in replies] == list(range(6))
+    assert sent == (3, 3)
+    assert distinct
+    # The reply inbox on both, and presence on the first only, so each event reaches the listener once.
+    assert subscriptions == (2, 1)
+
+
 async def test_queue_group_shares_prefix(mesh: Mesh) -> None:
     prefix = new_prefix()
     transport = NatsTransport(SHARED_URL, connections=2)

@@ -69,12 +69,22 @@ if TYPE_CHECKING:
 
     from .._dispatch import Dispatcher
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_PRESENCE_SUBJECT", "NatsServer", "NatsTransport", "presence_subject"]
+__all__ = [
+    "DEFAULT_CONNECTIONS",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_PRESENCE_SUBJECT",
+    "NatsServer",
+    "NatsTransport",
+    "presence_subject",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONNECT_TIMEOUT = 2.0
 """Seconds a first connection to NATS may take before the attempt fails."""
+
+DEFAULT_CONNECTIONS = 2
+"""Connections a caller spreads its NATS calls over, unless ``NatsTransport(connections=...)`` says otherwise."""
 
 _RECONNECT_WAIT = 1
 """Seconds between two attempts to reconnect to a server, after the first immediate one."""
@@ -487,14 +497,20 @@ class NatsTransport(ClientTransport):
     Nothing connects until the first call. The connection then reconnects without limit after a
     broker restart; while it is down, calls fail at once with :class:`EndpointUnreachableError`. A
     client that nats-py closed for good (for example after an authorization error) is replaced on the
-    next call. ``connections`` spreads calls over that many connections, which raises throughput
-    when many calls are in flight.
+    next call. ``connections`` spreads calls round-robin over that many connections, each opened on
+    its first call. One nats-py connection moves its calls through one read loop and one flusher, so
+    with many calls in flight two connections carry more calls per second at about the same CPU per
+    call (see docs/benchmarks.md). Only the first connection subscribes to presence.
     """
 
     schemes: ClassVar[tuple[str, ...]] = ("nats",)
 
     def __init__(
-        self, url: str | None = None, *, connections: int = 1, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+        self,
+        url: str | None = None,
+        *,
+        connections: int = DEFAULT_CONNECTIONS,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         if connections < 1:
             raise ConfigurationError(f"connections must be at least 1, got {connections!r}")
