@@ -41,7 +41,7 @@ from pikku_mq import (
 )
 from pikku_mq._types import HEADER_DEADLINE, CallRequest
 from pikku_mq.transports._nats_wire import escape_name, parse_nats_endpoint, unescape_token
-from pikku_mq.transports.nats import NatsServer, NatsTransport
+from pikku_mq.transports.nats import NatsServer, NatsTransport, _Client
 
 SHARED_URL = "nats://127.0.0.1:4222"
 
@@ -197,6 +197,60 @@ def test_missing_nats_py_named(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigurationError, match=r"pip install 'pikku-mq\[nats\]'"):
         worker._server_for(shared_endpoint())
     assert all(not isinstance(t, NatsTransport) for t in TransportSet.default()._by_scheme.values())
+
+
+# -- publishing ----------------------------------------------------------------------------------------
+
+
+HEADER_CASES: dict[str, dict[str, Any]] = {
+    "pikku call": {
+        "x-request-id": "0123456789abcdef0123456789abcdef",
+        "pikku-call-id": "fedcba9876543210fedcba9876543210",
+        "pikku-hop": "1",
+        "pikku-deadline-ms": "5000",
+        "authorization": "Bearer a.b.c",
+    },
+    "reply": {"pikku-status": "500", "Nats-Service-Error": "boom: it failed", "Nats-Service-Error-Code": "500"},
+    "empty": {},
+    "space inside value": {"a": "x y"},
+    "leading space": {"a": " x"},
+    "trailing tab": {"a": "x\t"},
+    "newline in value": {"a": "x\r\ny: z"},
+    "non-ASCII value": {"a": "Zoë"},
+    "padded name": {" a ": "x", "b\r\n": "y"},
+    "empty name": {"": "x", "b": "y"},
+    "empty value": {"a": ""},
+}
+
+
+def _recording_client() -> Any:
+    """pikku_mq's nats-py client, unconnected, with every protocol command it sends kept in ``sent``."""
+    client: Any = _Client()
+    client.sent = []
+
+    async def record(command: bytes, priority: bool = False) -> None:
+        client.sent.append(command)
+
+    client._send_command = record
+    return client
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+@pytest.mark.parametrize("reply", ["_INBOX.x.1", ""])
+async def test_publish_bytes_match_nats_py(case: str, reply: str) -> None:
+    headers = HEADER_CASES[case]
+    ours, theirs = _recording_client(), _recording_client()
+    await ours._send_publish("p.echo", reply, b"\x81\xa4data\x01", 7, dict(headers))
+    await NatsClient._send_publish(theirs, "p.echo", reply, b"\x81\xa4data\x01", 7, dict(headers))
+
+    assert ours.sent == theirs.sent
+    assert ours.stats["out_msgs"] == theirs.stats["out_msgs"] == 1
+
+
+@pytest.mark.parametrize("name", ["bad name", "a:b", "é"])
+async def test_publish_bad_header_name_raises(name: str) -> None:
+    with pytest.raises(nats.errors.BadHeaderError):
+        await _recording_client()._send_publish("p.echo", "r", b"", 0, {name: "x"})
 
 
 # -- routing failures --------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -131,6 +132,12 @@ _CONTROL_LINE_WHITESPACE = bytes.maketrans(b"\x0b\x0c", b"\x00\x00")
 
 _CONTROL_CHARACTERS = frozenset(range(0x20)) | {0x7F}
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""The header names nats-py (2.16) sends as they are; it raises BadHeaderError for others."""
+
+_MAX_HEADER_PREFIXES = 256
+"""Header names whose encoded ``name: `` prefix a client keeps."""
+
 
 class _Parser(Parser):
     """nats-py's protocol parser, made to keep the connection when a subject contains ``\x0b`` or ``\x0c``.
@@ -187,6 +194,7 @@ class _Client(NatsClient):
     def __init__(self) -> None:
         super().__init__()
         self._ps = _Parser(self)
+        self._header_prefixes: dict[str, bytes] = {}
 
     async def _process_headers(self, headers: bytes | None) -> dict[str, str] | None:
         try:
@@ -196,6 +204,52 @@ class _Client(NatsClient):
             # UnicodeDecodeError in nats-py 2.16), so each one marks the message as malformed instead.
             logger.debug("NATS: a message has a header block that cannot be parsed: %r", (headers or b"")[:200])
             return _MalformedHeaders()
+
+    async def _send_publish(
+        self, subject: str, reply: str, payload: bytes, payload_size: int, headers: dict[str, Any] | None
+    ) -> None:
+        """Send HPUB with a header block built from cached name prefixes, else as nats-py does.
+
+        The bytes are those of nats-py's ``_send_publish``. This path only takes names and values that
+        nats-py would send unchanged (a valid name, a printable ASCII value without surrounding spaces),
+        so it skips nats-py's per-header strip, regex match and newline translation.
+        """
+        block = self._header_block(headers) if headers and subject else None
+        if block is None:
+            await super()._send_publish(subject, reply, payload, payload_size, headers)
+            return
+        command = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+            subject.encode(),
+            reply.encode(),
+            len(block),
+            len(block) + len(payload),
+            block,
+            payload,
+        )
+        self.stats["out_msgs"] += 1
+        self.stats["out_bytes"] += payload_size
+        await self._send_command(command)
+        if self._flush_queue is not None and self._flush_queue.empty():
+            await self._flush_pending()
+
+    def _header_block(self, headers: dict[str, Any]) -> bytes | None:
+        prefixes = self._header_prefixes
+        parts = [b"NATS/1.0\r\n"]
+        for name, value in headers.items():
+            prefix = prefixes.get(name)
+            if prefix is None:
+                if not isinstance(name, str) or name.strip() != name or not _HEADER_NAME.fullmatch(name):
+                    return None
+                prefix = name.encode() + b": "
+                if len(prefixes) < _MAX_HEADER_PREFIXES:
+                    prefixes[name] = prefix
+            if not (isinstance(value, str) and value.isascii() and value.isprintable()) or value.strip() != value:
+                return None
+            parts.append(prefix)
+            parts.append(value.encode())
+            parts.append(b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
 
     def _build_message(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
