@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgpack
+import nats.aio.client as nats_client
 import nats.errors
 import pydantic_core
 from nats.aio.client import Client as NatsClient
@@ -135,6 +136,9 @@ _CONTROL_CHARACTERS = frozenset(range(0x20)) | {0x7F}
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """The header names nats-py (2.16) sends as they are; it raises BadHeaderError for others."""
 
+_NATS_USES_MAIL_PARSER = getattr(nats_client, "parse_email", None) is not None
+"""nats-py parses header lines with fast_mail_parser where that package is installed; then its own code runs."""
+
 _MAX_HEADER_PREFIXES = 256
 """Header names whose encoded ``name: `` prefix a client keeps."""
 
@@ -197,6 +201,8 @@ class _Client(NatsClient):
         self._header_prefixes: dict[str, bytes] = {}
 
     async def _process_headers(self, headers: bytes | None) -> dict[str, str] | None:
+        if headers and headers.startswith(b"NATS/1.0\r\n") and len(headers) > 10 and not _NATS_USES_MAIL_PARSER:
+            return _parse_header_lines(headers[10:])
         try:
             return await super()._process_headers(headers)
         except Exception:
@@ -267,6 +273,28 @@ class _Client(NatsClient):
         except UnicodeDecodeError:
             subject = subject.decode(errors="replace").encode()
         return super()._build_message(sid, subject, reply, data, headers)  # type: ignore[no-any-return]
+
+
+def _parse_header_lines(block: bytes) -> dict[str, str] | None:
+    """Parse the header lines after ``NATS/1.0\\r\\n`` as nats-py (2.16) does, without its per-character loop.
+
+    nats-py skips lines without a colon, names that are not ASCII or contain whitespace, and keeps
+    the last of repeated names. It decodes values as UTF-8 with U+FFFD for bad bytes, and returns
+    None for a block without headers. A test compares both parsers line by line.
+    """
+    parsed: dict[str, str] = {}
+    for line in block.split(b"\r\n"):
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue
+        name = name.strip()
+        if not name.isascii():
+            continue
+        key = name.decode("ascii")
+        if key and key.split() != [key]:
+            continue
+        parsed[key] = value.strip().decode("utf-8", "replace")
+    return parsed or None
 
 
 Callback = Callable[[], Awaitable[None]]
