@@ -43,7 +43,7 @@ from pikku_mq import (
 )
 from pikku_mq._types import HEADER_DEADLINE, CallRequest
 from pikku_mq.transports._nats_wire import escape_name, parse_nats_endpoint, unescape_token
-from pikku_mq.transports.nats import NatsServer, NatsTransport, _Client
+from pikku_mq.transports.nats import NatsServer, NatsTransport, _Client, _close_client
 
 SHARED_URL = "nats://127.0.0.1:4222"
 
@@ -829,6 +829,37 @@ async def test_broker_restart_recovers(mesh: Mesh, private_nats: PrivateNats) ->
         waited = await wait_until(served, timeout=15, interval=0.2)
         assert waited < 15
         assert await caller.invoke("echo", {"after": "restart"}, timeout=5) == {"after": "restart"}
+
+
+class _ClientClosingWithCancel:
+    """A stand-in for a nats-py client whose close() raises CancelledError, as nats-py 2.16 does when
+    it is closed while reconnecting, or waits in close() until the test cancels it."""
+
+    is_closed = False
+    is_connected = True
+
+    def __init__(self, wait: bool = False) -> None:
+        self.wait = wait
+        self.entered = asyncio.Event()
+
+    async def close(self) -> None:
+        self.entered.set()
+        if self.wait:
+            await asyncio.sleep(30)
+        raise asyncio.CancelledError
+
+
+async def test_close_client_swallows_inner_cancel() -> None:
+    await _close_client(_ClientClosingWithCancel())  # type: ignore[arg-type]
+
+
+async def test_close_client_passes_own_cancel() -> None:
+    client = _ClientClosingWithCancel(wait=True)
+    closing = asyncio.create_task(_close_client(client))  # type: ignore[arg-type]
+    await asyncio.wait_for(client.entered.wait(), 5)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
 
 
 async def test_stop_while_broker_down(mesh: Mesh, private_nats: PrivateNats) -> None:
