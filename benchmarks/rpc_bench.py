@@ -16,7 +16,7 @@ Cases, each with a 100-byte and a 64 KiB JSON payload:
 - ``raw-http`` (aiohttp client to a bare ASGI app on uvicorn), ``raw-nats`` (nats-py request-reply),
   ``raw-amqp`` (aio-pika with direct reply-to): the same call written by hand with the same client
   library, the floor of each transport; ``raw-nats-2conn`` is ``raw-nats`` with its calls spread
-  over two connections, as pikku_mq's caller does by default;
+  over two connections, as ``NatsTransport(connections=2)`` spreads them;
 - the peers: ``faststream-nats``, ``faststream-rabbit``, ``aiopika-rpc`` (aio-pika's RPC pattern)
   and ``nameko``;
 - ``pikku-*-secret``: pikku_mq with ``PIKKU_REMOTE_SECRET`` set on both sides, so every call is
@@ -298,9 +298,9 @@ def start_cases(fixture: Fixture, transports: tuple[str, ...], peers: bool, size
             raw = (*client, "raw-amqp", "--amqp-url", fixture.amqp_url, "--queue", "raw")
         cases.append(Case(f"raw-{transport}", transport, "raw", raw, (f"raw-{transport}",), sizes))
         if transport == "nats":
-            # pikku_mq's caller spreads its calls over two connections by default; this floor does too.
-            two = (*client, "raw-nats-2conn", "--subject", subject)
-            cases.append(Case("raw-nats-2conn", transport, "raw", two, ("raw-nats",), sizes))
+            # What a second connection is worth to nats-py itself, as NatsTransport(connections=2) uses it.
+            two_connections = (*client, "raw-nats-2conn", "--subject", subject)
+            cases.append(Case("raw-nats-2conn", transport, "raw", two_connections, ("raw-nats",), sizes))
 
         for peer in PEERS.get(transport, ()) if peers else ():
             if peer == "faststream-nats":

@@ -677,9 +677,9 @@ async def test_odd_function_names(mesh: Mesh, raw_client: NatsClient) -> None:
         assert unpack(reply.data) == "orders.create"
 
 
-async def test_default_pool_spreads_calls(mesh: Mesh) -> None:
+async def test_two_connections_share_calls(mesh: Mesh) -> None:
     prefix = new_prefix()
-    transport = NatsTransport(SHARED_URL)
+    transport = NatsTransport(SHARED_URL, connections=2)
     events: list[Any] = []
     transport.set_presence_listener(events.append)
     async with make_worker(mesh, shared_endpoint(prefix)):

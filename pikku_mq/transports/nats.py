@@ -85,8 +85,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONNECT_TIMEOUT = 2.0
 """Seconds a first connection to NATS may take before the attempt fails."""
 
-DEFAULT_CONNECTIONS = 2
-"""Connections a caller spreads its NATS calls over, unless ``NatsTransport(connections=...)`` says otherwise."""
+DEFAULT_CONNECTIONS = 1
+"""Connections a caller spreads its NATS calls over, unless ``NatsTransport(connections=...)`` sets another number."""
 
 _RECONNECT_WAIT = 1
 """Seconds between two attempts to reconnect to a server, after the first immediate one."""
@@ -418,8 +418,8 @@ async def _close_client(nc: NatsClient) -> None:
         if task is not None and task.cancelling():
             raise
         # nats-py (2.16) lets a CancelledError out of close() when the client was reconnecting: the
-        # stream it waits on belonged to the reconnect attempt that close() cancelled. Nobody cancelled
-        # this task, so the client is closed and the error is not ours to pass on.
+        # stream it waits on belonged to the reconnect attempt that close() cancelled. This task was
+        # not cancelled, so the client is closed and the error is not ours to pass on.
         logger.debug("closing a NATS client that was reconnecting raised CancelledError inside nats-py")
     except Exception as exc:
         # Closing is cleanup: a client that failed half-way through connecting can fail to close too.
@@ -580,9 +580,10 @@ class NatsTransport(ClientTransport):
     broker restart; while it is down, calls fail at once with :class:`EndpointUnreachableError`. A
     client that nats-py closed for good (for example after an authorization error) is replaced on the
     next call. ``connections`` spreads calls round-robin over that many connections, each opened on
-    its first call. One nats-py connection moves its calls through one read loop and one flusher, so
-    with many calls in flight two connections carry more calls per second at about the same CPU per
-    call (see docs/benchmarks.md). Only the first connection subscribes to presence.
+    its first call, and only the first one subscribes to presence. A second connection raised calls
+    per second only where a core was idle; on busy cores it cost more CPU per call on the caller, the
+    worker and nats-server, because each connection sends and receives smaller batches (see
+    docs/benchmarks.md), so the default is one.
     """
 
     schemes: ClassVar[tuple[str, ...]] = ("nats",)
