@@ -5,7 +5,12 @@ Reports CPU µs per call. Runs on uvloop in one process, with the benchmark's va
 - ``Dispatcher.handle`` plus the encoding of its result, as a broker worker (msgpack) and an HTTP
   worker (JSON) run them for each call;
 - ``rpc.remote("echo", ...)`` to a PikkuWorker on the in-memory transport, which runs the caller's
-  routing and the worker's dispatch in this process.
+  routing and the worker's dispatch in this process;
+- the deadline scope that ``Dispatcher.execute`` puts around each function (``asyncio.timeout``),
+  beside a bare ``loop.call_at`` timer;
+- with ``PIKKU_REMOTE_SECRET``: the caller's signing of a call with a session (digest, sealed
+  session, token) and the worker's check of it, beside PyJWT's own ``jwt.encode`` and ``jwt.decode``
+  of the same token for comparison.
 
 Run from the repository root: ``python benchmarks/inprocess_overhead.py [--calls 20000]``.
 """
@@ -13,12 +18,15 @@ Run from the repository root: ``python benchmarks/inprocess_overhead.py [--calls
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import jwt
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,8 +35,11 @@ from rpc_echo import echo, make_payload
 
 from pikku_mq import RPC, FunctionRegistry, MemoryDeploymentService, MemoryRegistry, PikkuWorker
 from pikku_mq._dispatch import Dispatcher
+from pikku_mq._security import TOKEN_AUDIENCE, RemoteSecurity
 
 HEADERS = {"x-request-id": "a" * 32, "pikku-call-id": "b" * 32, "pikku-hop": "1", "pikku-deadline-ms": "29999"}
+SECRET = "pikku-bench-secret-" + "0123456789abcdef" * 2
+SESSION = {"userId": "bench-user", "roles": ["reader"]}
 
 
 async def per_call(call: Callable[[], Awaitable[Any]], calls: int) -> float:
@@ -50,11 +61,14 @@ async def main(calls: int) -> None:
     registry.add(echo.__pikku__)
     dispatcher = Dispatcher(registry)
 
+    # A fresh call id per call: echo is idempotent, so a repeated id would return the recorded result.
     async def broker_worker() -> None:
-        (await dispatcher.handle("echo", payload, HEADERS)).encode_python()
+        headers = {**HEADERS, "pikku-call-id": os.urandom(16).hex()}
+        (await dispatcher.handle("echo", payload, headers)).encode_python()
 
     async def http_worker() -> None:
-        (await dispatcher.handle("echo", payload, HEADERS)).encode_json()
+        headers = {**HEADERS, "pikku-call-id": os.urandom(16).hex()}
+        (await dispatcher.handle("echo", payload, headers)).encode_json()
 
     print(f"Dispatcher.handle + encode_python: {await per_call(broker_worker, calls):.1f} µs")
     print(f"Dispatcher.handle + encode_json:   {await per_call(http_worker, calls):.1f} µs")
@@ -67,6 +81,61 @@ async def main(calls: int) -> None:
         result = await per_call(lambda: rpc.remote("echo", payload), calls)
         print(f"rpc.remote over the memory transport, both sides: {result:.1f} µs")
     await caller.close()
+
+    await deadline_scope(calls)
+    await signing(payload, calls)
+
+
+async def deadline_scope(calls: int) -> None:
+    loop = asyncio.get_running_loop()
+
+    async def nothing() -> None:
+        return None
+
+    async def scoped() -> None:
+        async with asyncio.timeout(30.0):
+            await nothing()
+
+    async def timer() -> None:
+        handle = loop.call_at(loop.time() + 30.0, print)
+        await nothing()
+        handle.cancel()
+
+    bare = await per_call(nothing, calls)
+    print(f"asyncio.timeout() around an await: {await per_call(scoped, calls) - bare:.1f} µs")
+    print(f"loop.call_at() timer around an await: {await per_call(timer, calls) - bare:.1f} µs")
+
+
+async def signing(payload: dict[str, Any], calls: int) -> None:
+    security = RemoteSecurity(SECRET)
+
+    async def sign() -> str:
+        return security.signer("echo", payload, SESSION)()
+
+    print(f"signing a call with a session (caller): {await per_call(sign, calls):.1f} µs")
+
+    # Each token is accepted once (its jti), so every check gets a token of its own.
+    tokens = iter([await sign() for _ in range(calls + calls // 10)])
+
+    async def verify() -> None:
+        security.verify(next(tokens), "echo", payload)
+
+    print(f"checking a signed call (worker): {await per_call(verify, calls):.1f} µs")
+
+    key = SECRET.encode()
+    token = (await sign()).removeprefix("Bearer ")
+    claims = jwt.decode(token, key, algorithms=["HS256"], audience=TOKEN_AUDIENCE)
+
+    async def pyjwt_encode() -> None:
+        jwt.encode(claims, key, algorithm="HS256")
+
+    async def pyjwt_decode() -> None:
+        jwt.decode(
+            token, key, algorithms=["HS256"], audience=TOKEN_AUDIENCE, options={"require": ["exp", "iat", "aud"]}
+        )
+
+    print(f"PyJWT jwt.encode of the same claims: {await per_call(pyjwt_encode, calls):.1f} µs")
+    print(f"PyJWT jwt.decode of the same token: {await per_call(pyjwt_decode, calls):.1f} µs")
 
 
 if __name__ == "__main__":

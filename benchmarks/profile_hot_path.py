@@ -1,9 +1,10 @@
 """Profile the pikku_mq client and worker with py-spy while 64 calls are in flight, one transport at a time.
 
 For each transport it starts a PikkuWorker (discovery in Redis, as in rpc_bench.py) and a client
-process that keeps 64 ``rpc.remote`` calls in flight, then samples both processes with ``py-spy
-record`` for ``--seconds`` and writes, per process, the functions with the most samples of their own
-(self) and with the most samples in their call tree (total). Run from the repository root:
+process that keeps 64 ``rpc.remote`` calls in flight (``--concurrency 1`` makes them sequential),
+then samples both processes with ``py-spy record`` for ``--seconds`` and writes, per process, the
+functions with the most samples of their own (self) and with the most samples in their call tree
+(total). Run from the repository root:
 
     python benchmarks/profile_hot_path.py [--transports http,nats,amqp] [--seconds 10] [--secret]
 
@@ -91,10 +92,13 @@ def profile(transport: str, args: argparse.Namespace, out_dir: Path, raw_dir: Pa
             env["PIKKU_REMOTE_SECRET"] = SECRET
         command = [python(), "rpc_client.py", *pikku_client(fixture, group), "--payload-size", str(args.payload_size)]
         command += ["--warmup", "1", "--sequential", "1", "--seconds", str(args.seconds + 4)]
+        command += ["--concurrency", str(args.concurrency)]
         client = subprocess.Popen(command, cwd=HERE, env={**_base_env(), **env}, stdout=subprocess.DEVNULL)
         try:
             time.sleep(2.5)
             label = f"{transport}{'-secret' if args.secret else ''}-{args.payload_size}"
+            if args.concurrency != 64:
+                label += f"-c{args.concurrency}"
             recorders = {}
             for side, pid in (("client", client.pid), ("worker", worker.pid)):
                 raw = raw_dir / f"{label}-{side}.txt"
@@ -126,6 +130,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=250, help="samples per second")
     parser.add_argument("--payload-size", type=int, default=SMALL, help="bytes of the payload's compact JSON")
     parser.add_argument("--secret", action="store_true", help="sign calls with a remote secret on both sides")
+    parser.add_argument("--concurrency", type=int, default=64, help="calls the client keeps in flight")
     parser.add_argument("--top", type=int, default=25, help="functions listed by self samples")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results" / "profiles")
     parser.add_argument("--keep-raw", type=Path, help="folder for the raw collapsed stacks (default: discarded)")

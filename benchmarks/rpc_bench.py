@@ -15,7 +15,8 @@ Cases, each with a 100-byte and a 64 KiB JSON payload:
   pydantic model on the way in and out;
 - ``raw-http`` (aiohttp client to a bare ASGI app on uvicorn), ``raw-nats`` (nats-py request-reply),
   ``raw-amqp`` (aio-pika with direct reply-to): the same call written by hand with the same client
-  library, the floor of each transport;
+  library, the floor of each transport; ``raw-nats-2conn`` is ``raw-nats`` with its calls spread
+  over two connections, as ``NatsTransport(connections=2)`` spreads them;
 - the peers: ``faststream-nats``, ``faststream-rabbit``, ``aiopika-rpc`` (aio-pika's RPC pattern)
   and ``nameko``;
 - ``pikku-*-secret``: pikku_mq with ``PIKKU_REMOTE_SECRET`` set on both sides, so every call is
@@ -62,6 +63,8 @@ SECRET = "pikku-bench-secret-" + "0123456789abcdef" * 2
 
 SMALL, LARGE = 100, 64 * 1024
 TRANSPORTS = ("http", "nats", "amqp")
+RAW_VARIANTS = {"nats": ("raw-nats-2conn",)}
+"""Further floors reported beside ``raw-<transport>``; the targets stay against ``raw-<transport>``."""
 PEERS = {"nats": ("faststream-nats",), "amqp": ("faststream-rabbit", "aiopika-rpc", "nameko")}
 LIBRARIES = (
     "pydantic",
@@ -294,6 +297,10 @@ def start_cases(fixture: Fixture, transports: tuple[str, ...], peers: bool, size
             )
             raw = (*client, "raw-amqp", "--amqp-url", fixture.amqp_url, "--queue", "raw")
         cases.append(Case(f"raw-{transport}", transport, "raw", raw, (f"raw-{transport}",), sizes))
+        if transport == "nats":
+            # What a second connection is worth to nats-py itself, as NatsTransport(connections=2) uses it.
+            two_connections = (*client, "raw-nats-2conn", "--subject", subject)
+            cases.append(Case("raw-nats-2conn", transport, "raw", two_connections, ("raw-nats",), sizes))
 
         for peer in PEERS.get(transport, ()) if peers else ():
             if peer == "faststream-nats":
@@ -484,7 +491,7 @@ def compute_ratios(cases: list[Case], raw: list[dict[str, Any]]) -> list[dict[st
         pikku = f"pikku-{transport}"
         if pikku not in names:
             continue
-        others = [f"raw-{transport}", *PEERS.get(transport, ())]
+        others = [f"raw-{transport}", *RAW_VARIANTS.get(transport, ()), *PEERS.get(transport, ())]
         for other in (o for o in others if o in names):
             for size in (SMALL, LARGE):
                 throughput = paired_ratios(raw, pikku, other, size, "calls_per_s_64")

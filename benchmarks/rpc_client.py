@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -93,6 +94,26 @@ async def raw_nats_case(args: argparse.Namespace, payload: dict[str, Any]) -> As
         yield call
     finally:
         await nc.close()
+
+
+@asynccontextmanager
+async def raw_nats_2conn_case(args: argparse.Namespace, payload: dict[str, Any]) -> AsyncIterator[Call]:
+    """nats-py request-reply as in ``raw-nats``, with the calls alternating over two connections."""
+    import nats
+
+    connections = [await nats.connect(args.nats_url), await nats.connect(args.nats_url)]
+    turn = itertools.count()
+
+    async def call() -> Any:
+        nc = connections[next(turn) % 2]
+        reply = await nc.request(args.subject, msgpack.packb({"data": payload}), timeout=30)
+        return msgpack.unpackb(reply.data)
+
+    try:
+        yield call
+    finally:
+        for nc in connections:
+            await nc.close()
 
 
 @asynccontextmanager
@@ -181,6 +202,7 @@ CASES: dict[str, Callable[[argparse.Namespace, dict[str, Any]], AbstractAsyncCon
     "pikku": pikku_case,
     "raw-http": raw_http_case,
     "raw-nats": raw_nats_case,
+    "raw-nats-2conn": raw_nats_2conn_case,
     "raw-amqp": raw_amqp_case,
     "faststream-nats": faststream_nats_case,
     "faststream-rabbit": faststream_rabbit_case,

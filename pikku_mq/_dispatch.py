@@ -10,6 +10,8 @@ import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import pydantic_core
+
 from ._dedup import (
     DEFAULT_DEDUP_MAX_BYTES,
     DEFAULT_DEDUP_MAX_ENTRIES,
@@ -118,7 +120,8 @@ class Outcome:
     def encode_python(self) -> tuple[int, Any]:
         """Return the status and a JSON-compatible body (for msgpack and the in-memory transport)."""
         if self.encoded is not None:
-            return 200, json.loads(self.encoded)
+            # The same parser as dump_python, so a recorded result reads back as a fresh one does.
+            return 200, pydantic_core.from_json(self.encoded)
         if self.error is None:
             assert self.definition is not None
             try:

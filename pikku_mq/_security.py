@@ -29,7 +29,6 @@ import json
 import os
 import secrets
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -41,6 +40,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ._errors import BadRequestError, ConfigurationError, UnauthorizedError
+from ._jwt import check_hmac_key, decode_hs256_common, encode_hs256
 from ._settings import ENV_REMOTE_SECRET, ENV_REMOTE_SECRET_PREVIOUS
 
 __all__ = [
@@ -78,6 +78,17 @@ _SALT_SIZE = 16
 _IV_SIZE = 12
 _TAG_SIZE = 16
 
+_SEND_KEY_LIFETIME = 60.0
+"""Seconds a caller seals session blobs under one HKDF salt and key before it draws a new salt."""
+
+_SEND_KEY_MAX_BLOBS = 1 << 20
+"""Blobs a caller seals under one key at most. Each blob has a random 96-bit IV, so the chance that
+two IVs under one key are equal is about n**2 / 2**97, which is 2**-57 at this count."""
+
+_RECEIVE_KEY_CACHE_SIZE = 256
+"""HKDF keys a worker keeps per secret, by salt. A caller changes its salt once a minute, so this
+covers many callers. Only blobs inside a token signed with the secret get this far."""
+
 SessionFormat = Literal["hkdf", "sha256"]
 
 
@@ -94,13 +105,22 @@ def data_digest(data: Any) -> str:
 
 
 class _Secret:
-    """One secret, held as bytes, with the keys derived from it. Its repr shows nothing of it."""
+    """One secret, held as bytes, with the keys derived from it. Its repr shows nothing of it.
 
-    __slots__ = ("_key", "_legacy_key")
+    HKDF keys are derived once per salt, not once per blob: the caller seals under one salt for up to
+    a minute, and the worker keeps the keys of recent salts. Every blob still has its own random IV.
+    """
+
+    __slots__ = ("_key", "_legacy_aead", "_received", "_send_aead", "_send_blobs", "_send_salt", "_send_until")
 
     def __init__(self, secret: str) -> None:
         self._key = secret.encode("utf-8")
-        self._legacy_key = hashlib.sha256(self._key).digest()
+        self._legacy_aead = AESGCM(hashlib.sha256(self._key).digest())
+        self._received: dict[bytes, AESGCM] = {}
+        self._send_salt = b""
+        self._send_aead: AESGCM | None = None
+        self._send_until = 0.0
+        self._send_blobs = 0
 
     def __repr__(self) -> str:
         return "<secret>"
@@ -112,24 +132,49 @@ class _Secret:
     def seal(self, plaintext: bytes, session_format: SessionFormat) -> str:
         iv = secrets.token_bytes(_IV_SIZE)
         if session_format == "sha256":
-            return _b64encode(iv + AESGCM(self._legacy_key).encrypt(iv, plaintext, None))
-        salt = secrets.token_bytes(_SALT_SIZE)
-        return _b64encode(salt + iv + AESGCM(self._hkdf(salt)).encrypt(iv, plaintext, None))
+            return _b64encode(iv + self._legacy_aead.encrypt(iv, plaintext, None))
+        salt, aead = self._sending_key()
+        return _b64encode(salt + iv + aead.encrypt(iv, plaintext, None))
 
     def open(self, raw: bytes) -> bytes | None:
         """Decrypt a blob of either format; return None if it does not authenticate under this secret."""
         if len(raw) >= _SALT_SIZE + _IV_SIZE + _TAG_SIZE:
             salt, iv, sealed = raw[:_SALT_SIZE], raw[_SALT_SIZE : _SALT_SIZE + _IV_SIZE], raw[_SALT_SIZE + _IV_SIZE :]
+            aead = self._received.get(salt)
+            if aead is None:
+                aead = AESGCM(self._hkdf(salt))
             try:
-                return AESGCM(self._hkdf(salt)).decrypt(iv, sealed, None)
+                plaintext = aead.decrypt(iv, sealed, None)
             except InvalidTag:
                 pass
+            else:
+                self._remember(salt, aead)
+                return plaintext
         if len(raw) >= _IV_SIZE + _TAG_SIZE:
             try:
-                return AESGCM(self._legacy_key).decrypt(raw[:_IV_SIZE], raw[_IV_SIZE:], None)
+                return self._legacy_aead.decrypt(raw[:_IV_SIZE], raw[_IV_SIZE:], None)
             except InvalidTag:
                 pass
         return None
+
+    def _sending_key(self) -> tuple[bytes, AESGCM]:
+        now = time.monotonic()
+        if self._send_aead is None or now >= self._send_until or self._send_blobs >= _SEND_KEY_MAX_BLOBS:
+            self._send_salt = secrets.token_bytes(_SALT_SIZE)
+            self._send_aead = AESGCM(self._hkdf(self._send_salt))
+            self._send_until = now + _SEND_KEY_LIFETIME
+            self._send_blobs = 0
+        self._send_blobs += 1
+        return self._send_salt, self._send_aead
+
+    def _remember(self, salt: bytes, aead: AESGCM) -> None:
+        """Keep the key of a salt that authenticated a blob, dropping the oldest past the bound."""
+        received = self._received
+        if salt in received:
+            return
+        if len(received) >= _RECEIVE_KEY_CACHE_SIZE:
+            del received[next(iter(received))]
+        received[salt] = aead
 
     def _hkdf(self, salt: bytes) -> bytes:
         return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=_SESSION_INFO).derive(self._key)
@@ -261,10 +306,10 @@ class RemoteSecurity:
         claims: dict[str, Any] = {"aud": TOKEN_AUDIENCE, "fn": name, "iat": issued, "exp": issued + lifetime}
         if session_blob is not None:
             claims["session"] = session_blob
-        claims["jti"] = jti if jti is not None else uuid.uuid4().hex
+        claims["jti"] = jti if jti is not None else os.urandom(16).hex()
         if digest is not None:
             claims["data_sha256"] = digest
-        return jwt.encode(claims, self._secrets[0].key, algorithm="HS256")
+        return encode_hs256(claims, self._secrets[0].key)
 
     def seal_session(self, session: Any, session_format: SessionFormat | None = None) -> str:
         """Encrypt ``{"session": session}`` with the current secret into a blob of ``session_format``."""
@@ -313,7 +358,13 @@ class RemoteSecurity:
         return session
 
     def _decode(self, token: str) -> tuple[dict[str, Any], _Secret]:
+        now = time.time()
         for secret in self._secrets:
+            common = decode_hs256_common(token, secret.key, TOKEN_AUDIENCE, self.leeway, now)
+            if common is not None:
+                if common["exp"] > now + TOKEN_LIFETIME + self.leeway:
+                    raise _unauthorized(f"the token is valid for longer than {TOKEN_LIFETIME} seconds")
+                return common, secret
             try:
                 claims: dict[str, Any] = jwt.decode(
                     token,
@@ -394,6 +445,12 @@ def _check_secret(secret: str, variable: str) -> None:
         raise ConfigurationError(
             f"{variable} is too short: a remote secret must be at least {MIN_SECRET_LENGTH} characters long"
         )
+    try:
+        check_hmac_key(secret.encode("utf-8"))
+    except jwt.InvalidKeyError:
+        raise ConfigurationError(
+            f"{variable} looks like a PEM, SSH or DER key, which PyJWT rejects as an HMAC secret; use a random string"
+        ) from None
 
 
 def _bearer_token(authorization: str | None) -> str:

@@ -26,7 +26,7 @@ def test_quick_run_writes_json(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr[-3000:]
 
     result = json.loads(out.read_text())
-    assert set(result["cases"]) == {"pikku-nats", "raw-nats", "pikku-nats-secret"}
+    assert set(result["cases"]) == {"pikku-nats", "raw-nats", "raw-nats-2conn", "pikku-nats-secret"}
     row = result["cases"]["pikku-nats"]["100"]
     for metric in ("seq_p50_us", "seq_p99_us", "calls_per_s_1", "calls_per_s_64", "client_cpu_us_64"):
         assert row[metric]["n"] == 1, metric
@@ -36,6 +36,7 @@ def test_quick_run_writes_json(tmp_path: Path) -> None:
 
     versus = {(r["pikku"], r["versus"]) for r in result["ratios"]}
     assert ("pikku-nats", "raw-nats") in versus
+    assert ("pikku-nats", "raw-nats-2conn") in versus
     assert ("pikku-nats-secret", "pikku-nats") in versus
     assert any(t["target"].startswith("nats 100 B: calls/s @64") for t in result["targets"])
     assert result["environment"]["libraries"]["nats-py"] != "not installed"

@@ -20,6 +20,8 @@ import nats
 import pytest
 from _support_core import Mesh, closed_port, wait_until
 from _support_servers import PrivateNats
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nats.aio.client import Client as NatsClient
 from nats.js.api import StorageType
 
@@ -41,7 +43,7 @@ from pikku_mq import (
 )
 from pikku_mq._types import HEADER_DEADLINE, CallRequest
 from pikku_mq.transports._nats_wire import escape_name, parse_nats_endpoint, unescape_token
-from pikku_mq.transports.nats import NatsServer, NatsTransport
+from pikku_mq.transports.nats import NatsServer, NatsTransport, _Client, _close_client
 
 SHARED_URL = "nats://127.0.0.1:4222"
 
@@ -197,6 +199,114 @@ def test_missing_nats_py_named(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigurationError, match=r"pip install 'pikku-mq\[nats\]'"):
         worker._server_for(shared_endpoint())
     assert all(not isinstance(t, NatsTransport) for t in TransportSet.default()._by_scheme.values())
+
+
+# -- publishing ----------------------------------------------------------------------------------------
+
+
+HEADER_CASES: dict[str, dict[str, Any]] = {
+    "pikku call": {
+        "x-request-id": "0123456789abcdef0123456789abcdef",
+        "pikku-call-id": "fedcba9876543210fedcba9876543210",
+        "pikku-hop": "1",
+        "pikku-deadline-ms": "5000",
+        "authorization": "Bearer a.b.c",
+    },
+    "reply": {"pikku-status": "500", "Nats-Service-Error": "boom: it failed", "Nats-Service-Error-Code": "500"},
+    "empty": {},
+    "space inside value": {"a": "x y"},
+    "leading space": {"a": " x"},
+    "trailing tab": {"a": "x\t"},
+    "newline in value": {"a": "x\r\ny: z"},
+    "non-ASCII value": {"a": "Zoë"},
+    "padded name": {" a ": "x", "b\r\n": "y"},
+    "empty name": {"": "x", "b": "y"},
+    "empty value": {"a": ""},
+}
+
+
+def _recording_client() -> Any:
+    """pikku_mq's nats-py client, unconnected, with every protocol command it sends kept in ``sent``."""
+    client: Any = _Client()
+    client.sent = []
+
+    async def record(command: bytes, priority: bool = False) -> None:
+        client.sent.append(command)
+
+    client._send_command = record
+    return client
+
+
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+@pytest.mark.parametrize("reply", ["_INBOX.x.1", ""])
+async def test_publish_bytes_match_nats_py(case: str, reply: str) -> None:
+    headers = HEADER_CASES[case]
+    ours, theirs = _recording_client(), _recording_client()
+    await ours._send_publish("p.echo", reply, b"\x81\xa4data\x01", 7, dict(headers))
+    await NatsClient._send_publish(theirs, "p.echo", reply, b"\x81\xa4data\x01", 7, dict(headers))
+
+    assert ours.sent == theirs.sent
+    assert ours.stats["out_msgs"] == theirs.stats["out_msgs"] == 1
+
+
+@pytest.mark.parametrize("name", ["bad name", "a:b", "é"])
+async def test_publish_bad_header_name_raises(name: str) -> None:
+    with pytest.raises(nats.errors.BadHeaderError):
+        await _recording_client()._send_publish("p.echo", "r", b"", 0, {name: "x"})
+
+
+# -- reading headers -------------------------------------------------------------------------------
+
+HEADER_BLOCKS = [
+    b"NATS/1.0\r\nx-request-id: abc\r\npikku-hop: 1\r\n\r\n",
+    b"NATS/1.0\r\npikku-status: 200\r\n\r\n",
+    b"NATS/1.0\r\na:b\r\nc:\tvalue \r\n\r\n",
+    b"NATS/1.0\r\nno colon here\r\n\r\n",
+    b"NATS/1.0\r\nbad name: x\r\nbad\x1cname: y\r\n\x0bpadded\x0c: z\r\n\r\n",
+    b"NATS/1.0\r\nn\xc3\xa4me: x\r\nvalue: Zo\xc3\xab \xff\r\n\r\n",
+    b"NATS/1.0\r\nrepeated: 1\r\nrepeated: 2\r\n\r\n",
+    b"NATS/1.0\r\n: empty name\r\n\r\n",
+    b"NATS/1.0\r\n\r\n\r\n",
+    b"NATS/1.0\r\na: b",
+    b"NATS/1.0 503\r\n\r\n",
+    b"NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Consumer: 1\r\n\r\n",
+    b"NATS/1.0",
+]
+
+
+async def _nats_py_headers(block: bytes) -> Any:
+    client = NatsClient()
+    errors: list[Exception] = []
+
+    async def error_cb(exc: Exception) -> None:
+        errors.append(exc)
+
+    client._error_cb = error_cb
+    try:
+        return await NatsClient._process_headers(client, block)
+    except Exception as exc:
+        return type(exc)
+
+
+@pytest.mark.parametrize("block", HEADER_BLOCKS)
+async def test_header_parse_matches_nats_py(block: bytes) -> None:
+    expected = await _nats_py_headers(block)
+    parsed = await _Client()._process_headers(block)
+    if isinstance(expected, type):
+        # nats-py raises on this block; pikku_mq's client marks it as malformed instead.
+        assert parsed == {}
+    else:
+        assert parsed == expected
+
+
+HEADER_PIECES = st.binary(max_size=12) | st.sampled_from([b":", b" ", b"\t", b"\x0b", b"\xc3\xa4", b"a", b"\r\n"])
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(st.lists(HEADER_PIECES, max_size=12))
+async def test_header_parse_matches_nats_py_random(pieces: list[bytes]) -> None:
+    block = b"NATS/1.0\r\n" + b"".join(pieces) + b"\r\n\r\n"
+    assert await _Client()._process_headers(block) == await _nats_py_headers(block)
 
 
 # -- routing failures --------------------------------------------------------------------------------
@@ -567,6 +677,30 @@ async def test_odd_function_names(mesh: Mesh, raw_client: NatsClient) -> None:
         assert unpack(reply.data) == "orders.create"
 
 
+async def test_two_connections_share_calls(mesh: Mesh) -> None:
+    prefix = new_prefix()
+    transport = NatsTransport(SHARED_URL, connections=2)
+    events: list[Any] = []
+    transport.set_presence_listener(events.append)
+    async with make_worker(mesh, shared_endpoint(prefix)):
+        replies = [await transport.call(shared_endpoint(prefix), request("echo", i), 5.0) for i in range(6)]
+        first, second = transport._slots
+        assert first is not None
+        assert second is not None
+        assert first.nc is not None
+        assert second.nc is not None
+        sent = (first.nc.stats["out_msgs"], second.nc.stats["out_msgs"])
+        subscriptions = (len(first.nc._subs), len(second.nc._subs))
+        distinct = first.nc.client_id != second.nc.client_id
+    await transport.close()
+
+    assert [reply.body for reply in replies] == list(range(6))
+    assert sent == (3, 3)
+    assert distinct
+    # The reply inbox on both, and presence on the first only, so each event reaches the listener once.
+    assert subscriptions == (2, 1)
+
+
 async def test_queue_group_shares_prefix(mesh: Mesh) -> None:
     prefix = new_prefix()
     transport = NatsTransport(SHARED_URL, connections=2)
@@ -695,6 +829,37 @@ async def test_broker_restart_recovers(mesh: Mesh, private_nats: PrivateNats) ->
         waited = await wait_until(served, timeout=15, interval=0.2)
         assert waited < 15
         assert await caller.invoke("echo", {"after": "restart"}, timeout=5) == {"after": "restart"}
+
+
+class _ClientClosingWithCancel:
+    """A stand-in for a nats-py client whose close() raises CancelledError, as nats-py 2.16 does when
+    it is closed while reconnecting, or waits in close() until the test cancels it."""
+
+    is_closed = False
+    is_connected = True
+
+    def __init__(self, wait: bool = False) -> None:
+        self.wait = wait
+        self.entered = asyncio.Event()
+
+    async def close(self) -> None:
+        self.entered.set()
+        if self.wait:
+            await asyncio.sleep(30)
+        raise asyncio.CancelledError
+
+
+async def test_close_client_swallows_inner_cancel() -> None:
+    await _close_client(_ClientClosingWithCancel())  # type: ignore[arg-type]
+
+
+async def test_close_client_passes_own_cancel() -> None:
+    client = _ClientClosingWithCancel(wait=True)
+    closing = asyncio.create_task(_close_client(client))  # type: ignore[arg-type]
+    await asyncio.wait_for(client.entered.wait(), 5)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
 
 
 async def test_stop_while_broker_down(mesh: Mesh, private_nats: PrivateNats) -> None:

@@ -23,11 +23,13 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgpack
+import nats.aio.client as nats_client
 import nats.errors
 import pydantic_core
 from nats.aio.client import Client as NatsClient
@@ -70,12 +72,22 @@ if TYPE_CHECKING:
 
     from .._dispatch import Dispatcher
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_PRESENCE_SUBJECT", "NatsServer", "NatsTransport", "presence_subject"]
+__all__ = [
+    "DEFAULT_CONNECTIONS",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_PRESENCE_SUBJECT",
+    "NatsServer",
+    "NatsTransport",
+    "presence_subject",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CONNECT_TIMEOUT = 2.0
 """Seconds a first connection to NATS may take before the attempt fails."""
+
+DEFAULT_CONNECTIONS = 1
+"""Connections a caller spreads its NATS calls over, unless ``NatsTransport(connections=...)`` sets another number."""
 
 _RECONNECT_WAIT = 1
 """Seconds between two attempts to reconnect to a server, after the first immediate one."""
@@ -121,6 +133,15 @@ _CONTROL_LINE_WHITESPACE = bytes.maketrans(b"\x0b\x0c", b"\x00\x00")
 """Turns the vertical tab and form feed of a message line into NUL, which no valid subject contains."""
 
 _CONTROL_CHARACTERS = frozenset(range(0x20)) | {0x7F}
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+"""The header names nats-py (2.16) sends as they are; it raises BadHeaderError for others."""
+
+_NATS_USES_MAIL_PARSER = getattr(nats_client, "parse_email", None) is not None
+"""nats-py parses header lines with fast_mail_parser where that package is installed; then its own code runs."""
+
+_MAX_HEADER_PREFIXES = 256
+"""Header names whose encoded ``name: `` prefix a client keeps."""
 
 
 class _Parser(Parser):
@@ -178,8 +199,11 @@ class _Client(NatsClient):
     def __init__(self) -> None:
         super().__init__()
         self._ps = _Parser(self)
+        self._header_prefixes: dict[str, bytes] = {}
 
     async def _process_headers(self, headers: bytes | None) -> dict[str, str] | None:
+        if headers and headers.startswith(b"NATS/1.0\r\n") and len(headers) > 10 and not _NATS_USES_MAIL_PARSER:
+            return _parse_header_lines(headers[10:])
         try:
             return await super()._process_headers(headers)
         except Exception:
@@ -187,6 +211,52 @@ class _Client(NatsClient):
             # UnicodeDecodeError in nats-py 2.16), so each one marks the message as malformed instead.
             logger.debug("NATS: a message has a header block that cannot be parsed: %r", (headers or b"")[:200])
             return _MalformedHeaders()
+
+    async def _send_publish(
+        self, subject: str, reply: str, payload: bytes, payload_size: int, headers: dict[str, Any] | None
+    ) -> None:
+        """Send HPUB with a header block built from cached name prefixes, else as nats-py does.
+
+        The bytes are those of nats-py's ``_send_publish``. This path only takes names and values that
+        nats-py would send unchanged (a valid name, a printable ASCII value without surrounding spaces),
+        so it skips nats-py's per-header strip, regex match and newline translation.
+        """
+        block = self._header_block(headers) if headers and subject else None
+        if block is None:
+            await super()._send_publish(subject, reply, payload, payload_size, headers)
+            return
+        command = b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+            subject.encode(),
+            reply.encode(),
+            len(block),
+            len(block) + len(payload),
+            block,
+            payload,
+        )
+        self.stats["out_msgs"] += 1
+        self.stats["out_bytes"] += payload_size
+        await self._send_command(command)
+        if self._flush_queue is not None and self._flush_queue.empty():
+            await self._flush_pending()
+
+    def _header_block(self, headers: dict[str, Any]) -> bytes | None:
+        prefixes = self._header_prefixes
+        parts = [b"NATS/1.0\r\n"]
+        for name, value in headers.items():
+            prefix = prefixes.get(name)
+            if prefix is None:
+                if not isinstance(name, str) or name.strip() != name or not _HEADER_NAME.fullmatch(name):
+                    return None
+                prefix = name.encode() + b": "
+                if len(prefixes) < _MAX_HEADER_PREFIXES:
+                    prefixes[name] = prefix
+            if not (isinstance(value, str) and value.isascii() and value.isprintable()) or value.strip() != value:
+                return None
+            parts.append(prefix)
+            parts.append(value.encode())
+            parts.append(b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
 
     def _build_message(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
@@ -204,6 +274,28 @@ class _Client(NatsClient):
         except UnicodeDecodeError:
             subject = subject.decode(errors="replace").encode()
         return super()._build_message(sid, subject, reply, data, headers)  # type: ignore[no-any-return]
+
+
+def _parse_header_lines(block: bytes) -> dict[str, str] | None:
+    """Parse the header lines after ``NATS/1.0\\r\\n`` as nats-py (2.16) does, without its per-character loop.
+
+    nats-py skips lines without a colon, names that are not ASCII or contain whitespace, and keeps
+    the last of repeated names. It decodes values as UTF-8 with U+FFFD for bad bytes, and returns
+    None for a block without headers. A test compares both parsers line by line.
+    """
+    parsed: dict[str, str] = {}
+    for line in block.split(b"\r\n"):
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue
+        name = name.strip()
+        if not name.isascii():
+            continue
+        key = name.decode("ascii")
+        if key and key.split() != [key]:
+            continue
+        parsed[key] = value.strip().decode("utf-8", "replace")
+    return parsed or None
 
 
 Callback = Callable[[], Awaitable[None]]
@@ -322,6 +414,14 @@ async def _close_client(nc: NatsClient) -> None:
         nc._pending_data_size = 0
     try:
         await nc.close()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        # nats-py (2.16) lets a CancelledError out of close() when the client was reconnecting: the
+        # stream it waits on belonged to the reconnect attempt that close() cancelled. This task was
+        # not cancelled, so the client is closed and the error is not ours to pass on.
+        logger.debug("closing a NATS client that was reconnecting raised CancelledError inside nats-py")
     except Exception as exc:
         # Closing is cleanup: a client that failed half-way through connecting can fail to close too.
         logger.debug("closing a NATS client failed: %s: %s", type(exc).__name__, _describe(exc))
@@ -480,14 +580,21 @@ class NatsTransport(ClientTransport):
     Nothing connects until the first call. The connection then reconnects without limit after a
     broker restart; while it is down, calls fail at once with :class:`EndpointUnreachableError`. A
     client that nats-py closed for good (for example after an authorization error) is replaced on the
-    next call. ``connections`` spreads calls over that many connections, which raises throughput
-    when many calls are in flight.
+    next call. ``connections`` spreads calls round-robin over that many connections, each opened on
+    its first call, and only the first one subscribes to presence. A second connection raised calls
+    per second only where a core was idle; on busy cores it cost more CPU per call on the caller, the
+    worker and nats-server, because each connection sends and receives smaller batches (see
+    docs/benchmarks.md), so the default is one.
     """
 
     schemes: ClassVar[tuple[str, ...]] = ("nats",)
 
     def __init__(
-        self, url: str | None = None, *, connections: int = 1, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+        self,
+        url: str | None = None,
+        *,
+        connections: int = DEFAULT_CONNECTIONS,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         if connections < 1:
             raise ConfigurationError(f"connections must be at least 1, got {connections!r}")
