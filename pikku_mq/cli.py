@@ -381,8 +381,8 @@ def _add_ls_parser(commands: Any) -> None:
         type=_positive_seconds,
         default=None,
         metavar="SECONDS",
-        help="with --watch, how often the registry table is listed to find expired deployments and changes that "
-        "no change feed reports (default: 5, or the heartbeat interval if shorter)",
+        help="with --watch, seconds between two listings of the registry table, which find expired deployments "
+        "and changes that no change feed reports (default: 5 seconds, or the heartbeat interval if shorter)",
     )
     parser.add_argument(
         "--heartbeat-ttl",
