@@ -94,44 +94,47 @@ def _signed_raw(payload: bytes) -> str:
     return _signed_segments(PYJWT_HEADER, _b64(payload))
 
 
-NOW = int(time.time())
+def _cases() -> dict[str, tuple[str, bool]]:
+    """Return each case: a token and whether the common path must accept it (True) or leave it to PyJWT (False).
 
-# Each case: a token and whether the common path must accept it (True) or leave it to PyJWT (False).
-CASES: dict[str, tuple[str, bool]] = {
-    "pyjwt header": (jwt.encode(_claims(), KEY, algorithm="HS256"), True),
-    "header without typ": (_with_header({"alg": "HS256", "typ": None}, _claims()), True),
-    "with session and digest": (jwt.encode(_claims(session="s", data_sha256="d"), KEY, algorithm="HS256"), True),
-    "iat within leeway ahead": (jwt.encode(_claims(iat=NOW + 20), KEY, algorithm="HS256"), True),
-    "iat past leeway ahead": (jwt.encode(_claims(iat=NOW + 120), KEY, algorithm="HS256"), False),
-    "expired within leeway": (jwt.encode(_claims(exp=NOW - 10), KEY, algorithm="HS256"), True),
-    "expired past leeway": (jwt.encode(_claims(exp=NOW - 60), KEY, algorithm="HS256"), False),
-    "float exp": (jwt.encode(_claims(exp=NOW + 300.5), KEY, algorithm="HS256"), False),
-    "string iat": (jwt.encode(_claims(iat=str(NOW)), KEY, algorithm="HS256"), False),
-    "bool exp": (jwt.encode(_claims(exp=True), KEY, algorithm="HS256"), False),
-    "missing iat": (jwt.encode(_claims(iat=None), KEY, algorithm="HS256"), False),
-    "missing aud": (jwt.encode(_claims(aud=None), KEY, algorithm="HS256"), False),
-    "aud list": (jwt.encode(_claims(aud=[AUDIENCE, "x"]), KEY, algorithm="HS256"), False),
-    "other aud": (jwt.encode(_claims(aud="other"), KEY, algorithm="HS256"), False),
-    "nbf present": (jwt.encode(_claims(nbf=NOW - 5), KEY, algorithm="HS256"), False),
-    "integer sub": (jwt.encode(_claims(sub=5), KEY, algorithm="HS256"), False),
-    "integer jti": (jwt.encode(_claims(jti=5), KEY, algorithm="HS256"), False),
-    "other key": (jwt.encode(_claims(), OTHER_KEY, algorithm="HS256"), False),
-    "HS512": (jwt.encode(_claims(), KEY * 2, algorithm="HS512"), False),
-    "header with other kid": (_with_header({"kid": "k1"}, _claims()), False),
-    "Pikku header with kid": (_with_header({"alg": "HS256", "kid": "pikku-remote", "typ": None}, _claims()), True),
-    "tampered payload": (_tampered_payload(), False),
-    "padded signature": (_padded_signature(), False),
-    "non-canonical payload": (_non_canonical_payload(), False),
-    "payload is a list": (_signed_raw(b"[1, 2]"), False),
-    "payload not JSON": (_signed_raw(b"{nope"), False),
-    "four segments": (jwt.encode(_claims(), KEY, algorithm="HS256") + ".x", False),
-    "non-ASCII token": ("é." + jwt.encode(_claims(), KEY, algorithm="HS256"), False),
-}
+    The tokens are made when a test runs, because their times count from now and a full run takes minutes.
+    """
+    now = int(time.time())
+    return {
+        "pyjwt header": (jwt.encode(_claims(), KEY, algorithm="HS256"), True),
+        "header without typ": (_with_header({"alg": "HS256", "typ": None}, _claims()), True),
+        "with session and digest": (jwt.encode(_claims(session="s", data_sha256="d"), KEY, algorithm="HS256"), True),
+        "iat within leeway ahead": (jwt.encode(_claims(iat=now + 20), KEY, algorithm="HS256"), True),
+        "iat past leeway ahead": (jwt.encode(_claims(iat=now + 120), KEY, algorithm="HS256"), False),
+        "expired within leeway": (jwt.encode(_claims(exp=now - 10), KEY, algorithm="HS256"), True),
+        "expired past leeway": (jwt.encode(_claims(exp=now - 60), KEY, algorithm="HS256"), False),
+        "float exp": (jwt.encode(_claims(exp=now + 300.5), KEY, algorithm="HS256"), False),
+        "string iat": (jwt.encode(_claims(iat=str(now)), KEY, algorithm="HS256"), False),
+        "bool exp": (jwt.encode(_claims(exp=True), KEY, algorithm="HS256"), False),
+        "missing iat": (jwt.encode(_claims(iat=None), KEY, algorithm="HS256"), False),
+        "missing aud": (jwt.encode(_claims(aud=None), KEY, algorithm="HS256"), False),
+        "aud list": (jwt.encode(_claims(aud=[AUDIENCE, "x"]), KEY, algorithm="HS256"), False),
+        "other aud": (jwt.encode(_claims(aud="other"), KEY, algorithm="HS256"), False),
+        "nbf present": (jwt.encode(_claims(nbf=now - 5), KEY, algorithm="HS256"), False),
+        "integer sub": (jwt.encode(_claims(sub=5), KEY, algorithm="HS256"), False),
+        "integer jti": (jwt.encode(_claims(jti=5), KEY, algorithm="HS256"), False),
+        "other key": (jwt.encode(_claims(), OTHER_KEY, algorithm="HS256"), False),
+        "HS512": (jwt.encode(_claims(), KEY * 2, algorithm="HS512"), False),
+        "header with other kid": (_with_header({"kid": "k1"}, _claims()), False),
+        "Pikku header with kid": (_with_header({"alg": "HS256", "kid": "pikku-remote", "typ": None}, _claims()), True),
+        "tampered payload": (_tampered_payload(), False),
+        "padded signature": (_padded_signature(), False),
+        "non-canonical payload": (_non_canonical_payload(), False),
+        "payload is a list": (_signed_raw(b"[1, 2]"), False),
+        "payload not JSON": (_signed_raw(b"{nope"), False),
+        "four segments": (jwt.encode(_claims(), KEY, algorithm="HS256") + ".x", False),
+        "non-ASCII token": ("é." + jwt.encode(_claims(), KEY, algorithm="HS256"), False),
+    }
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(_cases()))
 def test_common_path_agrees_with_pyjwt(name: str) -> None:
-    token, accepted = CASES[name]
+    token, accepted = _cases()[name]
     common = decode_hs256_common(token, KEY, AUDIENCE, LEEWAY, time.time())
     if accepted:
         assert common is not None
