@@ -12,6 +12,18 @@ orders service with ``wire.rpc.remote``. The script starts both workers in this 
 endpoints and a registry file in a temporary folder, places three orders, waits until all three are
 shipped and prints each order with its parcel number. It exits 0 on success and 1 if an order was
 not shipped within 30 seconds.
+
+The registry file goes with the temporary folder, but the broker keeps what the run created, as it
+does for any event bus (pikku_mq never deletes a place that may hold deliveries). On NATS that is the
+stream ``PIKKU_EVENTS_pikku-example`` with its consumer, which the nats CLI deletes::
+
+    nats stream rm -f PIKKU_EVENTS_pikku-example
+
+On RabbitMQ it is the exchange named in the URL and the queues ``<exchange>.ship_order``,
+``<exchange>.ship_order.retry`` and ``<exchange>.ship_order.dead``, which rabbitmqadmin deletes::
+
+    rabbitmqadmin delete exchange name=pikku.example
+    rabbitmqadmin delete queue name=pikku.example.ship_order  # and the .retry and .dead queues
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ end is acknowledged again without a second run.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -25,6 +24,7 @@ from typing import Any, Literal
 from ._errors import ConfigurationError, PikkuMQError
 
 __all__ = [
+    "DUPLICATE_WINDOW",
     "HEADER_ATTEMPTS",
     "HEADER_ERROR_CLASS",
     "HEADER_ERROR_MESSAGE",
@@ -33,6 +33,7 @@ __all__ = [
     "HEADER_FUNCTION",
     "HEADER_ONE_WAY",
     "HEADER_SUBJECT",
+    "MAX_DELIVERY_SECONDS",
     "TRACE_HEADERS",
     "DeliveryPolicy",
     "Settlement",
@@ -70,6 +71,13 @@ TRACE_HEADERS = ("traceparent", "tracestate")
 
 _MAX_ERROR_MESSAGE = 1000
 
+MAX_DELIVERY_SECONDS = 24 * 3600.0
+"""Upper bound of the seconds of a :class:`DeliveryPolicy`. A longer wait is most likely a unit mistake,
+and JetStream sends durations as int64 nanoseconds, which a value such as 1e300 overflows."""
+
+DUPLICATE_WINDOW = 120.0
+"""Seconds in which a JetStream stream stores each message id once, so a sender's retry is stored once."""
+
 
 @dataclass(frozen=True, slots=True)
 class DeliveryPolicy:
@@ -80,7 +88,8 @@ class DeliveryPolicy:
     seconds, at most ``max_backoff``, times a random factor between 0.5 and 1. ``ack_wait`` (seconds)
     is how long JetStream waits for the acknowledgement of a delivery before it hands the delivery
     to another worker. A running function renews it every third of ``ack_wait``. RabbitMQ does not use
-    it, because it returns the deliveries of a closed connection at once.
+    it, because it returns the deliveries of a closed connection at once. ``backoff``, ``max_backoff``
+    and ``ack_wait`` are at most :data:`MAX_DELIVERY_SECONDS` (one day).
     """
 
     max_attempts: int = 5
@@ -91,13 +100,18 @@ class DeliveryPolicy:
     def __post_init__(self) -> None:
         if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
             raise ConfigurationError(f"max_attempts must be an integer of at least 1, got {self.max_attempts!r}")
-        if not (0 <= self.backoff <= self.max_backoff < math.inf):
+        for name in ("backoff", "max_backoff", "ack_wait"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_DELIVERY_SECONDS:
+                raise ConfigurationError(
+                    f"{name} must be a number of seconds from 0 to {MAX_DELIVERY_SECONDS:g}, got {value!r:.80}"
+                )
+        if self.backoff > self.max_backoff:
             raise ConfigurationError(
-                f"backoff ({self.backoff!r} s) and max_backoff ({self.max_backoff!r} s) must be finite, "
-                "with 0 <= backoff <= max_backoff"
+                f"backoff ({self.backoff!r} s) must not be greater than max_backoff ({self.max_backoff!r} s)"
             )
-        if not (0.5 <= self.ack_wait < math.inf):
-            raise ConfigurationError(f"ack_wait must be at least 0.5 finite seconds, got {self.ack_wait!r}")
+        if self.ack_wait < 0.5:
+            raise ConfigurationError(f"ack_wait must be at least 0.5 seconds, got {self.ack_wait!r}")
 
     def delay(self, attempt: int) -> float:
         """Return the seconds to wait before delivering again after the failed ``attempt`` (1 for the first)."""

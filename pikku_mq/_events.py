@@ -18,15 +18,23 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ._dispatch import Outcome
-from ._durable import HEADER_EVENT_ID, DeliveryPolicy, Settlement, settle
-from ._errors import ConfigurationError, PikkuMQError, function_not_found
+from ._durable import DUPLICATE_WINDOW, HEADER_EVENT_ID, DeliveryPolicy, Settlement, settle
+from ._errors import ConfigurationError, PikkuMQError, check_seconds, function_not_found
 from ._telemetry import UNKNOWN_FUNCTION
 
 if TYPE_CHECKING:
     from ._dispatch import Dispatcher
     from ._functions import FunctionDefinition
 
-__all__ = ["ENV_EVENTS_URL", "DeliverySource", "EventBus", "event_bus_from_env", "event_bus_from_url", "run_delivery"]
+__all__ = [
+    "ENV_EVENTS_URL",
+    "DeliverySource",
+    "EventBus",
+    "check_max_age",
+    "event_bus_from_env",
+    "event_bus_from_url",
+    "run_delivery",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,10 +80,14 @@ class EventBus(DeliverySource):
     ) -> str:
         """Publish an event and return its id once the broker stored it.
 
-        Raise :class:`~pikku_mq.EndpointUnreachableError` when the broker cannot be reached (the event
-        was not sent), :class:`~pikku_mq.DeadlineExceededError` when it did not confirm in time, and
-        :class:`~pikku_mq.TransportError` when the connection failed during the publish. After the
-        last two the event may have been stored.
+        Raise :class:`~pikku_mq.ConfigurationError` for an invalid subject,
+        :class:`~pikku_mq.BadRequestError` when ``data`` cannot be serialised to msgpack, and
+        :class:`~pikku_mq.PayloadTooLargeError` when the event is over the NATS server's
+        ``max_payload``; the event was not sent. Raise :class:`~pikku_mq.EndpointUnreachableError`
+        when the broker cannot be reached (the event was not sent),
+        :class:`~pikku_mq.DeadlineExceededError` when it did not confirm in time, and
+        :class:`~pikku_mq.TransportError` when the connection failed during the publish or the broker
+        rejected the event. After the last two the event may have been stored.
         """
 
     def handlers(self, dispatcher: Dispatcher) -> list[FunctionDefinition]:
@@ -86,21 +98,53 @@ class EventBus(DeliverySource):
 def event_bus_from_url(url: str, *, max_age: float | None = None) -> EventBus:
     """Build the event bus that ``url`` names (see the module's documentation). Nothing connects yet.
 
-    ``max_age`` (seconds) is how long a NATS stream keeps an event; it does not apply to AMQP.
+    ``max_age`` (seconds) is how long a NATS stream keeps an event. It must be at least the
+    stream's duplicate window of 120 seconds, and it does not apply to AMQP. Raise
+    :class:`ConfigurationError` for an invalid URL or ``max_age``, or when the client library of
+    the broker (the ``nats`` or ``amqp`` extra) is not installed.
     """
+    if not isinstance(url, str):
+        raise ConfigurationError(f"the event bus URL must be a string, got {url!r:.80}")
+    if max_age is not None:
+        check_max_age(max_age)
     scheme = urlsplit(url).scheme.lower()
     if scheme == "nats":
-        from .transports.jetstream_events import JetStreamEventBus
-
+        try:
+            from .transports.jetstream_events import JetStreamEventBus
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"a nats:// event bus needs nats-py, which is not installed ({exc}); "
+                "install it with pip install 'pikku-mq[nats]'"
+            ) from None
         return JetStreamEventBus(url, max_age=max_age)
     if scheme in ("amqp", "amqps"):
-        from .transports.amqp_durable import AmqpEventBus
-
+        try:
+            from .transports.amqp_durable import AmqpEventBus
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"an amqp:// event bus needs aio-pika, which is not installed ({exc}); "
+                "install it with pip install 'pikku-mq[amqp]'"
+            ) from None
         return AmqpEventBus(url)
     raise ConfigurationError(
         f"the event bus URL must be nats://host:port/<subject-prefix> or "
         f"amqp://user:password@host:port/<vhost>?exchange=<name>, got scheme {scheme!r}"
     )
+
+
+def check_max_age(max_age: object) -> float:
+    """Return ``max_age`` as seconds, or raise :class:`ConfigurationError` unless it is a valid stream age.
+
+    It must be a finite number of seconds, at least the duplicate window, because JetStream rejects
+    a stream whose duplicate window is longer than its ``max_age``.
+    """
+    seconds = check_seconds(max_age, "max_age")
+    if seconds < DUPLICATE_WINDOW:
+        raise ConfigurationError(
+            f"max_age must be at least the duplicate window of the event stream, {DUPLICATE_WINDOW:g} seconds, "
+            f"got {seconds!r}"
+        )
+    return seconds
 
 
 def event_bus_from_env() -> EventBus:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import re
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
@@ -252,8 +252,8 @@ def _checked_name(name: str, func: Callable[..., Any]) -> str:
 
 
 def _checked_events(events: Sequence[str], func: Callable[..., Any]) -> tuple[str, ...]:
-    if isinstance(events, str):
-        raise TypeError(f"events of {_origin(func)} must be a sequence of subjects, not the string {events!r}")
+    if isinstance(events, str | bytes) or not isinstance(events, Iterable):
+        raise ConfigurationError(f"events of {_origin(func)} must be a list or tuple of subjects, got {events!r:.80}")
     checked = tuple(events)
     for subject in checked:
         check_subject(subject, wildcards=True, what=f"event subject of {_origin(func)}")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Literal, Self
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, check_seconds
 from ._liveness import wait_for_event
 from ._presence import ChangeEvent
 from ._types import DeploymentRecord
@@ -37,6 +37,10 @@ __all__ = ["DEFAULT_WATCH_QUEUE_SIZE", "DeploymentWatch", "MeshEvent", "MeshEven
 logger = logging.getLogger(__name__)
 
 MeshEventKind = Literal["join", "draining", "leave", "expired"]
+
+MIN_POLL_INTERVAL = 0.1
+"""Minimum seconds between two listings of the registry table by a watch, so that a mistyped interval
+cannot query the registry without pause."""
 
 DEFAULT_WATCH_QUEUE_SIZE = 10_000
 """Events a watch buffers for a slow consumer. Past this count the oldest events are dropped."""
@@ -95,6 +99,14 @@ def _same_registration(old: DeploymentRecord, new: DeploymentRecord) -> bool:
     )
 
 
+def check_poll_interval(poll_interval: object) -> float:
+    """Return ``poll_interval`` as seconds, or raise :class:`ConfigurationError` unless it is finite and >= 0.1."""
+    seconds = check_seconds(poll_interval, "poll_interval")
+    if seconds < MIN_POLL_INTERVAL:
+        raise ConfigurationError(f"poll_interval must be at least {MIN_POLL_INTERVAL:g} seconds, got {seconds!r}")
+    return seconds
+
+
 class DeploymentWatch:
     """An async iterator of :class:`MeshEvent`, and an async context manager that stops its tasks on exit.
 
@@ -113,10 +125,7 @@ class DeploymentWatch:
         presence: bool = True,
         max_queue: int = DEFAULT_WATCH_QUEUE_SIZE,
     ) -> None:
-        if not 0 < poll_interval < float("inf"):
-            raise ConfigurationError(
-                f"poll_interval must be a positive, finite number of seconds, got {poll_interval!r}"
-            )
+        check_poll_interval(poll_interval)
         if max_queue < 1:
             raise ConfigurationError(f"max_queue must be at least 1, got {max_queue!r}")
         self.service = service

@@ -204,8 +204,7 @@ class PikkuWorker:
             dedup_max_bytes=dedup_max_bytes,
         )
         self.dispatcher.telemetry = telemetry
-        if delivery_concurrency < 1:
-            raise ConfigurationError(f"delivery_concurrency must be at least 1, got {delivery_concurrency!r}")
+        _check_delivery_options(durable_notify, delivery, delivery_concurrency)
         self.events = _event_bus(events, self.registry)
         self.durable_notify = durable_notify
         self.delivery = delivery if delivery is not None else DeliveryPolicy()
@@ -593,10 +592,23 @@ def _amqp() -> Any:
     return amqp
 
 
+def _check_delivery_options(durable_notify: object, delivery: object, delivery_concurrency: object) -> None:
+    """Raise :class:`ConfigurationError` unless the options of durable deliveries have their types."""
+    if not isinstance(durable_notify, bool):
+        raise ConfigurationError(f"durable_notify must be True or False, got {durable_notify!r:.80}")
+    if delivery is not None and not isinstance(delivery, DeliveryPolicy):
+        raise ConfigurationError(f"delivery must be a DeliveryPolicy or None, got {delivery!r:.80}")
+    concurrency = delivery_concurrency
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ConfigurationError(f"delivery_concurrency must be an integer of at least 1, got {concurrency!r:.80}")
+
+
 def _event_bus(events: EventBus | str | None, registry: FunctionRegistry) -> EventBus | None:
     """Return the worker's event bus: the one given, or the one that ``PIKKU_EVENTS_URL`` names."""
     if isinstance(events, EventBus):
         return events
+    if events is not None and not isinstance(events, str):
+        raise ConfigurationError(f"events must be an EventBus, an event bus URL or None, got {events!r:.80}")
     url = events if events is not None else os.environ.get(ENV_EVENTS_URL, "").strip()
     if url:
         return event_bus_from_url(url)
@@ -616,12 +628,24 @@ def _notify_source(
     """Return the source of durable one-way calls for an endpoint on a broker, or None for other endpoints."""
     scheme = endpoint_scheme(endpoint)
     if scheme == "nats":
-        from .transports.jetstream_events import JetStreamNotifySource
+        try:
+            from .transports.jetstream_events import JetStreamNotifySource
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"durable one-way calls on a nats:// endpoint need nats-py, which is not installed ({exc}); "
+                "install it with pip install 'pikku-mq[nats]'"
+            ) from None
 
         parsed = parse_nats_endpoint(endpoint)
         return JetStreamNotifySource(nats_url or default_nats_url(parsed.server_url), parsed.prefix)
     if scheme in ("amqp", "amqps"):
-        from .transports.amqp_durable import AmqpNotifySource
+        try:
+            from .transports.amqp_durable import AmqpNotifySource
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"durable one-way calls on an amqp:// endpoint need aio-pika, which is not installed ({exc}); "
+                "install it with pip install 'pikku-mq[amqp]'"
+            ) from None
 
         vhost = _amqp().parse_endpoint(endpoint).vhost
         return AmqpNotifySource(amqp_url or default_amqp_url(), vhost, deployment_id)

@@ -57,6 +57,7 @@ from ._settings import (
     default_discovery_url,
 )
 from ._types import DEFAULT_TIMEOUT, DeploymentInfo, DeploymentRecord
+from ._watch import MIN_POLL_INTERVAL
 from ._worker import PikkuWorker
 from .backends import DeploymentService, _redact, deployment_service_from_url
 from .backends.base import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TTL
@@ -378,11 +379,12 @@ def _add_ls_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--poll-interval",
-        type=_positive_seconds,
+        type=_poll_interval,
         default=None,
         metavar="SECONDS",
         help="with --watch, seconds between two listings of the registry table, which find expired deployments "
-        "and changes that no change feed reports (default: 5 seconds, or the heartbeat interval if shorter)",
+        "and changes that no change feed reports (at least 0.1; default: 5 seconds, or the heartbeat interval "
+        "if shorter)",
     )
     parser.add_argument(
         "--heartbeat-ttl",
@@ -459,6 +461,13 @@ def _positive_seconds(text: str) -> float:
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, got {text!r}")
     return value
+
+
+def _poll_interval(text: str) -> float:
+    seconds = _positive_seconds(text)
+    if seconds < MIN_POLL_INTERVAL:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_POLL_INTERVAL:g} seconds, got {text!r}")
+    return seconds
 
 
 def _configure_logging(level: str) -> None:

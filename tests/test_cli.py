@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import queue
+import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from _support_amqp import rabbitmqctl
 from _support_core import closed_port
 
 from pikku_mq import DeploymentConfig, DeploymentRecord, SqliteDeploymentService, cli
@@ -204,6 +209,7 @@ def test_demo_shows_failover(tmp_path: Path, spawned: list[subprocess.Popen[Any]
     registry = Path(lines[0].rsplit(" ", 1)[-1])
     assert registry.name == "registry.db"
     assert not registry.parent.exists()
+    assert presence_exchange_of(stdout) not in amqp_exchanges()
 
 
 def test_demo_without_brokers_uses_http(tmp_path: Path, spawned: list[subprocess.Popen[Any]]) -> None:
@@ -286,6 +292,49 @@ def test_demo_interrupt_cleans_up(tmp_path: Path, spawned: list[subprocess.Popen
     # The workers are in the demo's process group, which is empty once they have all exited.
     with pytest.raises(ProcessLookupError):
         os.killpg(demo.pid, 0)
+
+
+def test_demo_interrupt_deletes_presence_exchange(tmp_path: Path, spawned: list[subprocess.Popen[Any]]) -> None:
+    demo = subprocess.Popen(
+        [*MODULE_COMMAND, "demo"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    spawned.append(demo)
+    lines: queue.Queue[str] = queue.Queue()
+    assert demo.stdout is not None
+    threading.Thread(target=lambda: [lines.put(line) for line in demo.stdout or ()], daemon=True).start()
+
+    # The registry table, printed once every worker registered, names the AMQP queue of this run.
+    output = ""
+    deadline = time.monotonic() + REGISTRATION_TIMEOUT
+    while "queue=pikku-demo-" not in output:
+        assert time.monotonic() < deadline, f"the demo printed no AMQP endpoint within {REGISTRATION_TIMEOUT} s"
+        with contextlib.suppress(queue.Empty):
+            output += lines.get(timeout=1.0)
+    exchange = presence_exchange_of(output)
+    assert exchange in amqp_exchanges()
+
+    os.killpg(demo.pid, signal.SIGINT)
+    _, stderr = demo.communicate(timeout=DEMO_TIMEOUT)
+
+    assert demo.returncode == 130, stderr
+    assert exchange not in amqp_exchanges()
+
+
+def presence_exchange_of(demo_output: str) -> str:
+    """Return the presence exchange of a demo run, named after the tag of its AMQP queue."""
+    match = re.search(r"queue=pikku-demo-([0-9a-f]+)\.greeter-2", demo_output)
+    assert match is not None, demo_output
+    return f"pikku_demo_{match.group(1)}.presence"
+
+
+def amqp_exchanges() -> set[str]:
+    return set(rabbitmqctl("--no-table-headers", "list_exchanges", "-p", "/", "name").split())
 
 
 # -- worker, call and ls ---------------------------------------------------------------------------

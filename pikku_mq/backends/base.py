@@ -45,7 +45,7 @@ from .._security import RemoteSecurity
 from .._settings import ENV_HOSTNAME
 from .._telemetry import Telemetry, make_telemetry
 from .._types import DEFAULT_TIMEOUT, DeploymentConfig, DeploymentInfo, DeploymentRecord
-from .._watch import DeploymentWatch
+from .._watch import MIN_POLL_INTERVAL, DeploymentWatch, check_poll_interval
 from ..transports.base import TransportSet
 
 if TYPE_CHECKING:
@@ -641,13 +641,15 @@ class DeploymentService(ABC):
     ) -> DeploymentWatch:
         """Return a :class:`~pikku_mq.DeploymentWatch` of the joins, draining, leaves and expiries in this registry.
 
-        ``poll_interval`` (seconds, default ``min(5, heartbeat_interval)``) is how often the table is
-        listed, which bounds how late an expiry is reported past the TTL. With ``include_existing``
+        ``poll_interval`` (seconds, at least 0.1, default ``min(5, heartbeat_interval)``) is how often
+        the table is listed, which bounds how late an expiry is reported past the TTL. With ``include_existing``
         every live instance is reported as a ``join`` first. With ``presence`` the watch also opens the
         NATS and AMQP connections that receive the workers' presence messages (``PIKKU_NATS_URL``,
         ``PIKKU_AMQP_URL``); a broker that cannot be reached is logged and left out.
         """
-        interval = min(5.0, self.heartbeat_interval) if poll_interval is None else poll_interval
+        if poll_interval is None:
+            poll_interval = max(MIN_POLL_INTERVAL, min(5.0, self.heartbeat_interval))
+        interval = check_poll_interval(poll_interval)
         return DeploymentWatch(self, poll_interval=interval, include_existing=include_existing, presence=presence)
 
     def _add_watch_listener(self, listener: Callable[[ChangeEvent | None], None]) -> None:

@@ -68,6 +68,9 @@ WORKERS = (
 VICTIM = "greeter-1"
 SURVIVOR = "greeter-2"
 
+CLEANUP_TIMEOUT = 5.0
+"""Seconds to delete the broker objects of the run when it ends."""
+
 BROKER_PROBE_TIMEOUT = 1.0
 """Seconds to wait for a broker to accept a TCP connection before the demo leaves it out."""
 
@@ -135,6 +138,7 @@ def _run_in_folder(stop: _StopSignal) -> int:
         if stop.signum is not None:
             print("\ndemo interrupted; stopping the workers", file=sys.stderr)
         mesh.kill_all()
+        mesh.delete_broker_objects()
         try:
             shutil.rmtree(workdir)
         except OSError as exc:
@@ -192,6 +196,8 @@ async def _choose_transports(mesh: _Mesh) -> None:
     if failure is None and missing is not None:
         print(f"RabbitMQ at {amqp_address} answers, but {missing}: greeter-2 serves over HTTP.")
     elif failure is None:
+        # The workers declare the presence exchange, which outlives their connections, so the demo deletes it.
+        mesh.amqp_presence_exchange = os.environ["PIKKU_AMQP_PRESENCE_EXCHANGE"]
         endpoint = f"amqp://{amqp_address}/%2F?queue=pikku-demo-{tag}.greeter-2"
         mesh.endpoints["greeter-2"] = _Endpoints(endpoint, ["http://127.0.0.1:0"])
         print(f"RabbitMQ at {amqp_address} answers: greeter-2 serves over AMQP, with an HTTP fallback.")
@@ -406,6 +412,8 @@ class _Mesh:
         self.workers: dict[str, _Worker] = {}
         self.endpoints: dict[str, _Endpoints] = {}
         """Each worker's endpoints, for the workers that do not serve over HTTP alone."""
+        self.amqp_presence_exchange: str | None = None
+        """The presence exchange of this run on the RabbitMQ vhost ``/``, when a worker serves over AMQP."""
 
     def spawn(self, name: str, module: str) -> None:
         endpoints = self.endpoints.get(name, _Endpoints())
@@ -478,6 +486,28 @@ class _Mesh:
                 worker.process.kill()
                 worker.process.wait(STOP_TIMEOUT)
 
+    def delete_broker_objects(self) -> None:
+        """Delete the presence exchange that the workers declared on RabbitMQ; print why if that fails.
+
+        The workers' queues are exclusive, so the broker deletes them when the workers' connections close.
+        """
+        exchange = self.amqp_presence_exchange
+        if exchange is None:
+            return
+        # aio-pika, and so aiormq, is installed: the demo sets the exchange only when the workers can use AMQP.
+        import aiormq.exceptions
+
+        try:
+            asyncio.run(_delete_exchange(exchange))
+        except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
+            print(
+                f"could not delete the RabbitMQ exchange {exchange} on vhost /: {type(exc).__name__}: {exc}; "
+                f"delete it with rabbitmqadmin delete exchange name={exchange}",
+                file=sys.stderr,
+            )
+        else:
+            self.amqp_presence_exchange = None
+
     def print_logs(self, lines: int = 15) -> None:
         """Print the end of each worker's log to stderr."""
         for worker in self.workers.values():
@@ -487,3 +517,18 @@ class _Mesh:
                     continue
                 print(f"\n--- last lines of the log of {worker.name} ---", file=sys.stderr)
                 print("\n".join(tail), file=sys.stderr)
+
+
+async def _delete_exchange(exchange: str) -> None:
+    """Delete ``exchange`` on the vhost ``/`` of the broker of ``PIKKU_AMQP_URL``; a missing one is no error."""
+    import aiormq
+
+    from ..transports.amqp_durable import _vhost_url
+
+    async with asyncio.timeout(CLEANUP_TIMEOUT):
+        connection = await aiormq.connect(_vhost_url(default_amqp_url(), "/"))
+        try:
+            channel = await connection.channel()
+            await channel.exchange_delete(exchange)
+        finally:
+            await connection.close()

@@ -54,8 +54,8 @@ from .._errors import (
 from .._events import DeliverySource, EventBus, run_delivery
 from .._functions import check_subject
 from .._types import HEADER_REQUEST_ID
+from ._durable_body import decode_data, encode_data
 from .amqp import MSGPACK, _broker_label, _connect_error, _request_headers, _without_password
-from .jetstream import decode_data, encode_data
 
 if TYPE_CHECKING:
     from .._dispatch import Dispatcher
@@ -353,8 +353,14 @@ class AmqpEventBus(EventBus):
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
-        query = parse_qs(parts.query)
-        self.exchange = (query.pop("exchange", [DEFAULT_EXCHANGE]) or [DEFAULT_EXCHANGE])[0]
+        # Blank values are kept, so that "?exchange=" is rejected instead of meaning the default.
+        query = parse_qs(parts.query, keep_blank_values=True)
+        exchanges = query.pop("exchange", [DEFAULT_EXCHANGE])
+        if len(exchanges) != 1:
+            raise ConfigurationError(
+                f"the AMQP event bus URL {_without_password(url)!r} names the exchange {len(exchanges)} times"
+            )
+        self.exchange = exchanges[0]
         if query:
             raise ConfigurationError(
                 f"the AMQP event bus URL {_without_password(url)!r} has unknown query parameters {sorted(query)}; "

@@ -28,19 +28,17 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import msgpack
 import nats.errors
 import nats.js.errors
-import pydantic_core
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from .._durable import (
+    DUPLICATE_WINDOW,
     HEADER_EVENT_ID,
     HEADER_SUBJECT,
     DeliveryPolicy,
@@ -52,13 +50,14 @@ from .._errors import (
     ConfigurationError,
     DeadlineExceededError,
     EndpointUnreachableError,
+    PayloadTooLargeError,
     PikkuMQError,
     TransportError,
 )
 from .._functions import check_subject
 from .._types import HEADER_REQUEST_ID, CallRequest
-from ._nats_wire import check_prefix, escape_name, server_addresses, unescape_token
-from .http import _decode_call_body
+from ._durable_body import encode_data
+from ._nats_wire import check_prefix, escape_name, message_size, server_addresses, unescape_token
 
 __all__ = [
     "DEFAULT_MAX_AGE",
@@ -159,8 +158,8 @@ async def _create_stream(js: JetStreamContext, name: str, subjects: list[str], m
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=max_age,
-            # A sender that retries with the same message id within two minutes is stored once.
-            duplicate_window=120.0,
+            # A sender that retries with the same message id within the window is stored once.
+            duplicate_window=DUPLICATE_WINDOW,
         )
         try:
             await js.add_stream(config)
@@ -171,11 +170,27 @@ async def _create_stream(js: JetStreamContext, name: str, subjects: list[str], m
 
 
 async def publish_stored(
-    js: JetStreamContext, subject: str, payload: bytes, headers: dict[str, str], timeout: float, what: str
+    nc: NatsClient, subject: str, payload: bytes, headers: dict[str, str], timeout: float, what: str
 ) -> None:
-    """Publish to a stream and wait for its acknowledgement, translating the failures to pikku_mq errors."""
+    """Publish to a stream and wait for its acknowledgement, translating the failures to pikku_mq errors.
+
+    Raise :class:`PayloadTooLargeError` before sending when the message, headers included, is over
+    the server's ``max_payload``, because the server closes a connection that sends one.
+    """
+    size = message_size(headers, payload, nc.max_payload)
+    if size > nc.max_payload:
+        raise PayloadTooLargeError(
+            f"{what} on {subject} is {size} bytes with its headers, over the max_payload of "
+            f"{nc.max_payload} bytes of the NATS server",
+            payload={"size": size, "max_payload": nc.max_payload},
+        )
     try:
-        await js.publish(subject, payload, timeout=timeout, headers=headers)
+        await nc.jetstream().publish(subject, payload, timeout=timeout, headers=headers)
+    except nats.errors.MaxPayloadError:
+        raise PayloadTooLargeError(
+            f"{what} on {subject} is over the max_payload of {nc.max_payload} bytes of the NATS server",
+            payload={"size": size, "max_payload": nc.max_payload},
+        ) from None
     except nats.js.errors.NoStreamResponseError:
         raise EndpointUnreachableError(f"no JetStream stream stores {subject} ({what})") from None
     except nats.errors.NoRespondersError:
@@ -201,24 +216,12 @@ async def publish_notify(nc: NatsClient, prefix: str, request: CallRequest, time
     headers = {**request.headers, "Nats-Msg-Id": request.headers.get("pikku-call-id") or uuid.uuid4().hex}
     try:
         subject = notify_subject(prefix, request.name)
-        await publish_stored(nc.jetstream(), subject, payload, headers, timeout, f"a call to '{request.name}'")
+        await publish_stored(nc, subject, payload, headers, timeout, f"a call to '{request.name}'")
     except EndpointUnreachableError as exc:
         raise EndpointUnreachableError(
             f"{exc}: the workers at prefix {prefix!r} do not take durable one-way calls "
             "(start them with PikkuWorker(durable_notify=True))"
         ) from None
-
-
-def encode_data(data: Any, what: str) -> bytes:
-    try:
-        return msgpack.packb({"data": pydantic_core.to_jsonable_python(data)})  # type: ignore[no-any-return]
-    except (pydantic_core.PydanticSerializationError, ValueError, TypeError, OverflowError) as exc:
-        raise BadRequestError(f"data for '{what}' cannot be serialised to msgpack: {exc}") from None
-
-
-def decode_data(payload: bytes) -> Any:
-    """Return ``data`` of a msgpack ``{"data": ...}`` body, checked as a request body is, or raise BadRequestError."""
-    return _decode_call_body(payload, binary=True)
 
 
 # -- consuming ---------------------------------------------------------------------------------------
@@ -375,7 +378,7 @@ class JetStreamConsumer:
             headers = dead_letter_headers(dict(msg.headers or {}), settlement.error, attempts, self._function)
             headers.pop("Nats-Msg-Id", None)
             headers[HEADER_SUBJECT] = headers.get(HEADER_SUBJECT) or msg.subject
-            await publish_stored(self._nc.jetstream(), self._dead_subject, msg.data, headers, 10.0, "a dead letter")
+            await publish_stored(self._nc, self._dead_subject, msg.data, headers, 10.0, "a dead letter")
             await msg.ack()
 
 

@@ -14,14 +14,13 @@ from nats.js.api import DeliverPolicy
 
 from .._durable import DeliveryPolicy, Settlement
 from .._errors import DeadlineExceededError, EndpointUnreachableError, PikkuMQError
-from .._events import DeliverySource, EventBus, run_delivery
+from .._events import DeliverySource, EventBus, check_max_age, run_delivery
+from ._durable_body import decode_data, encode_data
 from ._nats_wire import escape_name, server_addresses
 from .jetstream import (
     DEFAULT_MAX_AGE,
     JetStreamConsumer,
     consumer_name,
-    decode_data,
-    encode_data,
     ensure_stream,
     event_headers,
     events_stream,
@@ -90,7 +89,7 @@ class JetStreamNotifySource(DeliverySource):
     def __init__(self, url: str, prefix: str, *, max_age: float = DEFAULT_MAX_AGE) -> None:
         self.url = url
         self.prefix = prefix
-        self.max_age = max_age
+        self.max_age = check_max_age(max_age)
         self._consumers = _Consumers()
 
     async def start(self, dispatcher: Dispatcher, policy: DeliveryPolicy, concurrency: int) -> None:
@@ -150,7 +149,7 @@ class JetStreamEventBus(EventBus):
 
     def __init__(self, url: str, *, max_age: float | None = None) -> None:
         self.server_url, self.prefix = parse_events_url(url)
-        self.max_age = DEFAULT_MAX_AGE if max_age is None else max_age
+        self.max_age = DEFAULT_MAX_AGE if max_age is None else check_max_age(max_age)
         self.stream = events_stream(self.prefix)
         self._publisher: NatsClient | None = None
         self._connecting = asyncio.Lock()
@@ -197,7 +196,7 @@ class JetStreamEventBus(EventBus):
                 f"{type(exc).__name__}: {exc}"
             ) from None
         await publish_stored(
-            nc.jetstream(), f"{self.prefix}.{subject}", payload, message_headers, timeout, f"an event on '{subject}'"
+            nc, f"{self.prefix}.{subject}", payload, message_headers, timeout, f"an event on '{subject}'"
         )
         return message_headers["pikku-event-id"]
 
