@@ -241,18 +241,25 @@ class PikkuWorker:
                 runner.run(self.serve_until_signal())
 
     async def serve_until_signal(self) -> None:
-        """Start, wait for SIGTERM or SIGINT, then stop."""
+        """Start, wait for SIGTERM or SIGINT, then stop.
+
+        The handlers stay installed while the worker stops, so a second signal does not cut the drain
+        short: ``pikku-mq worker --reload`` sends SIGINT to a worker that Ctrl-C already reached, and
+        supervisors repeat SIGTERM. The drain ends by itself after ``drain_timeout`` seconds.
+        """
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, _on_signal, signum, stop)
+            loop.add_signal_handler(signum, _on_signal, signum, stop, self)
         try:
             await self.start()
             await stop.wait()
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(signum)
-            await self.stop()
+            try:
+                await self.stop()
+            finally:
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(signum)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -515,8 +522,18 @@ class PikkuWorker:
                 logger.exception("worker %s failed to stop its server %r", self.deployment_id, server)
 
 
-def _on_signal(signum: int, stop: asyncio.Event) -> None:
-    logger.info("received %s", signal.Signals(signum).name)
+def _on_signal(signum: int, stop: asyncio.Event, worker: PikkuWorker) -> None:
+    name = signal.Signals(signum).name
+    if stop.is_set():
+        logger.warning(
+            "worker %s received %s again while stopping; it still finishes its calls in flight, for up to "
+            "%.1f s (drain_timeout)",
+            worker.deployment_id,
+            name,
+            worker.drain_timeout,
+        )
+        return
+    logger.info("received %s", name)
     stop.set()
 
 

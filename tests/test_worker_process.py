@@ -5,6 +5,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -194,3 +199,58 @@ async def test_stale_instance_excluded_after_ttl(worker_processes: WorkerProcess
 
     assert rows_at_kill == {"stale-a", "live-b"}
     assert served == ["live-b"] * 4
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_second_signal_keeps_drain(tmp_path: Path, signum: signal.Signals) -> None:
+    # `pikku-mq worker --reload` gets a second SIGINT on each Ctrl-C: the terminal sends it to the
+    # whole process group, and watchfiles sends it to the worker again. Supervisors repeat SIGTERM.
+    (tmp_path / "slowapp.py").write_text(
+        textwrap.dedent(
+            """
+            import asyncio
+            from pikku_mq import pikku_sessionless_func
+
+            @pikku_sessionless_func(expose=True)
+            async def slow(services, data: float) -> float:
+                await asyncio.sleep(data)
+                return data
+            """
+        )
+    )
+    environment = {**os.environ, "PIKKU_DISCOVERY_URL": f"sqlite:///{tmp_path / 'registry.db'}"}
+    command = [sys.executable, "-m", "pikku_mq"]
+    worker = subprocess.Popen(
+        [*command, "worker", "slowapp", "--id", "w1"], cwd=tmp_path, env=environment, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            listing = subprocess.run([*command, "ls"], cwd=tmp_path, env=environment, capture_output=True, text=True)
+            if "w1" in listing.stdout:
+                break
+            time.sleep(0.2)
+        call = subprocess.Popen(
+            [*command, "call", "slow", "2", "--timeout", "10"],
+            cwd=tmp_path,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1)
+        worker.send_signal(signum)
+        time.sleep(0.3)
+        worker.send_signal(signum)
+        output, errors = call.communicate(timeout=20)
+        _, worker_log = worker.communicate(timeout=20)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate(timeout=10)
+
+    assert call.returncode == 0, errors
+    assert output.strip() == "2.0"
+    assert worker.returncode == 0, worker_log
+    assert "again while stopping; it still finishes its calls in flight" in worker_log
