@@ -48,6 +48,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -102,6 +103,33 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_BEARER_TOKEN = re.compile(r"Bearer\s+[A-Za-z0-9_\-.=+/]+")
+
+
+class _RedactBearerTokens(logging.Filter):
+    """Replace the signed tokens in aiormq's log records with ``Bearer ***``.
+
+    At DEBUG, aiormq 7 logs every frame it sends with its properties, the ``authorization`` header of a
+    signed call included, and at ERROR it logs a returned message that no handler took. A token is
+    valid for minutes and carries the sealed session, so it must not reach the logs.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a record that cannot be formatted fails in the handler, as it would without this filter
+            return True
+        if "Bearer" in message:
+            record.msg = _BEARER_TOKEN.sub("Bearer ***", message)
+            record.args = ()
+        return True
+
+
+_REDACT_BEARER_TOKENS = _RedactBearerTokens()
+for _name in ("aiormq.connection", "aiormq.channel"):
+    if _REDACT_BEARER_TOKENS not in logging.getLogger(_name).filters:
+        logging.getLogger(_name).addFilter(_REDACT_BEARER_TOKENS)
 
 install()
 

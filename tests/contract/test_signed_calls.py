@@ -526,3 +526,16 @@ async def test_logs_hide_secret_and_session(
         assert secret not in text
         for value in ("session-user-5521", "auditor", "grüße"):
             assert value not in text
+
+
+async def test_amqp_debug_log_hides_token(mesh: Mesh, amqp_vhost: str, caplog: pytest.LogCaptureFixture) -> None:
+    # aiormq logs every frame it sends at DEBUG, with the call's authorization header in it.
+    caplog.set_level(logging.DEBUG, logger="aiormq")
+    secret = _secret()
+    caller = mesh.service(security=RemoteSecurity(secret))
+    async with make_worker(mesh, "amqp", RemoteSecurity(secret)):
+        assert await caller.invoke("whoami", None, SESSION, timeout=5) == SESSION
+
+    frames = [r.getMessage() for r in caplog.records if r.name.startswith("aiormq")]
+    assert any("Bearer ***" in message for message in frames), "no frame with the header was logged"
+    assert not [message for message in frames if "Bearer ey" in message]
