@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["UNKNOWN_FUNCTION", "CallObservation", "Telemetry", "make_telemetry", "transport_of"]
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
 
 UNKNOWN_FUNCTION = "(unknown)"
 """The ``function`` label of calls to a function that the worker does not serve."""
@@ -50,10 +51,12 @@ def make_telemetry(tracing: TracerProvider | bool | None, metrics: PikkuMetrics 
     ``tracing`` None traces when opentelemetry-api is installed and a tracer provider is set, True
     requires opentelemetry-api, a provider traces with it, and False turns tracing off. ``metrics``
     None follows ``PIKKU_METRICS``; True uses the global Prometheus registry.
+
+    Raises :class:`ConfigurationError` when ``PIKKU_METRICS`` is set to an unknown value.
     """
     tracer = _tracing_option(tracing)
     if metrics is None:
-        metrics = os.environ.get(ENV_METRICS, "").strip().lower() in _TRUE
+        metrics = _metrics_from_env()
     recorder = _metrics_option(metrics)
     if tracer is None and recorder is None:
         return None
@@ -73,6 +76,19 @@ def _tracing_option(tracing: TracerProvider | bool | None) -> Tracing | None:
             "pip install 'pikku-mq[otel]'"
         ) from None
     return Tracing(None if tracing is None or tracing is True else tracing)
+
+
+def _metrics_from_env() -> bool:
+    raw = os.environ.get(ENV_METRICS, "")
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigurationError(
+        f"{ENV_METRICS} must be 1, true, yes or on to turn metrics on, or 0, false, no, off or empty to leave "
+        f"them off, got {raw[:20]!r}"
+    )
 
 
 def _metrics_option(metrics: PikkuMetrics | bool) -> PikkuMetrics | None:

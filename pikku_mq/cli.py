@@ -343,7 +343,7 @@ def _add_call_parser(commands: Any) -> None:
     parser.add_argument(
         "--session",
         metavar="JSON",
-        help=f"session to forward to the function as JSON, e.g. '{{\"user_id\": 7}}'; sessions travel only in "
+        help=f"session to forward to the function as a JSON object, e.g. '{{\"user_id\": 7}}'; sessions travel only in "
         f"signed calls, so this needs ${ENV_REMOTE_SECRET}",
     )
     parser.add_argument(
@@ -676,7 +676,7 @@ def _check_factory(target: Any, label: str) -> None:
 def _run_call(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
     data = _parse_json(args.data, "input data")
-    session = _parse_json(args.session, "--session") if args.session is not None else None
+    session = _parse_session(args.session) if args.session is not None else None
     if session is not None and RemoteSecurity.from_env() is None:
         raise UsageError(
             f"--session needs ${ENV_REMOTE_SECRET}: a session travels only sealed in a call signed with the "
@@ -723,6 +723,29 @@ def _parse_json(text: str | None, label: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"invalid JSON {label}: {exc}; quote it for the shell, e.g. '{{\"a\": 1}}'") from None
+
+
+def _parse_session(text: str) -> dict[str, Any]:
+    session = _parse_json(text, "--session")
+    if not isinstance(session, dict):
+        raise UsageError(
+            f"--session must be a JSON object, e.g. '{{\"user_id\": 7}}', got {_json_type(session)}; omit "
+            "--session to call without a session"
+        )
+    return session
+
+
+def _json_type(value: Any) -> str:
+    """Return the JSON name of the type of a value that json.loads returned."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array"
 
 
 def _transports_for(name: str | None) -> TransportSet | None:

@@ -54,7 +54,7 @@ from ._errors import (
 )
 from ._functions import FunctionDefinition, FunctionRegistry
 from ._rpc import RPC
-from ._security import RemoteSecurity
+from ._security import RemoteSecurity, _check_secret
 from ._types import CallRequest, DeploymentConfig, DeploymentInfo, DeploymentRecord
 from ._worker import PikkuWorker
 from .backends.base import DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_HEARTBEAT_TTL, DeploymentService
@@ -90,6 +90,9 @@ class Mesh:
         self.registry = MemoryRegistry()
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_ttl = heartbeat_ttl
+        if secret is not None:
+            # Checked here so that the error names this argument, not the environment variable.
+            _check_secret(secret, "the secret argument of Mesh")
         self.security: RemoteSecurity | None = RemoteSecurity(secret) if secret is not None else None
         self.registry_available = True
         """False between :meth:`drop_registry` and :meth:`restore_registry`."""
@@ -122,6 +125,8 @@ class Mesh:
         ``balancing`` or ``routing_cache_ttl``).
         """
         self._check_open()
+        if not isinstance(deployment_id, str) or not deployment_id:
+            raise ConfigurationError(f"deployment_id must be a non-empty string, got {deployment_id!r}")
         if deployment_id in self._deployments:
             raise ConfigurationError(f"the mesh already has a deployment '{deployment_id}'; give each a unique id")
         endpoint = f"memory://pikku-mesh-{self._id}-{len(self._deployments) + 1}"
@@ -344,7 +349,12 @@ class Deployment:
         self._thawed.set()
 
     def make_busy(self, busy: bool = True) -> None:
-        """Reply :class:`BusyError` to every call before it runs, or stop doing so with ``busy=False``."""
+        """Reply :class:`BusyError` to every call before it runs, or stop doing so with ``busy=False``.
+
+        Raises :class:`ConfigurationError` unless the deployment is running or frozen. A restart starts it
+        not busy, as a new process.
+        """
+        self._require("call make_busy() on", "running", "frozen")
         self.busy = busy
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -371,6 +381,7 @@ class Deployment:
             raise
         self._worker, self._service = worker, service
         self.state = "running"
+        self.busy = False
 
     async def stop(self) -> None:
         """Stop gracefully, as after SIGTERM: deregister, finish the calls in flight, then stop listening."""
@@ -508,6 +519,9 @@ class _MeshDeploymentService(MemoryDeploymentService):
     def __init__(self, mesh: Mesh, **options: Any) -> None:
         super().__init__(mesh.registry, **options)
         self._mesh = mesh
+
+    def __repr__(self) -> str:
+        return f"<registry of test Mesh {self._mesh._id}>"
 
     def _check_reachable(self) -> None:
         if not self._mesh.registry_available:

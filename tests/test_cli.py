@@ -497,6 +497,31 @@ def test_call_invalid_json(tmp_path: Path, cli_env: dict[str, str]) -> None:
     assert "invalid JSON input data" in completed.stderr
 
 
+@pytest.mark.parametrize(
+    ("session", "kind"),
+    [("[1, 2]", "an array"), ('"alice"', "a string"), ("7", "a number"), ("true", "a boolean"), ("null", "null")],
+)
+def test_call_session_not_object(tmp_path: Path, cli_env: dict[str, str], session: str, kind: str) -> None:
+    env = {**cli_env, "PIKKU_REMOTE_SECRET": SECRET}
+    completed = run_cli("call", "whoami", "--session", session, cwd=tmp_path, env=env)
+
+    assert completed.returncode == cli.EXIT_USAGE
+    assert completed.stdout == ""
+    assert f"--session must be a JSON object, e.g. '{{\"user_id\": 7}}', got {kind}" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize("command", [["worker", "helpers"], ["call", "echo", "1"]])
+def test_invalid_metrics_env_exits_2(project: Path, cli_env: dict[str, str], command: list[str]) -> None:
+    env = {**cli_env, "PIKKU_METRICS": "maybe"}
+    completed = run_cli(*command, cwd=project, env=env)
+
+    assert completed.returncode == cli.EXIT_USAGE
+    assert "PIKKU_METRICS must be 1, true, yes or on" in completed.stderr
+    assert "got 'maybe'" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
 def test_ls_without_registry_file(tmp_path: Path, discovery: str, cli_env: dict[str, str]) -> None:
     table = run_cli("ls", cwd=tmp_path, env=cli_env)
     as_json = run_cli("ls", "--json", cwd=tmp_path, env=cli_env)

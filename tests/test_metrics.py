@@ -30,6 +30,7 @@ from pikku_mq import (
     deployment_service_from_url,
     pikku_sessionless_func,
 )
+from pikku_mq._telemetry import make_telemetry
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -208,6 +209,27 @@ async def test_metrics_port_env_invalid(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("PIKKU_METRICS_PORT", "nine")
     with pytest.raises(ConfigurationError, match="PIKKU_METRICS_PORT must be a port number"):
         PikkuWorker(endpoint="memory://x", discovery=False, registry=REG)
+
+
+@pytest.mark.parametrize(("value", "on"), [("1", True), (" Yes ", True), ("on", True), ("off", False), ("", False)])
+def test_metrics_env_values(monkeypatch: pytest.MonkeyPatch, value: str, on: bool) -> None:
+    monkeypatch.setenv("PIKKU_METRICS", value)
+    telemetry = make_telemetry(False, None)
+
+    if on:
+        assert telemetry is not None
+        assert telemetry.metrics is not None
+    else:
+        assert telemetry is None
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "enabled"])
+async def test_metrics_env_invalid(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("PIKKU_METRICS", value)
+    with pytest.raises(ConfigurationError, match=f"PIKKU_METRICS must be 1, true, yes or on .* got '{value}'"):
+        PikkuWorker(endpoint="memory://x", discovery=False, registry=REG)
+    with pytest.raises(ConfigurationError, match="PIKKU_METRICS must be"):
+        deployment_service_from_url("memory://")
 
 
 async def test_metrics_path_rejects_post(discovery_url: str) -> None:

@@ -354,8 +354,10 @@ async def test_dropped_registry_fails_discovery(caplog: pytest.LogCaptureFixture
 
         mesh.drop_registry()
         assert await warm.remote("tally", timeout=5) == "a"
-        with pytest.raises(DiscoveryError, match="registry of the test mesh was dropped"):
+        with pytest.raises(DiscoveryError, match="registry of the test mesh was dropped") as raised:
             await mesh.caller().remote("tally", timeout=5)
+        assert "<registry of test Mesh " in str(raised.value)
+        assert " object at 0x" not in str(raised.value)
         with pytest.raises(DiscoveryError):
             await _add(mesh, "b")
         await wait_until(lambda: any("heartbeat of a failed" in r.getMessage() for r in caplog.records), timeout=5)
@@ -389,10 +391,43 @@ async def test_state_changes_checked() -> None:
         await a.kill()
         with pytest.raises(ConfigurationError, match="cannot freeze deployment 'a' while it is killed"):
             a.freeze()
+        with pytest.raises(ConfigurationError, match=r"cannot call make_busy\(\) on deployment 'a' while it is killed"):
+            a.make_busy()
+        with pytest.raises(ConfigurationError, match=r"cannot call make_busy\(\) on deployment 'a' while it is killed"):
+            a.make_busy(False)
         with pytest.raises(ConfigurationError, match="is killed and makes no calls"):
             _ = a.rpc
         with pytest.raises(ConfigurationError, match="transports"):
             mesh.service(transports=None)
+
+
+async def test_busy_ends_with_restart() -> None:
+    async with Mesh() as mesh:
+        a = await _add(mesh, "a")
+        a.make_busy()
+        await a.kill()
+        await a.start()
+
+        assert a.busy is False
+        assert await mesh.caller().remote("tally", timeout=5) == "a"
+
+
+@pytest.mark.parametrize("deployment_id", ["", None, 7])
+async def test_add_rejects_invalid_id(deployment_id: Any) -> None:
+    async with Mesh() as mesh:
+        with pytest.raises(ConfigurationError, match="deployment_id must be a non-empty string"):
+            await mesh.add(deployment_id, registry=REG)
+
+        assert mesh.deployments == []
+
+
+@pytest.mark.parametrize("secret", ["x", "s" * 31, b"s" * 32])
+def test_mesh_secret_error_names_argument(monkeypatch: pytest.MonkeyPatch, secret: Any) -> None:
+    monkeypatch.delenv("PIKKU_REMOTE_SECRET", raising=False)
+    with pytest.raises(ConfigurationError, match="the secret argument of Mesh") as raised:
+        Mesh(secret=secret)
+
+    assert "PIKKU_REMOTE_SECRET" not in str(raised.value)
 
 
 # -- parity with real faults ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import SpanKind, StatusCode, TraceState
 
 from pikku_mq import (
     DeploymentConfig,
@@ -221,6 +221,47 @@ async def test_traceparent_names_attempt_span(provider: TracerProvider, exporter
     server = _only(list(exporter.get_finished_spans()), "trace_ids", SpanKind.SERVER)
     assert server.attributes is not None
     assert server.attributes["pikku_mq.transport"] == "memory"
+
+
+@pytest.mark.parametrize("transport", ["http", "nats", "amqp"])
+async def test_tracestate_reaches_worker(
+    transport: str,
+    request: pytest.FixtureRequest,
+    discovery_url: str,
+    provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+) -> None:
+    # A remote parent with vendor data in its tracestate, as an incoming request of the caller would have.
+    parent = trace.SpanContext(
+        trace_id=0x0AF7651916CD43DD8448EB211C80319C,
+        span_id=0x00F067AA0BA902B7,
+        is_remote=True,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+        trace_state=TraceState([("vendor", "value42")]),
+    )
+    worker = PikkuWorker(
+        endpoint=_endpoint_factory(transport, request)(),
+        deployment_service=deployment_service_from_url(discovery_url, tracing=provider),
+        registry=REG,
+        tracing=provider,
+    )
+    caller = deployment_service_from_url(discovery_url, tracing=provider)
+    await caller.init()
+    try:
+        async with worker:
+            with trace.use_span(trace.NonRecordingSpan(parent)):
+                trace_id = await caller.invoke("trace_ids", None, timeout=10)
+    finally:
+        await caller.close()
+
+    assert trace_id == trace.format_trace_id(parent.trace_id)
+    spans = list(exporter.get_finished_spans())
+    attempt = _only(spans, "trace_ids attempt", SpanKind.CLIENT)
+    server = _only(spans, "trace_ids", SpanKind.SERVER)
+    assert server.parent is not None
+    assert server.parent.span_id == attempt.context.span_id
+    assert server.context.trace_id == parent.trace_id
+    assert server.context.trace_state.get("vendor") == "value42"
 
 
 async def test_no_provider_sends_no_traceparent() -> None:
