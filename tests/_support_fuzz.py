@@ -18,6 +18,7 @@ import json
 import random
 import struct
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import jwt
 import msgpack
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from hypothesis.errors import HypothesisWarning
 
 from pikku_mq import RemoteSecurity
 from pikku_mq._security import data_digest
@@ -509,7 +511,11 @@ def run_examples(strategy: st.SearchStrategy[T], send: Callable[[T], None], inpu
     def run(case: T) -> None:
         send(case)
 
-    run()
+    # When an input fails, hypothesis runs it again to report it and warns that the repr of a large
+    # input is long. pytest turns that warning into an error, which then hides the real failure.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HypothesisWarning)
+        run()
 
 
 async def run_in_thread(
@@ -527,6 +533,6 @@ async def run_in_thread(
         except Exception as exc:
             future.cancel()
             # An exception from the exchange itself (a timeout, a lost connection) names no input otherwise.
-            raise AssertionError(f"sending an input failed with {exc!r}: {case!r}") from exc
+            raise AssertionError(f"sending an input failed with {exc!r}: {case!r:.2000}") from exc
 
     await asyncio.to_thread(run_examples, strategy, send, inputs)
