@@ -353,27 +353,7 @@ class Dispatcher:
             raise BadRequestError(
                 f"header {HEADER_CALL_ID} must be at most {MAX_CALL_ID_LENGTH} characters, got {len(call_id)}"
             )
-        deadline = time.monotonic() + budget
-        rpc = RPC(
-            registry=self.registry,
-            services=self.services,
-            deployment_service=self.deployment_service,
-            session=session,
-            trace_id=trace_id,
-            deadline=deadline,
-            hop=hop,
-            default_timeout=self.default_timeout,
-        )
-        wire = Wire(
-            rpc=rpc,
-            session=session,
-            trace_id=trace_id,
-            call_id=call_id,
-            deadline=deadline,
-            hop=hop,
-            function=name,
-            deployment_id=self.deployment_id,
-        )
+        wire = self._wire(name, self.deployment_service, session, trace_id, call_id, budget, hop)
         return Admitted(definition, wire)
 
     async def execute(self, admitted: Admitted, data: Any) -> Any:
@@ -497,7 +477,21 @@ class Dispatcher:
         trace = trace_headers(headers)
         if trace and deployment_service is not None:
             deployment_service = TracedDeploymentService(deployment_service, trace)
-        deadline = time.monotonic() + self.default_timeout
+        wire = self._wire(definition.name, deployment_service, session, trace_id, call_id, self.default_timeout, hop)
+        return Admitted(definition, wire)
+
+    def _wire(
+        self,
+        name: str,
+        deployment_service: Any,
+        session: Any,
+        trace_id: str,
+        call_id: str,
+        budget: float,
+        hop: int,
+    ) -> Wire:
+        """Build the wire of an admitted call, with an RPC for its nested calls, due ``budget`` seconds from now."""
+        deadline = time.monotonic() + budget
         rpc = RPC(
             registry=self.registry,
             services=self.services,
@@ -508,17 +502,16 @@ class Dispatcher:
             hop=hop,
             default_timeout=self.default_timeout,
         )
-        wire = Wire(
+        return Wire(
             rpc=rpc,
             session=session,
             trace_id=trace_id,
             call_id=call_id,
             deadline=deadline,
             hop=hop,
-            function=definition.name,
+            function=name,
             deployment_id=self.deployment_id,
         )
-        return Admitted(definition, wire)
 
     def _interrupted(self, definition: FunctionDefinition) -> CallInterruptedError:
         return CallInterruptedError(
