@@ -17,7 +17,7 @@ How one call moves between instances:
   as uncertain failures, and idempotent ones are retried, instead of waiting for their deadline.
 - Failures count toward the ejection of the instance (see :mod:`pikku_mq._outliers`). When every
   instance of a function is out of routing, calls still go to them, so that a call to a silent
-  instance fails by its deadline and an instance that answers again gets calls at once.
+  instance fails by its deadline and an instance that replies again gets calls at once.
 """
 
 from __future__ import annotations
@@ -582,9 +582,9 @@ class Router:
         if instance is not None:
             return instance
         if call.attempted is None:
-            # Every instance is out of routing. Sending the call to one of them anyway costs little: an
-            # instance that refuses fails the call at once, and one that is silent fails it by its
-            # deadline, as it would without ejection, while one that answers again is used at once.
+            # Every instance is out of routing, so the call goes to one of them anyway. An instance that
+            # refuses fails the call at once, and a silent one fails it by its deadline, as without
+            # ejection. One that replies again is used at once.
             return self._pick_ejected(name, entry, call, None)
 
         if not call.refreshed:
@@ -598,9 +598,10 @@ class Router:
             if instance is not None:
                 return instance
         if call.uncertain:
-            # A retry after an uncertain failure may go to an instance that was tried, even the only one,
-            # and to one out of routing when no other can take it: the worker's de-duplication makes a
-            # retry there safe, and its first attempt may have failed only because the instance is slow.
+            # A retry after an uncertain failure may go to an instance that was tried, even the only one.
+            # It also goes to one out of routing when no other can take it, because the worker's
+            # de-duplication makes the retry safe there. The first attempt may have failed only because
+            # the instance is slow.
             instance = self._pick_not_busy(name, entry, call.strategy, call.excluded)
             if instance is None:
                 instance = self._pick_ejected(name, entry, call, call.excluded)

@@ -2,8 +2,8 @@
 
 A broker drops the requests it held for a worker whose process died: NATS delivered them to a
 subscription that is gone, and RabbitMQ deletes the worker's queue with the requests in it. Nothing
-tells the callers, so without this their calls would wait for the deadline. Here a "black hole"
-subscriber or queue takes a call and never answers, then disappears, and a second call to it gets no
+informs the callers, so without this their calls would wait for the deadline. Here a "black hole"
+subscriber or queue takes a call and never replies, then disappears, and a second call to it gets no
 responders or comes back unroutable.
 """
 
@@ -53,7 +53,7 @@ async def stamp_once(services: Any, data: Any) -> str:
 
 @asynccontextmanager
 async def nats_black_hole() -> AsyncIterator[tuple[str, list[Any], Callable[[], Awaitable[None]]]]:
-    """Yield an endpoint whose subscriber takes requests without answering, its requests, and a way to drop it."""
+    """Yield an endpoint whose subscriber takes requests without replying, its requests, and a way to drop it."""
     prefix = f"pikku_t_{uuid.uuid4().hex[:12]}"
     taken: list[Any] = []
     client = await nats.connect("nats://127.0.0.1:4222", allow_reconnect=False)
@@ -76,7 +76,7 @@ async def nats_black_hole() -> AsyncIterator[tuple[str, list[Any], Callable[[], 
 
 @asynccontextmanager
 async def amqp_black_hole() -> AsyncIterator[tuple[str, list[Any], Callable[[], Awaitable[None]]]]:
-    """The same on RabbitMQ: a queue whose consumer never answers, deleted by ``vanish``."""
+    """The same on RabbitMQ: a queue whose consumer never replies, deleted by ``vanish``."""
     endpoint = amqp_endpoint()
     vhost, queue_name = endpoint.split("/", 3)[3].split("?queue=")
     taken: list[Any] = []

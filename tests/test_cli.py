@@ -240,7 +240,7 @@ def test_demo_without_brokers_uses_http(tmp_path: Path, spawned: list[subprocess
 
 
 def test_demo_without_broker_libraries(tmp_path: Path, spawned: list[subprocess.Popen[Any]]) -> None:
-    # The brokers answer on their standard ports, but the nats and amqp extras are not installed:
+    # The brokers accept connections on their standard ports, but the nats and amqp extras are not installed:
     # importing their client libraries fails, as in a plain `pip install pikku-mq`.
     hide = "import sys; sys.modules['nats'] = None; sys.modules['aio_pika'] = None; "
     demo = subprocess.Popen(

@@ -153,9 +153,9 @@ class _Clock:
             # DATETIME has no time zone and NOW() is in the session's, so sessions in different
             # zones would disagree on every age. UTC_TIMESTAMP() is the same for all of them.
             return sa.func.utc_timestamp(6)
-        # Not now(), which PostgreSQL fixes at the start of the transaction: registering runs several
-        # statements, and a row written with a time from before a wait on a lock could look stale to
-        # the next instance that registers the same id, which would then take it over.
+        # Not now(), which PostgreSQL fixes at the start of the transaction. Registering runs several
+        # statements, so a row written with a time from before a wait on a lock could look stale to the
+        # next instance that registers the same id, and that instance would take it over.
         return sa.func.statement_timestamp()
 
     def age(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
