@@ -337,6 +337,12 @@ class Router:
         now = time.monotonic()
         self._departed = {i: gone for i, gone in self._departed.items() if gone[0] > now}
         self._departed[deployment_id] = (now + self._suspect_ttl, endpoint)
+        self._drop_cached(deployment_id, endpoint)
+        self._balancer.forget(deployment_id)
+        logger.debug("change feed: %s left", deployment_id)
+
+    def _drop_cached(self, deployment_id: str, endpoint: str = "") -> None:
+        """Remove an instance from the cached lookups, so calls reach it again only if a lookup returns it."""
         for entry in self._entries.values():
             remaining = [i for i in entry.instances if not _same_instance(i, deployment_id, endpoint)]
             if len(remaining) != len(entry.instances):
@@ -344,8 +350,6 @@ class Router:
                 entry.local = [i for i in entry.local if not _same_instance(i, deployment_id, endpoint)]
                 if not remaining:
                     entry.expires = 0.0  # look again on the next call rather than report nothing
-        self._balancer.forget(deployment_id)
-        logger.debug("change feed: %s left", deployment_id)
 
     def instance_joined(self, deployment_id: str) -> None:
         """Look every function up again on its next call, since the new instance may host it."""
@@ -717,6 +721,12 @@ class Router:
             # Workers that share a NATS queue group share a subject, so the rejection may come from
             # another one: only the instance that rejected is taken out.
             self._outliers.failed(deployment_id, "it is draining", eject_now=True, level=logging.INFO)
+            # A draining worker deregistered before it rejected anything, so only a lookup made before
+            # that still lists it. Dropping it from the cache also stops the probe that would follow
+            # the ejection: it could reach the worker just as it closes its connections, where a lost
+            # request cannot be told from one that ran. A restart under the same id is routed to again
+            # once a lookup returns it.
+            self._drop_cached(deployment_id)
 
     async def _send(self, instance: DeploymentInfo, call: _Call) -> Reply:
         """Send the call to the endpoints of ``instance`` in order until one carries it, and return the reply.

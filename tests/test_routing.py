@@ -260,6 +260,43 @@ async def test_draining_worker_fails_over(mesh: Mesh) -> None:
     assert RUNS == {"A": 2, "B": 5}
 
 
+async def test_draining_worker_not_probed(mesh: Mesh) -> None:
+    # A draining worker closes its connections once no call has come for a while. A probe sent after
+    # the ejection interval could reach it just then, and a plain call lost on a closing connection
+    # fails, so the caller must not send it anything more until a lookup lists it again.
+    first = _http_worker(mesh, "A", drain_timeout=5)
+    second = _http_worker(mesh, "B")
+    await first.start()
+    await second.start()
+    caller_service, transport = mesh.counting_service(routing_cache_ttl=60)
+    rpc = RPC(registry=FunctionRegistry(), deployment_service=caller_service)
+    direct = AiohttpTransport()
+    try:
+        assert {await rpc.remote("work", 0), await rpc.remote("work", 0)} == {"A", "B"}
+        assert first.endpoint is not None
+        slow = asyncio.create_task(direct.call(first.endpoint, CallRequest("work", 1.5), 5))
+        await wait_until(lambda: first.dispatcher.in_flight == 1, timeout=5)
+        stopping = asyncio.create_task(first.stop())
+        await wait_until(lambda: first.dispatcher.draining, timeout=5)
+
+        transport.attempts.clear()
+        results = []
+        for _ in range(12):  # 1.2 s: past the 0.5 s ejection, while A still drains
+            results.append(await rpc.remote("work", 0))
+            await asyncio.sleep(0.1)
+        attempts_during_drain = list(transport.attempts)
+        assert first.dispatcher.in_flight == 1
+        await slow
+        await stopping
+    finally:
+        await first.stop()
+        await second.stop()
+        await direct.close()
+
+    assert results == ["B"] * 12
+    assert attempts_during_drain.count(first.endpoint) == 1, attempts_during_drain
+
+
 # -- no instance left ---------------------------------------------------------------------------------
 
 
