@@ -723,8 +723,8 @@ class Router:
             self._outliers.failed(deployment_id, "it is draining", eject_now=True, level=logging.INFO)
             # A draining worker deregistered before it rejected anything, so only a lookup made before
             # that still lists it. Dropping it from the cache also stops the probe that would follow
-            # the ejection: it could reach the worker just as it closes its connections, where a lost
-            # request cannot be told from one that ran. A restart under the same id is routed to again
+            # the ejection: it could reach the worker just as it closes its connections, and a plain
+            # call lost there may or may not have run. A restart under the same id is routed to again
             # once a lookup returns it.
             self._drop_cached(deployment_id)
 
