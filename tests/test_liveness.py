@@ -149,7 +149,9 @@ async def test_blocked_worker_stays_listed(tmp_path: Path, registry: Registry) -
         assert await call == "blocker"
         assert blocked_for >= BLOCK - 0.5
         assert polls >= 20
-        assert missing == [], f"the blocked worker was missing from lookups at these seconds: {missing}"
+        assert missing == [], (
+            f"the blocked worker was missing from lookups at these seconds: {missing}; its log:\n{worker.stderr()}"
+        )
         assert isinstance(short_result, DeadlineExceededError)
         assert short_took < 1.0 + 1.0, "the call with a 1 s deadline did not fail by its deadline"
         assert await patient == "blocker"
