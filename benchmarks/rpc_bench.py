@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -66,6 +67,13 @@ TRANSPORTS = ("http", "nats", "amqp")
 RAW_VARIANTS = {"nats": ("raw-nats-2conn",)}
 """Further floors reported beside ``raw-<transport>``; the targets stay against ``raw-<transport>``."""
 PEERS = {"nats": ("faststream-nats",), "amqp": ("faststream-rabbit", "aiopika-rpc", "nameko")}
+PEER_MODULES = {
+    "faststream-nats": ("faststream", "nats"),
+    "faststream-rabbit": ("faststream", "aio_pika"),
+    "aiopika-rpc": ("aio_pika",),
+    "nameko": ("nameko", "eventlet"),
+}
+"""The modules each peer's server and client import; a peer without them is left out of the run."""
 LIBRARIES = (
     "pydantic",
     "msgpack",
@@ -303,6 +311,13 @@ def start_cases(fixture: Fixture, transports: tuple[str, ...], peers: bool, size
             cases.append(Case("raw-nats-2conn", transport, "raw", two_connections, ("raw-nats",), sizes))
 
         for peer in PEERS.get(transport, ()) if peers else ():
+            missing = [module for module in PEER_MODULES[peer] if importlib.util.find_spec(module) is None]
+            if missing:
+                print(
+                    f"leaving out {peer}: {', '.join(missing)} not installed (pip install -e '.[bench]')",
+                    file=sys.stderr,
+                )
+                continue
             if peer == "faststream-nats":
                 subject = f"{fixture.tag}.faststream"
                 start_server(fixture, peer, [python(), "rpc_servers.py", peer, "--subject", subject])
