@@ -815,6 +815,53 @@ def test_json_body_decodes_as_json_module(raw: bytes) -> None:
 
 
 @pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"data": "\xff"}',
+        b'\xef\xbb\xbf{"data": "\xff"}',
+        b'\xef\xbb\xbf\xef\xbb\xbf{"data": 1}',
+        b'\xef\xbb{"data": 1}',
+        b'{"data": "\xed\xa0\x80"}',
+    ],
+)
+def test_json_body_utf8_errors_match_codec(raw: bytes) -> None:
+    # The body is decoded as the utf-8-sig codec decodes it, error positions included.
+    try:
+        json.JSONDecoder().decode(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        expected = f"a string is not UTF-8 ({exc.reason} at byte {exc.start})"
+    except ValueError as exc:
+        expected = str(exc)
+    else:
+        pytest.fail(f"{raw!r} should not decode")
+
+    with pytest.raises(BadRequestError) as caught:
+        _decode_call_body(raw, binary=False)
+
+    assert expected in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "unknown"),
+    [
+        (b'{"x": 1}', "['x']"),
+        (b'{"data": 1, "x": 2}', "['x']"),
+        (b'{"b": 1, "data": 2, "a": 3}', "['a', 'b']"),
+    ],
+)
+def test_json_body_unknown_fields_listed(raw: bytes, unknown: str) -> None:
+    with pytest.raises(BadRequestError) as caught:
+        _decode_call_body(raw, binary=False)
+
+    assert f"unknown fields {unknown}" in str(caught.value)
+
+
+@pytest.mark.parametrize(("raw", "data"), [(b"{}", None), (b'{"data": null}', None), (b'{"data": 7}', 7)])
+def test_json_body_without_unknown_fields(raw: bytes, data: Any) -> None:
+    assert _decode_call_body(raw, binary=False) == data
+
+
+@pytest.mark.parametrize(
     ("raw", "reason"),
     [
         (b'{"data": 1e400}', "out of the range of a 64-bit float"),

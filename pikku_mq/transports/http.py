@@ -10,6 +10,7 @@ a user's own ``httpx.AsyncClient`` where custom TLS or proxies need it.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import io
 import json
@@ -129,10 +130,11 @@ class PikkuASGIApp:
             return
 
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        binary = _content_type(headers) == MSGPACK
+        content_type = _content_type(headers)
+        binary = content_type == MSGPACK
         try:
             name = self._function_name(scope)
-            data = await self._read_call(headers, receive)
+            data = await self._read_call(headers, content_type, receive)
         except PikkuMQError as exc:
             await _send_error(send, exc, binary=binary)
             return
@@ -172,8 +174,7 @@ class PikkuASGIApp:
                 return unquote(encoded[index + len(prefix) :])
         return path[len(prefix) :]
 
-    async def _read_call(self, headers: dict[str, str], receive: Receive) -> Any:
-        content_type = _content_type(headers)
+    async def _read_call(self, headers: dict[str, str], content_type: str, receive: Receive) -> Any:
         if content_type not in (JSON, MSGPACK, ""):
             raise UnsupportedMediaTypeError(
                 f"content type {content_type[:100]!r} is not supported; send {JSON} or {MSGPACK}"
@@ -182,16 +183,16 @@ class PikkuASGIApp:
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_size:
             raise self._too_large()
-        body = await self._read_body(receive)
-        return _decode_call_body(body, content_type == MSGPACK)
-
-    async def _read_body(self, receive: Receive) -> bytes:
         message = await receive()
         if message["type"] == "http.request" and not message.get("more_body", False):
             body: bytes = message.get("body", b"")
             if len(body) > self.max_body_size:
                 raise self._too_large()
-            return body
+        else:
+            body = await self._read_parts_within_timeout(message, receive)
+        return _decode_call_body(body, content_type == MSGPACK)
+
+    async def _read_parts_within_timeout(self, message: Message, receive: Receive) -> bytes:
         # A body in several parts: limit the wait for the rest, so a client that stops sending cannot
         # keep the parts received so far in memory for as long as its connection stays open.
         try:
@@ -240,7 +241,9 @@ def _decode_call_body(body: bytes, binary: bool) -> Any:
             # json.loads on bytes would also take UTF-16 and UTF-32, and UTF-8 with encoded lone surrogates
             # ("\xed\xa0\x80"), which no reply can carry back: only UTF-8 is JSON on the wire. The decoder
             # is built once, with the same hooks that json.loads would take.
-            call = _JSON_DECODER.decode(body.decode("utf-8-sig"))
+            # Strip a BOM as the utf-8-sig codec does, without that codec's Python-level call.
+            text = (body[3:] if body.startswith(codecs.BOM_UTF8) else body).decode("utf-8")
+            call = _JSON_DECODER.decode(text)
             # Most bodies cannot hold a lone surrogate or the nesting limit, which these counts rule out cheaply.
             if _SURROGATE_ESCAPE.search(body) or body.count(b"[") + body.count(b"{") > MAX_NESTING:
                 _reject_non_json(call)
@@ -250,8 +253,9 @@ def _decode_call_body(body: bytes, binary: bool) -> Any:
 
     if not isinstance(call, dict):
         raise BadRequestError(f'request body must be an object {{"data": ...}}, got {type(call).__name__}')
-    unknown = sorted(str(key) for key in call if key != "data")
-    if unknown:
+    # A body of {} or {"data": ...} has no other key, which the length and one lookup tell without a loop.
+    if len(call) > 1 or (call and "data" not in call):
+        unknown = sorted(str(key) for key in call if key != "data")
         raise BadRequestError(f"request body has unknown fields {unknown[:10]}; only 'data' is allowed")
     # Pikku sends {} when its data is undefined, so a missing field means None.
     return call.get("data")
