@@ -35,11 +35,12 @@ from ._errors import (
     PikkuMQError,
     ServiceUnavailableError,
     UnauthorizedError,
+    check_seconds,
     function_not_found,
 )
 from ._functions import FunctionDefinition, FunctionRegistry
 from ._logs import RepeatedFailureLog, call_extra
-from ._rpc import RPC, TracedDeploymentService, Wire, run_function
+from ._rpc import TracedDeploymentService, Wire, run_function
 from ._security import AUTHORIZATION_HEADER, RemoteSecurity
 from ._telemetry import UNKNOWN_FUNCTION, Telemetry
 from ._types import (
@@ -171,6 +172,8 @@ class Dispatcher:
                 f"dedup_max_entries ({dedup_max_entries!r}) and dedup_max_bytes ({dedup_max_bytes!r}) "
                 "must be at least 1"
             )
+        # Checked here because each call's wire builds its RPC, which checks it, only when the function uses it.
+        default_timeout = check_seconds(default_timeout, "default_timeout")
         if max_concurrency < 1:
             raise ConfigurationError(f"max_concurrency must be at least 1, got {max_concurrency!r}")
         if max_in_flight < max_concurrency:
@@ -492,18 +495,8 @@ class Dispatcher:
     ) -> Wire:
         """Build the wire of an admitted call, with an RPC for its nested calls, due ``budget`` seconds from now."""
         deadline = time.monotonic() + budget
-        rpc = RPC(
-            registry=self.registry,
-            services=self.services,
-            deployment_service=deployment_service,
-            session=session,
-            trace_id=trace_id,
-            deadline=deadline,
-            hop=hop,
-            default_timeout=self.default_timeout,
-        )
-        return Wire(
-            rpc=rpc,
+        return Wire.bound(
+            (self.registry, self.services, deployment_service, self.default_timeout),
             session=session,
             trace_id=trace_id,
             call_id=call_id,
