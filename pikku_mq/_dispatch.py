@@ -290,7 +290,7 @@ class Dispatcher:
                 )
             )
         finally:
-            self._leave()
+            self._leave(task)
         if claim.future.cancelled():
             return None
         outcome = claim.future.result()
@@ -393,7 +393,7 @@ class Dispatcher:
             self._log_raised(definition, wire, exc, error)
             raise error from exc
         finally:
-            self._leave()
+            self._leave(task)
 
     def _log_raised(self, definition: FunctionDefinition, wire: Wire, exc: Exception, error: PikkuMQError) -> None:
         """Log a function's exception with its traceback: each at DEBUG, and a rate-limited line at ERROR.
@@ -434,7 +434,7 @@ class Dispatcher:
         try:
             outcome = await self.run_admitted_once(admitted, data)
         finally:
-            self._leave(counted_only=True)
+            self._leave()
         if outcome.error is not None:
             logger.warning(
                 "one-way call %s to %s failed: %s: %s",
@@ -554,10 +554,10 @@ class Dispatcher:
             self._running.add(task)
         return task
 
-    def _leave(self, *, counted_only: bool = False) -> None:
+    def _leave(self, task: asyncio.Task[Any] | None = None) -> None:
+        """Count a call out; ``task`` is what :meth:`_enter` returned for it, None for a call counted in without."""
         self.in_flight -= 1
-        task = asyncio.current_task()
-        if task is not None and not counted_only:
+        if task is not None:
             self._running.discard(task)
         if self.in_flight == 0:
             self._idle.set()
@@ -583,7 +583,7 @@ class _Deadline:
         self._expired = False
         self._handle: asyncio.Handle | None = None
         if delay is not None:
-            loop = asyncio.get_running_loop()
+            loop = task.get_loop()
             self._handle = loop.call_soon(self._expire) if delay <= 0 else loop.call_later(delay, self._expire)
 
     def _expire(self) -> None:

@@ -446,6 +446,7 @@ class _CallerConnection:
         self.presence = presence
         """The presence subject and the listener of its events, if this connection subscribes to them."""
         self.nc: NatsClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox = ""
         self._pending: dict[str, tuple[asyncio.Future[Msg], str]] = {}
         self._tokens = itertools.count(1)
@@ -455,6 +456,7 @@ class _CallerConnection:
         return self.nc is not None and not self.nc.is_closed
 
     async def open(self, connect_timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
         self.nc = await _open_client(
             self.url,
             name="pikku-mq caller",
@@ -492,12 +494,14 @@ class _CallerConnection:
             )
 
         token = str(next(self._tokens))
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # set by open(), which made self.nc
         future: asyncio.Future[Msg] = loop.create_future()
         self._pending[token] = (future, name)
         try:
             try:
-                await nc.publish(subject, payload, reply=self._inbox + token, headers=dict(headers))
+                # nats-py (2.16) encodes the headers within publish() and keeps no reference to the dict.
+                await nc.publish(subject, payload, reply=self._inbox + token, headers=_as_dict(headers))
             except nats.errors.MaxPayloadError:
                 raise PayloadTooLargeError(
                     f"the request to '{name}' is over the max_payload of {nc.max_payload} bytes of the NATS "
@@ -623,11 +627,13 @@ class NatsTransport(ClientTransport):
     async def call(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
         subject = self._subject(endpoint, request.name)
         payload = _encode_request(request)
-        headers = request.headers
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        connection = await self._connection(request.name, timeout)
-        msg = await connection.request(subject, payload, headers, deadline - loop.time(), request.name)
+        index = next(self._next) % len(self._slots)
+        connection = self._slots[index]
+        if connection is None or not connection.usable:
+            started = time.monotonic()
+            connection = await self._slot_connection(index, request.name, timeout)
+            timeout -= time.monotonic() - started
+        msg = await connection.request(subject, payload, request.headers, timeout, request.name)
         return _decode_reply(msg, request.name, subject, connection.addresses)
 
     async def notify(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
@@ -731,6 +737,10 @@ class NatsTransport(ClientTransport):
                 await connection.close()
 
 
+def _as_dict(headers: Mapping[str, str]) -> dict[str, str]:
+    return headers if isinstance(headers, dict) else dict(headers)
+
+
 def _encode_request(request: CallRequest) -> bytes:
     try:
         return msgpack.packb({"data": pydantic_core.to_jsonable_python(request.data)})  # type: ignore[no-any-return]
@@ -791,6 +801,8 @@ class NatsServer(ServerTransport):
         self._dispatcher: Dispatcher | None = None
         self._nc: NatsClient | None = None
         self._sub: Subscription | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The event loop of the connection, which runs the request callbacks."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._revive_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -811,6 +823,7 @@ class NatsServer(ServerTransport):
         assert endpoint is not None
         url = self._url or default_nats_url(fallback=endpoint.server_url)
         self._addresses = server_addresses(url)
+        self._loop = asyncio.get_running_loop()
         nc = await _open_client(
             url,
             name=f"pikku-mq worker {endpoint.prefix}",
@@ -901,7 +914,8 @@ class NatsServer(ServerTransport):
 
     async def _on_request(self, msg: Msg) -> None:
         # nats-py runs this callback for one message at a time: hand each request to a task at once.
-        task = asyncio.get_running_loop().create_task(self._serve(msg))
+        assert self._loop is not None
+        task = self._loop.create_task(self._serve(msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
