@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pydantic_core
@@ -213,18 +213,20 @@ class Dispatcher:
         self._raised_logs: dict[str, RepeatedFailureLog] = {}
         """The log of exceptions raised by each function, by name; only registered names are keys."""
 
-    async def handle(self, name: str, data: Any, headers: Mapping[str, str], transport: str = "") -> Outcome:
+    def handle(
+        self, name: str, data: Any, headers: Mapping[str, str], transport: str = ""
+    ) -> Coroutine[Any, Any, Outcome]:
         """Admit and run one call; every failure becomes an error outcome, none is raised.
 
-        ``transport`` (http, nats, amqp or memory) labels the call's span and metrics.
+        ``transport`` (http, nats, amqp or memory) labels the call's span and metrics. Await the
+        result as that of a coroutine function: this one returns the coroutine that serves the call,
+        without a coroutine of its own around it.
         """
         if self.telemetry is not None and self.telemetry.recording():
             definition = self.registry.get(name)
             function = name if definition is not None and definition.expose else UNKNOWN_FUNCTION
-            return await self.telemetry.serve(
-                self._handle, name, data, headers, transport, function, self.deployment_id
-            )
-        return await self._handle(name, data, headers)
+            return self.telemetry.serve(self._handle, name, data, headers, transport, function, self.deployment_id)
+        return self._handle(name, data, headers)
 
     async def _handle(self, name: str, data: Any, headers: Mapping[str, str]) -> Outcome:
         try:
@@ -261,7 +263,14 @@ class Dispatcher:
         claim = records.claim(key, digest)
         outcome = None
         try:
-            outcome = await self._run_encoded(admitted, data)
+            # The outcome keeps only the JSON text of the result, whose size the records count.
+            try:
+                result = await self.execute(admitted, data)
+                encoded = admitted.definition.dump_json(result)
+            except PikkuMQError as exc:
+                outcome = Outcome(error=exc)
+            else:
+                outcome = Outcome(definition=admitted.definition, encoded=encoded)
         finally:
             records.settle(claim, outcome)
         return outcome
@@ -295,18 +304,6 @@ class Dispatcher:
             return None
         outcome = claim.future.result()
         return outcome if is_final(outcome) else None
-
-    async def _run_encoded(self, admitted: Admitted, data: Any) -> Outcome:
-        """Run an admitted call and return its outcome with the result serialised, ready to keep.
-
-        The outcome keeps only the JSON text of the result, whose size the records count.
-        """
-        try:
-            result = await self.execute(admitted, data)
-            encoded = admitted.definition.dump_json(result)
-        except PikkuMQError as exc:
-            return Outcome(error=exc)
-        return Outcome(definition=admitted.definition, encoded=encoded)
 
     def admit(self, name: str, headers: Mapping[str, str], data: Any = None) -> Admitted:
         """Check a call before it runs; raise the error to send back if it cannot run.
