@@ -284,18 +284,38 @@ def _parse_header_lines(block: bytes) -> dict[str, str] | None:
     None for a block without headers. A test compares both parsers line by line.
     """
     parsed: dict[str, str] = {}
+    names = _HEADER_NAMES
     for line in block.split(b"\r\n"):
         name, colon, value = line.partition(b":")
         if not colon:
             continue
-        name = name.strip()
-        if not name.isascii():
-            continue
-        key = name.decode("ascii")
-        if key and key.split() != [key]:
-            continue
-        parsed[key] = value.strip().decode("utf-8", "replace")
+        try:
+            key = names[name]
+        except KeyError:
+            key = _header_key(name)
+            if len(names) >= _MAX_HEADER_NAMES:
+                names.clear()
+            names[name] = key
+        if key is not None:
+            parsed[key] = value.strip().decode("utf-8", "replace")
     return parsed or None
+
+
+_HEADER_NAMES: dict[bytes, str | None] = {}
+"""The key of each header name as read, None for a name that nats-py skips; most messages repeat a few names."""
+
+_MAX_HEADER_NAMES = 256
+
+
+def _header_key(name: bytes) -> str | None:
+    """Return the key under which nats-py (2.16) stores a header name, or None if it skips the line."""
+    name = name.strip()
+    if not name.isascii():
+        return None
+    key = name.decode("ascii")
+    if key and key.split() != [key]:
+        return None
+    return key
 
 
 Callback = Callable[[], Awaitable[None]]
