@@ -98,6 +98,10 @@ _MAX_OUTSTANDING_PINGS = 3
 _MAX_ERROR_HEADER = 1024
 """Characters of an error message copied into ``Nats-Service-Error``. The reply body carries all of it."""
 
+_MAX_REPLY_HEADER_BYTES = 8 * 1024
+"""Bytes that the header block of a reply takes at most, with an error message of ``_MAX_ERROR_HEADER``
+characters of 4 UTF-8 bytes each (about 4.2 KiB); a test checks the bound."""
+
 _STOP_GRACE = 2.0
 """Seconds a stopping server gives its last replies and its unsubscription to reach the broker."""
 
@@ -200,6 +204,8 @@ class _Client(NatsClient):
         super().__init__()
         self._ps = _Parser(self)
         self._header_prefixes: dict[str, bytes] = {}
+        self._single_header_blocks: dict[tuple[Any, Any], bytes] = {}
+        """Header blocks of one header, by name and value."""
 
     async def _process_headers(self, headers: bytes | None) -> dict[str, str] | None:
         if headers and headers.startswith(b"NATS/1.0\r\n") and len(headers) > 10 and not _NATS_USES_MAIL_PARSER:
@@ -240,6 +246,20 @@ class _Client(NatsClient):
             await self._flush_pending()
 
     def _header_block(self, headers: dict[str, Any]) -> bytes | None:
+        if len(headers) == 1:
+            # A worker's reply to a call that succeeded has only its status header.
+            ((name, value),) = headers.items()
+            block = self._single_header_blocks.get((name, value))
+            if block is None:
+                block = self._build_header_block(headers)
+                if block is not None:
+                    if len(self._single_header_blocks) >= _MAX_HEADER_PREFIXES:
+                        self._single_header_blocks.clear()
+                    self._single_header_blocks[name, value] = block
+            return block
+        return self._build_header_block(headers)
+
+    def _build_header_block(self, headers: dict[str, Any]) -> bytes | None:
         prefixes = self._header_prefixes
         parts = [b"NATS/1.0\r\n"]
         for name, value in headers.items():
@@ -980,8 +1000,10 @@ class NatsServer(ServerTransport):
             error = OutputValidationError(f"the result of function '{name}' cannot be serialised to msgpack: {exc}")
             status, payload = error.http_status, msgpack.packb(error.to_envelope())
         headers = _reply_headers(status, error, rejected)
-        size = message_size(headers, payload, nc.max_payload)
-        if size > nc.max_payload:
+        # The header block of a reply takes at most _MAX_REPLY_HEADER_BYTES, so only a large body needs a count.
+        if len(payload) + _MAX_REPLY_HEADER_BYTES > nc.max_payload and (
+            (size := message_size(headers, payload, nc.max_payload)) > nc.max_payload
+        ):
             error = PayloadTooLargeError(
                 f"the reply of function '{name}' is {size} bytes with its headers, over the max_payload of "
                 f"{nc.max_payload} bytes of the NATS server",
