@@ -973,6 +973,8 @@ class Router:
         return any(self.transports.supports(e) for e in (instance.endpoint, *instance.fallback_endpoints))
 
     def _endpoints_for(self, instance: DeploymentInfo) -> list[str]:
+        if not instance.fallback_endpoints and self.transports.supports(instance.endpoint):
+            return [instance.endpoint]  # the common case, without building the candidates
         endpoints = [e for e in (instance.endpoint, *instance.fallback_endpoints) if self.transports.supports(e)]
         if not endpoints:
             raise RoutingError(f"no transport for any endpoint of instance '{instance.deployment_id}'")
