@@ -177,3 +177,22 @@ async def test_dispatcher_cancel_propagates() -> None:
     with pytest.raises(asyncio.CancelledError):
         await call
     assert dispatcher.in_flight == 0
+
+
+async def test_dispatcher_task_given_is_tracked() -> None:
+    """A call whose transport passes its task is counted in, and abort() interrupts it, as without."""
+    dispatcher = Dispatcher(REG)
+
+    async def serve() -> Any:
+        return await dispatcher.handle("nap", 1.0, {HEADER_DEADLINE: "5000"}, task=asyncio.current_task())
+
+    call = asyncio.create_task(serve())
+    await asyncio.sleep(0.02)
+    assert dispatcher._running == {call}
+
+    dispatcher.abort()
+    outcome = await call
+
+    assert isinstance(outcome.error, CallInterruptedError)
+    assert dispatcher.in_flight == 0
+    assert not dispatcher._running

@@ -973,7 +973,9 @@ class NatsServer(ServerTransport):
         except PikkuMQError as exc:
             await self._reply(msg.reply, exc.http_status, exc.to_envelope(), error=exc, rejected=False, name="")
             return
-        outcome = await self._dispatcher.handle(name, data, headers, "nats")
+        # With its loop given, current_task() makes no getpid() system call (Python 3.11).
+        task = asyncio.current_task(self._loop)
+        outcome = await self._dispatcher.handle(name, data, headers, "nats", task=task)
         status, body = outcome.encode_python()
         await self._reply(msg.reply, status, body, error=outcome.error, rejected=outcome.rejected, name=name)
 
