@@ -458,7 +458,7 @@ def test_random_ids_differ_between_threads() -> None:
 def test_random_ids_differ_after_fork() -> None:
     from pikku_mq._routing import _random_ids
 
-    _random_ids()  # the parent's buffer holds ids not yet sent
+    _random_ids()  # the parent's buffer now contains ids not yet sent
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
