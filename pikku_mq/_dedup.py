@@ -65,12 +65,43 @@ _RECORD_OVERHEAD = 200
 class Claim:
     """A running call, which later attempts with the same call id wait for."""
 
-    __slots__ = ("fingerprint", "future", "key")
+    __slots__ = ("_future", "_outcome", "_settled", "fingerprint", "key")
 
     def __init__(self, key: tuple[str, str], fingerprint: bytes) -> None:
         self.key = key
         self.fingerprint = fingerprint
-        self.future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        # The first attempt that waits makes the future, so a call that no attempt waits for makes none.
+        self._future: asyncio.Future[Outcome] | None = None
+        self._settled = False
+        self._outcome: Outcome | None = None
+
+    @property
+    def future(self) -> asyncio.Future[Outcome]:
+        """The future that waiting attempts await: the outcome, or cancelled if the call ended without one."""
+        future = self._future
+        if future is None:
+            future = self._future = asyncio.get_running_loop().create_future()
+            if self._settled:
+                _resolve(future, self._outcome)
+        return future
+
+    def settle(self, outcome: Outcome | None) -> None:
+        """Wake the waiting attempts with ``outcome`` (None if the call ended without one); only the first counts."""
+        if self._settled:
+            return
+        self._settled = True
+        self._outcome = outcome
+        if self._future is not None:
+            _resolve(self._future, outcome)
+
+
+def _resolve(future: asyncio.Future[Outcome], outcome: Outcome | None) -> None:
+    if future.done():
+        return
+    if outcome is None:
+        future.cancel()
+    else:
+        future.set_result(outcome)
 
 
 class _Record:
@@ -137,11 +168,7 @@ class CallRecords:
             del self._running[claim.key]
         if outcome is not None and is_final(outcome):
             self._record(claim, outcome)
-        if not claim.future.done():
-            if outcome is None:
-                claim.future.cancel()
-            else:
-                claim.future.set_result(outcome)
+        claim.settle(outcome)
 
     def forget(self, key: tuple[str, str]) -> None:
         """Drop the finished record of ``key``, if there is one, so that the next attempt runs the call."""

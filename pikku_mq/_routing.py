@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -85,6 +86,40 @@ _ABORT_GRACE = 0.05
 
 _UNCERTAIN_REPLY_CODES = frozenset({CallInterruptedError.code, DeadlineExceededError.code})
 """Error codes of replies in which the worker reports that it gave up on the function, which may have partly run."""
+
+
+_RANDOM_BYTES = 4096
+"""Bytes read from ``os.urandom`` at a time for the ids of calls: the two ids of each of 128 calls."""
+
+
+class _RandomText(threading.local):
+    """Hex digits from ``os.urandom`` not yet used in an id, per thread so that two threads never share them."""
+
+    text = ""
+    position = 0
+
+
+_random_text = _RandomText()
+
+
+def _random_ids() -> tuple[str, str]:
+    """Return two ids of 32 random hex digits each, as ``uuid4().hex`` gives, mostly without a system call."""
+    state = _random_text
+    position = state.position
+    if position >= len(state.text):
+        state.text = os.urandom(_RANDOM_BYTES).hex()
+        position = 0
+    state.position = position + 64
+    return state.text[position : position + 32], state.text[position + 32 : position + 64]
+
+
+def _forget_random_text() -> None:
+    # A forked child must not send the ids that its parent sends next.
+    global _random_text
+    _random_text = _RandomText()
+
+
+os.register_at_fork(after_in_child=_forget_random_text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,8 +461,7 @@ class Router:
                 f"call to '{name}' was not started because its deadline had already passed",
                 payload={"function": name, "attempts": 0},
             )
-        # 32 random hex digits, as uuid4().hex gives, at a quarter of its cost.
-        call_id = os.urandom(16).hex()
+        call_id, random_trace_id = _random_ids()
         observation = self.telemetry.observe_call(name, call_id) if self.telemetry is not None else None
         if trace_id is None and observation is not None:
             trace_id = observation.trace_id  # log records then name the trace of the spans
@@ -435,7 +469,7 @@ class Router:
             name=name,
             data=data,
             headers={
-                HEADER_REQUEST_ID: trace_id or os.urandom(16).hex(),
+                HEADER_REQUEST_ID: trace_id or random_trace_id,
                 HEADER_CALL_ID: call_id,
                 HEADER_HOP: str(hop),
             },
@@ -939,6 +973,8 @@ class Router:
         return any(self.transports.supports(e) for e in (instance.endpoint, *instance.fallback_endpoints))
 
     def _endpoints_for(self, instance: DeploymentInfo) -> list[str]:
+        if not instance.fallback_endpoints and self.transports.supports(instance.endpoint):
+            return [instance.endpoint]  # the common case, without building the candidates
         endpoints = [e for e in (instance.endpoint, *instance.fallback_endpoints) if self.transports.supports(e)]
         if not endpoints:
             raise RoutingError(f"no transport for any endpoint of instance '{instance.deployment_id}'")

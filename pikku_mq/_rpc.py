@@ -37,7 +37,7 @@ class Wire:
     call from application code without a timeout).
     """
 
-    __slots__ = ("call_id", "deadline", "deployment_id", "function", "hop", "rpc", "session", "trace_id")
+    __slots__ = ("_rpc", "_scope", "call_id", "deadline", "deployment_id", "function", "hop", "session", "trace_id")
 
     def __init__(
         self,
@@ -51,7 +51,8 @@ class Wire:
         function: str = "",
         deployment_id: str = "",
     ) -> None:
-        self.rpc = rpc
+        self._rpc: RPC | None = rpc
+        self._scope: tuple[FunctionRegistry, Any, Any, float] | None = None
         self.session = session
         self.trace_id = trace_id
         self.call_id = call_id
@@ -61,6 +62,56 @@ class Wire:
         """The name of the function the call runs."""
         self.deployment_id = deployment_id
         """The instance that serves the call; empty for a local call outside a worker."""
+
+    @classmethod
+    def bound(
+        cls,
+        scope: tuple[FunctionRegistry, Any, Any, float],
+        *,
+        session: Any,
+        trace_id: str,
+        call_id: str,
+        deadline: float,
+        hop: int,
+        function: str,
+        deployment_id: str,
+    ) -> Wire:
+        """Return a wire whose RPC is built on first use, from ``scope`` and the wire's own fields.
+
+        ``scope`` is the registry, services, deployment service and default timeout of the nested
+        calls. A worker builds each call's wire this way, so a function that makes no nested call
+        costs no RPC. The values must be valid for :class:`RPC`, as a worker's are.
+        """
+        wire = cls.__new__(cls)
+        wire._rpc = None
+        wire._scope = scope
+        wire.session = session
+        wire.trace_id = trace_id
+        wire.call_id = call_id
+        wire.deadline = deadline
+        wire.hop = hop
+        wire.function = function
+        wire.deployment_id = deployment_id
+        return wire
+
+    @property
+    def rpc(self) -> RPC:
+        """The RPC of the call's nested calls, which keep its trace id, session and deadline and its hop count."""
+        rpc = self._rpc
+        if rpc is None:
+            assert self._scope is not None
+            registry, services, deployment_service, default_timeout = self._scope
+            rpc = self._rpc = RPC(
+                registry=registry,
+                services=services,
+                deployment_service=deployment_service,
+                session=self.session,
+                trace_id=self.trace_id,
+                deadline=self.deadline,
+                hop=self.hop,
+                default_timeout=default_timeout,
+            )
+        return rpc
 
     @property
     def remaining(self) -> float | None:

@@ -309,6 +309,42 @@ async def test_retry_deadline_shorter_than_first_run() -> None:
     assert ledger.runs["k"] == 1
 
 
+async def test_claim_future_made_lazily() -> None:
+    """A claim makes its future only for an attempt that waits, and gives a late one the outcome at once."""
+    from pikku_mq._dedup import Claim
+    from pikku_mq._dispatch import Outcome
+
+    early, late, cancelled = (Claim(("charge", call_id), b"digest") for call_id in ("a", "b", "c"))
+    waiting = early.future
+    outcome = Outcome(result={"runs": 1})
+
+    early.settle(outcome)
+    late.settle(outcome)
+    late.settle(Outcome(result={"runs": 2}))  # only the first settling counts
+    cancelled.settle(None)
+
+    assert waiting.done()
+    assert waiting.result() is outcome
+    assert early.future is waiting
+    assert late.future.result() is outcome
+    assert cancelled.future.cancelled()
+
+
+async def test_retries_while_running_share_outcome() -> None:
+    ledger = Ledger()
+    dispatcher = Dispatcher(REG, services=ledger)
+    headers = {HEADER_CALL_ID: uuid.uuid4().hex}
+
+    data = {"account": "m", "hold": 0.2}
+    first = asyncio.create_task(dispatcher.handle("charge", data, headers))
+    await wait_until(lambda: ledger.runs["m"] == 1, timeout=5)
+    retries = [asyncio.create_task(dispatcher.handle("charge", data, headers)) for _ in range(2)]
+    outcomes = [await first, *[await retry for retry in retries]]
+
+    assert [outcome.encode_python() for outcome in outcomes] == [(200, {"account": "m", "runs": 1})] * 3
+    assert ledger.runs["m"] == 1
+
+
 # -- through the router, with a reply lost on the way back ---------------------------------------
 
 

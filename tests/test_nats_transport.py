@@ -213,6 +213,7 @@ HEADER_CASES: dict[str, dict[str, Any]] = {
         "authorization": "Bearer a.b.c",
     },
     "reply": {"pikku-status": "500", "Nats-Service-Error": "boom: it failed", "Nats-Service-Error-Code": "500"},
+    "success reply": {"pikku-status": "200"},
     "empty": {},
     "space inside value": {"a": "x y"},
     "leading space": {"a": " x"},
@@ -249,10 +250,24 @@ async def test_publish_bytes_match_nats_py(case: str, reply: str) -> None:
     assert ours.stats["out_msgs"] == theirs.stats["out_msgs"] == 1
 
 
+@pytest.mark.parametrize("case", list(HEADER_CASES))
+async def test_publish_repeated_matches_nats_py(case: str) -> None:
+    """A block sent again, from the client's cache where it has one, has the same bytes as nats-py's."""
+    headers = HEADER_CASES[case]
+    ours, theirs = _recording_client(), _recording_client()
+    for _ in range(2):
+        await ours._send_publish("p.echo", "r", b"\x01", 1, dict(headers))
+    await NatsClient._send_publish(theirs, "p.echo", "r", b"\x01", 1, dict(headers))
+
+    assert ours.sent == theirs.sent * 2
+
+
 @pytest.mark.parametrize("name", ["bad name", "a:b", "é"])
 async def test_publish_bad_header_name_raises(name: str) -> None:
-    with pytest.raises(nats.errors.BadHeaderError):
-        await _recording_client()._send_publish("p.echo", "r", b"", 0, {name: "x"})
+    client = _recording_client()
+    for _ in range(2):  # a name that nats-py rejects is not cached
+        with pytest.raises(nats.errors.BadHeaderError):
+            await client._send_publish("p.echo", "r", b"", 0, {name: "x"})
 
 
 # -- reading headers -------------------------------------------------------------------------------
@@ -292,11 +307,14 @@ async def _nats_py_headers(block: bytes) -> Any:
 async def test_header_parse_matches_nats_py(block: bytes) -> None:
     expected = await _nats_py_headers(block)
     parsed = await _Client()._process_headers(block)
+    # The second parse reads the header names from the cache that the first one filled.
+    parsed_again = await _Client()._process_headers(block)
     if isinstance(expected, type):
         # nats-py raises on this block; pikku_mq's client marks it as malformed instead.
         assert parsed == {}
     else:
         assert parsed == expected
+    assert parsed_again == parsed
 
 
 HEADER_PIECES = st.binary(max_size=12) | st.sampled_from([b":", b" ", b"\t", b"\x0b", b"\xc3\xa4", b"a", b"\r\n"])
@@ -493,6 +511,19 @@ async def test_reply_over_max_payload_is_error(mesh: Mesh) -> None:
         assert time.monotonic() - started < 2.0
         assert too_large.value.status == 413
         assert await caller.invoke("blob", 3, timeout=5) == "xxx"
+
+
+def test_reply_header_bound_holds() -> None:
+    """The largest header block a worker sends stays within the bound under which it skips the size count."""
+    from pikku_mq import InternalServerError
+    from pikku_mq.transports._nats_wire import header_block_size
+    from pikku_mq.transports.nats import _MAX_ERROR_HEADER, _MAX_REPLY_HEADER_BYTES, _reply_headers
+
+    error = InternalServerError("\U0001f600" * (2 * _MAX_ERROR_HEADER))  # 4 UTF-8 bytes per character
+    headers = _reply_headers(599, error, rejected=True)
+
+    assert len(headers) == 4
+    assert header_block_size(headers) <= _MAX_REPLY_HEADER_BYTES
 
 
 # -- the serving side --------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import asyncio
 import collections
 import contextlib
 import inspect
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -427,3 +428,46 @@ async def test_instance_dropped_when_no_endpoint_reachable(mesh: Mesh) -> None:
         answers = [await caller.invoke("whoami", timeout=5) for _ in range(4)]
     assert answers == ["fb-live"] * 4
     assert caller.router.is_ejected("fb-dead")
+
+
+def test_random_ids_unique_and_hex() -> None:
+    from pikku_mq._routing import _RANDOM_BYTES, _random_ids
+
+    ids = [one for _ in range(3 * _RANDOM_BYTES // 32) for one in _random_ids()]  # several refills
+
+    assert len(set(ids)) == len(ids)
+    assert all(len(one) == 32 and int(one, 16) >= 0 for one in ids)
+
+
+def test_random_ids_differ_between_threads() -> None:
+    import threading
+
+    from pikku_mq._routing import _random_ids
+
+    _random_ids()  # this thread's buffer is filled
+    drawn: list[tuple[str, str]] = []
+    thread = threading.Thread(target=lambda: drawn.extend(_random_ids() for _ in range(100)))
+    thread.start()
+    thread.join()
+    here = [_random_ids() for _ in range(100)]
+
+    assert not set(drawn) & set(here)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_random_ids_differ_after_fork() -> None:
+    from pikku_mq._routing import _random_ids
+
+    _random_ids()  # the parent's buffer now contains ids not yet sent
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        os.write(write_end, "".join(_random_ids()).encode())
+        os._exit(0)
+    os.close(write_end)
+    child_ids = os.read(read_end, 64).decode()
+    os.close(read_end)
+    os.waitpid(pid, 0)
+
+    assert child_ids != "".join(_random_ids())

@@ -523,3 +523,38 @@ def test_error_name_clash_warns() -> None:
         assert errors_module.registered_error("RpcQuotaExceededError") is clash
     finally:
         errors_module._REGISTRY["RpcQuotaExceededError"] = original
+
+
+async def test_served_wire_rpc_built_lazily() -> None:
+    """A worker's wire makes the RPC of nested calls only when the function reads it, with the call's context."""
+    from pikku_mq._dispatch import Dispatcher
+    from pikku_mq._types import HEADER_DEADLINE, HEADER_HOP, HEADER_REQUEST_ID
+
+    registry = FunctionRegistry()
+
+    @pikku_sessionless_func(expose=True, registry=registry)
+    async def nested(services: Any, data: Any, wire: Wire) -> None:
+        return None
+
+    services = object()
+    dispatcher = Dispatcher(registry, services=services, deployment_id="w-1", default_timeout=7.0)
+    headers = {HEADER_REQUEST_ID: "trace-9", HEADER_HOP: "3", HEADER_DEADLINE: "5000"}
+    wire = dispatcher.admit("nested", headers).wire
+
+    assert wire._rpc is None
+    rpc = wire.rpc
+    assert wire.rpc is rpc
+    assert rpc._registry is registry
+    assert rpc._services is services
+    assert rpc._deployment_service is None
+    assert (rpc._trace_id, rpc._hop, rpc._deadline, rpc._default_timeout) == ("trace-9", 3, wire.deadline, 7.0)
+    assert wire.deadline is not None
+    assert 4.5 < wire.deadline - time.monotonic() <= 5.0
+
+
+def test_dispatcher_rejects_bad_default_timeout() -> None:
+    from pikku_mq._dispatch import Dispatcher
+
+    for bad in (0, -1.0, float("inf"), True):
+        with pytest.raises(ConfigurationError, match="default_timeout"):
+            Dispatcher(FunctionRegistry(), default_timeout=bad)

@@ -98,6 +98,10 @@ _MAX_OUTSTANDING_PINGS = 3
 _MAX_ERROR_HEADER = 1024
 """Characters of an error message copied into ``Nats-Service-Error``. The reply body carries all of it."""
 
+_MAX_REPLY_HEADER_BYTES = 8 * 1024
+"""Bytes that the header block of a reply takes at most, with an error message of ``_MAX_ERROR_HEADER``
+characters of 4 UTF-8 bytes each (about 4.2 KiB); a test checks the bound."""
+
 _STOP_GRACE = 2.0
 """Seconds a stopping server gives its last replies and its unsubscription to reach the broker."""
 
@@ -200,6 +204,8 @@ class _Client(NatsClient):
         super().__init__()
         self._ps = _Parser(self)
         self._header_prefixes: dict[str, bytes] = {}
+        self._single_header_blocks: dict[tuple[Any, Any], bytes] = {}
+        """Header blocks of one header, by name and value."""
 
     async def _process_headers(self, headers: bytes | None) -> dict[str, str] | None:
         if headers and headers.startswith(b"NATS/1.0\r\n") and len(headers) > 10 and not _NATS_USES_MAIL_PARSER:
@@ -240,6 +246,20 @@ class _Client(NatsClient):
             await self._flush_pending()
 
     def _header_block(self, headers: dict[str, Any]) -> bytes | None:
+        if len(headers) == 1:
+            # A worker's reply to a call that succeeded has only its status header.
+            ((name, value),) = headers.items()
+            block = self._single_header_blocks.get((name, value))
+            if block is None:
+                block = self._build_header_block(headers)
+                if block is not None:
+                    if len(self._single_header_blocks) >= _MAX_HEADER_PREFIXES:
+                        self._single_header_blocks.clear()
+                    self._single_header_blocks[name, value] = block
+            return block
+        return self._build_header_block(headers)
+
+    def _build_header_block(self, headers: dict[str, Any]) -> bytes | None:
         prefixes = self._header_prefixes
         parts = [b"NATS/1.0\r\n"]
         for name, value in headers.items():
@@ -284,18 +304,38 @@ def _parse_header_lines(block: bytes) -> dict[str, str] | None:
     None for a block without headers. A test compares both parsers line by line.
     """
     parsed: dict[str, str] = {}
+    names = _HEADER_NAMES
     for line in block.split(b"\r\n"):
         name, colon, value = line.partition(b":")
         if not colon:
             continue
-        name = name.strip()
-        if not name.isascii():
-            continue
-        key = name.decode("ascii")
-        if key and key.split() != [key]:
-            continue
-        parsed[key] = value.strip().decode("utf-8", "replace")
+        try:
+            key = names[name]
+        except KeyError:
+            key = _header_key(name)
+            if len(names) >= _MAX_HEADER_NAMES:
+                names.clear()
+            names[name] = key
+        if key is not None:
+            parsed[key] = value.strip().decode("utf-8", "replace")
     return parsed or None
+
+
+_HEADER_NAMES: dict[bytes, str | None] = {}
+"""The key of each header name as read, None for a name that nats-py skips; most messages repeat a few names."""
+
+_MAX_HEADER_NAMES = 256
+
+
+def _header_key(name: bytes) -> str | None:
+    """Return the key under which nats-py (2.16) stores a header name, or None if it skips the line."""
+    name = name.strip()
+    if not name.isascii():
+        return None
+    key = name.decode("ascii")
+    if key and key.split() != [key]:
+        return None
+    return key
 
 
 Callback = Callable[[], Awaitable[None]]
@@ -446,6 +486,7 @@ class _CallerConnection:
         self.presence = presence
         """The presence subject and the listener of its events, if this connection subscribes to them."""
         self.nc: NatsClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox = ""
         self._pending: dict[str, tuple[asyncio.Future[Msg], str]] = {}
         self._tokens = itertools.count(1)
@@ -455,6 +496,7 @@ class _CallerConnection:
         return self.nc is not None and not self.nc.is_closed
 
     async def open(self, connect_timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
         self.nc = await _open_client(
             self.url,
             name="pikku-mq caller",
@@ -492,12 +534,14 @@ class _CallerConnection:
             )
 
         token = str(next(self._tokens))
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None  # set by open(), which made self.nc
         future: asyncio.Future[Msg] = loop.create_future()
         self._pending[token] = (future, name)
         try:
             try:
-                await nc.publish(subject, payload, reply=self._inbox + token, headers=dict(headers))
+                # nats-py (2.16) encodes the headers within publish() and keeps no reference to the dict.
+                await nc.publish(subject, payload, reply=self._inbox + token, headers=_as_dict(headers))
             except nats.errors.MaxPayloadError:
                 raise PayloadTooLargeError(
                     f"the request to '{name}' is over the max_payload of {nc.max_payload} bytes of the NATS "
@@ -623,11 +667,13 @@ class NatsTransport(ClientTransport):
     async def call(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
         subject = self._subject(endpoint, request.name)
         payload = _encode_request(request)
-        headers = request.headers
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        connection = await self._connection(request.name, timeout)
-        msg = await connection.request(subject, payload, headers, deadline - loop.time(), request.name)
+        index = next(self._next) % len(self._slots)
+        connection = self._slots[index]
+        if connection is None or not connection.usable:
+            started = time.monotonic()
+            connection = await self._slot_connection(index, request.name, timeout)
+            timeout -= time.monotonic() - started
+        msg = await connection.request(subject, payload, request.headers, timeout, request.name)
         return _decode_reply(msg, request.name, subject, connection.addresses)
 
     async def notify(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
@@ -731,6 +777,10 @@ class NatsTransport(ClientTransport):
                 await connection.close()
 
 
+def _as_dict(headers: Mapping[str, str]) -> dict[str, str]:
+    return headers if isinstance(headers, dict) else dict(headers)
+
+
 def _encode_request(request: CallRequest) -> bytes:
     try:
         return msgpack.packb({"data": pydantic_core.to_jsonable_python(request.data)})  # type: ignore[no-any-return]
@@ -791,6 +841,8 @@ class NatsServer(ServerTransport):
         self._dispatcher: Dispatcher | None = None
         self._nc: NatsClient | None = None
         self._sub: Subscription | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The event loop of the connection, which runs the request callbacks."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._revive_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -811,6 +863,7 @@ class NatsServer(ServerTransport):
         assert endpoint is not None
         url = self._url or default_nats_url(fallback=endpoint.server_url)
         self._addresses = server_addresses(url)
+        self._loop = asyncio.get_running_loop()
         nc = await _open_client(
             url,
             name=f"pikku-mq worker {endpoint.prefix}",
@@ -901,7 +954,8 @@ class NatsServer(ServerTransport):
 
     async def _on_request(self, msg: Msg) -> None:
         # nats-py runs this callback for one message at a time: hand each request to a task at once.
-        task = asyncio.get_running_loop().create_task(self._serve(msg))
+        assert self._loop is not None
+        task = self._loop.create_task(self._serve(msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -919,7 +973,9 @@ class NatsServer(ServerTransport):
         except PikkuMQError as exc:
             await self._reply(msg.reply, exc.http_status, exc.to_envelope(), error=exc, rejected=False, name="")
             return
-        outcome = await self._dispatcher.handle(name, data, headers, "nats")
+        # With its loop given, current_task() makes no getpid() system call (Python 3.11).
+        task = asyncio.current_task(self._loop)
+        outcome = await self._dispatcher.handle(name, data, headers, "nats", task=task)
         status, body = outcome.encode_python()
         await self._reply(msg.reply, status, body, error=outcome.error, rejected=outcome.rejected, name=name)
 
@@ -946,8 +1002,10 @@ class NatsServer(ServerTransport):
             error = OutputValidationError(f"the result of function '{name}' cannot be serialised to msgpack: {exc}")
             status, payload = error.http_status, msgpack.packb(error.to_envelope())
         headers = _reply_headers(status, error, rejected)
-        size = message_size(headers, payload, nc.max_payload)
-        if size > nc.max_payload:
+        # The header block of a reply takes at most _MAX_REPLY_HEADER_BYTES, so only a large body needs a count.
+        if len(payload) + _MAX_REPLY_HEADER_BYTES > nc.max_payload and (
+            (size := message_size(headers, payload, nc.max_payload)) > nc.max_payload
+        ):
             error = PayloadTooLargeError(
                 f"the reply of function '{name}' is {size} bytes with its headers, over the max_payload of "
                 f"{nc.max_payload} bytes of the NATS server",
