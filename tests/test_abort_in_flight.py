@@ -67,6 +67,15 @@ async def nats_black_hole() -> AsyncIterator[tuple[str, list[Any], Callable[[], 
     async def vanish() -> None:
         await subscription.unsubscribe()
         await client.flush()
+        # The test needs the server to answer "no responders" at once, so wait until it does here.
+        for _ in range(40):
+            try:
+                await client.request(f"{prefix}.probe", b"", timeout=0.25)
+            except nats.errors.NoRespondersError:
+                return
+            except nats.errors.TimeoutError:
+                continue
+        raise AssertionError(f"NATS still routes requests on {prefix}.> after the unsubscription")
 
     try:
         yield f"nats://127.0.0.1:4222/{prefix}", taken, vanish
