@@ -8,6 +8,8 @@ Reports CPU µs per call. Runs on uvloop in one process, with the benchmark's va
   routing and the worker's dispatch in this process;
 - the deadline scope that ``Dispatcher.execute`` puts around each function (``asyncio.timeout``),
   beside a bare ``loop.call_at`` timer;
+- the steps of the worker's part that carry the call's data: the msgpack body, the input and output
+  validation, the de-duplication fingerprint and the reply's encoding, each timed on its own;
 - with ``PIKKU_REMOTE_SECRET``: the caller's signing of a call with a session (digest, sealed
   session, token) and the worker's check of it, beside PyJWT's own ``jwt.encode`` and ``jwt.decode``
   of the same token for comparison.
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import msgpack
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rpc_echo import echo, make_payload
 
 from pikku_mq import RPC, FunctionRegistry, MemoryDeploymentService, MemoryRegistry, PikkuWorker
+from pikku_mq._dedup import fingerprint
 from pikku_mq._dispatch import Dispatcher
 from pikku_mq._security import TOKEN_AUDIENCE, RemoteSecurity
 
@@ -82,8 +86,35 @@ async def main(calls: int) -> None:
         print(f"rpc.remote over the memory transport, both sides: {result:.1f} µs")
     await caller.close()
 
+    await pieces(registry, payload, calls)
     await deadline_scope(calls)
     await signing(payload, calls)
+
+
+async def pieces(registry: FunctionRegistry, payload: dict[str, Any], calls: int) -> None:
+    """Time the steps of the worker's part that the echo call cannot skip, each on its own."""
+    definition = registry.get("echo")
+    assert definition is not None
+    value = definition.validate_input(payload)
+    body = msgpack.packb({"data": payload})
+
+    async def nothing() -> None:
+        return None
+
+    steps: dict[str, Callable[[], Any]] = {
+        "msgpack body decoded": lambda: msgpack.unpackb(body),
+        "input validated (pydantic model)": lambda: definition.validate_input(payload),
+        "output validated and written as JSON": lambda: definition.dump_json(definition.validate_output(value)),
+        "de-duplication fingerprint of the data": lambda: fingerprint(payload, None),
+        "reply encoded (msgpack)": lambda: msgpack.packb({"status": 200, "body": payload}),
+    }
+    bare = await per_call(nothing, calls)
+    for label, step in steps.items():
+
+        async def timed(step: Callable[[], Any] = step) -> None:
+            step()
+
+        print(f"  step, {label}: {await per_call(timed, calls) - bare:.1f} µs")
 
 
 async def deadline_scope(calls: int) -> None:
