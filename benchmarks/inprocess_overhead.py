@@ -6,8 +6,8 @@ Reports CPU µs per call. Runs on uvloop in one process, with the benchmark's va
   worker (JSON) run them for each call;
 - ``rpc.remote("echo", ...)`` to a PikkuWorker on the in-memory transport, which runs the caller's
   routing and the worker's dispatch in this process;
-- the deadline scope that ``Dispatcher.execute`` puts around each function (``asyncio.timeout``),
-  beside a bare ``loop.call_at`` timer;
+- an ``asyncio.timeout()`` scope around an await, which ``Dispatcher.execute`` put around each
+  function before it had a timer of its own, beside a bare ``loop.call_at`` timer;
 - the steps of the worker's part that carry the call's data: the msgpack body, the input and output
   validation, the de-duplication fingerprint and the reply's encoding, each timed on its own;
 - with ``PIKKU_REMOTE_SECRET``: the caller's signing of a call with a session (digest, sealed
