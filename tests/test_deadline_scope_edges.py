@@ -11,6 +11,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from test_deadline_scope import Body, _run_case, _sleep, _with_asyncio, _with_deadline
 
 from pikku_mq import (
     CallInterruptedError,
@@ -21,7 +22,6 @@ from pikku_mq import (
 )
 from pikku_mq._dispatch import Dispatcher
 from pikku_mq._types import HEADER_DEADLINE
-from tests.test_deadline_scope import Body, _run_case, _sleep, _with_asyncio, _with_deadline
 
 
 async def _inner_timeout(seconds: float, sleep: float = 1.0) -> str:

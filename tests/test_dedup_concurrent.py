@@ -11,11 +11,11 @@ import asyncio
 import uuid
 
 from _support_core import wait_until
+from test_dedup import REG, Ledger
 
 from pikku_mq import BadRequestError, DeadlineExceededError
 from pikku_mq._dispatch import Dispatcher
 from pikku_mq._types import HEADER_CALL_ID, HEADER_DEADLINE
-from tests.test_dedup import REG, Ledger
 
 DATA = {"account": "c", "hold": 0.3}
 

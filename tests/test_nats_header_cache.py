@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from test_nats_transport import _nats_py_headers
+
 from pikku_mq.transports.nats import _MAX_HEADER_NAMES, _Client
-from tests.test_nats_transport import _nats_py_headers
 
 ODD_NAMES = [b"Pikku-Status", b"PIKKU-STATUS", b" pikku-status", b"pikku-status\t", b"n\xc3\xa4me", b"a b", b"\x0bx"]
 

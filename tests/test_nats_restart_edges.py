@@ -12,12 +12,12 @@ import msgpack
 import pytest
 from _support_core import Mesh, closed_port, wait_until
 from _support_servers import NATS_SERVER, PrivateNats, _accepts_connections
+from test_nats_transport import make_worker, new_prefix
 
 from pikku_mq import PayloadTooLargeError, PikkuMQError, TransportSet
 from pikku_mq.transports._nats_wire import header_block_size
 from pikku_mq.transports.memory import MemoryTransport
 from pikku_mq.transports.nats import NatsTransport
-from tests.test_nats_transport import make_worker, new_prefix
 
 SMALL_MAX_PAYLOAD = 64 * 1024
 

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 from _support_core import Mesh, closed_port, wait_until
+from test_nats_transport import SHARED_URL, make_worker, shared_endpoint
+from test_routing import REG
 
 from pikku_mq import RPC, AiohttpTransport, FunctionRegistry, PikkuMQError, PikkuWorker, Reply, TransportSet
 from pikku_mq._types import CallRequest
 from pikku_mq.transports.memory import MemoryTransport
 from pikku_mq.transports.nats import NatsTransport
-from tests.test_nats_transport import SHARED_URL, make_worker, shared_endpoint
-from tests.test_routing import REG
 
 
 @pytest.fixture
