@@ -860,6 +860,10 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="PNG plot file (default: beside the JSON file)")
     parser.add_argument("--no-plot", action="store_true", help="write no plot (matplotlib is not needed then)")
     args = parser.parse_args()
+    if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
+        # Said before the run, not as a traceback after it, which would also lose the report.
+        print("leaving out the plot: matplotlib not installed (pip install -e '.[bench]')", file=sys.stderr)
+        args.no_plot = True
 
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)

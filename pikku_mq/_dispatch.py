@@ -396,6 +396,9 @@ class Dispatcher:
         except TimeoutError as exc:
             if isinstance(exc, PikkuMQError):
                 raise _raised_by_function(exc) from None
+            if not deadline.expired:
+                # The function's own TimeoutError, such as that of its own asyncio.timeout(), is its failure.
+                raise self._function_raised(definition, wire, exc) from exc
             raise DeadlineExceededError(
                 f"function '{definition.name}' did not finish before the call's deadline",
                 payload={"deployment_id": self.deployment_id},
@@ -403,11 +406,14 @@ class Dispatcher:
         except PikkuMQError as exc:
             raise _raised_by_function(exc) from None
         except Exception as exc:
-            error = InternalServerError(f"function '{definition.name}' raised {type(exc).__name__}")
-            self._log_raised(definition, wire, exc, error)
-            raise error from exc
+            raise self._function_raised(definition, wire, exc) from exc
         finally:
             self._leave(task)
+
+    def _function_raised(self, definition: FunctionDefinition, wire: Wire, exc: Exception) -> PikkuMQError:
+        error = InternalServerError(f"function '{definition.name}' raised {type(exc).__name__}")
+        self._log_raised(definition, wire, exc, error)
+        return error
 
     def _log_raised(self, definition: FunctionDefinition, wire: Wire, exc: Exception, error: PikkuMQError) -> None:
         """Log a function's exception with its traceback: each at DEBUG, and a rate-limited line at ERROR.
@@ -601,6 +607,11 @@ class _Deadline:
         if delay is not None:
             loop = task.get_loop()
             self._handle = loop.call_soon(self._expire) if delay <= 0 else loop.call_later(delay, self._expire)
+
+    @property
+    def expired(self) -> bool:
+        """Whether the deadline passed while the function ran."""
+        return self._expired
 
     def _expire(self) -> None:
         self._task.cancel()

@@ -41,3 +41,24 @@ def test_quick_run_writes_json(tmp_path: Path) -> None:
     assert any(t["target"].startswith("nats 100 B: calls/s @64") for t in result["targets"])
     assert result["environment"]["libraries"]["nats-py"] != "not installed"
     assert "| pikku-nats | 100 B |" in completed.stdout
+
+
+@pytest.mark.timeout(180)
+def test_quick_run_without_matplotlib(tmp_path: Path) -> None:
+    # Without the bench extra there is no matplotlib: the run leaves the plot out and still reports.
+    out = tmp_path / "result.json"
+    arguments = ["--quick", "--transports", "nats", "--no-peers", "--memory-transports", "", "--scale-transports", ""]
+    arguments += ["--out", str(out)]
+    hide_matplotlib = (
+        "import runpy, sys; sys.modules['matplotlib'] = None; "
+        f"sys.argv = [{str(HARNESS)!r}, *{arguments!r}]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", hide_matplotlib], capture_output=True, text=True, timeout=170, cwd=ROOT / "benchmarks"
+    )
+
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "leaving out the plot: matplotlib not installed" in completed.stderr
+    assert json.loads(out.read_text())["cases"]
+    assert not out.with_suffix(".png").exists()
+    assert "| pikku-nats | 100 B |" in completed.stdout
