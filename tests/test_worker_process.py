@@ -210,10 +210,12 @@ def test_second_signal_keeps_drain(tmp_path: Path, signum: signal.Signals) -> No
         textwrap.dedent(
             """
             import asyncio
+            from pathlib import Path
             from pikku_mq import pikku_sessionless_func
 
             @pikku_sessionless_func(expose=True)
             async def slow(services, data: float) -> float:
+                Path("started").touch()
                 await asyncio.sleep(data)
                 return data
             """
@@ -239,7 +241,13 @@ def test_second_signal_keeps_drain(tmp_path: Path, signum: signal.Signals) -> No
             stderr=subprocess.PIPE,
             text=True,
         )
-        time.sleep(1)
+        # The signals must come while the call runs: a slow start of the call's process must not
+        # let the drain begin first.
+        started = tmp_path / "started"
+        deadline = time.monotonic() + 20
+        while not started.exists() and call.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists(), "the call did not reach the worker"
         worker.send_signal(signum)
         time.sleep(0.3)
         worker.send_signal(signum)

@@ -350,6 +350,7 @@ class Drill:
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         heartbeat_ttl: float = HEARTBEAT_TTL,
         attempt_timeout: float | None = ATTEMPT_TIMEOUT,
+        work: float = 0.05,
     ) -> None:
         self.name = name
         self.attempt_timeout = attempt_timeout
@@ -363,7 +364,7 @@ class Drill:
         self.heartbeat_ttl = heartbeat_ttl
         self.workers: list[DrillWorker] = []
         self.caller = self.new_caller()
-        self.load = Load(self.caller, deadline=deadline)
+        self.load = Load(self.caller, deadline=deadline, work=work)
         self.started = time.monotonic()
         self.faults: list[tuple[float, float]] = []
         """The (start, end) time.monotonic() of each fault, once it is over."""

@@ -67,8 +67,11 @@ async def test_worker_frozen_and_resumed(make_drill: MakeDrill, wiring: Wiring) 
 
 
 async def test_only_instance_frozen(make_drill: MakeDrill, wiring: Wiring) -> None:
-    # The TTL outlasts the freeze, so the instance stays listed and every call goes to it.
-    drill = make_drill("only instance frozen", wiring, deadline=0.5, heartbeat_interval=1.0, heartbeat_ttl=5.0)
+    # The TTL outlasts the freeze, so the instance stays listed and every call goes to it. Calls work
+    # for 0.2 s, so that a call still runs when the stop lands, even if this process is slow to send it.
+    drill = make_drill(
+        "only instance frozen", wiring, deadline=0.5, heartbeat_interval=1.0, heartbeat_ttl=5.0, work=0.2
+    )
     [a] = await drill.start_workers(1)
     await drill.warm_up()
 
