@@ -67,7 +67,7 @@ async def nats_black_hole() -> AsyncIterator[tuple[str, list[Any], Callable[[], 
     async def vanish() -> None:
         await subscription.unsubscribe()
         await client.flush()
-        # The test needs the server to answer "no responders" at once, so wait until it does here.
+        # The test needs the server to reply "no responders" at once, so wait until it does here.
         for _ in range(40):
             try:
                 await client.request(f"{prefix}.probe", b"", timeout=0.25)

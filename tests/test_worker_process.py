@@ -241,8 +241,8 @@ def test_second_signal_keeps_drain(tmp_path: Path, signum: signal.Signals) -> No
             stderr=subprocess.PIPE,
             text=True,
         )
-        # The signals must come while the call runs: a slow start of the call's process must not
-        # let the drain begin first.
+        # The signals must come while the call runs. If the call's process starts slowly, the drain
+        # must still not begin first.
         started = tmp_path / "started"
         deadline = time.monotonic() + 20
         while not started.exists() and call.poll() is None and time.monotonic() < deadline:
