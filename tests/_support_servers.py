@@ -242,22 +242,28 @@ class PrivateNats:
     """A nats-server of this test on a free port, which the test may kill and start again.
 
     With ``store_dir`` it runs JetStream and keeps its streams in that folder, so they outlive a
-    restart; without it, it runs no JetStream.
+    restart; without it, it runs no JetStream. ``max_payload`` (bytes) replaces the server's default
+    of 1 MiB; nats-server takes it only from a configuration file, which is written beside the log.
     """
 
-    def __init__(self, log_path: Path, store_dir: Path | None = None) -> None:
+    def __init__(self, log_path: Path, store_dir: Path | None = None, max_payload: int | None = None) -> None:
         self.port = closed_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.store_dir = store_dir
+        self.max_payload = max_payload
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> float:
         """Start the server on its port and return the time.monotonic() at which it accepted connections."""
-        jetstream = ["-js", "-sd", str(self.store_dir)] if self.store_dir is not None else []
+        options = ["-js", "-sd", str(self.store_dir)] if self.store_dir is not None else []
+        if self.max_payload is not None:
+            config = self.log_path.with_suffix(".conf")
+            config.write_text(f"max_payload: {self.max_payload}\n")
+            options += ["-c", str(config)]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), *jetstream],
+                [NATS_SERVER, "-a", "127.0.0.1", "-p", str(self.port), *options],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

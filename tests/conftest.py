@@ -1,4 +1,4 @@
-"""Shared fixtures: a temporary SQLite registry and worker processes that are killed at test end."""
+"""Shared fixtures: an SQLite registry, worker processes killed at test end, and a private nats-server."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from _support_servers import PrivateNats
 from _support_workers import WorkerProcesses
 
 from pikku_mq import DeploymentService, deployment_service_from_url
@@ -33,6 +34,17 @@ async def worker_processes(tmp_path: Path, discovery_url: str) -> AsyncIterator[
         yield processes
     finally:
         await processes.close()
+
+
+@pytest.fixture
+def private_nats(tmp_path: Path) -> Iterator[PrivateNats]:
+    """A nats-server of this test, without JetStream, which the test may kill and start again."""
+    server = PrivateNats(tmp_path / "nats-server.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import msgpack
 import pytest
-from _support_core import Mesh, closed_port, wait_until
-from _support_servers import NATS_SERVER, PrivateNats, _accepts_connections
+from _support_core import Mesh, wait_until
+from _support_servers import PrivateNats
 from test_nats_transport import make_worker, new_prefix
 
 from pikku_mq import PayloadTooLargeError, PikkuMQError, TransportSet
@@ -29,33 +28,14 @@ async def mesh() -> AsyncIterator[Mesh]:
 
 
 @pytest.fixture
-def private_nats(tmp_path: Path) -> Iterator[PrivateNats]:
-    server = PrivateNats(tmp_path / "nats-server.log")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 def small_nats(tmp_path: Path) -> Iterator[str]:
     """A nats-server of this test with a max_payload of 64 KiB; yields its URL."""
-    port = closed_port()
-    config = tmp_path / "nats.conf"
-    config.write_text(f"listen: 127.0.0.1:{port}\nmax_payload: {SMALL_MAX_PAYLOAD}\n")
-    with (tmp_path / "nats.log").open("ab") as log:
-        process = subprocess.Popen([NATS_SERVER, "-c", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    server = PrivateNats(tmp_path / "nats.log", max_payload=SMALL_MAX_PAYLOAD)
+    server.start()
     try:
-        deadline = time.monotonic() + 10
-        while not _accepts_connections(port):
-            assert process.poll() is None, (tmp_path / "nats.log").read_text()
-            assert time.monotonic() < deadline, "nats-server did not start"
-            time.sleep(0.02)
-        yield f"nats://127.0.0.1:{port}"
+        yield server.url
     finally:
-        process.kill()
-        process.wait(timeout=10)
+        server.stop()
 
 
 async def test_restart_with_many_calls_in_flight(mesh: Mesh, private_nats: PrivateNats) -> None:

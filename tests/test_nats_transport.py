@@ -11,8 +11,7 @@ import asyncio
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
@@ -809,16 +808,6 @@ async def test_server_replaces_closed_connection(mesh: Mesh) -> None:
 
 
 # -- a private nats-server, restarted --------------------------------------------------------------
-
-
-@pytest.fixture
-def private_nats(tmp_path: Path) -> Iterator[PrivateNats]:
-    server = PrivateNats(tmp_path / "nats-server.log")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_broker_restart_recovers(mesh: Mesh, private_nats: PrivateNats) -> None:

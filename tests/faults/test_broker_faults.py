@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from _support_servers import PrivateNats, PrivateRabbitMQ
@@ -21,16 +20,6 @@ pytestmark = pytest.mark.timeout(120)
 
 OUTAGE = 1.0
 """Seconds the broker stays down, on top of the time it takes to start again."""
-
-
-@pytest.fixture
-def private_nats(tmp_path: Path) -> Iterator[PrivateNats]:
-    server = PrivateNats(tmp_path / "nats-server.log")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
