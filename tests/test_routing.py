@@ -7,6 +7,7 @@ import inspect
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from pikku_mq import (
 )
 from pikku_mq import _errors as errors_module
 from pikku_mq._types import CallRequest
+from pikku_mq.transports.base import Reply
 from pikku_mq.transports.memory import unserve_memory
 
 REG = FunctionRegistry()
@@ -226,36 +228,55 @@ async def test_unsupported_endpoint_ignored(mesh: Mesh) -> None:
         await RPC(deployment_service=mesh.service()).remote("whoami")
 
 
-async def test_draining_worker_fails_over(mesh: Mesh) -> None:
+@dataclass
+class _Drain:
+    """Worker A draining around one slow call, worker B serving, and a caller that has routed to both."""
+
+    rpc: RPC
+    attempts: list[str]
+    """The endpoints of the caller's HTTP attempts since A began draining."""
+    endpoint: str
+    """Worker A's endpoint."""
+    first: PikkuWorker
+    slow: asyncio.Task[Reply]
+    stopping: asyncio.Task[None]
+
+
+@contextlib.asynccontextmanager
+async def _a_draining(mesh: Mesh, slow_seconds: float, **caller_options: Any) -> AsyncIterator[_Drain]:
+    """Start workers A and B, route a call to each, then start A's drain around a direct call of ``slow_seconds``."""
     first = _http_worker(mesh, "A", drain_timeout=5)
     second = _http_worker(mesh, "B")
     await first.start()
     await second.start()
     assert first.endpoint is not None
-    caller_service, transport = mesh.counting_service()
+    caller_service, transport = mesh.counting_service(**caller_options)
     rpc = RPC(registry=FunctionRegistry(), deployment_service=caller_service)
     direct = AiohttpTransport()
     try:
-        # Both instances are in the caller's cache, then A starts draining around one slow call.
         assert {await rpc.remote("work", 0), await rpc.remote("work", 0)} == {"A", "B"}
-        slow = asyncio.create_task(direct.call(first.endpoint, CallRequest("work", 0.8), 5))
+        slow = asyncio.create_task(direct.call(first.endpoint, CallRequest("work", slow_seconds), 5))
         await wait_until(lambda: first.dispatcher.in_flight == 1, timeout=5)
         stopping = asyncio.create_task(first.stop())
         await wait_until(lambda: first.dispatcher.draining, timeout=5)
 
         transport.attempts.clear()
-        results = [await rpc.remote("work", 0) for _ in range(4)]
-        attempts_during_drain = list(transport.attempts)
-
-        slow_reply = await slow
-        await stopping
+        yield _Drain(rpc, transport.attempts, first.endpoint, first, slow, stopping)
     finally:
         await first.stop()
         await second.stop()
         await direct.close()
 
+
+async def test_draining_worker_fails_over(mesh: Mesh) -> None:
+    async with _a_draining(mesh, 0.8) as drain:
+        results = [await drain.rpc.remote("work", 0) for _ in range(4)]
+        attempts_during_drain = list(drain.attempts)
+        slow_reply = await drain.slow
+        await drain.stopping
+
     assert results == ["B"] * 4
-    assert first.endpoint in attempts_during_drain
+    assert drain.endpoint in attempts_during_drain
     assert slow_reply.status == 200
     assert slow_reply.body == "A"
     assert RUNS == {"A": 2, "B": 5}
@@ -265,37 +286,18 @@ async def test_draining_worker_not_probed(mesh: Mesh) -> None:
     # A draining worker closes its connections once no call has come for a while. A probe sent after
     # the ejection interval could reach it just then, and a plain call lost on a closing connection
     # fails, so the caller must not send it anything more until a lookup lists it again.
-    first = _http_worker(mesh, "A", drain_timeout=5)
-    second = _http_worker(mesh, "B")
-    await first.start()
-    await second.start()
-    caller_service, transport = mesh.counting_service(routing_cache_ttl=60)
-    rpc = RPC(registry=FunctionRegistry(), deployment_service=caller_service)
-    direct = AiohttpTransport()
-    try:
-        assert {await rpc.remote("work", 0), await rpc.remote("work", 0)} == {"A", "B"}
-        assert first.endpoint is not None
-        slow = asyncio.create_task(direct.call(first.endpoint, CallRequest("work", 1.5), 5))
-        await wait_until(lambda: first.dispatcher.in_flight == 1, timeout=5)
-        stopping = asyncio.create_task(first.stop())
-        await wait_until(lambda: first.dispatcher.draining, timeout=5)
-
-        transport.attempts.clear()
+    async with _a_draining(mesh, 1.5, routing_cache_ttl=60) as drain:
         results = []
         for _ in range(12):  # 1.2 s: past the 0.5 s ejection, while A still drains
-            results.append(await rpc.remote("work", 0))
+            results.append(await drain.rpc.remote("work", 0))
             await asyncio.sleep(0.1)
-        attempts_during_drain = list(transport.attempts)
-        assert first.dispatcher.in_flight == 1
-        await slow
-        await stopping
-    finally:
-        await first.stop()
-        await second.stop()
-        await direct.close()
+        attempts_during_drain = list(drain.attempts)
+        assert drain.first.dispatcher.in_flight == 1
+        await drain.slow
+        await drain.stopping
 
     assert results == ["B"] * 12
-    assert attempts_during_drain.count(first.endpoint) == 1, attempts_during_drain
+    assert attempts_during_drain.count(drain.endpoint) == 1, attempts_during_drain
 
 
 # -- no instance left ---------------------------------------------------------------------------------
