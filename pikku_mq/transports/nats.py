@@ -99,8 +99,8 @@ _MAX_ERROR_HEADER = 1024
 """Characters of an error message copied into ``Nats-Service-Error``. The reply body carries all of it."""
 
 _MAX_REPLY_HEADER_BYTES = 8 * 1024
-"""Bytes that the header block of a reply takes at most, with an error message of ``_MAX_ERROR_HEADER``
-characters of 4 UTF-8 bytes each (about 4.2 KiB); a test checks the bound."""
+"""Max bytes of a reply's header block. With an error message of ``_MAX_ERROR_HEADER`` characters of 4
+UTF-8 bytes each, the block is about 4.2 KiB, and a test checks the bound."""
 
 _STOP_GRACE = 2.0
 """Seconds a stopping server gives its last replies and its unsubscription to reach the broker."""
@@ -626,9 +626,9 @@ class NatsTransport(ClientTransport):
     client that nats-py closed for good (for example after an authorization error) is replaced on the
     next call. ``connections`` spreads calls round-robin over that many connections, each opened on
     its first call, and only the first one subscribes to presence. A second connection raised calls
-    per second only where a core was idle; on busy cores it cost more CPU per call on the caller, the
+    per second only where a core was idle. On busy cores it cost more CPU per call on the caller, the
     worker and nats-server, because each connection sends and receives smaller batches (see
-    docs/benchmarks.md), so the default is one.
+    docs/benchmarks.md). So the default is one.
     """
 
     schemes: ClassVar[tuple[str, ...]] = ("nats",)
