@@ -14,7 +14,7 @@ from _support_core import wait_until
 from test_dedup import REG, Ledger
 
 from pikku_mq import BadRequestError, DeadlineExceededError
-from pikku_mq._dispatch import Dispatcher
+from pikku_mq._dispatch import Dispatcher, Outcome
 from pikku_mq._types import HEADER_CALL_ID, HEADER_DEADLINE
 
 DATA = {"account": "c", "hold": 0.3}
@@ -24,14 +24,19 @@ def _headers(call_id: str, ms: int) -> dict[str, str]:
     return {HEADER_CALL_ID: call_id, HEADER_DEADLINE: str(ms)}
 
 
+def _start(dispatcher: Dispatcher, call_id: str, ms: int) -> asyncio.Task[Outcome]:
+    """Start an attempt of the ``charge`` call with ``DATA`` under ``call_id``, with a deadline of ``ms``."""
+    return asyncio.create_task(dispatcher.handle("charge", DATA, _headers(call_id, ms)))
+
+
 async def test_two_waiters_after_first_deadline_run_once() -> None:
     ledger = Ledger()
     dispatcher = Dispatcher(REG, services=ledger)
     call_id = uuid.uuid4().hex
 
-    first = asyncio.create_task(dispatcher.handle("charge", DATA, _headers(call_id, 100)))
+    first = _start(dispatcher, call_id, 100)
     await wait_until(lambda: ledger.runs["c"] == 1, timeout=5)
-    waiters = [asyncio.create_task(dispatcher.handle("charge", DATA, _headers(call_id, 5000))) for _ in range(2)]
+    waiters = [_start(dispatcher, call_id, 5000) for _ in range(2)]
     first_outcome = await first
     outcomes = [await waiter for waiter in waiters]
 
@@ -46,9 +51,9 @@ async def test_two_waiters_after_first_cancelled_run_once() -> None:
     dispatcher = Dispatcher(REG, services=ledger)
     call_id = uuid.uuid4().hex
 
-    first = asyncio.create_task(dispatcher.handle("charge", DATA, _headers(call_id, 5000)))
+    first = _start(dispatcher, call_id, 5000)
     await wait_until(lambda: ledger.runs["c"] == 1, timeout=5)
-    waiters = [asyncio.create_task(dispatcher.handle("charge", DATA, _headers(call_id, 5000))) for _ in range(2)]
+    waiters = [_start(dispatcher, call_id, 5000) for _ in range(2)]
     await asyncio.sleep(0.02)
     first.cancel()
     outcomes = [await waiter for waiter in waiters]
@@ -65,11 +70,11 @@ async def test_waiter_gives_up_others_get_outcome() -> None:
     dispatcher = Dispatcher(REG, services=ledger)
     call_id = uuid.uuid4().hex
 
-    first = asyncio.create_task(dispatcher.handle("charge", DATA, _headers(call_id, 5000)))
+    first = _start(dispatcher, call_id, 5000)
     await wait_until(lambda: ledger.runs["c"] == 1, timeout=5)
-    quitter = asyncio.create_task(dispatcher.handle("charge", DATA, _headers(call_id, 5000)))
-    short = asyncio.create_task(dispatcher.handle("charge", DATA, _headers(call_id, 50)))
-    patient = asyncio.create_task(dispatcher.handle("charge", DATA, _headers(call_id, 5000)))
+    quitter = _start(dispatcher, call_id, 5000)
+    short = _start(dispatcher, call_id, 50)
+    patient = _start(dispatcher, call_id, 5000)
     await asyncio.sleep(0.02)
     quitter.cancel()
     outcomes = [await first, await short, await patient]
@@ -104,7 +109,7 @@ async def test_mismatch_while_running_leaves_claim() -> None:
     dispatcher = Dispatcher(REG, services=ledger)
     call_id = uuid.uuid4().hex
 
-    first = asyncio.create_task(dispatcher.handle("charge", DATA, _headers(call_id, 5000)))
+    first = _start(dispatcher, call_id, 5000)
     await wait_until(lambda: ledger.runs["c"] == 1, timeout=5)
     other = await dispatcher.handle("charge", {**DATA, "account": "d"}, _headers(call_id, 5000))
     retry = await dispatcher.handle("charge", DATA, _headers(call_id, 5000))
