@@ -147,6 +147,16 @@ _NATS_USES_MAIL_PARSER = getattr(nats_client, "parse_email", None) is not None
 _MAX_HEADER_PREFIXES = 256
 """Header names whose encoded ``name: `` prefix a client keeps."""
 
+_MAX_HOLD = 0.001
+"""Seconds a message waits in a client's buffer for others to join it before the client writes them out.
+
+nats-py writes its buffer when the event loop comes round to its flusher task. A worker that takes 64
+requests from one read serves them all in one pass of the loop, so every reply waits for the last one,
+and the caller waits with nothing to do. Writing the buffer once its first message has waited this long
+lets the caller start on those replies while the worker serves the rest. It costs at most one more
+write per millisecond while the loop is busy.
+"""
+
 
 class _Parser(Parser):
     """nats-py's protocol parser, made to keep the connection when a subject contains ``\x0b`` or ``\x0c``.
@@ -206,6 +216,68 @@ class _Client(NatsClient):
         self._header_prefixes: dict[str, bytes] = {}
         self._single_header_blocks: dict[tuple[Any, Any], bytes] = {}
         """Header blocks of one header, by name and value."""
+        self._direct: dict[int, Callable[[Msg], None]] = {}
+        """The delivery functions of the subscriptions made with :meth:`subscribe_direct`, by subscription id."""
+        self._held_since = 0.0
+        """When the first message now in the buffer was put there, by ``time.perf_counter()``."""
+        self.write_at_once = False
+        """Set around a publish that nothing will join soon, such as the only call in flight: the client
+        writes it out at once, without waiting for nats-py's flusher to get its turn of the event loop."""
+
+    async def subscribe_direct(self, subject: str, deliver: Callable[[Msg], None], queue: str = "") -> Subscription:
+        """Subscribe, and hand each message to ``deliver`` in the read loop, without nats-py's queue and task.
+
+        ``deliver`` runs within the read loop, so it must return at once. An exception it raises is logged,
+        and the message is dropped.
+        """
+
+        async def through_queue(msg: Msg) -> None:
+            deliver(msg)  # a message that arrives before the subscription is registered below
+
+        sub = await self.subscribe(subject, queue=queue, cb=through_queue)
+        self._direct[sub._id] = deliver
+        return sub
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        deliver = self._direct.get(sid)
+        if deliver is None or sid not in self._subs:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        msg = self._build_message(sid, subject, reply, data, await self._process_headers(headers))
+        if msg is not None:
+            try:
+                deliver(msg)
+            except Exception:
+                logger.exception("NATS: handling a message on %r failed", subject[:200])
+
+    async def _send_command(self, cmd: bytes, priority: bool = False) -> None:
+        if not self._pending:
+            self._held_since = time.perf_counter()
+            await super()._send_command(cmd, priority)
+            if self.write_at_once:
+                self._write_pending()
+            return
+        await super()._send_command(cmd, priority)
+        if self.write_at_once or time.perf_counter() - self._held_since >= _MAX_HOLD:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        """Write the buffer to the socket now, unless the connection is not up or its socket is backed up.
+
+        Then nats-py's flusher writes it, and waits for the socket to drain. Only the TCP transport is
+        written this way; over WebSocket nats-py's flusher does all the writing.
+        """
+        writer = getattr(self._transport, "_io_writer", None)
+        if writer is None or not self.is_connected:
+            return
+        transport = writer.transport
+        if transport.is_closing() or transport.get_write_buffer_size():
+            return
+        writer.writelines(self._pending)
+        self._pending = []
+        self._pending_data_size = 0
 
     async def _process_headers(self, headers: bytes | None) -> dict[str, str] | None:
         if headers and headers.startswith(b"NATS/1.0\r\n") and len(headers) > 10 and not _NATS_USES_MAIL_PARSER:
@@ -242,7 +314,7 @@ class _Client(NatsClient):
         self.stats["out_msgs"] += 1
         self.stats["out_bytes"] += payload_size
         await self._send_command(command)
-        if self._flush_queue is not None and self._flush_queue.empty():
+        if self._pending and self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
 
     def _header_block(self, headers: dict[str, Any]) -> bytes | None:
@@ -349,7 +421,7 @@ async def _open_client(
     on_disconnected: Callback,
     on_reconnected: Callback,
     on_closed: Callback,
-) -> NatsClient:
+) -> _Client:
     """Connect to the NATS servers listed in ``url``, failing fast instead of retrying for minutes.
 
     nats-py retries a first connection for up to about two minutes (and forever with unlimited
@@ -485,7 +557,7 @@ class _CallerConnection:
         self.addresses = addresses
         self.presence = presence
         """The presence subject and the listener of its events, if this connection subscribes to them."""
-        self.nc: NatsClient | None = None
+        self.nc: _Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox = ""
         self._pending: dict[str, tuple[asyncio.Future[Msg], str]] = {}
@@ -508,7 +580,7 @@ class _CallerConnection:
         try:
             self._inbox = self.nc.new_inbox() + "."
             # Sent before any request on the same connection, so the broker has it before the first reply.
-            await self.nc.subscribe(self._inbox + "*", cb=self._on_reply)
+            await self.nc.subscribe_direct(self._inbox + "*", self._on_reply)
             if self.presence is not None:
                 await self.nc.subscribe(self.presence[0], cb=self._on_presence)
         except BaseException:
@@ -541,7 +613,11 @@ class _CallerConnection:
         try:
             try:
                 # nats-py (2.16) encodes the headers within publish() and keeps no reference to the dict.
-                await nc.publish(subject, payload, reply=self._inbox + token, headers=_as_dict(headers))
+                nc.write_at_once = len(self._pending) == 1
+                try:
+                    await nc.publish(subject, payload, reply=self._inbox + token, headers=_as_dict(headers))
+                finally:
+                    nc.write_at_once = False
             except nats.errors.MaxPayloadError:
                 raise PayloadTooLargeError(
                     f"the request to '{name}' is over the max_payload of {nc.max_payload} bytes of the NATS "
@@ -576,7 +652,7 @@ class _CallerConnection:
         if event is not None and self.presence is not None:
             self.presence[1](event)
 
-    async def _on_reply(self, msg: Msg) -> None:
+    def _on_reply(self, msg: Msg) -> None:
         entry = self._pending.get(msg.subject[len(self._inbox) :])
         if entry is not None and not entry[0].done():
             entry[0].set_result(msg)
@@ -839,7 +915,7 @@ class NatsServer(ServerTransport):
         self._connect_timeout = connect_timeout
         self._endpoint: NatsEndpoint | None = None
         self._dispatcher: Dispatcher | None = None
-        self._nc: NatsClient | None = None
+        self._nc: _Client | None = None
         self._sub: Subscription | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         """The event loop of the connection, which runs the request callbacks."""
@@ -873,8 +949,8 @@ class NatsServer(ServerTransport):
             on_closed=self._on_closed,
         )
         try:
-            self._sub = await nc.subscribe(
-                endpoint.subscription, queue=self._queue_group or endpoint.prefix, cb=self._on_request
+            self._sub = await nc.subscribe_direct(
+                endpoint.subscription, self._on_request, queue=self._queue_group or endpoint.prefix
             )
             # Once the broker has the subscription, a caller that finds this worker can reach it.
             await nc.flush(timeout=max(1, round(self._connect_timeout)))
@@ -952,8 +1028,8 @@ class NatsServer(ServerTransport):
 
     # -- requests ----------------------------------------------------------------------------------
 
-    async def _on_request(self, msg: Msg) -> None:
-        # nats-py runs this callback for one message at a time: hand each request to a task at once.
+    def _on_request(self, msg: Msg) -> None:
+        # Called in nats-py's read loop: each request gets a task of its own.
         assert self._loop is not None
         task = self._loop.create_task(self._serve(msg))
         self._tasks.add(task)
@@ -1013,10 +1089,14 @@ class NatsServer(ServerTransport):
             )
             status, payload = error.http_status, msgpack.packb(error.to_envelope())
             headers = _reply_headers(status, error, rejected=False)
+        # The only call in flight: no other reply will join this one, so it goes out at once.
+        nc.write_at_once = len(self._tasks) <= 1
         try:
             await nc.publish(reply_to, payload, headers=headers)
         except (nats.errors.Error, OSError) as exc:
             logger.warning("NATS at %s: the reply to %s was not sent: %s", self._addresses, reply_to, _describe(exc))
+        finally:
+            nc.write_at_once = False
 
     # -- connection events -------------------------------------------------------------------------
 

@@ -1,0 +1,175 @@
+"""When pikku_mq's NATS client writes its buffer to the socket, and how it hands messages over in the read loop.
+
+Each test runs its own nats-server, so it can stop or kill it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from _support_core import wait_until
+from _support_servers import PrivateNats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from pikku_mq.transports.nats import _MAX_HOLD, _Client, _close_client, _ignore, _open_client
+
+
+async def _connect(url: str) -> _Client:
+    return await _open_client(
+        url, name="test", connect_timeout=2, on_disconnected=_ignore, on_reconnected=_ignore, on_closed=_ignore
+    )
+
+
+@pytest.fixture
+async def client(private_nats: PrivateNats) -> AsyncIterator[_Client]:
+    nc = await _connect(private_nats.url)
+    yield nc
+    await _close_client(nc)
+
+
+@pytest.fixture
+async def listener(private_nats: PrivateNats) -> AsyncIterator[NatsClient]:
+    nc = await nats.connect(private_nats.url, connect_timeout=2, allow_reconnect=False)
+    yield nc
+    await nc.close()
+
+
+async def _collect(nc: NatsClient, subject: str) -> list[bytes]:
+    received: list[bytes] = []
+
+    async def keep(msg: Msg) -> None:
+        received.append(msg.data)
+
+    await nc.subscribe(subject, cb=keep)
+    await nc.flush(timeout=2)
+    return received
+
+
+async def test_only_call_written_at_once(client: _Client, listener: NatsClient) -> None:
+    received = await _collect(listener, "w.once")
+
+    client.write_at_once = True
+    await client.publish("w.once", b"first")
+    # Written within publish(), before the event loop gives nats-py's flusher a turn.
+    assert client._pending == []
+
+    client.write_at_once = False
+    await client.publish("w.once", b"second")
+    assert len(client._pending) == 1  # left for the flusher
+
+    await wait_until(lambda: received == [b"first", b"second"], timeout=2)
+
+
+async def test_buffer_written_after_hold(client: _Client, listener: NatsClient) -> None:
+    received = await _collect(listener, "w.hold")
+
+    await client.publish("w.hold", b"1")
+    await client.publish("w.hold", b"2")
+    assert len(client._pending) == 2
+    # A busy event loop: the flusher gets no turn while the first message waits past the hold time.
+    busy_until = time.perf_counter() + 2 * _MAX_HOLD
+    while time.perf_counter() < busy_until:
+        pass
+    await client.publish("w.hold", b"3")
+    assert client._pending == []
+
+    await wait_until(lambda: received == [b"1", b"2", b"3"], timeout=2)
+
+
+async def test_backed_up_socket_left_to_flusher(private_nats: PrivateNats, listener: NatsClient) -> None:
+    """While nats-server reads nothing, the client stops writing by itself, and nothing is lost."""
+    received = await _collect(listener, "w.full")
+    client = await _connect(private_nats.url)
+    assert private_nats.process is not None
+    chunk = b"x" * (256 * 1024)
+    sent = 0
+    os.kill(private_nats.process.pid, signal.SIGSTOP)
+    try:
+        client.write_at_once = True
+        writer = client._transport._io_writer  # type: ignore[union-attr]
+        # Fill the socket until the client's own transport buffers: at most 128 x 256 KiB.
+        while not writer.transport.get_write_buffer_size() and sent < 128:
+            await client.publish("w.full", chunk)
+            sent += 1
+        assert writer.transport.get_write_buffer_size() > 0, "the socket never backed up"
+        await client.publish("w.full", b"last")
+        sent += 1
+        assert client._pending, "the client wrote to a backed-up socket instead of leaving it to the flusher"
+    finally:
+        os.kill(private_nats.process.pid, signal.SIGCONT)
+    await wait_until(lambda: len(received) == sent, timeout=20)
+    assert received[-1] == b"last"
+    assert all(data == chunk for data in received[:-1])
+    await _close_client(client)
+
+
+async def test_no_write_while_reconnecting(private_nats: PrivateNats, client: _Client) -> None:
+    private_nats.stop()
+    await wait_until(lambda: client.is_reconnecting, timeout=5)
+
+    client.write_at_once = True
+    await client.publish("w.down", b"kept")
+    assert client._pending
+    assert client._pending[-1].endswith(b"kept\r\n")
+
+
+async def test_direct_delivery_survives_handler_error(
+    client: _Client, listener: NatsClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    got: list[bytes] = []
+
+    def deliver(msg: Msg) -> None:
+        if msg.data == b"bad":
+            raise RuntimeError("handler failed")
+        got.append(msg.data)
+
+    await client.subscribe_direct("w.direct", deliver)
+    await client.flush(timeout=2)
+    with caplog.at_level(logging.ERROR, logger="pikku_mq.transports.nats"):
+        for data in (b"a", b"bad", b"b"):
+            await listener.publish("w.direct", data)
+        await listener.flush(timeout=2)
+        await wait_until(lambda: got == [b"a", b"b"], timeout=2)
+
+    assert client.is_connected
+    assert any("handling a message on b'w.direct' failed" in r.getMessage() for r in caplog.records)
+    # The read loop still runs: a request through it gets its reply.
+
+    async def echo(msg: Msg) -> None:
+        await msg.respond(msg.data)
+
+    await listener.subscribe("w.echo", cb=echo)
+    await listener.flush(timeout=2)
+    assert (await client.request("w.echo", b"ping", timeout=2)).data == b"ping"
+
+
+async def test_direct_delivery_ends_with_unsubscribe(client: _Client, listener: NatsClient) -> None:
+    got: list[bytes] = []
+    sub = await client.subscribe_direct("w.gone", lambda msg: got.append(msg.data))
+    marks: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def mark(msg: Msg) -> None:
+        marks.put_nowait(msg.data)
+
+    await client.subscribe("w.mark", cb=mark)
+    await client.flush(timeout=2)
+
+    await listener.publish("w.gone", b"before")
+    await listener.publish("w.mark", b"1")
+    assert await asyncio.wait_for(marks.get(), 2) == b"1"
+    await sub.unsubscribe()
+    await client.flush(timeout=2)
+    await listener.publish("w.gone", b"after")
+    await listener.publish("w.mark", b"2")
+    # The server sends to one client in order: once the mark arrived, "after" would have too.
+    assert await asyncio.wait_for(marks.get(), 2) == b"2"
+
+    assert got == [b"before"]
