@@ -97,6 +97,43 @@ async def raw_nats_case(args: argparse.Namespace, payload: dict[str, Any]) -> As
 
 
 @asynccontextmanager
+async def features_nats_case(args: argparse.Namespace, payload: dict[str, Any]) -> AsyncIterator[Call]:
+    """nats-py's ``request()`` with the work per call that pikku_mq's design requires of a caller.
+
+    That is the four metadata headers with two random ids, the msgpack envelope, and a check of the
+    reply's ``pikku-status``. The deadline is nats-py's own request timeout, as in ``raw-nats``.
+    With ``--pikku-client`` it runs on pikku_mq's subclass of nats-py's client.
+    """
+    import nats
+
+    nc: Any
+    if args.pikku_client:
+        from pikku_mq.transports.nats import _Client
+
+        nc = _Client()
+        await nc.connect(args.nats_url)
+    else:
+        nc = await nats.connect(args.nats_url)
+
+    async def call() -> Any:
+        headers = {
+            "x-request-id": os.urandom(16).hex(),
+            "pikku-call-id": os.urandom(16).hex(),
+            "pikku-hop": "1",
+            "pikku-deadline-ms": "30000",
+        }
+        reply = await nc.request(args.subject, msgpack.packb({"data": payload}), timeout=30, headers=headers)
+        if (reply.headers or {}).get("pikku-status") != "200":
+            raise RuntimeError(f"the reply has status {(reply.headers or {}).get('pikku-status')}")
+        return msgpack.unpackb(reply.data)
+
+    try:
+        yield call
+    finally:
+        await nc.close()
+
+
+@asynccontextmanager
 async def raw_nats_2conn_case(args: argparse.Namespace, payload: dict[str, Any]) -> AsyncIterator[Call]:
     """nats-py request-reply as in ``raw-nats``, with the calls alternating over two connections."""
     import nats
@@ -203,6 +240,7 @@ CASES: dict[str, Callable[[argparse.Namespace, dict[str, Any]], AbstractAsyncCon
     "raw-http": raw_http_case,
     "raw-nats": raw_nats_case,
     "raw-nats-2conn": raw_nats_2conn_case,
+    "features-nats": features_nats_case,
     "raw-amqp": raw_amqp_case,
     "faststream-nats": faststream_nats_case,
     "faststream-rabbit": faststream_rabbit_case,
@@ -394,6 +432,7 @@ def main() -> None:
     parser.add_argument("--url", help="raw-http: the URL to post to")
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     parser.add_argument("--subject", help="raw-nats, faststream-nats: the request subject")
+    parser.add_argument("--pikku-client", action="store_true", help="features-nats: pikku_mq's nats-py client class")
     parser.add_argument("--amqp-url", help="AMQP broker URL with the benchmark's vhost")
     parser.add_argument("--queue", help="raw-amqp, faststream-rabbit, aiopika-rpc: the request queue or method")
     args = parser.parse_args()

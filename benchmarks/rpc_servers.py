@@ -7,6 +7,8 @@ runs on uvloop. The kinds:
   ``--key-prefix`` (it signs and checks calls when ``PIKKU_REMOTE_SECRET`` is set);
 - ``raw-http``: the bare ASGI echo app of raw_echo_server.py on uvicorn (httptools), at ``--port``;
 - ``raw-nats``: nats-py, replying to each request on ``--subject`` with its own bytes;
+- ``features-nats``: nats-py by hand with only the work per call that pikku_mq's design requires
+  (see :func:`features_nats_server`); with ``--pikku-client`` it runs on pikku_mq's nats-py client class;
 - ``raw-amqp``: aio-pika, consuming ``--queue`` without acks and publishing each body back to its reply_to;
 - ``faststream-nats`` and ``faststream-rabbit``: a FastStream subscriber that returns its ``Payload``;
 - ``aiopika-rpc``: aio-pika's RPC pattern (``aio_pika.patterns.RPC``) with its defaults.
@@ -18,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
+import msgpack
 import uvloop
 from rpc_echo import Payload, echo
 
@@ -66,6 +70,62 @@ async def raw_http_server(args: argparse.Namespace) -> AsyncIterator[None]:
     finally:
         server.should_exit = True
         await task
+
+
+@asynccontextmanager
+async def features_nats_server(args: argparse.Namespace) -> AsyncIterator[None]:
+    """Serve ``echo`` over nats-py with the work per call that pikku_mq's design requires, and nothing else.
+
+    That is a task per request, so that calls run concurrently, and a timer that ends the call at the
+    deadline of its ``pikku-deadline-ms`` header. The msgpack envelope is decoded, and the input and
+    output are validated with the ``Payload`` model. A fingerprint of the body is kept under the call id
+    while the call runs, for de-duplication. The reply carries ``pikku-status``.
+    """
+    loop = asyncio.get_running_loop()
+    nc = await connect_nats(args)
+    running: dict[str, bytes] = {}
+    tasks: set[asyncio.Task[None]] = set()
+    ok = {"pikku-status": "200"}
+
+    async def serve(msg: Any) -> None:
+        headers = msg.headers or {}
+        call_id = headers.get("pikku-call-id", "")
+        task = asyncio.current_task(loop)
+        assert task is not None
+        timer = loop.call_later(int(headers.get("pikku-deadline-ms", "30000")) / 1000, task.cancel)
+        try:
+            running[call_id] = hashlib.blake2b(msg.data, digest_size=16).digest()
+            data = Payload.model_validate(msgpack.unpackb(msg.data)["data"])
+            result = await echo(None, data)
+            body = msgpack.packb(Payload.model_validate(result).model_dump(mode="json"))
+            await nc.publish(msg.reply, body, headers=ok)
+        finally:
+            timer.cancel()
+            running.pop(call_id, None)
+
+    async def on_request(msg: Any) -> None:
+        task = loop.create_task(serve(msg))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    await nc.subscribe(args.subject, queue="bench", cb=on_request)
+    try:
+        yield
+    finally:
+        await nc.close()
+
+
+async def connect_nats(args: argparse.Namespace) -> Any:
+    """Connect with nats-py's client, or with pikku_mq's subclass of it when ``--pikku-client`` is given."""
+    import nats
+
+    if not args.pikku_client:
+        return await nats.connect(args.nats_url)
+    from pikku_mq.transports.nats import _Client
+
+    nc = _Client()
+    await nc.connect(args.nats_url)
+    return nc
 
 
 @asynccontextmanager
@@ -160,6 +220,7 @@ SERVERS: dict[str, Callable[[argparse.Namespace], AbstractAsyncContextManager[No
     "pikku": pikku_server,
     "raw-http": raw_http_server,
     "raw-nats": raw_nats_server,
+    "features-nats": features_nats_server,
     "raw-amqp": raw_amqp_server,
     "faststream-nats": faststream_nats_server,
     "faststream-rabbit": faststream_rabbit_server,
@@ -187,6 +248,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, help="raw-http: the port to listen on")
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222", help="NATS server URL")
     parser.add_argument("--subject", help="raw-nats, faststream-nats: the request subject")
+    parser.add_argument("--pikku-client", action="store_true", help="features-nats: pikku_mq's nats-py client class")
     parser.add_argument("--amqp-url", help="AMQP broker URL with the benchmark's vhost")
     parser.add_argument("--queue", help="raw-amqp, faststream-rabbit, aiopika-rpc: the request queue or method")
     args = parser.parse_args()

@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "benchmarks" / "rpc_bench.py"
+FEATURE_FLOOR = ROOT / "benchmarks" / "nats_feature_floor.py"
 
 
 @pytest.mark.timeout(180)
@@ -62,3 +63,18 @@ def test_quick_run_without_matplotlib(tmp_path: Path) -> None:
     assert json.loads(out.read_text())["cases"]
     assert not out.with_suffix(".png").exists()
     assert "| pikku-nats | 100 B |" in completed.stdout
+
+
+@pytest.mark.timeout(120)
+def test_feature_floor_quick_run() -> None:
+    command = [sys.executable, str(FEATURE_FLOOR), "--rounds", "1", "--quick"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=110, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    rows = [line for line in completed.stdout.splitlines() if line.startswith("| ") and "calls/s" not in line]
+    names = [row.split(" | ")[0].removeprefix("| ") for row in rows]
+    assert names == ["raw-nats", "features-nats", "features-nats, pikku_mq client", "pikku-nats"]
+    assert "| 1.00 (1.00-1.00) |" in rows[0]
+    for row in rows:
+        calls_per_s = float(row.split(" | ")[1].split(" ")[0].replace(",", ""))
+        assert calls_per_s > 0, row
