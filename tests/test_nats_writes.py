@@ -210,3 +210,4 @@ async def test_direct_delivery_ends_with_unsubscribe(client: _Client, listener: 
     assert await asyncio.wait_for(marks.get(), 2) == b"2"
 
     assert got == [b"before"]
+    assert sub._id not in client._direct

@@ -252,6 +252,10 @@ class _Client(NatsClient):
             except Exception:
                 logger.exception("NATS: handling a message on %r failed", subject[:200])
 
+    def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
+        super()._remove_sub(sid, max_msgs)
+        self._direct.pop(sid, None)
+
     async def _send_command(self, cmd: bytes, priority: bool = False) -> None:
         if not self._pending:
             self._held_since = time.perf_counter()
