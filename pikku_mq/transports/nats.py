@@ -32,6 +32,7 @@ import msgpack
 import nats.aio.client as nats_client
 import nats.errors
 import pydantic_core
+from nats.aio.client import PING_PROTO
 from nats.aio.client import Client as NatsClient
 from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
@@ -147,6 +148,9 @@ _NATS_USES_MAIL_PARSER = getattr(nats_client, "parse_email", None) is not None
 _MAX_HEADER_PREFIXES = 256
 """Header names whose encoded ``name: `` prefix a client keeps."""
 
+_COMMAND_LINE_BYTES = 4096
+"""An upper bound of the bytes of an HPUB line beside its headers and body (nats-server's own limit)."""
+
 _MAX_HOLD = 0.001
 """Seconds a message waits in a client's buffer for others to join it before the client writes them out.
 
@@ -251,6 +255,18 @@ class _Client(NatsClient):
                 deliver(msg)
             except Exception:
                 logger.exception("NATS: handling a message on %r failed", subject[:200])
+
+    async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
+        """Send PING after the commands still in the buffer, so that its PONG proves the server has read them.
+
+        nats-py (2.16) writes PING straight to the socket, ahead of its buffer. A ``flush()`` right after
+        ``subscribe()`` could then return before the server had the subscription.
+        """
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+        self._pongs.append(future)
+        await self._send_command(PING_PROTO)
+        await self._flush_pending()
 
     def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
         super()._remove_sub(sid, max_msgs)
@@ -612,6 +628,7 @@ class _CallerConnection:
         token = str(next(self._tokens))
         loop = self._loop
         assert loop is not None  # set by open(), which made self.nc
+        ends = loop.time() + timeout
         future: asyncio.Future[Msg] = loop.create_future()
         self._pending[token] = (future, name)
         try:
@@ -619,9 +636,14 @@ class _CallerConnection:
                 # nats-py (2.16) encodes the headers within publish() and keeps no reference to the dict.
                 nc.write_at_once = len(self._pending) == 1
                 try:
-                    await nc.publish(subject, payload, reply=self._inbox + token, headers=_as_dict(headers))
+                    if nc._pending_data_size + size + _COMMAND_LINE_BYTES <= nc._max_pending_size:
+                        await nc.publish(subject, payload, reply=self._inbox + token, headers=_as_dict(headers))
+                    else:
+                        await self._publish_full(nc, ends, subject, payload, token, headers, name, timeout)
                 finally:
                     nc.write_at_once = False
+            except DeadlineExceededError:
+                raise  # a TimeoutError, so an OSError, but not a failure of the connection
             except nats.errors.MaxPayloadError:
                 raise PayloadTooLargeError(
                     f"the request to '{name}' is over the max_payload of {nc.max_payload} bytes of the NATS "
@@ -635,13 +657,47 @@ class _CallerConnection:
                     f"the call to '{name}' was not sent to NATS at {self.addresses}: {_describe(exc)}"
                 ) from exc
             # A timer that fails the future costs less per call than an asyncio.timeout() scope.
-            timer = loop.call_later(timeout, self._time_out, future, name, subject, timeout)
+            timer = loop.call_at(ends, self._time_out, future, name, subject, timeout)
             try:
                 return await future
             finally:
                 timer.cancel()
         finally:
             self._pending.pop(token, None)
+
+    async def _publish_full(
+        self,
+        nc: _Client,
+        ends: float,
+        subject: str,
+        payload: bytes,
+        token: str,
+        headers: Mapping[str, str],
+        name: str,
+        timeout: float,
+    ) -> None:
+        """Publish a request that fills nats-py's buffer, which makes publish() wait for the socket without a limit.
+
+        Raise :class:`DeadlineExceededError` when the deadline ``ends`` (event loop time) passes first.
+        """
+        loop = self._loop
+        assert loop is not None
+        try:
+            async with asyncio.timeout_at(ends):
+                await nc.publish(subject, payload, reply=self._inbox + token, headers=_as_dict(headers))
+        except TimeoutError as exc:
+            if isinstance(exc, nats.errors.Error):
+                raise
+        else:
+            # nats-py (2.16) swallows the cancellation of its wait, so publish() returns at the deadline.
+            if loop.time() < ends:
+                return
+        # The request is in the buffer, and is sent if the server reads again.
+        raise DeadlineExceededError(
+            f"the request to '{name}' on {subject} was not written within {timeout:.3f} s: the buffer of the "
+            f"connection to NATS at {self.addresses} is full and the server is not reading, so the function "
+            "may still run"
+        ) from None
 
     def _time_out(self, future: asyncio.Future[Msg], name: str, subject: str, timeout: float) -> None:
         if not future.done():
