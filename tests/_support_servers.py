@@ -21,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Any, Self
 
 from _support_core import closed_port
 
@@ -386,3 +386,23 @@ class PrivateRabbitMQ:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+async def drop_subscription(client: Any, subscription: Any, prefix: str) -> None:
+    """Unsubscribe a plain nats-py client, then wait until nats-server replies "no responders" on ``prefix``.
+
+    nats-py (2.16) writes the PING of ``flush()`` ahead of an UNSUB still in its buffer, so a flush alone
+    may return before the server has dropped the subscription.
+    """
+    import nats
+
+    await subscription.unsubscribe()
+    await client.flush()
+    for _ in range(40):
+        try:
+            await client.request(f"{prefix}.probe", b"", timeout=0.25)
+        except nats.errors.NoRespondersError:
+            return
+        except nats.errors.TimeoutError:
+            continue
+    raise AssertionError(f"NATS still routes requests on {prefix}.> after the unsubscription")

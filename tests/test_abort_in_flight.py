@@ -21,6 +21,7 @@ import nats
 import pytest
 from _support_amqp import AMQP_URL, amqp_endpoint
 from _support_core import Mesh, wait_until
+from _support_servers import drop_subscription
 from contract.test_transports import ENDPOINTS
 
 from pikku_mq import (
@@ -65,17 +66,8 @@ async def nats_black_hole() -> AsyncIterator[tuple[str, list[Any], Callable[[], 
     await client.flush()
 
     async def vanish() -> None:
-        await subscription.unsubscribe()
-        await client.flush()
         # The test needs the server to reply "no responders" at once, so wait until it does here.
-        for _ in range(40):
-            try:
-                await client.request(f"{prefix}.probe", b"", timeout=0.25)
-            except nats.errors.NoRespondersError:
-                return
-            except nats.errors.TimeoutError:
-                continue
-        raise AssertionError(f"NATS still routes requests on {prefix}.> after the unsubscription")
+        await drop_subscription(client, subscription, prefix)
 
     try:
         yield f"nats://127.0.0.1:4222/{prefix}", taken, vanish

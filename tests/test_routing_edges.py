@@ -17,6 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 from _support_core import Mesh, wait_until
 from _support_redis import REDIS_URL, drop_redis_prefixes, redis_prefix
+from _support_servers import drop_subscription
 
 from pikku_mq import (
     RPC,
@@ -187,8 +188,7 @@ async def test_draining_event_keeps_attempts() -> None:
             first = asyncio.create_task(caller.invoke("nap", 0.0, timeout=1.0))
             await wait_until(lambda: taken, timeout=5)
 
-            await subscription.unsubscribe()
-            await client.flush()
+            await drop_subscription(client, subscription, prefix)
             second = asyncio.create_task(caller.invoke("nap", 0.0, timeout=1.0))
             await wait_until(lambda: caller.router.is_ejected("draining"), timeout=5)
             caller.router.instance_left("draining", endpoint)  # the draining event, just after the failure
