@@ -124,7 +124,8 @@ async def features_nats_case(args: argparse.Namespace, payload: dict[str, Any]) 
         }
         reply = await nc.request(args.subject, msgpack.packb({"data": payload}), timeout=30, headers=headers)
         if (reply.headers or {}).get("pikku-status") != "200":
-            raise RuntimeError(f"the reply has status {(reply.headers or {}).get('pikku-status')}")
+            status = (reply.headers or {}).get("pikku-status")
+            raise RuntimeError(f"the reply has pikku-status {status!r}, expected '200'")
         return msgpack.unpackb(reply.data)
 
     try:

@@ -149,7 +149,7 @@ _MAX_HEADER_PREFIXES = 256
 """Header names whose encoded ``name: `` prefix a client keeps."""
 
 _COMMAND_LINE_BYTES = 4096
-"""An upper bound of the bytes of an HPUB line beside its headers and body (nats-server's own limit)."""
+"""Max bytes of an HPUB line besides its headers and body: nats-server (2.9) rejects a longer protocol line."""
 
 _MAX_HOLD = 0.001
 """Seconds a message waits in a client's buffer for others to join it before the client writes them out.
@@ -273,21 +273,18 @@ class _Client(NatsClient):
         self._direct.pop(sid, None)
 
     async def _send_command(self, cmd: bytes, priority: bool = False) -> None:
-        if not self._pending:
+        first = not self._pending
+        if first:
             self._held_since = time.perf_counter()
-            await super()._send_command(cmd, priority)
-            if self.write_at_once:
-                self._write_pending()
-            return
         await super()._send_command(cmd, priority)
-        if self.write_at_once or time.perf_counter() - self._held_since >= _MAX_HOLD:
+        if self.write_at_once or (not first and time.perf_counter() - self._held_since >= _MAX_HOLD):
             self._write_pending()
 
     def _write_pending(self) -> None:
         """Write the buffer to the socket now, unless the connection is not up or its socket is backed up.
 
-        Then nats-py's flusher writes it, and waits for the socket to drain. Only the TCP transport is
-        written this way; over WebSocket nats-py's flusher does all the writing.
+        In those cases nats-py's flusher writes it later and waits for the socket to drain. Only the TCP
+        transport is written this way, so over WebSocket the flusher does all the writing.
         """
         writer = getattr(self._transport, "_io_writer", None)
         if writer is None or not self.is_connected:
@@ -636,10 +633,11 @@ class _CallerConnection:
                 # nats-py (2.16) encodes the headers within publish() and keeps no reference to the dict.
                 nc.write_at_once = len(self._pending) == 1
                 try:
+                    sending = nc.publish(subject, payload, reply=self._inbox + token, headers=_as_dict(headers))
                     if nc._pending_data_size + size + _COMMAND_LINE_BYTES <= nc._max_pending_size:
-                        await nc.publish(subject, payload, reply=self._inbox + token, headers=_as_dict(headers))
+                        await sending
                     else:
-                        await self._publish_full(nc, ends, subject, payload, token, headers, name, timeout)
+                        await self._publish_full(sending, ends, name, subject, timeout)
                 finally:
                     nc.write_at_once = False
             except DeadlineExceededError:
@@ -666,17 +664,9 @@ class _CallerConnection:
             self._pending.pop(token, None)
 
     async def _publish_full(
-        self,
-        nc: _Client,
-        ends: float,
-        subject: str,
-        payload: bytes,
-        token: str,
-        headers: Mapping[str, str],
-        name: str,
-        timeout: float,
+        self, sending: Awaitable[None], ends: float, name: str, subject: str, timeout: float
     ) -> None:
-        """Publish a request that fills nats-py's buffer, which makes publish() wait for the socket without a limit.
+        """Await a publish that fills nats-py's buffer, which makes it wait for the socket without a limit.
 
         Raise :class:`DeadlineExceededError` when the deadline ``ends`` (event loop time) passes first.
         """
@@ -684,7 +674,7 @@ class _CallerConnection:
         assert loop is not None
         try:
             async with asyncio.timeout_at(ends):
-                await nc.publish(subject, payload, reply=self._inbox + token, headers=_as_dict(headers))
+                await sending
         except TimeoutError as exc:
             if isinstance(exc, nats.errors.Error):
                 raise
