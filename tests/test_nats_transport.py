@@ -316,6 +316,27 @@ async def test_header_parse_matches_nats_py(block: bytes) -> None:
     assert parsed_again == parsed
 
 
+def _lowered(parsed: Any) -> Any:
+    return {key.lower(): value for key, value in parsed.items()} if isinstance(parsed, dict) else parsed
+
+
+@pytest.mark.parametrize("block", [*HEADER_BLOCKS, b"NATS/1.0\r\nPikku-Status: 200\r\npikku-status: 500\r\n\r\n"])
+async def test_direct_header_parse_matches_nats_py_lowered(block: bytes) -> None:
+    # Messages of subscribe_direct() carry the names in lower case; the last of a name in any case wins.
+    expected = await _nats_py_headers(block)
+    parsed = await _Client()._direct_headers(block)
+    if isinstance(expected, type):
+        assert parsed == {}
+    else:
+        assert parsed == _lowered(expected)
+    assert await _Client()._direct_headers(block) == parsed
+
+
+async def test_direct_header_parse_keeps_the_last_line_of_a_name_in_any_case() -> None:
+    block = b"NATS/1.0\r\nPikku-Status: 200\r\npikku-status: 500\r\nPIKKU-STATUS: 404\r\n\r\n"
+    assert await _Client()._direct_headers(block) == {"pikku-status": "404"}
+
+
 HEADER_PIECES = st.binary(max_size=12) | st.sampled_from([b":", b" ", b"\t", b"\x0b", b"\xc3\xa4", b"a", b"\r\n"])
 
 
@@ -323,7 +344,12 @@ HEADER_PIECES = st.binary(max_size=12) | st.sampled_from([b":", b" ", b"\t", b"\
 @given(st.lists(HEADER_PIECES, max_size=12))
 async def test_header_parse_matches_nats_py_random(pieces: list[bytes]) -> None:
     block = b"NATS/1.0\r\n" + b"".join(pieces) + b"\r\n\r\n"
-    assert await _Client()._process_headers(block) == await _nats_py_headers(block)
+    expected = await _nats_py_headers(block)
+    assert await _Client()._process_headers(block) == expected
+    lowered = _lowered(expected)
+    if not isinstance(expected, dict) or len(lowered) == len(expected):
+        # With names that differ only in case, nats-py's dict no longer tells which line came last.
+        assert await _Client()._direct_headers(block) == lowered
 
 
 # -- routing failures --------------------------------------------------------------------------------

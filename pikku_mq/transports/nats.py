@@ -97,6 +97,7 @@ _MAX_OUTSTANDING_PINGS = 3
 """A connection that gets no reply to its pings for about a minute counts as lost and is reconnected."""
 
 _MAX_ERROR_HEADER = 1024
+_MAX_CACHED_NAMES = 1024
 """Characters of an error message copied into ``Nats-Service-Error``. The reply body carries all of it."""
 
 _MAX_REPLY_HEADER_BYTES = 8 * 1024
@@ -232,11 +233,15 @@ class _Client(NatsClient):
         """Subscribe, and hand each message to ``deliver`` in the read loop, without nats-py's queue and task.
 
         ``deliver`` runs within the read loop, so it must return at once. An exception it raises is logged,
-        and the message is dropped.
+        and the message is dropped. The header names of the messages it gets are in lower case, as
+        pikku_mq reads them; of two names that differ only in case, the later one's value is kept.
         """
 
         async def through_queue(msg: Msg) -> None:
-            deliver(msg)  # a message that arrives before the subscription is registered below
+            # A message that arrives before the subscription is registered below.
+            if msg.headers and not isinstance(msg.headers, _MalformedHeaders):
+                msg.headers = {key.lower(): value for key, value in msg.headers.items()}
+            deliver(msg)
 
         sub = await self.subscribe(subject, queue=queue, cb=through_queue)
         self._direct[sub._id] = deliver
@@ -249,7 +254,7 @@ class _Client(NatsClient):
             return
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
-        msg = self._build_message(sid, subject, reply, data, await self._process_headers(headers))
+        msg = self._build_message(sid, subject, reply, data, await self._direct_headers(headers))
         if msg is not None:
             try:
                 deliver(msg)
@@ -295,6 +300,15 @@ class _Client(NatsClient):
         writer.writelines(self._pending)
         self._pending = []
         self._pending_data_size = 0
+
+    async def _direct_headers(self, headers: bytes | None) -> dict[str, str] | None:
+        """Parse a header block as :meth:`_process_headers` does, with the names in lower case."""
+        if headers and headers.startswith(b"NATS/1.0\r\n") and len(headers) > 10 and not _NATS_USES_MAIL_PARSER:
+            return _parse_header_lines(headers[10:], lower=True)
+        parsed = await self._process_headers(headers)
+        if parsed and not isinstance(parsed, _MalformedHeaders):
+            return {key.lower(): value for key, value in parsed.items()}
+        return parsed
 
     async def _process_headers(self, headers: bytes | None) -> dict[str, str] | None:
         if headers and headers.startswith(b"NATS/1.0\r\n") and len(headers) > 10 and not _NATS_USES_MAIL_PARSER:
@@ -371,29 +385,34 @@ class _Client(NatsClient):
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
     ) -> Msg | None:
         try:
-            reply.decode()
+            reply_text = reply.decode()
         except UnicodeDecodeError:
             logger.info("NATS: dropped a message on %r whose reply subject is not UTF-8", subject[:200])
             return None
-        if not _CONTROL_CHARACTERS.isdisjoint(reply):
+        # A printable text has no control characters; the exact check runs only on the others.
+        if not reply_text.isprintable() and not _CONTROL_CHARACTERS.isdisjoint(reply):
             logger.info("NATS: dropped a message on %r whose reply subject has control characters", subject[:200])
             return None
         try:
-            subject.decode()
+            subject_text = subject.decode()
         except UnicodeDecodeError:
-            subject = subject.decode(errors="replace").encode()
-        return super()._build_message(sid, subject, reply, data, headers)  # type: ignore[no-any-return]
+            subject_text = subject.decode(errors="replace")
+        # The message that nats-py's _build_message() makes, without decoding both subjects again.
+        return self.msg_class(
+            subject=subject_text, reply=reply_text, data=data, headers=headers, _client=self, _sid=sid
+        )
 
 
-def _parse_header_lines(block: bytes) -> dict[str, str] | None:
+def _parse_header_lines(block: bytes, *, lower: bool = False) -> dict[str, str] | None:
     """Parse the header lines after ``NATS/1.0\\r\\n`` as nats-py (2.16) does, without its per-character loop.
 
     nats-py skips lines without a colon, names that are not ASCII or contain whitespace, and keeps
     the last of repeated names. It decodes values as UTF-8 with U+FFFD for bad bytes, and returns
-    None for a block without headers. A test compares both parsers line by line.
+    None for a block without headers. A test compares both parsers line by line. With ``lower``
+    the names are in lower case, and the last of the names that differ only in case is kept.
     """
     parsed: dict[str, str] = {}
-    names = _HEADER_NAMES
+    names = _LOWER_HEADER_NAMES if lower else _HEADER_NAMES
     for line in block.split(b"\r\n"):
         name, colon, value = line.partition(b":")
         if not colon:
@@ -402,6 +421,8 @@ def _parse_header_lines(block: bytes) -> dict[str, str] | None:
             key = names[name]
         except KeyError:
             key = _header_key(name)
+            if key is not None and lower:
+                key = key.lower()
             if len(names) >= _MAX_HEADER_NAMES:
                 names.clear()
             names[name] = key
@@ -412,6 +433,9 @@ def _parse_header_lines(block: bytes) -> dict[str, str] | None:
 
 _HEADER_NAMES: dict[bytes, str | None] = {}
 """The key of each header name as read, None for a name that nats-py skips; most messages repeat a few names."""
+
+_LOWER_HEADER_NAMES: dict[bytes, str | None] = {}
+"""As ``_HEADER_NAMES``, with the keys in lower case."""
 
 _MAX_HEADER_NAMES = 256
 
@@ -970,6 +994,8 @@ class NatsServer(ServerTransport):
         self._loop: asyncio.AbstractEventLoop | None = None
         """The event loop of the connection, which runs the request callbacks."""
         self._tasks: set[asyncio.Task[None]] = set()
+        self._names: dict[str, str] = {}
+        """The function name of each request subject seen lately; most workers serve a few functions."""
         self._revive_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._addresses = ""
@@ -1095,7 +1121,7 @@ class NatsServer(ServerTransport):
                 raise BadRequestError("the header block of the request cannot be parsed; send NATS/1.0 headers")
             name = self._function_name(msg.subject)
             data = None if not msg.data else _decode_call_body(msg.data, True)
-            headers = {key.lower(): value for key, value in (msg.headers or {}).items()}
+            headers = msg.headers or {}  # names in lower case, from subscribe_direct()
         except PikkuMQError as exc:
             await self._reply(msg.reply, exc.http_status, exc.to_envelope(), error=exc, rejected=False, name="")
             return
@@ -1106,15 +1132,22 @@ class NatsServer(ServerTransport):
         await self._reply(msg.reply, status, body, error=outcome.error, rejected=outcome.rejected, name=name)
 
     def _function_name(self, subject: str) -> str:
+        name = self._names.get(subject)
+        if name is not None:
+            return name
         assert self._endpoint is not None
         token = subject[len(self._endpoint.prefix) + 1 :]
         try:
-            return unescape_token(token)
+            name = unescape_token(token)
         except ValueError as exc:
             raise BadRequestError(
                 f"subject {subject[:200]!r} does not name a function as <prefix>.<escaped name>: {exc}",
                 payload={"subject": subject[:200]},
             ) from None
+        if len(self._names) >= _MAX_CACHED_NAMES:
+            self._names.clear()
+        self._names[subject] = name
+        return name
 
     async def _reply(
         self, reply_to: str, status: int, body: Any, *, error: PikkuMQError | None, rejected: bool, name: str
@@ -1218,6 +1251,8 @@ async def _ignore() -> None:
 
 
 def _reply_headers(status: int, error: PikkuMQError | None, rejected: bool) -> dict[str, str]:
+    if status == 200 and error is None and not rejected:
+        return _OK_HEADERS  # nats-py only reads the headers it sends
     headers = {HEADER_STATUS: str(status)}
     if error is not None:
         message = error.message
@@ -1228,3 +1263,6 @@ def _reply_headers(status: int, error: PikkuMQError | None, rejected: bool) -> d
     if rejected:
         headers[HEADER_REJECTED] = "1"
     return headers
+
+
+_OK_HEADERS = {HEADER_STATUS: "200"}
