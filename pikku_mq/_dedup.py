@@ -221,7 +221,14 @@ def fingerprint(data: Any, session: Any) -> bytes:
         # Data from a transport is always JSON-compatible. Other data, from a direct caller of the
         # dispatcher, is digested by its repr.
         encoded = repr((data, session)).encode()
-    return hashlib.blake2b(encoded, digest_size=16).digest()
+    if len(encoded) < _LARGE_DATA:
+        return hashlib.blake2b(encoded, digest_size=16).digest()
+    # OpenSSL's SHA-256 uses the CPU's SHA instructions where it has them: twice as fast on 64 KiB here.
+    return hashlib.sha256(encoded).digest()
+
+
+_LARGE_DATA = 1024
+"""Bytes of encoded data from which the fingerprint is a SHA-256 digest instead of BLAKE2b, which is faster on less."""
 
 
 def _check_fingerprint(key: tuple[str, str], recorded: bytes, received: bytes) -> None:

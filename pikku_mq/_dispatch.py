@@ -192,7 +192,7 @@ class Dispatcher:
         """With a remote secret, only calls signed with it are admitted, and they bring their session."""
         self.in_flight = 0
         """Calls admitted and not finished: running, or waiting for one of the ``max_concurrency`` slots."""
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self._slots = _Slots(max_concurrency)
         self._idle = asyncio.Event()
         self._idle.set()
         self.last_rejection = 0.0
@@ -585,6 +585,19 @@ class Dispatcher:
             self._idle.set()
 
 
+class _Slots(asyncio.Semaphore):
+    """``asyncio.Semaphore``, whose ``locked()`` makes no generator while nothing waits.
+
+    Python 3.11 to 3.13 check for waiters with ``any()`` over a generator on every ``acquire()``, and
+    the generator is half of the cost of an ``async with`` on a free semaphore. The answer is the same.
+    """
+
+    def locked(self) -> bool:
+        if not self._waiters:
+            return self._value == 0
+        return super().locked()
+
+
 class _Deadline:
     """The deadline of one function run: ``asyncio.timeout()`` without its two coroutines and state object.
 
@@ -650,11 +663,11 @@ def header_count(headers: Mapping[str, str], name: str, max_digits: int) -> int 
     raw = headers.get(name)
     if raw is None or raw == "":
         return None
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= max_digits) or not int(raw):
-        raise BadRequestError(
-            f"header {name} must be a positive integer of at most {max_digits} digits, got {raw[:40]!r}"
-        )
-    return int(raw)
+    if raw.isascii() and raw.isdigit() and len(raw) <= max_digits:
+        value = int(raw)
+        if value:
+            return value
+    raise BadRequestError(f"header {name} must be a positive integer of at most {max_digits} digits, got {raw[:40]!r}")
 
 
 def _extra(admitted: Admitted) -> dict[str, str]:
