@@ -16,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "benchmarks" / "rpc_bench.py"
 FEATURE_FLOOR = ROOT / "benchmarks" / "nats_feature_floor.py"
+INSTRUCTION_COUNT = ROOT / "benchmarks" / "count_instructions.py"
 
 
 @pytest.mark.timeout(180)
@@ -78,3 +79,22 @@ def test_feature_floor_quick_run() -> None:
     for row in rows:
         calls_per_s = float(row.split(" | ")[1].split(" ")[0].replace(",", ""))
         assert calls_per_s > 0, row
+
+
+@pytest.mark.timeout(240)
+def test_instruction_count_run() -> None:
+    # valgrind is a Debian package of every machine this project's CI runs on.
+    command = [sys.executable, str(INSTRUCTION_COUNT), "--calls", "128"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=230, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    counts = {}
+    for line in completed.stdout.splitlines()[2:]:
+        part, count = line.strip("| ").split(" | ")
+        counts[part] = int(count.replace(",", ""))
+    assert list(counts) == ["worker", "dispatcher", "required", "caller"]
+    # Each part runs the benchmark's echo call, which takes thousands of instructions. A part whose
+    # measured loop did not run would count almost none.
+    for part, count in counts.items():
+        assert 10_000 < count < 10_000_000, (part, count)
+    assert counts["worker"] > counts["dispatcher"] > counts["required"]

@@ -1,0 +1,300 @@
+"""Count the CPU instructions that pikku_mq executes per call, with valgrind's callgrind.
+
+An instruction count does not depend on what else the machine runs: two runs of the same code give
+the same count to within about 0.1%, where CPU time on a shared 2-core VM moves by 10% or more. So
+a change of 1% in the work per call shows here, and the timed benchmarks then confirm it. Each part
+runs in a child process under ``valgrind --tool=callgrind`` that counts only its measured loop, and
+the report gives instructions per call:
+
+- ``worker``: a PikkuWorker's NATS client takes ``--batch`` requests per read, as if nats-server had
+  sent them (the benchmark's ``echo``, a 100-byte payload and the four call headers), and serves them.
+  Its writes are discarded, so the count covers parsing, the task per request, the dispatcher and the
+  reply's encoding, but no system call;
+- ``dispatcher``: ``Dispatcher.handle`` and the msgpack-ready encoding of its outcome, as a broker
+  worker runs them;
+- ``required``: only the steps that the worker's design requires for each call, written plainly. That
+  is the msgpack body, the fingerprint, input and output validation, the function, the reply's
+  encoding and a deadline timer;
+- ``caller``: ``rpc.remote`` with 64 calls in flight over a NATS connection. For each request it
+  writes, a reply is fed to its parser, so the count covers routing, the request's encoding, the
+  reply's way in and its decoding, but no system call.
+
+The ``worker`` and ``caller`` parts connect to NATS on 127.0.0.1:4222 for their set-up, under a
+subject prefix of their own. Counts are those of the Python, uvloop and libraries installed here;
+under valgrind OpenSSL may take another code path than on the bare CPU, so compare counts with
+counts, not with timings. To compare two trees, run this file with ``PYTHONPATH`` set to each.
+
+Run from the repository root: ``python benchmarks/count_instructions.py [--parts worker caller]
+[--calls 1984] [--batch 64]``. Needs valgrind (Debian's ``valgrind`` package); each part takes
+about 10 to 30 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+NATS_URL = "nats://127.0.0.1:4222"
+PARTS = ("worker", "dispatcher", "required", "caller")
+CALL_HEADERS = {"x-request-id": "a" * 32, "pikku-hop": "1", "pikku-deadline-ms": "29999"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to count")
+    parser.add_argument("--calls", type=int, default=1984, help="calls counted in each part")
+    parser.add_argument("--batch", type=int, default=64, help="worker: requests per read")
+    parser.add_argument("--child", choices=PARTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        import uvloop
+
+        uvloop.run(CHILDREN[args.child](args))
+        return
+
+    print("| part | instructions per call |")
+    print("|---|---:|")
+    for part in args.parts:
+        count = count_part(part, args)
+        print(f"| {part} | {count / args.calls:,.0f} |", flush=True)
+
+
+def count_part(part: str, args: argparse.Namespace) -> int:
+    """Run one part in a child under callgrind and return the instructions counted in its loop."""
+    argv = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        "--callgrind-out-file=/dev/null",
+        sys.executable,
+        __file__,
+        "--child",
+        part,
+        "--calls",
+        str(args.calls),
+        "--batch",
+        str(args.batch),
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if done.returncode != 0 or found is None:
+        raise SystemExit(f"the {part} part failed under valgrind (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return int(found.group(1))
+
+
+async def counted(calls: Callable[[], Awaitable[None]]) -> None:
+    """Run ``calls`` with callgrind counting, and only then."""
+    toggle("on")
+    try:
+        await calls()
+    finally:
+        toggle("off")
+
+
+def toggle(state: str) -> None:
+    # callgrind_control tells the valgrind of this process to start or stop counting, and waits until it has.
+    subprocess.run(["callgrind_control", "-i", state, str(os.getpid())], capture_output=True, check=True)
+
+
+# -- the parts -----------------------------------------------------------------------------------------
+
+
+class _DiscardingWriter:
+    """The part of asyncio's StreamWriter that pikku_mq's NATS client writes to, handing the bytes to ``on_write``."""
+
+    def __init__(self, on_write: Callable[[list[bytes]], None]) -> None:
+        self.transport = self
+        self.writelines = on_write
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+class _DiscardingTransport:
+    """nats-py's transport, with writes handed to ``on_write`` and reads passed to the real one."""
+
+    def __init__(self, real: Any, on_write: Callable[[list[bytes]], None] = lambda parts: None) -> None:
+        self._real = real
+        self._io_writer = _DiscardingWriter(on_write)
+        self.writelines = on_write
+
+    async def drain(self) -> None:
+        return None
+
+    def at_eof(self) -> bool:
+        return bool(self._real.at_eof())
+
+    async def read(self, size: int) -> bytes:
+        return bytes(await self._real.read(size))
+
+
+async def worker_part(args: argparse.Namespace) -> None:
+    import msgpack
+    from rpc_echo import echo, make_payload
+
+    from pikku_mq import MemoryDeploymentService, MemoryRegistry, PikkuWorker
+
+    tag = f"count{uuid.uuid4().hex[:8]}"
+    worker = PikkuWorker(
+        endpoint=f"{NATS_URL}/{tag}",
+        functions=[echo],
+        deployment_service=MemoryDeploymentService(MemoryRegistry()),
+    )
+    async with worker:
+        server: Any = worker._servers[0]
+        nc = server._nc
+        real, nc._transport = nc._transport, _DiscardingTransport(nc._transport)
+        line = f"HMSG {tag}.echo {server._sub._id} _INBOX.count.%d %d %d\r\n"
+        body = msgpack.packb({"data": make_payload(100)})
+
+        def read(size: int) -> bytes:
+            """Return ``size`` requests as nats-server sends them, each with a fresh call id."""
+            messages = []
+            for index in range(size):
+                headers = {**CALL_HEADERS, "pikku-call-id": uuid.uuid4().hex}
+                block = ("NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+                messages.append((line % (index, len(block), len(block) + len(body))).encode() + block + body + b"\r\n")
+            return b"".join(messages)
+
+        async def serve(reads: list[bytes]) -> None:
+            for data in reads:
+                await nc._ps.parse(data)  # makes a task for each request
+                # Polling adds less to the count than a wait on 64 tasks would.
+                while server._tasks:  # noqa: ASYNC110
+                    await asyncio.sleep(0)
+
+        await serve([read(args.batch) for _ in range(10)])
+        reads = [read(args.batch) for _ in range(args.calls // args.batch)]
+        await counted(lambda: serve(reads))
+        nc._transport = real
+
+
+async def dispatcher_part(args: argparse.Namespace) -> None:
+    from rpc_echo import echo, make_payload
+
+    from pikku_mq import FunctionRegistry
+    from pikku_mq._dispatch import Dispatcher
+
+    registry = FunctionRegistry()
+    registry.add(echo.__pikku__)
+    dispatcher = Dispatcher(registry)
+    payload = make_payload(100)
+    # A fresh call id per call: echo is idempotent, so a repeated id would replay the recorded result.
+    headers = [{**CALL_HEADERS, "pikku-call-id": uuid.uuid4().hex} for _ in range(args.calls + 200)]
+
+    async def handle(batch: list[dict[str, str]]) -> None:
+        for call_headers in batch:
+            (await dispatcher.handle("echo", payload, call_headers)).encode_python()
+
+    await handle(headers[:200])
+    await counted(lambda: handle(headers[200:]))
+
+
+async def required_part(args: argparse.Namespace) -> None:
+    import hashlib
+
+    import msgpack
+    from rpc_echo import Payload, echo, make_payload
+
+    loop = asyncio.get_running_loop()
+    body = msgpack.packb({"data": make_payload(100)})
+
+    running: dict[int, bytes] = {}
+
+    async def serve_one(call: int) -> bytes:
+        task = asyncio.current_task(loop)
+        assert task is not None
+        timer = loop.call_later(29.999, task.cancel)
+        try:
+            running[call] = hashlib.blake2b(body, digest_size=16).digest()
+            data = Payload.model_validate(msgpack.unpackb(body)["data"])
+            result = await echo(None, data)
+            return msgpack.packb(Payload.model_validate(result).model_dump(mode="json"))  # type: ignore[no-any-return]
+        finally:
+            timer.cancel()
+            running.pop(call, None)
+
+    async def serve(calls: int) -> None:
+        for call in range(calls):
+            await serve_one(call)
+
+    await serve(200)
+    await counted(lambda: serve(args.calls))
+
+
+async def caller_part(args: argparse.Namespace) -> None:
+    import msgpack
+    from rpc_echo import echo, make_payload
+
+    from pikku_mq import RPC, MemoryDeploymentService, MemoryRegistry, PikkuWorker
+
+    tag = f"count{uuid.uuid4().hex[:8]}"
+    registry = MemoryRegistry()
+    endpoint = f"{NATS_URL}/{tag}"
+    worker = PikkuWorker(endpoint=endpoint, functions=[echo], deployment_service=MemoryDeploymentService(registry))
+    discovery = MemoryDeploymentService(registry)
+    rpc = RPC(deployment_service=discovery)
+    payload = make_payload(100)
+    reply_block = b"NATS/1.0\r\npikku-status: 200\r\n\r\n"
+    reply_body = msgpack.packb(payload)
+    inboxes = re.compile(rb"HPUB \S+ (\S+) ")
+    loop = asyncio.get_running_loop()
+
+    async with worker:
+        await rpc.remote("echo", payload)  # opens the caller's connection and fills its routing cache
+        transport: Any = discovery.router.transports.for_endpoint(endpoint)
+        nc = transport._slots[0].nc
+        inbox_sid = next(iter(nc._direct))
+
+        def answer(parts: list[bytes]) -> None:
+            """Feed the reply to every request written, on the next turn of the loop, as nats-server would."""
+            replies = []
+            for inbox in inboxes.findall(b"".join(parts)):
+                size = len(reply_block) + len(reply_body)
+                replies.append(
+                    b"HMSG %s %d %d %d\r\n%s%s\r\n"
+                    % (inbox, inbox_sid, len(reply_block), size, reply_block, reply_body)
+                )
+            if replies:
+                loop.call_soon(loop.create_task, nc._ps.parse(b"".join(replies)))
+
+        async def call_all(calls: int) -> None:
+            async def one_after_another(count: int) -> None:
+                for _ in range(count):
+                    await rpc.remote("echo", payload)
+
+            await asyncio.gather(*(one_after_another(calls // 64) for _ in range(64)))
+
+        real, nc._transport = nc._transport, _DiscardingTransport(nc._transport, answer)
+        try:
+            await call_all(64 * 10)
+            await counted(lambda: call_all(args.calls))
+        finally:
+            nc._transport = real
+    await discovery.close()
+
+
+CHILDREN: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
+    "worker": worker_part,
+    "dispatcher": dispatcher_part,
+    "required": required_part,
+    "caller": caller_part,
+}
+
+
+if __name__ == "__main__":
+    main()
