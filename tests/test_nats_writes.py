@@ -140,6 +140,53 @@ async def test_no_write_while_reconnecting(private_nats: PrivateNats, client: _C
     assert client._pending[-1].endswith(b"kept\r\n")
 
 
+async def test_publish_now_delivers_in_order(client: _Client, listener: NatsClient) -> None:
+    received: list[Msg] = []
+    data: list[bytes] = []
+
+    async def keep(msg: Msg) -> None:
+        received.append(msg)
+        data.append(msg.data)
+
+    await listener.subscribe("w.now", cb=keep)
+    await listener.flush(timeout=2)
+    await _until_routed(client, "w.now", data)
+    received.clear()
+
+    headers = {"pikku-status": "200", "x-request-id": "abc"}
+    assert client.publish_now("w.now", b"1", headers, reply="w.reply.1")
+    await client.publish("w.now", b"2", headers=headers)
+    assert client.publish_now("w.now", b"3", headers)
+    # Nothing else runs: only nats-py's flusher, which publish_now() woke, can write "3".
+    await wait_until(lambda: [m.data for m in received] == [b"1", b"2", b"3"], timeout=2)
+
+    assert [m.headers for m in received] == [headers] * 3
+    assert [m.reply for m in received] == ["w.reply.1", "", ""]
+    assert client.stats["out_msgs"] >= 3
+
+
+async def test_publish_now_written_at_once(client: _Client) -> None:
+    client.write_at_once = True
+    assert client.publish_now("w.now.once", b"x", {"pikku-status": "200"})
+    assert client._pending == []
+
+
+async def test_publish_now_leaves_others_to_publish(private_nats: PrivateNats, client: _Client) -> None:
+    # Each of these goes through publish(), which checks, buffers or raises as nats-py does.
+    assert not client.publish_now("w.big", b"x" * (client.max_payload + 1), {"pikku-status": "200"})
+    assert not client.publish_now("w.odd", b"x", {"pikku-status": " 200"})  # a value nats-py strips
+    assert not client.publish_now("", b"x", {"pikku-status": "200"})
+    client._pending_data_size = client._max_pending_size  # a full buffer, which publish() flushes first
+    assert not client.publish_now("w.full", b"x", {"pikku-status": "200"})
+    client._pending_data_size = sum(len(command) for command in client._pending)
+    assert client._pending == []
+
+    private_nats.stop()
+    await wait_until(lambda: client.is_reconnecting, timeout=5)
+    assert not client.publish_now("w.down", b"x", {"pikku-status": "200"})
+    assert client._pending == []
+
+
 async def test_direct_delivery_survives_handler_error(
     client: _Client, listener: NatsClient, caplog: pytest.LogCaptureFixture
 ) -> None:
