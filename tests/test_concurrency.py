@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 from _support_core import Mesh, wait_until
 
-from pikku_mq import BusyError, ConfigurationError, FunctionRegistry, PikkuWorker, pikku_sessionless_func
+from pikku_mq import (
+    BusyError,
+    ConfigurationError,
+    DeadlineExceededError,
+    FunctionRegistry,
+    PikkuWorker,
+    pikku_sessionless_func,
+)
 from pikku_mq._dispatch import Dispatcher
 
 REG = FunctionRegistry()
@@ -101,3 +108,59 @@ async def test_busy_call_moves_to_another_instance(mesh: Mesh) -> None:
 def test_bad_limits_rejected(concurrency: int, in_flight: int) -> None:
     with pytest.raises(ConfigurationError):
         Dispatcher(REG, max_concurrency=concurrency, max_in_flight=in_flight)
+
+
+ACTIVE: list[int] = [0, 0]
+"""Calls of ``count_running`` running now, and the most that ran at once."""
+
+
+@pikku_sessionless_func(expose=True, registry=REG)
+async def count_running(services: Any, data: str) -> str:
+    ACTIVE[0] += 1
+    ACTIVE[1] = max(ACTIVE[1], ACTIVE[0])
+    try:
+        await RELEASE[data].wait()
+    finally:
+        ACTIVE[0] -= 1
+    return data
+
+
+def _headers(deadline_ms: int = 10_000) -> dict[str, str]:
+    return {"pikku-deadline-ms": str(deadline_ms)}
+
+
+async def test_concurrency_limit_holds() -> None:
+    dispatcher = Dispatcher(REG, max_concurrency=2, max_in_flight=10)
+    ACTIVE[:] = [0, 0]
+    RELEASE["limit"] = asyncio.Event()
+    calls = [asyncio.create_task(dispatcher.handle("count_running", "limit", _headers())) for _ in range(5)]
+    await wait_until(lambda: dispatcher.in_flight == 5 and ACTIVE[0] == 2, timeout=5)
+    await asyncio.sleep(0.05)
+    assert ACTIVE[0] == 2
+
+    RELEASE["limit"].set()
+    outcomes = await asyncio.wait_for(asyncio.gather(*calls), 5)
+    assert [outcome.result for outcome in outcomes] == ["limit"] * 5
+    assert ACTIVE == [0, 2]
+    assert dispatcher.in_flight == 0
+
+
+async def test_slot_waiter_deadline_frees_nothing() -> None:
+    # A call that times out while waiting for a slot takes none, so the next one runs at once.
+    dispatcher = Dispatcher(REG, max_concurrency=1, max_in_flight=10)
+    ACTIVE[:] = [0, 0]
+    RELEASE["first"], RELEASE["next"] = asyncio.Event(), asyncio.Event()
+    first = asyncio.create_task(dispatcher.handle("count_running", "first", _headers()))
+    await wait_until(lambda: ACTIVE[0] == 1, timeout=5)
+
+    waiting = await dispatcher.handle("count_running", "late", _headers(deadline_ms=50))
+    assert waiting.error is not None
+    assert isinstance(waiting.error, DeadlineExceededError)
+
+    RELEASE["first"].set()
+    assert (await asyncio.wait_for(first, 5)).result == "first"
+    after = asyncio.create_task(dispatcher.handle("count_running", "next", _headers()))
+    await wait_until(lambda: ACTIVE[0] == 1, timeout=5)
+    RELEASE["next"].set()
+    assert (await asyncio.wait_for(after, 5)).result == "next"
+    assert dispatcher.in_flight == 0
