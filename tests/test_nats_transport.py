@@ -27,6 +27,7 @@ from nats.js.api import StorageType
 from pikku_mq import (
     BadRequestError,
     ConfigurationError,
+    DeadlineExceededError,
     DeploymentConfig,
     EndpointUnreachableError,
     FunctionRegistry,
@@ -443,6 +444,48 @@ async def test_non_msgpack_reply_is_protocol_error(raw_client: NatsClient) -> No
     finally:
         await first.unsubscribe()
         await second.unsubscribe()
+        await transport.close()
+
+
+async def test_each_call_times_out_by_its_own_deadline(raw_client: NatsClient) -> None:
+    """One timer serves every call of a connection: a short call times out on time behind a long one."""
+    prefix = new_prefix()
+
+    async def silent(msg: Any) -> None:
+        pass
+
+    async def answer(msg: Any) -> None:
+        await raw_client.publish(msg.reply, msgpack.packb(1), headers={"pikku-status": "200"})
+
+    transport = NatsTransport(SHARED_URL)
+    subscriptions = [
+        await raw_client.subscribe(f"{prefix}.silent", cb=silent),
+        await raw_client.subscribe(f"{prefix}.answer", cb=answer),
+    ]
+    await raw_client.flush()
+    assert (await transport.call(shared_endpoint(prefix), request("answer"), 5.0)).body == 1  # connects
+    long_call = asyncio.create_task(transport.call(shared_endpoint(prefix), request("silent"), 30.0))
+    await asyncio.sleep(0.05)
+    try:
+        for timeout in (0.4, 0.2):
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceededError, match=rf"no reply to 'silent' on .* within {timeout:.3f} s"):
+                await transport.call(shared_endpoint(prefix), request("silent"), timeout)
+            assert timeout <= time.monotonic() - started < timeout + 0.5
+        assert not long_call.done()
+
+        # Calls that ended leave no more than a bounded number of deadlines behind.
+        for _ in range(3):
+            await asyncio.gather(
+                *(transport.call(shared_endpoint(prefix), request("answer"), 30.0) for _ in range(300))
+            )
+        (connection,) = [c for c in transport._slots if c is not None]
+        assert len(connection._deadlines) <= 2 * 300 + 256 + 1
+    finally:
+        long_call.cancel()
+        await asyncio.gather(long_call, return_exceptions=True)
+        for subscription in subscriptions:
+            await subscription.unsubscribe()
         await transport.close()
 
 
