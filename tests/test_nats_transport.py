@@ -643,6 +643,40 @@ async def _raw_publish_block(subject: bytes, reply: bytes, block: bytes, payload
         await writer.wait_closed()
 
 
+async def test_caller_reads_each_kind_of_reply(raw_client: NatsClient) -> None:
+    """The caller's client reads a success reply without parsing it, and every other reply as nats-py does."""
+    prefix = new_prefix()
+
+    async def respond(msg: Any) -> None:
+        kind = msg.subject.rsplit(".", 1)[1]
+        if kind == "ok":
+            await raw_client.publish(msg.reply, msgpack.packb(1), headers={"pikku-status": "200"})
+        elif kind == "upper":
+            await raw_client.publish(msg.reply, msgpack.packb(2), headers={"Pikku-Status": "200", "X-Other": "a"})
+        elif kind == "answerable":
+            await raw_client.publish(msg.reply, msgpack.packb(3), reply="somewhere", headers={"pikku-status": "200"})
+        elif kind == "spaced":
+            await _raw_publish(msg.reply.encode(), b"", b"pikku-status:  200 \r\n", msgpack.packb(4))
+        elif kind == "malformed":
+            await _raw_publish_block(msg.reply.encode(), b"", b"NATS/1.0\r\n\r\n", msgpack.packb(5))
+
+    transport = NatsTransport(SHARED_URL)
+    subscription = await raw_client.subscribe(f"{prefix}.*", cb=respond)
+    await raw_client.flush()
+    try:
+        call = transport.call
+        assert (await call(shared_endpoint(prefix), request("ok"), 5.0)).body == 1
+        assert (await call(shared_endpoint(prefix), request("upper"), 5.0)).body == 2
+        assert (await call(shared_endpoint(prefix), request("answerable"), 5.0)).body == 3
+        assert (await call(shared_endpoint(prefix), request("spaced"), 5.0)).body == 4
+        with pytest.raises(ProtocolError, match="no pikku-status header"):
+            await call(shared_endpoint(prefix), request("malformed"), 5.0)
+        assert (await call(shared_endpoint(prefix), request("ok"), 5.0)).body == 1
+    finally:
+        await subscription.unsubscribe()
+        await transport.close()
+
+
 async def test_subject_not_utf8_gets_error_reply(mesh: Mesh, raw_client: NatsClient) -> None:
     # nats-py's read loop once stopped for good on such a subject, and the worker went deaf for a minute.
     prefix = new_prefix()

@@ -442,6 +442,7 @@ async def _open_client(
     on_disconnected: Callback,
     on_reconnected: Callback,
     on_closed: Callback,
+    client_class: type[_Client] = _Client,
 ) -> _Client:
     """Connect to the NATS servers listed in ``url``, failing fast instead of retrying for minutes.
 
@@ -485,7 +486,7 @@ async def _open_client(
 
         return wrapper
 
-    nc = _Client()
+    nc = client_class()
     task = loop.create_task(
         nc.connect(
             servers,
@@ -569,6 +570,41 @@ def _describe(exc: BaseException) -> str:
 
 # -- calling -----------------------------------------------------------------------------------------
 
+_SUCCESS_HEADERS = b"NATS/1.0\r\n" + HEADER_STATUS.encode() + b": 200\r\n\r\n"
+"""The header block of a worker's reply to a call that succeeded, the same for every such reply."""
+
+Replied = tuple[bytes, dict[str, str] | None]
+"""The body and the parsed headers of a reply, as a caller connection passes them on."""
+
+
+class _CallerClient(_Client):
+    """The client of a caller connection, which hands the replies on the connection's inbox straight to it.
+
+    For those it builds no ``Msg``, and it reads the header block of a reply to a call that succeeded
+    without parsing it. Any other message, and a message on the inbox that has a reply subject, takes
+    :class:`_Client`'s way.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reply_sid = -1
+        """The subscription id of the connection's inbox, once it has subscribed."""
+        self.on_reply: Callable[[bytes, Replied], None] | None = None
+        """Takes the subject of each reply on the inbox, with its body and parsed headers."""
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        deliver = self.on_reply
+        if sid != self.reply_sid or reply or deliver is None or sid not in self._subs:
+            await super()._process_msg(sid, subject, reply, data, headers)
+            return
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        parsed = {HEADER_STATUS: "200"} if headers == _SUCCESS_HEADERS else await self._process_headers(headers)
+        try:
+            deliver(subject, (data, parsed))
+        except Exception:
+            logger.exception("NATS: handling a message on %r failed", subject[:200])
+
 
 class _CallerConnection:
     """One connection of a caller: the NATS client and a wildcard inbox that collects every reply."""
@@ -578,10 +614,10 @@ class _CallerConnection:
         self.addresses = addresses
         self.presence = presence
         """The presence subject and the listener of its events, if this connection subscribes to them."""
-        self.nc: _Client | None = None
+        self.nc: _CallerClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox = ""
-        self._pending: dict[str, tuple[asyncio.Future[Msg], str]] = {}
+        self._pending: dict[str, tuple[asyncio.Future[Replied], str]] = {}
         self._tokens = itertools.count(1)
         self._deadlines: list[tuple[float, int, str, str, float]] = []
         """A heap of the calls' deadlines (event loop time), with each call's token, subject and timeout.
@@ -598,18 +634,23 @@ class _CallerConnection:
 
     async def open(self, connect_timeout: float) -> None:
         self._loop = asyncio.get_running_loop()
-        self.nc = await _open_client(
+        nc = await _open_client(
             self.url,
             name="pikku-mq caller",
             connect_timeout=connect_timeout,
             on_disconnected=self._on_disconnected,
             on_reconnected=self._on_reconnected,
             on_closed=self._on_closed,
+            client_class=_CallerClient,
         )
+        assert isinstance(nc, _CallerClient)
+        self.nc = nc
         try:
-            self._inbox = self.nc.new_inbox() + "."
+            self._inbox = nc.new_inbox() + "."
             # Sent before any request on the same connection, so the broker has it before the first reply.
-            await self.nc.subscribe_direct(self._inbox + "*", self._on_reply)
+            inbox = await nc.subscribe_direct(self._inbox + "*", self._on_reply)
+            nc.on_reply = self._on_replied
+            nc.reply_sid = inbox._id
             if self.presence is not None:
                 await self.nc.subscribe(self.presence[0], cb=self._on_presence)
         except BaseException:
@@ -620,7 +661,10 @@ class _CallerConnection:
             # Lookups made before this subscription may miss events: the listener expires them.
             self.presence[1](None)
 
-    async def request(self, subject: str, payload: bytes, headers: Mapping[str, str], timeout: float, name: str) -> Msg:
+    async def request(
+        self, subject: str, payload: bytes, headers: Mapping[str, str], timeout: float, name: str
+    ) -> Replied:
+        """Send a request on ``subject`` and return the body and the parsed headers of its reply."""
         nc = self.nc
         if nc is None or not nc.is_connected:
             state = "reconnecting" if nc is not None and nc.is_reconnecting else "not connected"
@@ -639,7 +683,7 @@ class _CallerConnection:
         loop = self._loop
         assert loop is not None  # set by open(), which made self.nc
         ends = loop.time() + timeout
-        future: asyncio.Future[Msg] = loop.create_future()
+        future: asyncio.Future[Replied] = loop.create_future()
         self._pending[token] = (future, name)
         try:
             try:
@@ -742,7 +786,13 @@ class _CallerConnection:
     def _on_reply(self, msg: Msg) -> None:
         entry = self._pending.get(msg.subject[len(self._inbox) :])
         if entry is not None and not entry[0].done():
-            entry[0].set_result(msg)
+            entry[0].set_result((msg.data, msg.headers))
+
+    def _on_replied(self, subject: bytes, replied: Replied) -> None:
+        # The inbox is ASCII, so the token starts where it ends in the bytes as in the decoded subject.
+        entry = self._pending.get(subject[len(self._inbox) :].decode(errors="replace"))
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(replied)
 
     def _fail_pending(self, reason: str) -> None:
         pending, self._pending = self._pending, {}
@@ -840,8 +890,8 @@ class NatsTransport(ClientTransport):
             started = time.monotonic()
             connection = await self._slot_connection(index, request.name, timeout)
             timeout -= time.monotonic() - started
-        msg = await connection.request(subject, payload, request.headers, timeout, request.name)
-        return _decode_reply(msg, request.name, subject, connection.addresses)
+        data, headers = await connection.request(subject, payload, request.headers, timeout, request.name)
+        return _decode_reply(data, headers, request.name, subject, connection.addresses)
 
     async def notify(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
         """Store a one-way call in the JetStream stream of the endpoint's subject prefix (see :mod:`.jetstream`)."""
@@ -951,24 +1001,23 @@ def _encode_request(request: CallRequest) -> bytes:
         raise BadRequestError(f"data for function '{request.name}' cannot be serialised to msgpack: {exc}") from None
 
 
-def _decode_reply(msg: Msg, name: str, subject: str, addresses: str) -> Reply:
-    headers = msg.headers
+def _decode_reply(data: bytes, headers: dict[str, str] | None, name: str, subject: str, addresses: str) -> Reply:
     if headers is None or len(headers) != 1 or HEADER_STATUS not in headers:
         headers = {key.lower(): value for key, value in (headers or {}).items()}
     # Else it holds only the status, the reply to a call that succeeded, under a name in lower case already.
     status_text = headers.get(HEADER_STATUS)
     if status_text is None:
-        if headers.get("status") == _STATUS_NO_RESPONDERS and not msg.data:
+        if headers.get("status") == _STATUS_NO_RESPONDERS and not data:
             raise EndpointUnreachableError(f"no worker subscribes to {subject} on NATS at {addresses} (no responders)")
         raise ProtocolError(
             f"the reply to '{name}' on {subject} is not a pikku_mq reply: it has no {HEADER_STATUS} header "
             f"(a JetStream stream capturing the subject answers with its own acknowledgement); "
-            f"body {bytes(msg.data[:120])!r}"
+            f"body {bytes(data[:120])!r}"
         )
     if not (len(status_text) == 3 and status_text.isascii() and status_text.isdigit()) or status_text[0] == "0":
         raise ProtocolError(f"the reply to '{name}' on {subject} has an invalid {HEADER_STATUS} {status_text[:20]!r}")
     try:
-        body = msgpack.unpackb(msg.data, raw=False)
+        body = msgpack.unpackb(data, raw=False)
     except (ValueError, msgpack.UnpackException) as exc:
         raise ProtocolError(
             f"the reply to '{name}' on {subject} (status {status_text}) is not valid msgpack: {exc}"
