@@ -570,6 +570,9 @@ def _describe(exc: BaseException) -> str:
 
 # -- calling -----------------------------------------------------------------------------------------
 
+_MAX_CHECKED_SUBJECTS = 10_000
+"""Subjects a caller's client remembers as checked."""
+
 _SUCCESS_HEADERS = b"NATS/1.0\r\n" + HEADER_STATUS.encode() + b": 200\r\n\r\n"
 """The header block of a worker's reply to a call that succeeded, the same for every such reply."""
 
@@ -591,6 +594,37 @@ class _CallerClient(_Client):
         """The subscription id of the connection's inbox, once it has subscribed."""
         self.on_reply: Callable[[bytes, Replied], None] | None = None
         """Takes the subject of each reply on the inbox, with its body and parsed headers."""
+        self._checked_subjects: set[str] = set()
+        """Subjects that passed nats-py's check in :meth:`publish_request`, so that it checks each one once."""
+
+    async def publish_request(
+        self, subject: str, inbox: str, token: str, payload: bytes, headers: dict[str, str]
+    ) -> None:
+        """Publish a request with the reply subject ``inbox + token``, as nats-py's ``publish()`` (2.16) does.
+
+        ``token`` holds only digits. The subject and the inbox get the same checks as in ``publish()``,
+        in the same order, but once each instead of on every request.
+        """
+        if not self._skip_subject_validation:
+            checked = self._checked_subjects
+            for name in (subject, inbox):
+                if name not in checked:
+                    nats_client._validate_subject(name)
+                    if len(checked) >= _MAX_CHECKED_SUBJECTS:
+                        checked.clear()
+                    checked.add(name)
+        if self.is_closed:
+            raise nats.errors.ConnectionClosedError
+        if self.is_draining_pubs:
+            raise nats.errors.ConnectionDrainingError
+        payload_size = len(payload)
+        if not self.is_connected and (
+            self._max_pending_size <= 0 or payload_size + self._pending_data_size > self._max_pending_size
+        ):
+            raise nats.errors.OutboundBufferLimitError
+        if payload_size > self._max_payload:
+            raise nats.errors.MaxPayloadError
+        await self._send_publish(subject, inbox + token, payload, payload_size, headers)
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         deliver = self.on_reply
@@ -690,11 +724,8 @@ class _CallerConnection:
                 # nats-py (2.16) encodes the headers within publish() and keeps no reference to the dict.
                 nc.write_at_once = len(self._pending) == 1
                 try:
-                    sending = nc.publish(
-                        subject,
-                        payload,
-                        reply=self._inbox + token,
-                        headers=headers if isinstance(headers, dict) else dict(headers),
+                    sending = nc.publish_request(
+                        subject, self._inbox, token, payload, headers if isinstance(headers, dict) else dict(headers)
                     )
                     if nc._pending_data_size + size + _COMMAND_LINE_BYTES <= nc._max_pending_size:
                         await sending
