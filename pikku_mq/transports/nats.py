@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -1025,9 +1026,19 @@ class NatsTransport(ClientTransport):
                 await connection.close()
 
 
+class _Packer(threading.local):
+    """A msgpack packer per thread: ``msgpack.packb`` builds one for each call. It is clean again after an error."""
+
+    def __init__(self) -> None:
+        self.packer = msgpack.Packer()
+
+
+_packer = _Packer()
+
+
 def _encode_request(request: CallRequest) -> bytes:
     try:
-        return msgpack.packb({"data": pydantic_core.to_jsonable_python(request.data)})  # type: ignore[no-any-return]
+        return _packer.packer.pack({"data": pydantic_core.to_jsonable_python(request.data)})  # type: ignore[no-any-return]
     except (pydantic_core.PydanticSerializationError, ValueError, TypeError, OverflowError) as exc:
         raise BadRequestError(f"data for function '{request.name}' cannot be serialised to msgpack: {exc}") from None
 
@@ -1045,7 +1056,9 @@ def _decode_reply(data: bytes, headers: dict[str, str] | None, name: str, subjec
             f"(a JetStream stream capturing the subject answers with its own acknowledgement); "
             f"body {bytes(data[:120])!r}"
         )
-    if not (len(status_text) == 3 and status_text.isascii() and status_text.isdigit()) or status_text[0] == "0":
+    if status_text != "200" and (
+        not (len(status_text) == 3 and status_text.isascii() and status_text.isdigit()) or status_text[0] == "0"
+    ):
         raise ProtocolError(f"the reply to '{name}' on {subject} has an invalid {HEADER_STATUS} {status_text[:20]!r}")
     try:
         body = msgpack.unpackb(data, raw=False)
