@@ -723,7 +723,8 @@ class Router:
             del flights[task]
             if not flights and self._in_flight.get(deployment_id) is flights:
                 del self._in_flight[deployment_id]
-            self._aborted.pop(task, None)
+            if self._aborted:
+                self._aborted.pop(task, None)
             self._balancer.finished(deployment_id)
             self._outliers.release(deployment_id)
 
@@ -750,6 +751,9 @@ class Router:
 
         A draining worker is taken out of routing, and any other reply counts as the instance responding.
         """
+        if reply.status < 500 and not reply.rejected:
+            self._outliers.succeeded(deployment_id)  # the common case, which _uncertain_reply would pass
+            return
         failure = _uncertain_reply(reply)
         if failure is not None:
             raise _UncertainFailure(failure)

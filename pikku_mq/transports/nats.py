@@ -916,7 +916,7 @@ class NatsTransport(ClientTransport):
     async def call(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
         subject = self._subject(endpoint, request.name)
         payload = _encode_request(request)
-        index = next(self._next) % len(self._slots)
+        index = next(self._next) % len(self._slots) if len(self._slots) > 1 else 0
         connection = self._slots[index]
         if connection is None or not connection.usable:
             started = time.monotonic()
