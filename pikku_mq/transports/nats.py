@@ -121,7 +121,7 @@ _LOG_EVERY = 60
 """While reconnecting fails, one failure in this many is logged as a warning."""
 
 _MAX_ENDED_DEADLINES = 256
-"""Entries of ended calls that the heap of deadlines of a caller connection holds beyond twice its calls in flight."""
+"""Entries of ended calls that a caller connection's heap of deadlines may contain beyond twice its calls in flight."""
 
 ENV_PRESENCE_SUBJECT = "PIKKU_NATS_PRESENCE_SUBJECT"
 DEFAULT_PRESENCE_SUBJECT = "pikku.presence"
@@ -594,7 +594,7 @@ class _CallerClient(_Client):
         self.reply_sid = -1
         """The subscription id of the connection's inbox, once it has subscribed."""
         self.on_reply: Callable[[bytes, Replied], None] | None = None
-        """Takes the subject of each reply on the inbox, with its body and parsed headers."""
+        """The function that receives the subject of each reply on the inbox, with its body and parsed headers."""
         self._checked_subjects: set[str] = set()
         """Subjects that passed nats-py's check in :meth:`publish_request`, so that it checks each one once."""
 
@@ -603,7 +603,7 @@ class _CallerClient(_Client):
     ) -> None:
         """Publish a request with the reply subject ``inbox + token``, as nats-py's ``publish()`` (2.16) does.
 
-        ``token`` holds only digits. The subject and the inbox get the same checks as in ``publish()``,
+        ``token`` contains only digits. The subject and the inbox get the same checks as in ``publish()``,
         in the same order, but once each instead of on every request.
         """
         if not self._skip_subject_validation:
@@ -658,7 +658,7 @@ class _CallerConnection:
         """A heap of the calls' deadlines (event loop time), with each call's token, subject and timeout.
 
         One timer, set for the earliest deadline, fails the calls that are late. A call that ends leaves
-        its entry behind, so the heap is rebuilt from the calls in flight once it holds many more."""
+        its entry behind, so the heap is rebuilt from the calls in flight once it contains many more."""
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         """The deadline that ``_timer`` is set for."""
@@ -1027,7 +1027,10 @@ class NatsTransport(ClientTransport):
 
 
 class _Packer(threading.local):
-    """A msgpack packer per thread: ``msgpack.packb`` builds one for each call. It is clean again after an error."""
+    """A msgpack packer per thread, since ``msgpack.packb`` builds one for each call.
+
+    msgpack (1.2.4, checked) resets a packer's buffer when packing fails, so an error leaves it clean.
+    """
 
     def __init__(self) -> None:
         self.packer = msgpack.Packer()
@@ -1046,7 +1049,7 @@ def _encode_request(request: CallRequest) -> bytes:
 def _decode_reply(data: bytes, headers: dict[str, str] | None, name: str, subject: str, addresses: str) -> Reply:
     if headers is None or len(headers) != 1 or HEADER_STATUS not in headers:
         headers = {key.lower(): value for key, value in (headers or {}).items()}
-    # Else it holds only the status, the reply to a call that succeeded, under a name in lower case already.
+    # Else it contains only the status, the reply to a call that succeeded, under a name in lower case already.
     status_text = headers.get(HEADER_STATUS)
     if status_text is None:
         if headers.get("status") == _STATUS_NO_RESPONDERS and not data:
