@@ -159,6 +159,14 @@ class Balancer:
         that this call must not use again. ``ignore_ejection`` counts the instances that are out of
         routing as usable.
         """
+        if strategy == "round_robin" and not exclude and not ignore_ejection and not self._outliers.active:
+            # Every instance is usable, so the next one in turn is picked without reading the clock.
+            if not instances:
+                return None
+            counter = self._counters.get(name)
+            if counter is None:
+                counter = self._counters[name] = itertools.count()
+            return instances[next(counter) % len(instances)]
         if ignore_ejection:
             self._ignore_ejection = True
             try:

@@ -29,7 +29,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,34 +92,32 @@ _RANDOM_BYTES = 4096
 """Bytes read from ``os.urandom`` at a time for the ids of calls: the two ids of each of 128 calls."""
 
 
-class _RandomText(threading.local):
-    """Hex digits from ``os.urandom`` not yet used in an id, per thread so that two threads never share them."""
+class _RandomIds(threading.local):
+    """Pairs of ids cut from ``os.urandom`` and not yet used, per thread so that two threads never share them."""
 
-    text = ""
-    position = 0
+    pairs: Iterator[tuple[str, str]] = iter(())
 
 
-_random_text = _RandomText()
+_random_pairs = _RandomIds()
 
 
 def _random_ids() -> tuple[str, str]:
     """Return two ids of 32 random hex digits each, as ``uuid4().hex`` gives, mostly without a system call."""
-    state = _random_text
-    position = state.position
-    if position >= len(state.text):
-        state.text = os.urandom(_RANDOM_BYTES).hex()
-        position = 0
-    state.position = position + 64
-    return state.text[position : position + 32], state.text[position + 32 : position + 64]
+    try:
+        return next(_random_pairs.pairs)
+    except StopIteration:
+        text = os.urandom(_RANDOM_BYTES).hex()
+        pairs = _random_pairs.pairs = iter([(text[i : i + 32], text[i + 32 : i + 64]) for i in range(0, len(text), 64)])
+        return next(pairs)
 
 
-def _forget_random_text() -> None:
+def _forget_random_ids() -> None:
     # A forked child must not send the ids that its parent sends next.
-    global _random_text
-    _random_text = _RandomText()
+    global _random_pairs
+    _random_pairs = _RandomIds()
 
 
-os.register_at_fork(after_in_child=_forget_random_text)
+os.register_at_fork(after_in_child=_forget_random_ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,13 +265,6 @@ class _Call:
     def is_idempotent_on(self, instance: DeploymentInfo) -> bool:
         """Return whether the call may run twice on ``instance``: the caller's flag, else the instance's."""
         return self.idempotent if self.idempotent is not None else instance.idempotent
-
-    def budget(self, attempt_timeout: float | None, idempotent: bool) -> float:
-        """Return the seconds the next attempt may take; zero or less once the deadline has passed."""
-        remaining = self.deadline - time.monotonic()
-        if attempt_timeout is not None and idempotent:
-            return min(remaining, attempt_timeout)
-        return remaining
 
 
 class _UncertainFailure(Exception):
@@ -487,7 +478,15 @@ class Router:
         """Send the attempts of ``call`` until one returns a result or the call fails."""
         name = call.request.name
         while True:
-            instance = await self._choose(call)
+            entry = self._cached_entry(name)
+            if entry is not None and call.attempted is None:
+                # The common case, as _choose picks it, without a coroutine: a fresh lookup and no failure yet.
+                call.instances = entry.instances
+                instance = self._pick_not_busy(name, entry, call.strategy, None)
+                if instance is None:
+                    instance = self._pick_ejected(name, entry, call, None)
+            else:
+                instance = await self._choose(call, entry)
             if instance is None:
                 raise self._no_instance(call)
 
@@ -527,7 +526,9 @@ class Router:
                 call.busy = reply if _is_busy(reply) else call.busy
                 call.failed_on(instance, None, exclude=True)
                 continue
-            return _result(reply)
+            if 200 <= reply.status < 300:
+                return reply.body
+            raise _error(reply)
 
     async def notify(
         self,
@@ -611,10 +612,13 @@ class Router:
             return self.function_balancing.get(name, self.balancing)
         return self.balancing
 
-    async def _choose(self, call: _Call) -> DeploymentInfo | None:
-        """Pick the instance for the next attempt of ``call``, or return None if none is left."""
+    async def _choose(self, call: _Call, cached: _Entry | None = None) -> DeploymentInfo | None:
+        """Pick the instance for the next attempt of ``call``, or return None if none is left.
+
+        ``cached`` is the lookup that :meth:`_cached_entry` has just returned for the call's function, if any.
+        """
         name = call.request.name
-        entry = await self._entry(name, call.deadline)
+        entry = cached if cached is not None else await self._entry(name, call.deadline)
         call.instances = entry.instances
         instance = self._pick_not_busy(name, entry, call.strategy, call.attempted)
         if instance is not None:
@@ -719,7 +723,8 @@ class Router:
             del flights[task]
             if not flights and self._in_flight.get(deployment_id) is flights:
                 del self._in_flight[deployment_id]
-            self._aborted.pop(task, None)
+            if self._aborted:
+                self._aborted.pop(task, None)
             self._balancer.finished(deployment_id)
             self._outliers.release(deployment_id)
 
@@ -746,6 +751,9 @@ class Router:
 
         A draining worker is taken out of routing, and any other reply counts as the instance responding.
         """
+        if reply.status < 500 and not reply.rejected:
+            self._outliers.succeeded(deployment_id)  # the common case, which _uncertain_reply would pass
+            return
         failure = _uncertain_reply(reply)
         if failure is not None:
             raise _UncertainFailure(failure)
@@ -775,11 +783,18 @@ class Router:
             transport = self.transports.for_endpoint(endpoint)
             assert transport is not None  # _endpoints_for only returns endpoints with a transport
 
-            budget = call.budget(self.retry.attempt_timeout, call.is_idempotent_on(instance))
+            # The seconds this attempt may take, zero or less once the deadline has passed.
+            budget = call.deadline - time.monotonic()
+            attempt_timeout = self.retry.attempt_timeout
+            if attempt_timeout is not None and attempt_timeout < budget and call.is_idempotent_on(instance):
+                budget = attempt_timeout
             if budget <= 0:
                 raise _OutOfTime
             # A worker rejects 0 ms and values of more than MAX_DEADLINE_DIGITS digits as malformed.
-            request.headers[HEADER_DEADLINE] = str(min(_MAX_DEADLINE_MS, max(1, int(budget * 1000))))
+            milliseconds = int(budget * 1000)
+            if not 0 < milliseconds <= _MAX_DEADLINE_MS:
+                milliseconds = min(_MAX_DEADLINE_MS, max(1, milliseconds))
+            request.headers[HEADER_DEADLINE] = str(milliseconds)
             if call.signer is not None:
                 request.headers[AUTHORIZATION_HEADER] = call.signer()  # a fresh token id for each attempt
             if call.observation is not None:
@@ -841,13 +856,22 @@ class Router:
     async def _instances(self, name: str, deadline: float | None = None) -> list[DeploymentInfo]:
         return (await self._entry(name, deadline)).instances
 
+    def _cached_entry(self, name: str) -> _Entry | None:
+        """Return the cached lookup of ``name`` and count the cache hit, or None if there is none or it has expired."""
+        entry = self._entries.get(name)
+        if entry is None or entry.expires <= time.monotonic():
+            return None
+        telemetry = self.telemetry
+        if telemetry is not None and telemetry.metrics is not None:
+            telemetry.metrics.cache_hits.labels(name).inc()
+        return entry
+
     async def _entry(self, name: str, deadline: float | None = None) -> _Entry:
+        cached = self._cached_entry(name)
+        if cached is not None:
+            return cached
         entry = self._entries.get(name)
         telemetry = self.telemetry
-        if entry is not None and entry.expires > time.monotonic():
-            if telemetry is not None and telemetry.metrics is not None:
-                telemetry.metrics.cache_hits.labels(name).inc()
-            return entry
         if telemetry is not None and telemetry.metrics is not None:
             telemetry.metrics.cache_misses.labels(name).inc()
 
@@ -972,9 +996,9 @@ class Router:
                 return False
         return any(self.transports.supports(e) for e in (instance.endpoint, *instance.fallback_endpoints))
 
-    def _endpoints_for(self, instance: DeploymentInfo) -> list[str]:
+    def _endpoints_for(self, instance: DeploymentInfo) -> Sequence[str]:
         if not instance.fallback_endpoints and self.transports.supports(instance.endpoint):
-            return [instance.endpoint]  # the common case, without building the candidates
+            return (instance.endpoint,)  # the common case, without building the candidates
         endpoints = [e for e in (instance.endpoint, *instance.fallback_endpoints) if self.transports.supports(e)]
         if not endpoints:
             raise RoutingError(f"no transport for any endpoint of instance '{instance.deployment_id}'")
@@ -1071,9 +1095,3 @@ def _uncertain_reply(reply: Reply) -> PikkuMQError | None:
 
 def _error(reply: Reply) -> PikkuMQError:
     return error_from_envelope(reply.status, reply.body)
-
-
-def _result(reply: Reply) -> Any:
-    if 200 <= reply.status < 300:
-        return reply.body
-    raise _error(reply)

@@ -219,26 +219,36 @@ class RPC:
         it raises :class:`DeadlineExceededError` without a lookup.
         """
         _check_name(name)
-        check_flag(idempotent, "idempotent")
-        if self._deployment_service is None:
+        if idempotent is not None:
+            check_flag(idempotent, "idempotent")
+        service = self._deployment_service
+        if service is None:
             raise ConfigurationError(
                 f"rpc.remote('{name}') needs a deployment service: pass deployment_service= to RPC, or run "
                 "the function in a PikkuWorker, which reads PIKKU_DISCOVERY_URL (for example sqlite:///pikku.db)"
             )
-        if self._hop + 1 > MAX_HOPS:
+        hop = self._hop + 1
+        if hop > MAX_HOPS:
             raise LoopDetectedError(f"call to '{name}' would exceed the hop limit of {MAX_HOPS}")
 
+        if timeout is None:
+            # The default timeout was checked when this RPC was built.
+            deadline = time.monotonic() + self._default_timeout
+            if self._deadline is not None and self._deadline < deadline:
+                deadline = self._deadline
+        else:
+            deadline = self._child_deadline(timeout)
         if idempotent is None:
             definition = self._registry.get(name)
             if definition is not None:
                 idempotent = definition.idempotent
-        return await self._deployment_service.call(
+        return await service.call(
             name,
             data,
             session=self._session if session is None else session,
             trace_id=self._trace_id,
-            deadline=self._child_deadline(timeout if timeout is not None else self._default_timeout),
-            hop=self._hop + 1,
+            deadline=deadline,
+            hop=hop,
             idempotent=idempotent,
             balancing=balancing if balancing is not None else self._balancing,
         )

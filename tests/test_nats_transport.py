@@ -27,6 +27,7 @@ from nats.js.api import StorageType
 from pikku_mq import (
     BadRequestError,
     ConfigurationError,
+    DeadlineExceededError,
     DeploymentConfig,
     EndpointUnreachableError,
     FunctionRegistry,
@@ -472,6 +473,48 @@ async def test_non_msgpack_reply_is_protocol_error(raw_client: NatsClient) -> No
         await transport.close()
 
 
+async def test_each_call_times_out_by_its_own_deadline(raw_client: NatsClient) -> None:
+    """One timer serves every call of a connection: a short call times out on time behind a long one."""
+    prefix = new_prefix()
+
+    async def silent(msg: Any) -> None:
+        pass
+
+    async def answer(msg: Any) -> None:
+        await raw_client.publish(msg.reply, msgpack.packb(1), headers={"pikku-status": "200"})
+
+    transport = NatsTransport(SHARED_URL)
+    subscriptions = [
+        await raw_client.subscribe(f"{prefix}.silent", cb=silent),
+        await raw_client.subscribe(f"{prefix}.answer", cb=answer),
+    ]
+    await raw_client.flush()
+    assert (await transport.call(shared_endpoint(prefix), request("answer"), 5.0)).body == 1  # connects
+    long_call = asyncio.create_task(transport.call(shared_endpoint(prefix), request("silent"), 30.0))
+    await asyncio.sleep(0.05)
+    try:
+        for timeout in (0.4, 0.2):
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceededError, match=rf"no reply to 'silent' on .* within {timeout:.3f} s"):
+                await transport.call(shared_endpoint(prefix), request("silent"), timeout)
+            assert timeout <= time.monotonic() - started < timeout + 0.5
+        assert not long_call.done()
+
+        # Calls that ended leave no more than a bounded number of deadlines behind.
+        for _ in range(3):
+            await asyncio.gather(
+                *(transport.call(shared_endpoint(prefix), request("answer"), 30.0) for _ in range(300))
+            )
+        (connection,) = [c for c in transport._slots if c is not None]
+        assert len(connection._deadlines) <= 2 * 300 + 256 + 1
+    finally:
+        long_call.cancel()
+        await asyncio.gather(long_call, return_exceptions=True)
+        for subscription in subscriptions:
+            await subscription.unsubscribe()
+        await transport.close()
+
+
 # -- payload limits ----------------------------------------------------------------------------------
 
 
@@ -624,6 +667,40 @@ async def _raw_publish_block(subject: bytes, reply: bytes, block: bytes, payload
     finally:
         writer.close()
         await writer.wait_closed()
+
+
+async def test_caller_reads_each_kind_of_reply(raw_client: NatsClient) -> None:
+    """The caller's client reads a success reply without parsing it, and every other reply as nats-py does."""
+    prefix = new_prefix()
+
+    async def respond(msg: Any) -> None:
+        kind = msg.subject.rsplit(".", 1)[1]
+        if kind == "ok":
+            await raw_client.publish(msg.reply, msgpack.packb(1), headers={"pikku-status": "200"})
+        elif kind == "upper":
+            await raw_client.publish(msg.reply, msgpack.packb(2), headers={"Pikku-Status": "200", "X-Other": "a"})
+        elif kind == "answerable":
+            await raw_client.publish(msg.reply, msgpack.packb(3), reply="somewhere", headers={"pikku-status": "200"})
+        elif kind == "spaced":
+            await _raw_publish(msg.reply.encode(), b"", b"pikku-status:  200 \r\n", msgpack.packb(4))
+        elif kind == "malformed":
+            await _raw_publish_block(msg.reply.encode(), b"", b"NATS/1.0\r\n\r\n", msgpack.packb(5))
+
+    transport = NatsTransport(SHARED_URL)
+    subscription = await raw_client.subscribe(f"{prefix}.*", cb=respond)
+    await raw_client.flush()
+    try:
+        call = transport.call
+        assert (await call(shared_endpoint(prefix), request("ok"), 5.0)).body == 1
+        assert (await call(shared_endpoint(prefix), request("upper"), 5.0)).body == 2
+        assert (await call(shared_endpoint(prefix), request("answerable"), 5.0)).body == 3
+        assert (await call(shared_endpoint(prefix), request("spaced"), 5.0)).body == 4
+        with pytest.raises(ProtocolError, match="no pikku-status header"):
+            await call(shared_endpoint(prefix), request("malformed"), 5.0)
+        assert (await call(shared_endpoint(prefix), request("ok"), 5.0)).body == 1
+    finally:
+        await subscription.unsubscribe()
+        await transport.close()
 
 
 async def test_subject_not_utf8_gets_error_reply(mesh: Mesh, raw_client: NatsClient) -> None:

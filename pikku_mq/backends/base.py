@@ -542,8 +542,10 @@ class DeploymentService(ABC):
         ``headers`` are sent with every attempt, beside the metadata headers (an event's trace context).
         """
         # Callers need not call init(), and on a fresh store the lookup would query tables that do not exist.
-        await self.init()
-        self._ensure_change_feed()
+        if not self._initialized:
+            await self.init()
+        if self._feed_task is None:
+            self._ensure_change_feed()
         # Sessions travel only sealed in signed tokens, so without a remote secret the router drops them.
         return await self.router.call(
             name,

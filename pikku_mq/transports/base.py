@@ -147,7 +147,9 @@ class TransportSet:
     def __init__(self, transports: Iterable[ClientTransport]) -> None:
         self._by_scheme: dict[str, ClientTransport] = {}
         self._schemes: dict[str, str] = {}
-        """Schemes of the endpoints seen so far, since every attempt looks its endpoint up twice."""
+        """Schemes of the endpoints seen so far."""
+        self._by_endpoint: dict[str, ClientTransport] = {}
+        """The transport of each endpoint seen so far that has one, since every attempt looks its endpoint up twice."""
         for transport in transports:
             for scheme in transport.schemes:
                 self._by_scheme[scheme] = transport
@@ -178,12 +180,20 @@ class TransportSet:
         """Use ``transport`` for its schemes in place of the transport that served them."""
         for scheme in transport.schemes:
             self._by_scheme[scheme] = transport
+        self._by_endpoint.clear()
 
     def for_endpoint(self, endpoint: str) -> ClientTransport | None:
-        return self._by_scheme.get(self._scheme(endpoint))
+        transport = self._by_endpoint.get(endpoint)
+        if transport is None:
+            transport = self._by_scheme.get(self._scheme(endpoint))
+            if transport is not None:
+                if len(self._by_endpoint) >= _MAX_CACHED_ENDPOINTS:
+                    self._by_endpoint.clear()
+                self._by_endpoint[endpoint] = transport
+        return transport
 
     def supports(self, endpoint: str) -> bool:
-        return self._scheme(endpoint) in self._by_scheme
+        return self.for_endpoint(endpoint) is not None
 
     def _scheme(self, endpoint: str) -> str:
         scheme = self._schemes.get(endpoint)
