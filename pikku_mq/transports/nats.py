@@ -698,7 +698,8 @@ class _CallerClient(_Client):
             raise nats.errors.OutboundBufferLimitError
         if payload_size > self._max_payload:
             raise nats.errors.MaxPayloadError
-        await self._send_publish(subject, inbox + token, payload, payload_size, headers)
+        if not self.publish_now(subject, payload, headers, reply=inbox + token):
+            await self._send_publish(subject, inbox + token, payload, payload_size, headers)
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         deliver = self.on_reply
