@@ -334,7 +334,8 @@ async def test_direct_header_parse_matches_nats_py_lowered(block: bytes) -> None
 
 
 async def test_direct_header_parse_keeps_the_last_line_of_a_name_in_any_case() -> None:
-    block = b"NATS/1.0\r\nPikku-Status: 200\r\npikku-status: 500\r\nPIKKU-STATUS: 404\r\n\r\n"
+    # nats-py keeps the first position of a repeated name, so lowering its dict would give "500".
+    block = b"NATS/1.0\r\nPikku-Status: 200\r\npikku-status: 500\r\nPikku-Status: 404\r\n\r\n"
     assert await _Client()._direct_headers(block) == {"pikku-status": "404"}
 
 
@@ -685,6 +686,11 @@ async def test_caller_reads_each_kind_of_reply(raw_client: NatsClient) -> None:
             await _raw_publish(msg.reply.encode(), b"", b"pikku-status:  200 \r\n", msgpack.packb(4))
         elif kind == "malformed":
             await _raw_publish_block(msg.reply.encode(), b"", b"NATS/1.0\r\n\r\n", msgpack.packb(5))
+        elif kind in ("repeated", "repeated_answerable"):
+            # The last line of a name wins, in any case, whichever way the reply takes into the caller.
+            reply = b"somewhere" if kind == "repeated_answerable" else b""
+            lines = b"Pikku-Status: 500\r\npikku-status: 200\r\nPikku-Status: 404\r\n"
+            await _raw_publish(msg.reply.encode(), reply, lines, msgpack.packb({"name": "x", "message": "gone"}))
 
     transport = NatsTransport(SHARED_URL)
     subscription = await raw_client.subscribe(f"{prefix}.*", cb=respond)
@@ -698,6 +704,8 @@ async def test_caller_reads_each_kind_of_reply(raw_client: NatsClient) -> None:
         with pytest.raises(ProtocolError, match="no pikku-status header"):
             await call(shared_endpoint(prefix), request("malformed"), 5.0)
         assert (await call(shared_endpoint(prefix), request("ok"), 5.0)).body == 1
+        assert (await call(shared_endpoint(prefix), request("repeated"), 5.0)).status == 404
+        assert (await call(shared_endpoint(prefix), request("repeated_answerable"), 5.0)).status == 404
     finally:
         await subscription.unsubscribe()
         await transport.close()

@@ -708,7 +708,8 @@ class _CallerClient(_Client):
             return
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
-        parsed = {HEADER_STATUS: "200"} if headers == _SUCCESS_HEADERS else await self._process_headers(headers)
+        # Lower-cased as for the inbox's other messages, so a name repeated in any case reads the same on both ways.
+        parsed = {HEADER_STATUS: "200"} if headers == _SUCCESS_HEADERS else await self._direct_headers(headers)
         try:
             deliver(subject, (data, parsed))
         except Exception:
