@@ -549,16 +549,19 @@ class Dispatcher:
             return False
         return True
 
-    async def wait_quiet(self, quiet: float, limit: float) -> None:
+    async def wait_quiet(self, quiet: float, limit: float, since: float = 0.0) -> None:
         """Wait until no call has been rejected for ``quiet`` seconds, or at most ``limit`` seconds.
 
         Callers that still route here learn from the rejection and stop. The wait lets them do so
-        before the listener closes their keep-alive connections under a request in transit.
+        before the listener closes their keep-alive connections under a request in transit. The
+        quiet time counts from ``since`` (a :func:`time.monotonic` instant, such as the start of a
+        drain) at the earliest, so a caller that picked this instance just before it began draining
+        gets a rejection rather than a closed connection.
         """
         end = time.monotonic() + limit
         # Polls because the condition is the absence of an event; at most limit / quiet wake-ups.
-        while (now := time.monotonic()) < end and now - self.last_rejection < quiet:  # noqa: ASYNC110
-            await asyncio.sleep(min(self.last_rejection + quiet, end) - now)
+        while (now := time.monotonic()) < end and now - (last := max(self.last_rejection, since)) < quiet:  # noqa: ASYNC110
+            await asyncio.sleep(min(last + quiet, end) - now)
 
     def abort(self) -> None:
         """Cancel the calls still running, so each replies :class:`CallInterruptedError` to its caller."""

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
@@ -44,8 +45,9 @@ logger = logging.getLogger(__name__)
 
 _QUIET_PERIOD = 0.3
 _MAX_LINGER = 2.0
-"""A draining worker keeps rejecting calls until none came for ``_QUIET_PERIOD`` s, for at most
-``_MAX_LINGER`` s, so callers that still route here move on before their connections are closed."""
+"""A draining worker keeps rejecting calls until none came for ``_QUIET_PERIOD`` s, counted from the
+start of the drain at the earliest, for at most ``_MAX_LINGER`` s, so callers that still route here
+move on before their connections are closed."""
 
 _ABORT_GRACE = 1.0
 """Seconds the interrupted calls get to send their error replies before the listener closes."""
@@ -318,6 +320,7 @@ class PikkuWorker:
             for source in self._sources:
                 await source.stop_taking()
             self.dispatcher.draining = True
+            drain_began = time.monotonic()
             if not await self.dispatcher.wait_idle(self.drain_timeout):
                 logger.warning(
                     "worker %s interrupts %d calls still in flight after the %.1f s drain timeout",
@@ -327,7 +330,7 @@ class PikkuWorker:
                 )
                 self.dispatcher.abort()
                 await self.dispatcher.wait_idle(_ABORT_GRACE)
-            await self.dispatcher.wait_quiet(_QUIET_PERIOD, min(_MAX_LINGER, self.drain_timeout))
+            await self.dispatcher.wait_quiet(_QUIET_PERIOD, min(_MAX_LINGER, self.drain_timeout), since=drain_began)
             for source in self._sources:
                 await source.wait_settled(_ABORT_GRACE)
             await self._announce("leave")

@@ -164,3 +164,16 @@ async def test_slot_waiter_deadline_frees_nothing() -> None:
     RELEASE["next"].set()
     assert (await asyncio.wait_for(after, 5)).result == "next"
     assert dispatcher.in_flight == 0
+
+
+async def test_drain_quiet_counts_from_drain_start() -> None:
+    # A worker that rejected nothing still waits the quiet time from the start of its drain, so a
+    # caller that picked it just before gets a rejection, not a closed connection.
+    dispatcher = Dispatcher(REG)
+    began = time.monotonic()
+    await dispatcher.wait_quiet(0.5, 5.0, since=began)
+    assert time.monotonic() - began >= 0.5
+
+    started = time.monotonic()
+    await dispatcher.wait_quiet(0.5, 5.0)  # nothing rejected, no drain start: no wait
+    assert time.monotonic() - started < 0.4
