@@ -20,8 +20,8 @@ the report gives instructions per call:
   reply's way in and its decoding, but no system call.
 
 The ``worker`` and ``caller`` parts connect to NATS on 127.0.0.1:4222 for their set-up, under a
-subject prefix of their own. Counts are those of the Python, uvloop and libraries installed here;
-under valgrind OpenSSL may take another code path than on the bare CPU, so compare counts with
+subject prefix of their own. Counts are those of the Python, uvloop and libraries installed here.
+Under valgrind OpenSSL may take another code path than on the bare CPU, so compare counts with
 counts, not with timings. To compare two trees, run this file with ``PYTHONPATH`` set to each.
 
 Run from the repository root: ``python benchmarks/count_instructions.py [--parts worker caller]
@@ -103,7 +103,7 @@ async def counted(calls: Callable[[], Awaitable[None]]) -> None:
 
 
 def toggle(state: str) -> None:
-    # callgrind_control tells the valgrind of this process to start or stop counting, and waits until it has.
+    # callgrind_control makes the valgrind of this process to start or stop counting, and waits until it has.
     subprocess.run(["callgrind_control", "-i", state, str(os.getpid())], capture_output=True, check=True)
 
 

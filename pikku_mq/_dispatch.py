@@ -592,7 +592,7 @@ class _Slots(asyncio.Semaphore):
     """``asyncio.Semaphore``, whose ``locked()`` makes no generator while nothing waits.
 
     Python 3.11 to 3.13 check for waiters with ``any()`` over a generator on every ``acquire()``, and
-    the generator is half of the cost of an ``async with`` on a free semaphore. The answer is the same.
+    the generator is half of the cost of an ``async with`` on a free semaphore. It returns the same result.
     """
 
     def locked(self) -> bool:

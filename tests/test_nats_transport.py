@@ -333,7 +333,7 @@ async def test_direct_header_parse_matches_nats_py_lowered(block: bytes) -> None
     assert await _Client()._direct_headers(block) == parsed
 
 
-async def test_direct_header_parse_keeps_the_last_line_of_a_name_in_any_case() -> None:
+async def test_direct_headers_last_line_wins() -> None:
     # nats-py keeps the first position of a repeated name, so lowering its dict would give "500".
     block = b"NATS/1.0\r\nPikku-Status: 200\r\npikku-status: 500\r\nPikku-Status: 404\r\n\r\n"
     assert await _Client()._direct_headers(block) == {"pikku-status": "404"}
@@ -350,7 +350,7 @@ async def test_header_parse_matches_nats_py_random(pieces: list[bytes]) -> None:
     assert await _Client()._process_headers(block) == expected
     lowered = _lowered(expected)
     if not isinstance(expected, dict) or len(lowered) == len(expected):
-        # With names that differ only in case, nats-py's dict no longer tells which line came last.
+        # With names that differ only in case, nats-py's dict no longer shows which line came last.
         assert await _Client()._direct_headers(block) == lowered
 
 
