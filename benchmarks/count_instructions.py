@@ -15,9 +15,9 @@ the report gives instructions per call:
 - ``required``: only the steps that the worker's design requires for each call, written plainly. That
   is the msgpack body, the fingerprint, input and output validation, the function, the reply's
   encoding and a deadline timer;
-- ``caller``: ``rpc.remote`` with 64 calls in flight over a NATS connection. For each request it
-  writes, a reply is fed to its parser, so the count covers routing, the request's encoding, the
-  reply's way in and its decoding, but no system call.
+- ``caller``: ``rpc.remote`` with ``--in-flight`` calls in flight (64 by default) over a NATS
+  connection. For each request it writes, a reply is fed to its parser, so the count covers
+  routing, the request's encoding, the reply's way in and its decoding, but no system call.
 
 The ``worker`` and ``caller`` parts connect to NATS on 127.0.0.1:4222 for their set-up, under a
 subject prefix of their own. Counts are those of the Python, uvloop and libraries installed here.
@@ -25,8 +25,8 @@ Under valgrind OpenSSL may take another code path than on the bare CPU, so compa
 counts, not with timings. To compare two trees, run this file with ``PYTHONPATH`` set to each.
 
 Run from the repository root: ``python benchmarks/count_instructions.py [--parts worker caller]
-[--calls 1984] [--batch 64]``. Needs valgrind (Debian's ``valgrind`` package); each part takes
-about 10 to 30 s.
+[--calls 1984] [--batch 64] [--in-flight 64]``; ``--batch 1`` and ``--in-flight 1`` count one
+call at a time. Needs valgrind (Debian's ``valgrind`` package); each part takes about 10 to 30 s.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to count")
     parser.add_argument("--calls", type=int, default=1984, help="calls counted in each part")
     parser.add_argument("--batch", type=int, default=64, help="worker: requests per read")
+    parser.add_argument("--in-flight", type=int, default=64, help="caller: calls in flight")
     parser.add_argument("--child", choices=PARTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -85,6 +86,8 @@ def count_part(part: str, args: argparse.Namespace) -> int:
         str(args.calls),
         "--batch",
         str(args.batch),
+        "--in-flight",
+        str(args.in_flight),
     ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
     found = re.search(r"Collected : (\d+)", done.stderr)
@@ -277,11 +280,11 @@ async def caller_part(args: argparse.Namespace) -> None:
                 for _ in range(count):
                     await rpc.remote("echo", payload)
 
-            await asyncio.gather(*(one_after_another(calls // 64) for _ in range(64)))
+            await asyncio.gather(*(one_after_another(calls // args.in_flight) for _ in range(args.in_flight)))
 
         real, nc._transport = nc._transport, _DiscardingTransport(nc._transport, answer)
         try:
-            await call_all(64 * 10)
+            await call_all(args.in_flight * 10)
             await counted(lambda: call_all(args.calls))
         finally:
             nc._transport = real
