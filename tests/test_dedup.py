@@ -272,6 +272,46 @@ async def test_records_expire_after_window(memory_dispatcher: tuple[str, Dispatc
     assert ledger.runs["h"] == 2
 
 
+async def test_records_expire_after_dropping_for_room() -> None:
+    """Records dropped for room leave the expiry bound behind; the ones left still expire on time."""
+    from pikku_mq._dedup import CallRecords
+    from pikku_mq._dispatch import Outcome
+
+    records = CallRecords(window=0.3, max_entries=2)
+    outcome = Outcome(encoded=b"{}")
+    for call_id in ("a", "b", "c"):
+        records.settle(records.claim(("f", call_id), b"fp"), outcome)
+    await asyncio.sleep(0.15)
+    records.settle(records.claim(("f", "d"), b"fp"), outcome)
+
+    dropped, kept = records.find(("f", "a"), b"fp"), records.find(("f", "b"), b"fp")
+    await asyncio.sleep(0.2)  # b and c are past the window, d is not
+    expired, fresh = records.find(("f", "c"), b"fp"), records.find(("f", "d"), b"fp")
+
+    assert dropped is None
+    assert kept is None, "b was dropped for room when d came"
+    assert expired is None
+    assert fresh is outcome
+    assert len(records) == 1
+    assert records.size == 200 + len(b"fp") + len(b"{}")
+
+
+def test_fingerprint_keeps_small_data_and_digests_large() -> None:
+    from pikku_mq._dedup import fingerprint
+
+    small = fingerprint({"a": 1}, None)
+    medium = fingerprint({"a": "x" * 500}, None)
+    large = fingerprint({"a": "x" * 5000}, None)
+
+    assert small == b'[{"a":1},null]'
+    assert fingerprint({"a": 2}, None) != small
+    assert fingerprint({"a": 1}, {"user": "u"}) != small
+    assert len(medium) == 16
+    assert len(large) == 32
+    assert fingerprint({"a": "x" * 500}, None) == medium
+    assert fingerprint({"a": "x" * 500 + "y"}, None) != medium
+
+
 async def test_dedup_window_zero_turns_off() -> None:
     ledger = Ledger()
     dispatcher = Dispatcher(REG, services=ledger, dedup_window=0)
