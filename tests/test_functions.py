@@ -291,6 +291,40 @@ def test_unresolvable_hint_rejected() -> None:
         pikku_sessionless_func(registry=REG)(broken_hint)
 
 
+class Pending(pydantic.BaseModel):
+    """A model whose field refers to a class defined further down, so its schema is built on first use."""
+
+    child: Later | None = None
+
+
+PENDING_REG = FunctionRegistry()
+
+
+@pikku_sessionless_func(registry=PENDING_REG, expose=True)
+async def nest(services: Any, data: Pending) -> Pending:
+    return data
+
+
+PENDING_AT_DEFINITION = not PENDING_REG.get("nest").input_adapter.pydantic_complete  # type: ignore[union-attr]
+
+
+class Later(pydantic.BaseModel):
+    n: int
+
+
+async def test_model_completed_after_definition() -> None:
+    definition = PENDING_REG.get("nest")
+    assert definition is not None
+
+    result = await RPC(registry=PENDING_REG).invoke("nest", {"child": {"n": "7"}})
+    with pytest.raises(InputValidationError, match=r"child\.n"):
+        await RPC(registry=PENDING_REG).invoke("nest", {"child": {"n": "seven"}})
+
+    assert PENDING_AT_DEFINITION, "the adapter should have waited for Later"
+    assert result == Pending(child=Later(n=7))
+    assert definition.dump_json(result) == b'{"child":{"n":7}}'
+
+
 # -- input validation --------------------------------------------------------------------------------
 
 
