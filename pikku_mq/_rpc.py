@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from ._balancing import check_balancing
@@ -25,7 +26,7 @@ from ._types import DEFAULT_TIMEOUT, MAX_HOPS
 if TYPE_CHECKING:
     from .backends.base import DeploymentService
 
-__all__ = ["RPC", "TracedDeploymentService", "Wire", "run_function"]
+__all__ = ["RPC", "TracedDeploymentService", "Wire", "run_function", "start_function"]
 
 _function_logger = logging.getLogger("pikku_mq.function")
 
@@ -343,16 +344,21 @@ def _check_name(name: object) -> None:
 
 async def run_function(definition: FunctionDefinition, services: Any, data: Any, wire: Wire) -> Any:
     """Validate ``data``, check the session, run the function and return its validated result."""
+    return definition.validate_output(await start_function(definition, services, data, wire))
+
+
+def start_function(definition: FunctionDefinition, services: Any, data: Any, wire: Wire) -> Awaitable[Any]:
+    """Validate ``data``, check the session and return the function's awaitable: :func:`run_function` up to its await.
+
+    The dispatcher awaits it itself, which spares the coroutine of :func:`run_function`.
+    """
     value = definition.validate_input(data)
     if definition.auth and wire.session is None:
         raise MissingSessionError(
             f"function '{definition.name}' needs a session and the call carried none; declare it with "
             "pikku_sessionless_func (or auth=False) if it needs none"
         )
-
-    arguments = (services, value, wire)[: definition.arity]
-    result = await definition.func(*arguments)
-    return definition.validate_output(result)
+    return definition.func(*(services, value, wire)[: definition.arity])
 
 
 class TracedDeploymentService:
