@@ -32,6 +32,7 @@ from pikku_mq import (
     EndpointUnreachableError,
     FunctionRegistry,
     MemoryTransport,
+    OutputValidationError,
     PayloadTooLargeError,
     PikkuMQError,
     PikkuWorker,
@@ -78,6 +79,11 @@ async def nap(services: Any, data: float) -> str:
 @pikku_sessionless_func(expose=True, registry=REG)
 async def blob(services: Any, data: int) -> str:
     return "x" * data
+
+
+@pikku_sessionless_func(expose=True, registry=REG)
+async def power_of_two(services: Any, data: int) -> int:
+    return 2**data
 
 
 def _register_odd(name: str) -> None:
@@ -580,6 +586,19 @@ async def test_reply_over_max_payload_is_error(mesh: Mesh) -> None:
         assert time.monotonic() - started < 2.0
         assert too_large.value.status == 413
         assert await caller.invoke("blob", 3, timeout=5) == "xxx"
+
+
+async def test_reply_without_msgpack_form_is_error(mesh: Mesh) -> None:
+    # JSON takes an integer of any size and msgpack one of at most 64 bits. The worker packs its
+    # replies with one packer, which a failure must leave empty for the next reply.
+    caller = mesh.service()
+    async with make_worker(mesh, shared_endpoint()):
+        with pytest.raises(OutputValidationError, match="cannot be serialised to msgpack") as failed:
+            await caller.invoke("power_of_two", 70, timeout=5)
+        after = await caller.invoke("power_of_two", 3, timeout=5)
+
+    assert failed.value.status == 500
+    assert after == 8
 
 
 def test_reply_header_bound_holds() -> None:

@@ -1343,7 +1343,7 @@ class NatsServer(ServerTransport):
         if nc is None:
             return
         try:
-            payload: bytes = msgpack.packb(body)
+            payload: bytes = _packer.packer.pack(body)
         except (ValueError, TypeError, OverflowError) as exc:
             error = OutputValidationError(f"the result of function '{name}' cannot be serialised to msgpack: {exc}")
             status, payload = error.http_status, msgpack.packb(error.to_envelope())
