@@ -229,6 +229,7 @@ HEADER_CASES: dict[str, dict[str, Any]] = {
     "padded name": {" a ": "x", "b\r\n": "y"},
     "empty name": {"": "x", "b": "y"},
     "empty value": {"a": ""},
+    "percent signs": {"x%y": "50%", "b": "%s %d %%", "%s": "v"},
 }
 
 

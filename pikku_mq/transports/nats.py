@@ -151,8 +151,8 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NATS_USES_MAIL_PARSER = getattr(nats_client, "parse_email", None) is not None
 """nats-py parses header lines with fast_mail_parser where that package is installed; then its own code runs."""
 
-_MAX_HEADER_PREFIXES = 256
-"""Header names whose encoded ``name: `` prefix a client keeps."""
+_MAX_HEADER_TEMPLATES = 256
+"""Header blocks a client keeps: templates by tuple of names, and whole blocks of a single header."""
 
 _COMMAND_LINE_BYTES = 4096
 """Max bytes of an HPUB line besides its headers and body: nats-server (2.9) rejects a longer protocol line."""
@@ -223,7 +223,8 @@ class _Client(NatsClient):
     def __init__(self) -> None:
         super().__init__()
         self._ps = _Parser(self)
-        self._header_prefixes: dict[str, bytes] = {}
+        self._header_templates: dict[tuple[Any, ...], str] = {}
+        """A %-format template of the header block for each tuple of names, in order, that passed the checks."""
         self._single_header_blocks: dict[tuple[Any, Any], bytes] = {}
         """Header blocks of one header, by name and value."""
         self._direct: dict[int, Callable[[Msg], None]] = {}
@@ -399,30 +400,33 @@ class _Client(NatsClient):
             if block is None:
                 block = self._build_header_block(headers)
                 if block is not None:
-                    if len(self._single_header_blocks) >= _MAX_HEADER_PREFIXES:
+                    if len(self._single_header_blocks) >= _MAX_HEADER_TEMPLATES:
                         self._single_header_blocks.clear()
                     self._single_header_blocks[name, value] = block
             return block
         return self._build_header_block(headers)
 
     def _build_header_block(self, headers: dict[str, Any]) -> bytes | None:
-        prefixes = self._header_prefixes
-        parts = [b"NATS/1.0\r\n"]
-        for name, value in headers.items():
-            prefix = prefixes.get(name)
-            if prefix is None:
-                if not isinstance(name, str) or name.strip() != name or not _HEADER_NAME.fullmatch(name):
-                    return None
-                prefix = name.encode() + b": "
-                if len(prefixes) < _MAX_HEADER_PREFIXES:
-                    prefixes[name] = prefix
-            if not (isinstance(value, str) and value.isascii() and value.isprintable()) or value.strip() != value:
+        names = tuple(headers)
+        template = self._header_templates.get(names)
+        if template is None:
+            template = _header_template(names)
+            if template is None:
                 return None
-            parts.append(prefix)
-            parts.append(value.encode())
-            parts.append(b"\r\n")
-        parts.append(b"\r\n")
-        return b"".join(parts)
+            if len(self._header_templates) >= _MAX_HEADER_TEMPLATES:
+                self._header_templates.clear()
+            self._header_templates[names] = template
+        # The values checked all at once: printable ASCII has no whitespace but the space.
+        values = tuple(headers.values())
+        try:
+            text = "".join(values)
+        except TypeError:
+            return None
+        if not (text.isascii() and text.isprintable()):
+            return None
+        if " " in text and any(value.strip() != value for value in values):
+            return None
+        return (template % values).encode()
 
     def _build_message(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
@@ -444,6 +448,17 @@ class _Client(NatsClient):
         return self.msg_class(
             subject=subject_text, reply=reply_text, data=data, headers=headers, _client=self, _sid=sid
         )
+
+
+def _header_template(names: tuple[Any, ...]) -> str | None:
+    """Return the header block for ``names`` with ``%s`` for each value, or None if nats-py would change a name."""
+    lines = ["NATS/1.0\r\n"]
+    for name in names:
+        if not isinstance(name, str) or name.strip() != name or not _HEADER_NAME.fullmatch(name):
+            return None
+        lines.append(name.replace("%", "%%") + ": %s\r\n")
+    lines.append("\r\n")
+    return "".join(lines)
 
 
 def _hpub_command(subject: str, reply: str, block: bytes, payload: bytes) -> bytes:
