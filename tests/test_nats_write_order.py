@@ -17,7 +17,6 @@ import time
 import pytest
 from _support_core import wait_until
 from _support_servers import PrivateNats
-from nats.aio.msg import Msg
 
 from pikku_mq.transports.nats import _MAX_HOLD, _Client, _close_client, _ignore, _open_client
 
@@ -45,14 +44,14 @@ async def test_mixed_writes_keep_order_and_bytes(private_nats: PrivateNats, free
     problems: list[str] = []
     received = 0
 
-    def check(msg: Msg) -> None:
+    def check(subject: str, reply: str, data: bytes, headers: object) -> None:
         nonlocal received
-        task, seq, size, _ = msg.data.split(b":", 3)
-        if msg.data != _body(int(task), int(seq), int(size)):
-            problems.append(f"{msg.subject} #{int(seq)}: bytes differ")
-        if int(seq) != last.get(msg.subject, -1) + 1:
-            problems.append(f"{msg.subject}: #{int(seq)} after #{last.get(msg.subject, -1)}")
-        last[msg.subject] = int(seq)
+        task, seq, size, _ = data.split(b":", 3)
+        if data != _body(int(task), int(seq), int(size)):
+            problems.append(f"{subject} #{int(seq)}: bytes differ")
+        if int(seq) != last.get(subject, -1) + 1:
+            problems.append(f"{subject}: #{int(seq)} after #{last.get(subject, -1)}")
+        last[subject] = int(seq)
         received += 1
 
     try:

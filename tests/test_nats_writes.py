@@ -192,10 +192,10 @@ async def test_direct_delivery_survives_handler_error(
 ) -> None:
     got: list[bytes] = []
 
-    def deliver(msg: Msg) -> None:
-        if msg.data == b"bad":
+    def deliver(subject: str, reply: str, data: bytes, headers: object) -> None:
+        if data == b"bad":
             raise RuntimeError("handler failed")
-        got.append(msg.data)
+        got.append(data)
 
     await client.subscribe_direct("w.direct", deliver)
     await client.flush(timeout=2)
@@ -226,7 +226,7 @@ async def test_direct_delivery_survives_handler_error(
 
 async def test_direct_delivery_ends_with_unsubscribe(client: _Client, listener: NatsClient) -> None:
     got: list[bytes] = []
-    sub = await client.subscribe_direct("w.gone", lambda msg: got.append(msg.data))
+    sub = await client.subscribe_direct("w.gone", lambda subject, reply, data, headers: got.append(data))
     await client.flush(timeout=2)
     await _until_routed(listener, "w.gone", got)
     marks: asyncio.Queue[bytes] = asyncio.Queue()

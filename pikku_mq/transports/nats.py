@@ -145,6 +145,9 @@ _CONTROL_LINE_WHITESPACE = bytes.maketrans(b"\x0b\x0c", b"\x00\x00")
 
 _CONTROL_CHARACTERS = frozenset(range(0x20)) | {0x7F}
 
+Deliver = Callable[[str, str, bytes, "dict[str, str] | None"], None]
+"""What :meth:`_Client.subscribe_direct` hands each message to: its subject, reply subject, body and headers."""
+
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """The header names nats-py (2.16) sends as they are; it raises BadHeaderError for others."""
 
@@ -227,7 +230,7 @@ class _Client(NatsClient):
         """A %-format template of the header block for each tuple of names, in order, that passed the checks."""
         self._single_header_blocks: dict[tuple[Any, Any], bytes] = {}
         """Header blocks of one header, by name and value."""
-        self._direct: dict[int, Callable[[Msg], None]] = {}
+        self._direct: dict[int, Deliver] = {}
         """The delivery functions of the subscriptions made with :meth:`subscribe_direct`, by subscription id."""
         self._held_since = 0.0
         """When the first message now in the buffer was put there, by ``time.perf_counter()``."""
@@ -237,19 +240,21 @@ class _Client(NatsClient):
         """Set around a publish that nothing will join soon, such as the only call in flight: the client
         writes it out at once, without waiting for nats-py's flusher to get its turn of the event loop."""
 
-    async def subscribe_direct(self, subject: str, deliver: Callable[[Msg], None], queue: str = "") -> Subscription:
+    async def subscribe_direct(self, subject: str, deliver: Deliver, queue: str = "") -> Subscription:
         """Subscribe, and hand each message to ``deliver`` in the read loop, without nats-py's queue and task.
 
-        ``deliver`` runs within the read loop, so it must return at once. An exception it raises is logged,
-        and the message is dropped. The header names of the messages it gets are in lower case, as
+        ``deliver`` gets the subject, the reply subject, the body and the headers of each message, with
+        no ``Msg`` built for it. It runs within the read loop, so it must return at once. An exception
+        it raises is logged, and the message is dropped. The header names are in lower case, as
         pikku_mq reads them. Of two names that differ only in case, the later one's value is kept.
         """
 
         async def through_queue(msg: Msg) -> None:
             # A message that arrives before the subscription is registered below.
-            if msg.headers and not isinstance(msg.headers, _MalformedHeaders):
-                msg.headers = {key.lower(): value for key, value in msg.headers.items()}
-            deliver(msg)
+            headers = msg.headers
+            if headers and not isinstance(headers, _MalformedHeaders):
+                headers = {key.lower(): value for key, value in headers.items()}
+            deliver(msg.subject, msg.reply, msg.data, headers)
 
         sub = await self.subscribe(subject, queue=queue, cb=through_queue)
         self._direct[sub._id] = deliver
@@ -262,10 +267,10 @@ class _Client(NatsClient):
             return
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
-        msg = self._build_message(sid, subject, reply, data, await self._direct_headers(headers))
-        if msg is not None:
+        subjects = self._decode_subjects(subject, reply)
+        if subjects is not None:
             try:
-                deliver(msg)
+                deliver(subjects[0], subjects[1], data, await self._direct_headers(headers))
             except Exception:
                 logger.exception("NATS: handling a message on %r failed", subject[:200])
 
@@ -428,9 +433,8 @@ class _Client(NatsClient):
             return None
         return (template % values).encode()
 
-    def _build_message(
-        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
-    ) -> Msg | None:
+    def _decode_subjects(self, subject: bytes, reply: bytes) -> tuple[str, str] | None:
+        """Return the subject and the reply subject as text, or None for a message to drop, as nats-py drops it."""
         try:
             reply_text = reply.decode()
         except UnicodeDecodeError:
@@ -444,10 +448,7 @@ class _Client(NatsClient):
             subject_text = subject.decode()
         except UnicodeDecodeError:
             subject_text = subject.decode(errors="replace")
-        # The message that nats-py's _build_message() makes, without decoding both subjects again.
-        return self.msg_class(
-            subject=subject_text, reply=reply_text, data=data, headers=headers, _client=self, _sid=sid
-        )
+        return subject_text, reply_text
 
 
 def _header_template(names: tuple[Any, ...]) -> str | None:
@@ -905,10 +906,10 @@ class _CallerConnection:
         if event is not None and self.presence is not None:
             self.presence[1](event)
 
-    def _on_reply(self, msg: Msg) -> None:
-        entry = self._pending.get(msg.subject[len(self._inbox) :])
+    def _on_reply(self, subject: str, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        entry = self._pending.get(subject[len(self._inbox) :])
         if entry is not None and not entry[0].done():
-            entry[0].set_result((msg.data, msg.headers))
+            entry[0].set_result((data, headers))
 
     def _on_replied(self, subject: bytes, replied: Replied) -> None:
         # The inbox is ASCII, so the token starts where it ends in the bytes as in the decoded subject.
@@ -1306,32 +1307,32 @@ class NatsServer(ServerTransport):
 
     # -- requests ----------------------------------------------------------------------------------
 
-    def _on_request(self, msg: Msg) -> None:
+    def _on_request(self, subject: str, reply: str, body: bytes, headers: dict[str, str] | None) -> None:
         # Called in nats-py's read loop: each request gets a task of its own.
         assert self._loop is not None
-        task = self._loop.create_task(self._serve(msg))
+        task = self._loop.create_task(self._serve(subject, reply, body, headers))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, msg: Msg) -> None:
-        if not msg.reply:
-            logger.debug("NATS: ignored a message on %s without a reply subject", msg.subject[:200])
+    async def _serve(self, subject: str, reply: str, body: bytes, headers: dict[str, str] | None) -> None:
+        if not reply:
+            logger.debug("NATS: ignored a message on %s without a reply subject", subject[:200])
             return
         assert self._dispatcher is not None
         try:
-            if isinstance(msg.headers, _MalformedHeaders):
+            if isinstance(headers, _MalformedHeaders):
                 raise BadRequestError("the header block of the request cannot be parsed; send NATS/1.0 headers")
-            name = self._function_name(msg.subject)
-            data = None if not msg.data else _decode_call_body(msg.data, True)
-            headers = msg.headers or {}  # names in lower case, from subscribe_direct()
+            name = self._function_name(subject)
+            data = None if not body else _decode_call_body(body, True)
         except PikkuMQError as exc:
-            await self._reply(msg.reply, exc.http_status, exc.to_envelope(), error=exc, rejected=False, name="")
+            await self._reply(reply, exc.http_status, exc.to_envelope(), error=exc, rejected=False, name="")
             return
         # With its loop given, current_task() makes no getpid() system call (Python 3.11).
         task = asyncio.current_task(self._loop)
-        outcome = await self._dispatcher.handle(name, data, headers, "nats", task=task)
-        status, body = outcome.encode_python()
-        await self._reply(msg.reply, status, body, error=outcome.error, rejected=outcome.rejected, name=name)
+        # The names are in lower case, from subscribe_direct().
+        outcome = await self._dispatcher.handle(name, data, headers or {}, "nats", task=task)
+        status, result = outcome.encode_python()
+        await self._reply(reply, status, result, error=outcome.error, rejected=outcome.rejected, name=name)
 
     def _function_name(self, subject: str) -> str:
         name = self._names.get(subject)
