@@ -1308,31 +1308,34 @@ class NatsServer(ServerTransport):
     # -- requests ----------------------------------------------------------------------------------
 
     def _on_request(self, subject: str, reply: str, body: bytes, headers: dict[str, str] | None) -> None:
-        # Called in nats-py's read loop: each request gets a task of its own.
+        # Called in nats-py's read loop: each request gets a task of its own, which _serve() takes
+        # out of _tasks when it ends. A done callback would cost a turn of the event loop per request.
         assert self._loop is not None
-        task = self._loop.create_task(self._serve(subject, reply, body, headers))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.add(self._loop.create_task(self._serve(subject, reply, body, headers)))
 
     async def _serve(self, subject: str, reply: str, body: bytes, headers: dict[str, str] | None) -> None:
-        if not reply:
-            logger.debug("NATS: ignored a message on %s without a reply subject", subject[:200])
-            return
-        assert self._dispatcher is not None
-        try:
-            if isinstance(headers, _MalformedHeaders):
-                raise BadRequestError("the header block of the request cannot be parsed; send NATS/1.0 headers")
-            name = self._function_name(subject)
-            data = None if not body else _decode_call_body(body, True)
-        except PikkuMQError as exc:
-            await self._reply(reply, exc.http_status, exc.to_envelope(), error=exc, rejected=False, name="")
-            return
         # With its loop given, current_task() makes no getpid() system call (Python 3.11).
         task = asyncio.current_task(self._loop)
-        # The names are in lower case, from subscribe_direct().
-        outcome = await self._dispatcher.handle(name, data, headers or {}, "nats", task=task)
-        status, result = outcome.encode_python()
-        await self._reply(reply, status, result, error=outcome.error, rejected=outcome.rejected, name=name)
+        assert task is not None
+        assert self._dispatcher is not None
+        try:
+            if not reply:
+                logger.debug("NATS: ignored a message on %s without a reply subject", subject[:200])
+                return
+            try:
+                if isinstance(headers, _MalformedHeaders):
+                    raise BadRequestError("the header block of the request cannot be parsed; send NATS/1.0 headers")
+                name = self._function_name(subject)
+                data = None if not body else _decode_call_body(body, True)
+            except PikkuMQError as exc:
+                await self._reply(reply, exc.http_status, exc.to_envelope(), error=exc, rejected=False, name="")
+                return
+            # The names are in lower case, from subscribe_direct().
+            outcome = await self._dispatcher.handle(name, data, headers or {}, "nats", task=task)
+            status, result = outcome.encode_python()
+            await self._reply(reply, status, result, error=outcome.error, rejected=outcome.rejected, name=name)
+        finally:
+            self._tasks.discard(task)
 
     def _function_name(self, subject: str) -> str:
         name = self._names.get(subject)
