@@ -407,8 +407,13 @@ class PgDeploymentService(DeploymentService):
             await conn.add_listener(self._sql.channel, on_notification)
             deliver(None)
             while True:
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for (fixed in 3.12) drops a
+                # cancellation that arrives in the same loop iteration as its result. With wait_for, a
+                # notification that arrives as close() cancels the feed would keep the feed running
+                # and close() waiting for it forever.
                 try:
-                    payload = await asyncio.wait_for(events.get(), check_interval)
+                    async with asyncio.timeout(check_interval):
+                        payload = await events.get()
                 except TimeoutError:
                     # A half-open connection stays silent, so a quiet feed is checked with a round trip.
                     await conn.fetchval("SELECT 1", timeout=check_interval)
@@ -439,7 +444,8 @@ class PgDeploymentService(DeploymentService):
         async def give_back(conn: Any, listener: Any) -> None:
             if not conn.is_closed():
                 try:
-                    await asyncio.wait_for(conn.remove_listener(self._sql.channel, listener), _FEED_CLOSE_TIMEOUT)
+                    async with asyncio.timeout(_FEED_CLOSE_TIMEOUT):
+                        await conn.remove_listener(self._sql.channel, listener)
                 except Exception:  # a connection that cannot UNLISTEN is closed instead
                     conn.terminate()
             with contextlib.suppress(Exception):
