@@ -344,7 +344,7 @@ async def test_long_escaped_id_leaves_and_purges(schema: str, make_service: Call
 # -- closing --------------------------------------------------------------------------------------------
 
 CLOSE_WAIT = 3.0
-"""Seconds a test gives close() to return."""
+"""Seconds a test gives close() to return, less than the 5 s after which close() cancels the change feed again."""
 
 
 def _server_connections(application_name: str) -> int:
