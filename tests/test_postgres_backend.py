@@ -28,6 +28,7 @@ from pikku_mq import (
     deployment_service_from_url,
 )
 from pikku_mq._presence import ChangeEvent, encode_change
+from pikku_mq.backends import postgres as postgres_backend
 
 # Child processes import the same pikku_mq as this process, wherever the installed one points.
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(Path(pikku_mq.__file__).parent.parent)}
@@ -398,3 +399,35 @@ async def test_close_during_notification_burst(schema: str, caplog: pytest.LogCa
         feed.cancel()
         await asyncio.wait([*closing, feed], timeout=CLOSE_WAIT)
         await service.close()
+
+
+async def test_close_terminates_unreleased_connection(
+    schema: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(postgres_backend, "_POOL_CLOSE_TIMEOUT", 0.5)
+    service = PgDeploymentService(
+        postgres_url(), schema=schema, pool_options={"server_settings": {"application_name": schema}}
+    )
+    await service.init()
+    pool = service.pool
+    assert pool is not None
+    # A connection acquired and never released, as a caller's bug would leave it. Pool.close() waits for
+    # its release.
+    unreleased = await pool.acquire()
+    assert await unreleased.fetchval("SELECT 1") == 1
+    try:
+        with caplog.at_level(logging.WARNING, logger="pikku_mq"):
+            started = time.monotonic()
+            async with asyncio.timeout(CLOSE_WAIT):
+                await service.close()
+            elapsed = time.monotonic() - started
+
+        assert 0.5 <= elapsed < CLOSE_WAIT
+        assert service.pool is None
+        assert pool._closed
+        [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert "timed out after 0.5 s, so its connections were terminated" in warning
+        # The server ends each backend, the unreleased connection's too, once the client closes its socket.
+        await wait_until(lambda: _server_connections(schema) == 0, timeout=5)
+    finally:
+        pool.terminate()

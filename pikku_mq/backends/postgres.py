@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
@@ -39,6 +40,8 @@ from .._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
 from .base import DeploymentService, conflict_error
 
 __all__ = ["DEFAULT_SCHEMA", "PgDeploymentService"]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SCHEMA = "pikku"
 
@@ -74,6 +77,12 @@ _POOL_ONLY_OPTIONS = frozenset(
 
 _FEED_CLOSE_TIMEOUT = 2.0
 """Seconds to wait for UNLISTEN before giving up on a change feed connection."""
+
+_POOL_CLOSE_TIMEOUT = 10.0
+"""Seconds ``close`` waits for the pool's connections to be released and closed before terminating them.
+
+It equals the default ``command_timeout``, so a query still running can finish first.
+"""
 
 
 def _import_asyncpg() -> ModuleType:
@@ -484,7 +493,20 @@ class PgDeploymentService(DeploymentService):
     async def _close_store(self) -> None:
         if self._owns_pool and self._pool is not None:
             pool, self._pool = self._pool, None
-            await pool.close()
+            # Pool.close() waits for every acquired connection to be released, so asyncpg's documentation
+            # advises a timeout.
+            try:
+                async with asyncio.timeout(_POOL_CLOSE_TIMEOUT):
+                    await pool.close()
+            except TimeoutError:
+                logger.warning(
+                    "closing the connection pool of %r timed out after %g s, so its connections were terminated. "
+                    "A connection acquired from service.pool and not released, or a query still running, can "
+                    "cause this.",
+                    self,
+                    _POOL_CLOSE_TIMEOUT,
+                )
+                pool.terminate()
 
 
 def _endpoints(value: Sequence[str] | None) -> tuple[str, ...]:
