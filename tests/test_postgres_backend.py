@@ -4,6 +4,7 @@ Each test uses a schema of its own and drops it at the end. An unreachable serve
 """
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from pikku_mq import (
     SqlAlchemyDeploymentService,
     deployment_service_from_url,
 )
+from pikku_mq._presence import ChangeEvent, encode_change
+from pikku_mq.backends import postgres as postgres_backend
 
 # Child processes import the same pikku_mq as this process, wherever the installed one points.
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(Path(pikku_mq.__file__).parent.parent)}
@@ -337,3 +340,94 @@ async def test_long_escaped_id_leaves_and_purges(schema: str, make_service: Call
         return [r.deployment_id for r in await purger.list_deployments()] == ["purger"]
 
     await wait_until(purged, timeout=5)
+
+
+# -- closing --------------------------------------------------------------------------------------------
+
+CLOSE_WAIT = 3.0
+"""Seconds a test gives close() to return, less than the 5 s after which close() cancels the change feed again."""
+
+
+def _server_connections(application_name: str) -> int:
+    rows = postgres_fetch("SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", application_name)
+    return int(rows[0][0])
+
+
+async def test_close_during_notification_burst(schema: str, caplog: pytest.LogCaptureFixture) -> None:
+    # close() cancels the change feed while notifications are still queued for it. On Python 3.11 the
+    # feed's asyncio.wait_for dropped a cancellation that arrived in the same loop iteration as its
+    # result, so the feed kept running and close() waited for it forever.
+    service = PgDeploymentService(
+        postgres_url(),
+        schema=schema,
+        heartbeat_interval=0.2,
+        heartbeat_ttl=1.0,
+        # The application name lets the test count this service's connections on the server.
+        pool_options={"server_settings": {"application_name": schema}},
+    )
+    closing: list[asyncio.Task[None]] = []
+
+    def close_on_first_event(event: ChangeEvent | None) -> None:
+        # The feed task calls this for the first event of the burst, while the others are still queued.
+        if event is not None and not closing:
+            closing.append(asyncio.ensure_future(service.close()))
+
+    await service.init()
+    service._add_watch_listener(close_on_first_event)
+    service._ensure_change_feed()
+    feed = service._feed_task
+    assert feed is not None
+    try:
+        await wait_until(lambda: service.change_feed_live, timeout=10)
+        assert _server_connections(schema) == 2  # the pool's connection and the feed's
+
+        # PostgreSQL sends the notifications of one transaction together when it commits.
+        payloads = [encode_change("join", f"burst-{i}") for i in range(20)]
+        postgres_execute("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", service._sql.channel, payloads)
+        with caplog.at_level(logging.WARNING, logger="pikku_mq"):
+            await wait_until(lambda: closing, timeout=5)
+            done, _ = await asyncio.wait(closing, timeout=CLOSE_WAIT)
+
+        assert done == set(closing), f"close() did not return within {CLOSE_WAIT} s; the feed task is {feed}"
+        assert feed.cancelled()
+        assert service._feed_task is None
+        assert service.pool is None
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+        await wait_until(lambda: _server_connections(schema) == 0, timeout=5)
+    finally:
+        # Where close() hangs, a second cancellation ends the feed, so that close() can finish.
+        feed.cancel()
+        await asyncio.wait([*closing, feed], timeout=CLOSE_WAIT)
+        await service.close()
+
+
+async def test_close_terminates_unreleased_connection(
+    schema: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(postgres_backend, "_POOL_CLOSE_TIMEOUT", 0.5)
+    service = PgDeploymentService(
+        postgres_url(), schema=schema, pool_options={"server_settings": {"application_name": schema}}
+    )
+    await service.init()
+    pool = service.pool
+    assert pool is not None
+    # A connection acquired and never released, as a caller's bug would leave it. Pool.close() waits for
+    # its release.
+    unreleased = await pool.acquire()
+    assert await unreleased.fetchval("SELECT 1") == 1
+    try:
+        with caplog.at_level(logging.WARNING, logger="pikku_mq"):
+            started = time.monotonic()
+            async with asyncio.timeout(CLOSE_WAIT):
+                await service.close()
+            elapsed = time.monotonic() - started
+
+        assert 0.5 <= elapsed < CLOSE_WAIT
+        assert service.pool is None
+        assert pool._closed
+        [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert "timed out after 0.5 s, so its connections were terminated" in warning
+        # The server ends each backend, the unreleased connection's too, once the client closes its socket.
+        await wait_until(lambda: _server_connections(schema) == 0, timeout=5)
+    finally:
+        pool.terminate()

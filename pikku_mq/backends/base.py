@@ -85,6 +85,12 @@ _FEED_MAX_RETRY = 5.0
 _FEED_CHECK_INTERVAL = 5.0
 """Seconds a change feed may stay silent before its connection is checked with a round trip."""
 
+_FEED_STOP_TIMEOUT = 5.0
+"""Seconds ``close`` waits for the change feed task to end after each of its two cancellations.
+
+It is longer than a feed needs to give its connection back, which for PostgreSQL's UNLISTEN is at most 2 s.
+"""
+
 
 class DeploymentService(ABC):
     """Registers this instance, keeps it alive and finds the instances that host a function.
@@ -432,11 +438,16 @@ class DeploymentService(ABC):
         if task is None:
             return
         self._heartbeat_stop.set()
-        done, _ = await asyncio.wait({task}, timeout=_HEARTBEAT_STOP_TIMEOUT)
-        if not done:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if await _wait_task(task, _HEARTBEAT_STOP_TIMEOUT):
+            return
+        task.cancel()
+        if not await _wait_task(task, _HEARTBEAT_STOP_TIMEOUT):
+            logger.warning(
+                "the heartbeat task %s did not stop within %g s of its cancellation, so it is left to end with "
+                "the event loop",
+                task.get_name(),
+                _HEARTBEAT_STOP_TIMEOUT,
+            )
 
     async def close(self) -> None:
         """Stop if started, end the change feed, then close the caller's connections and the store's."""
@@ -704,12 +715,28 @@ class DeploymentService(ABC):
             delay = min(delay * 2, _FEED_MAX_RETRY)
 
     async def _stop_feed(self) -> None:
+        """Cancel the change feed task and wait for it, cancelling it once more if it outlives the first wait."""
         task, self._feed_task = self._feed_task, None
         if task is None:
             return
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if await _wait_task(task, _FEED_STOP_TIMEOUT):
+            return
+        # A store's client can drop a cancellation, as Python 3.11's asyncio.wait_for does when its
+        # result arrives at the same moment. A second cancellation ends such a task unless the race repeats.
+        logger.warning(
+            "the change feed task of %r did not stop within %g s of its cancellation, so it is cancelled again",
+            self,
+            _FEED_STOP_TIMEOUT,
+        )
+        task.cancel()
+        if not await _wait_task(task, _FEED_STOP_TIMEOUT):
+            logger.warning(
+                "the change feed task of %r did not stop within %g s of a second cancellation, so it is left to "
+                "end with the event loop, and its connection may stay open until then",
+                self,
+                _FEED_STOP_TIMEOUT,
+            )
 
     # -- heartbeats --------------------------------------------------------------------------------
 
@@ -847,6 +874,18 @@ class _HeartbeatHealth:
         self.log.recovered()
         self.is_fenced = False
         return self.interval
+
+
+async def _wait_task(task: asyncio.Task[None], timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``task`` to end, and return whether it ended.
+
+    Unlike ``await task``, this neither raises the task's CancelledError nor drops a cancellation of the
+    caller. Any other exception of the task is raised here.
+    """
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if done and not task.cancelled():
+        task.result()
+    return bool(done)
 
 
 def _cancelling() -> bool:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
@@ -39,6 +40,8 @@ from .._types import DeploymentConfig, DeploymentInfo, DeploymentRecord
 from .base import DeploymentService, conflict_error
 
 __all__ = ["DEFAULT_SCHEMA", "PgDeploymentService"]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SCHEMA = "pikku"
 
@@ -74,6 +77,12 @@ _POOL_ONLY_OPTIONS = frozenset(
 
 _FEED_CLOSE_TIMEOUT = 2.0
 """Seconds to wait for UNLISTEN before giving up on a change feed connection."""
+
+_POOL_CLOSE_TIMEOUT = 10.0
+"""Seconds ``close`` waits for the pool's connections to be released and closed before terminating them.
+
+It equals the default ``command_timeout``, so a query still running can finish first.
+"""
 
 
 def _import_asyncpg() -> ModuleType:
@@ -407,8 +416,13 @@ class PgDeploymentService(DeploymentService):
             await conn.add_listener(self._sql.channel, on_notification)
             deliver(None)
             while True:
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for (fixed in 3.12) drops a
+                # cancellation that arrives in the same loop iteration as its result. With wait_for, a
+                # notification that arrives as close() cancels the feed would keep the feed running
+                # and close() waiting for it forever.
                 try:
-                    payload = await asyncio.wait_for(events.get(), check_interval)
+                    async with asyncio.timeout(check_interval):
+                        payload = await events.get()
                 except TimeoutError:
                     # A half-open connection stays silent, so a quiet feed is checked with a round trip.
                     await conn.fetchval("SELECT 1", timeout=check_interval)
@@ -439,7 +453,8 @@ class PgDeploymentService(DeploymentService):
         async def give_back(conn: Any, listener: Any) -> None:
             if not conn.is_closed():
                 try:
-                    await asyncio.wait_for(conn.remove_listener(self._sql.channel, listener), _FEED_CLOSE_TIMEOUT)
+                    async with asyncio.timeout(_FEED_CLOSE_TIMEOUT):
+                        await conn.remove_listener(self._sql.channel, listener)
                 except Exception:  # a connection that cannot UNLISTEN is closed instead
                     conn.terminate()
             with contextlib.suppress(Exception):
@@ -478,7 +493,20 @@ class PgDeploymentService(DeploymentService):
     async def _close_store(self) -> None:
         if self._owns_pool and self._pool is not None:
             pool, self._pool = self._pool, None
-            await pool.close()
+            # Pool.close() waits for every acquired connection to be released, so asyncpg's documentation
+            # advises a timeout.
+            try:
+                async with asyncio.timeout(_POOL_CLOSE_TIMEOUT):
+                    await pool.close()
+            except TimeoutError:
+                logger.warning(
+                    "closing the connection pool of %r timed out after %g s, so its connections were terminated. "
+                    "A connection acquired from service.pool and not released, or a query still running, can "
+                    "cause this.",
+                    self,
+                    _POOL_CLOSE_TIMEOUT,
+                )
+                pool.terminate()
 
 
 def _endpoints(value: Sequence[str] | None) -> tuple[str, ...]:
