@@ -17,7 +17,11 @@ the report gives instructions per call:
   encoding and a deadline timer;
 - ``caller``: ``rpc.remote`` with ``--in-flight`` calls in flight (64 by default) over a NATS
   connection. For each request it writes, a reply is fed to its parser, so the count covers
-  routing, the request's encoding, the reply's way in and its decoding, but no system call.
+  routing, the request's encoding, the reply's way in and its decoding, but no system call;
+- ``raw-worker`` and ``raw-caller``, counted only when named: the benchmark's raw NATS floor in the
+  same harnesses. That is a plain nats-py subscriber that sends each body back, fed ``--batch``
+  requests per read without headers, and nats-py's ``request()`` with ``--in-flight`` calls in
+  flight.
 
 The ``worker`` and ``caller`` parts connect to NATS on 127.0.0.1:4222 for their set-up, under a
 subject prefix of their own. Counts are those of the Python, uvloop and libraries installed here.
@@ -47,16 +51,23 @@ sys.path.insert(0, str(HERE))
 
 NATS_URL = "nats://127.0.0.1:4222"
 PARTS = ("worker", "dispatcher", "required", "caller")
+RAW_PARTS = ("raw-worker", "raw-caller")
 CALL_HEADERS = {"x-request-id": "a" * 32, "pikku-hop": "1", "pikku-deadline-ms": "29999"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to count")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS + RAW_PARTS,
+        default=list(PARTS),
+        help="what to count (default: the first four)",
+    )
     parser.add_argument("--calls", type=int, default=1984, help="calls counted in each part")
     parser.add_argument("--batch", type=int, default=64, help="worker: requests per read")
     parser.add_argument("--in-flight", type=int, default=64, help="caller: calls in flight")
-    parser.add_argument("--child", choices=PARTS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=PARTS + RAW_PARTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         import uvloop
@@ -291,11 +302,96 @@ async def caller_part(args: argparse.Namespace) -> None:
     await discovery.close()
 
 
+async def raw_worker_part(args: argparse.Namespace) -> None:
+    import msgpack
+    import nats
+    from rpc_echo import make_payload
+
+    subject = f"count{uuid.uuid4().hex[:8]}.raw"
+    nc = await nats.connect(NATS_URL)
+    served = 0
+
+    async def on_request(msg: Any) -> None:
+        nonlocal served
+        await msg.respond(msg.data)
+        served += 1
+
+    sub = await nc.subscribe(subject, queue="bench", cb=on_request)
+    await nc.flush()
+    real, nc._transport = nc._transport, _DiscardingTransport(nc._transport)
+    body = msgpack.packb({"data": make_payload(100)})
+
+    def read(size: int) -> bytes:
+        return b"".join(
+            b"MSG %s %d _INBOX.count.%d %d\r\n%s\r\n" % (subject.encode(), sub._id, index, len(body), body)
+            for index in range(size)
+        )
+
+    async def serve(reads: list[bytes]) -> None:
+        for data in reads:
+            expected = served + args.batch
+            await nc._ps.parse(data)  # queues each message for the subscription's task
+            while served < expected:  # noqa: ASYNC110
+                await asyncio.sleep(0)
+
+    try:
+        await serve([read(args.batch) for _ in range(10)])
+        reads = [read(args.batch) for _ in range(args.calls // args.batch)]
+        await counted(lambda: serve(reads))
+    finally:
+        nc._transport = real
+        await nc.close()
+
+
+async def raw_caller_part(args: argparse.Namespace) -> None:
+    import msgpack
+    import nats
+    from rpc_echo import make_payload
+
+    subject = f"count{uuid.uuid4().hex[:8]}.raw"
+    nc = await nats.connect(NATS_URL)
+    body = msgpack.packb(make_payload(100))
+    loop = asyncio.get_running_loop()
+
+    async def echo(msg: Any) -> None:
+        await msg.respond(msg.data)
+
+    await nc.subscribe(subject, cb=echo)
+    await nc.request(subject, body, timeout=5)  # makes the inbox subscription, the last one made
+    inbox_sid = max(nc._subs)
+    requests = re.compile(rb"PUB \S+ (\S+) ")
+
+    def answer(parts: list[bytes]) -> None:
+        replies = [
+            b"MSG %s %d %d\r\n%s\r\n" % (inbox, inbox_sid, len(body), body)
+            for inbox in requests.findall(b"".join(parts))
+        ]
+        if replies:
+            loop.call_soon(loop.create_task, nc._ps.parse(b"".join(replies)))
+
+    async def call_all(calls: int) -> None:
+        async def one_after_another(count: int) -> None:
+            for _ in range(count):
+                await nc.request(subject, body, timeout=5)
+
+        await asyncio.gather(*(one_after_another(calls // args.in_flight) for _ in range(args.in_flight)))
+
+    real, nc._transport = nc._transport, _DiscardingTransport(nc._transport, answer)
+    try:
+        await call_all(args.in_flight * 10)
+        await counted(lambda: call_all(args.calls))
+    finally:
+        nc._transport = real
+        await nc.close()
+
+
 CHILDREN: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
     "worker": worker_part,
     "dispatcher": dispatcher_part,
     "required": required_part,
     "caller": caller_part,
+    "raw-worker": raw_worker_part,
+    "raw-caller": raw_caller_part,
 }
 
 

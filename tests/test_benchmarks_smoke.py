@@ -84,17 +84,31 @@ def test_feature_floor_quick_run() -> None:
 @pytest.mark.timeout(240)
 def test_instruction_count_run() -> None:
     # valgrind is a Debian package of every machine this project's CI runs on.
-    command = [sys.executable, str(INSTRUCTION_COUNT), "--calls", "128"]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=230, cwd=ROOT)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-
-    counts = {}
-    for line in completed.stdout.splitlines()[2:]:
-        part, count = line.strip("| ").split(" | ")
-        counts[part] = int(count.replace(",", ""))
+    counts = _instruction_counts([], timeout=230)
     assert list(counts) == ["worker", "dispatcher", "required", "caller"]
     # Each part runs the benchmark's echo call, which takes thousands of instructions. A part whose
     # measured loop did not run would count almost none.
     for part, count in counts.items():
         assert 10_000 < count < 10_000_000, (part, count)
     assert counts["worker"] > counts["dispatcher"] > counts["required"]
+
+
+@pytest.mark.timeout(120)
+def test_instruction_count_of_raw_floor() -> None:
+    one_at_a_time = ["--batch", "1", "--in-flight", "1"]
+    counts = _instruction_counts(["--parts", "raw-worker", "raw-caller", *one_at_a_time], timeout=110)
+    assert list(counts) == ["raw-worker", "raw-caller"]
+    for part, count in counts.items():
+        assert 10_000 < count < 10_000_000, (part, count)
+
+
+def _instruction_counts(options: list[str], timeout: float) -> dict[str, int]:
+    """Run count_instructions.py with 128 calls per part and return its count per part."""
+    command = [sys.executable, str(INSTRUCTION_COUNT), "--calls", "128", *options]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    counts = {}
+    for line in completed.stdout.splitlines()[2:]:
+        part, count = line.strip("| ").split(" | ")
+        counts[part] = int(count.replace(",", ""))
+    return counts
