@@ -6,9 +6,9 @@ before and after it runs in the same minutes. This script starts the raw echo se
 then runs ``rpc_client.py`` against each of them in turn, once per round, so that every round
 measures all of them under the same load. The caller of each tree runs from that tree as well.
 
-The report gives, for each tree, the median over the rounds of its sequential p50 and its calls/s
-at 64 in flight as ratios to the raw floor of the same round, with each round's ratios, and the
-median CPU µs per call of the caller and of the worker. Needs NATS (for ``nats``) and Redis on their
+For each tree, the report gives its sequential p50 and its calls/s at 64 in flight as ratios to
+the raw floor of the same round: the median over the rounds, then each round's ratio. It also gives
+the median CPU µs per call of the caller and of the worker. Needs NATS (for ``nats``) and Redis on their
 standard ports on 127.0.0.1; uses a subject prefix and Redis key prefixes of its own and removes the
 keys.
 
@@ -45,7 +45,7 @@ def main() -> None:
     trees = [tree.resolve() for tree in args.trees]
     for tree in trees:
         if not (tree / "pikku_mq").is_dir() or not (tree / "benchmarks" / "rpc_client.py").is_file():
-            raise SystemExit(f"{tree} holds no pikku_mq/ and benchmarks/rpc_client.py")
+            raise SystemExit(f"{tree} is not a pikku_mq source tree: pikku_mq/ or benchmarks/rpc_client.py not found")
 
     tag = f"ab{uuid.uuid4().hex[:8]}"
     cases: dict[str, tuple[Path, list[str]]] = {}

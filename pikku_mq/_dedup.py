@@ -132,7 +132,7 @@ class CallRecords:
         self._finished: OrderedDict[tuple[str, str], _Record] = OrderedDict()
         """Finished calls, oldest first."""
         self._oldest_at = float("inf")
-        """When the oldest finished call finished, or earlier: :meth:`_expire` looks at the records only from then."""
+        """The finish time of the oldest record, or an earlier one. :meth:`_expire` scans only once it expired."""
 
     def __len__(self) -> int:
         return len(self._finished)
@@ -210,7 +210,7 @@ class CallRecords:
         self._oldest_at = float("inf")
 
     def _drop_oldest(self) -> None:
-        # _oldest_at stays as it was: the records left finished later, so it is still no later than theirs.
+        # The records left finished later, so _oldest_at is still no later than theirs.
         _, record = self._finished.popitem(last=False)
         self.size -= record[_SIZE]
 

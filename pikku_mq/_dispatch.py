@@ -618,7 +618,7 @@ class _Slots(asyncio.Semaphore):
         return super().locked()
 
     def take(self) -> bool:
-        """Take a slot if ``acquire()`` would take one without waiting; return whether it did."""
+        """Take a slot if ``acquire()`` would take one without waiting, and return whether it did."""
         if self.locked():
             return False
         self._value -= 1

@@ -348,7 +348,7 @@ async def run_function(definition: FunctionDefinition, services: Any, data: Any,
 
 
 def start_function(definition: FunctionDefinition, services: Any, data: Any, wire: Wire) -> Awaitable[Any]:
-    """Validate ``data``, check the session and return the function's awaitable: :func:`run_function` up to its await.
+    """Validate ``data``, check the session and return the function's awaitable, as :func:`run_function` does first.
 
     The dispatcher awaits it itself, which spares the coroutine of :func:`run_function`.
     """

@@ -273,7 +273,7 @@ async def test_records_expire_after_window(memory_dispatcher: tuple[str, Dispatc
 
 
 async def test_records_expire_after_dropping_for_room() -> None:
-    """Records dropped for room leave the expiry bound behind; the ones left still expire on time."""
+    """Records dropped for room leave the expiry bound behind. The records left still expire on time."""
     from pikku_mq._dedup import CallRecords
     from pikku_mq._dispatch import Outcome
 
@@ -284,12 +284,12 @@ async def test_records_expire_after_dropping_for_room() -> None:
     await asyncio.sleep(0.15)
     records.settle(records.claim(("f", "d"), b"fp"), outcome)
 
-    dropped, kept = records.find(("f", "a"), b"fp"), records.find(("f", "b"), b"fp")
+    first_dropped, second_dropped = records.find(("f", "a"), b"fp"), records.find(("f", "b"), b"fp")
     await asyncio.sleep(0.2)  # b and c are past the window, d is not
     expired, fresh = records.find(("f", "c"), b"fp"), records.find(("f", "d"), b"fp")
 
-    assert dropped is None
-    assert kept is None, "b was dropped for room when d came"
+    assert first_dropped is None
+    assert second_dropped is None, "b was dropped for room when d came"
     assert expired is None
     assert fresh is outcome
     assert len(records) == 1

@@ -146,7 +146,7 @@ _CONTROL_LINE_WHITESPACE = bytes.maketrans(b"\x0b\x0c", b"\x00\x00")
 _CONTROL_CHARACTERS = frozenset(range(0x20)) | {0x7F}
 
 Deliver = Callable[[str, str, bytes, "dict[str, str] | None"], None]
-"""What :meth:`_Client.subscribe_direct` hands each message to: its subject, reply subject, body and headers."""
+"""Callback of :meth:`_Client.subscribe_direct`, called with each message's subject, reply subject, body and headers."""
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 """The header names nats-py (2.16) sends as they are; it raises BadHeaderError for others."""
@@ -421,7 +421,8 @@ class _Client(NatsClient):
             if len(self._header_templates) >= _MAX_HEADER_TEMPLATES:
                 self._header_templates.clear()
             self._header_templates[names] = template
-        # The values checked all at once: printable ASCII has no whitespace but the space.
+        # All values are checked at once. Printable ASCII has no whitespace but the space, so only a
+        # value with a space needs the strip check.
         values = tuple(headers.values())
         try:
             text = "".join(values)
