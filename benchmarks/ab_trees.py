@@ -26,10 +26,12 @@ import socket
 import statistics
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from nats_feature_floor import nats_server_pid
+from nats_latency_split import start as start_server
 
 NATS_URL = "nats://127.0.0.1:4222"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -84,20 +86,8 @@ def main() -> None:
 
 
 def start(tree: Path, argv: list[str]) -> subprocess.Popen[bytes]:
-    """Start a server of the tree's rpc_servers.py and wait until it prints READY (at most 60 s)."""
-    process = subprocess.Popen(
-        [sys.executable, "rpc_servers.py", *argv], cwd=tree / "benchmarks", stdout=subprocess.PIPE, env=env_for(tree)
-    )
-    assert process.stdout is not None
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if b"READY" in line:
-            return process
-        if not line and process.poll() is not None:
-            break
-    process.kill()
-    raise RuntimeError(f"server {argv[0]} of {tree} did not start")
+    """Start a server of the tree's rpc_servers.py, with the tree first on PYTHONPATH."""
+    return start_server(argv, {"PYTHONPATH": str(tree)}, tree / "benchmarks")
 
 
 def measure(tree: Path, client: list[str], server_pid: int, transport: str) -> dict[str, float]:
@@ -149,11 +139,6 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
-
-
-def nats_server_pid() -> str:
-    found = subprocess.run(["pgrep", "-x", "nats-server"], capture_output=True, text=True, check=False).stdout.split()
-    return found[0] if found else ""
 
 
 def delete_keys(tag: str) -> None:

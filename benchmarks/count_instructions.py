@@ -286,20 +286,35 @@ async def caller_part(args: argparse.Namespace) -> None:
             if replies:
                 loop.call_soon(loop.create_task, nc._ps.parse(b"".join(replies)))
 
-        async def call_all(calls: int) -> None:
-            async def one_after_another(count: int) -> None:
-                for _ in range(count):
-                    await rpc.remote("echo", payload)
-
-            await asyncio.gather(*(one_after_another(calls // args.in_flight) for _ in range(args.in_flight)))
-
-        real, nc._transport = nc._transport, _DiscardingTransport(nc._transport, answer)
-        try:
-            await call_all(args.in_flight * 10)
-            await counted(lambda: call_all(args.calls))
-        finally:
-            nc._transport = real
+        await count_calls(nc, answer, args, rpc.remote, "echo", payload)
     await discovery.close()
+
+
+async def count_calls(
+    nc: Any,
+    answer: Callable[[list[bytes]], None],
+    args: argparse.Namespace,
+    call: Callable[..., Awaitable[Any]],
+    *call_args: Any,
+) -> None:
+    """Count ``args.calls`` calls of ``call(*call_args)``, ``args.in_flight`` at a time, after a warm-up.
+
+    The client ``nc`` writes to ``answer``, which feeds it the replies, in place of its socket.
+    """
+
+    async def call_all(calls: int) -> None:
+        async def one_after_another(count: int) -> None:
+            for _ in range(count):
+                await call(*call_args)
+
+        await asyncio.gather(*(one_after_another(calls // args.in_flight) for _ in range(args.in_flight)))
+
+    real, nc._transport = nc._transport, _DiscardingTransport(nc._transport, answer)
+    try:
+        await call_all(args.in_flight * 10)
+        await counted(lambda: call_all(args.calls))
+    finally:
+        nc._transport = real
 
 
 async def raw_worker_part(args: argparse.Namespace) -> None:
@@ -369,19 +384,9 @@ async def raw_caller_part(args: argparse.Namespace) -> None:
         if replies:
             loop.call_soon(loop.create_task, nc._ps.parse(b"".join(replies)))
 
-    async def call_all(calls: int) -> None:
-        async def one_after_another(count: int) -> None:
-            for _ in range(count):
-                await nc.request(subject, body, timeout=5)
-
-        await asyncio.gather(*(one_after_another(calls // args.in_flight) for _ in range(args.in_flight)))
-
-    real, nc._transport = nc._transport, _DiscardingTransport(nc._transport, answer)
     try:
-        await call_all(args.in_flight * 10)
-        await counted(lambda: call_all(args.calls))
+        await count_calls(nc, answer, args, nc.request, subject, body, 5)
     finally:
-        nc._transport = real
         await nc.close()
 
 

@@ -49,10 +49,10 @@ Call = Callable[[], Awaitable[Any]]
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def start(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Start a server of rpc_servers.py and wait until it prints READY (at most 60 s)."""
+def start(argv: list[str], env: dict[str, str], benchmarks: Path = HERE) -> subprocess.Popen[bytes]:
+    """Start a server of the rpc_servers.py in ``benchmarks`` and wait until it prints READY (at most 60 s)."""
     process = subprocess.Popen(
-        [sys.executable, "rpc_servers.py", *argv], cwd=HERE, stdout=subprocess.PIPE, env={**os.environ, **env}
+        [sys.executable, "rpc_servers.py", *argv], cwd=benchmarks, stdout=subprocess.PIPE, env={**os.environ, **env}
     )
     assert process.stdout is not None
     deadline = time.monotonic() + 60
