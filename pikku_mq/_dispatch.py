@@ -227,35 +227,24 @@ class Dispatcher:
         ``transport`` (http, nats, amqp or memory) labels the call's span and metrics. ``task`` is
         the task that will await the result, if the transport has it at hand. Passing it spares a
         lookup, because ``asyncio.current_task()`` calls ``getpid()`` on Python 3.11 (seen with strace).
-        Await the result at once, as every transport does: the call is admitted (draining, the limit
-        of calls in flight, the token) when this method is called, or with tracing or metrics on when
-        the result is first awaited. This method returns the coroutine that serves the call, without
-        a coroutine of its own around it.
+        Await the result as that of a coroutine function. This method returns the coroutine that
+        serves the call, without a coroutine of its own around it.
         """
         if self.telemetry is not None and self.telemetry.recording():
             definition = self.registry.get(name)
             function = name if definition is not None and definition.expose else UNKNOWN_FUNCTION
             return self.telemetry.serve(self._handle, name, data, headers, transport, function, self.deployment_id)
-        return self._start(name, data, headers, task)
+        return self._handle(name, data, headers, task)
 
     async def _handle(
         self, name: str, data: Any, headers: Mapping[str, str], task: asyncio.Task[Any] | None = None
     ) -> Outcome:
-        return await self._start(name, data, headers, task)
-
-    def _start(
-        self, name: str, data: Any, headers: Mapping[str, str], task: asyncio.Task[Any] | None
-    ) -> Coroutine[Any, Any, Outcome]:
-        """Admit a call and return the coroutine that serves it, which spares a coroutine around the admission."""
         try:
             admitted = self.admit(name, headers, data)
         except PikkuMQError as exc:
-            return _settled(Outcome(error=exc, rejected=isinstance(exc, ServiceUnavailableError)))
+            return Outcome(error=exc, rejected=isinstance(exc, ServiceUnavailableError))
         if self.records is not None and admitted.definition.idempotent and headers.get(HEADER_CALL_ID):
-            return self._handle_once(admitted, data, self.records, task)
-        return self._run(admitted, data, task)
-
-    async def _run(self, admitted: Admitted, data: Any, task: asyncio.Task[Any] | None) -> Outcome:
+            return await self._handle_once(admitted, data, self.records, task)
         try:
             result = await self.execute(admitted, data, task=task)
         except PikkuMQError as exc:
@@ -665,10 +654,6 @@ class _Deadline:
             self._handle = None
         if self._expired and self._task.uncancel() <= self._cancelling and isinstance(exc, asyncio.CancelledError):
             raise TimeoutError from exc
-
-
-async def _settled(outcome: Outcome) -> Outcome:
-    return outcome
 
 
 def _raised_by_function(error: PikkuMQError) -> PikkuMQError:
