@@ -8,6 +8,7 @@ restarted. A test fails, and does not skip, when a server cannot be reached.
 from __future__ import annotations
 
 import asyncio
+import enum
 import sys
 import time
 import uuid
@@ -43,6 +44,7 @@ from pikku_mq import (
     pikku_sessionless_func,
 )
 from pikku_mq._types import HEADER_DEADLINE, CallRequest
+from pikku_mq.transports import nats as nats_transport
 from pikku_mq.transports._nats_wire import escape_name, parse_nats_endpoint, unescape_token
 from pikku_mq.transports.nats import NatsServer, NatsTransport, _Client, _close_client
 
@@ -210,6 +212,17 @@ def test_missing_nats_py_named(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- publishing ----------------------------------------------------------------------------------------
 
 
+class Tenant(str, enum.Enum):  # noqa: UP042 - str() of such a member is "Tenant.ACME", unlike StrEnum
+    ACME = "acme"
+
+
+class Disguised(str):
+    """A str whose str() is not its text."""
+
+    def __str__(self) -> str:
+        return "ok\r\nPikku-Status: 200\r\nx"
+
+
 HEADER_CASES: dict[str, dict[str, Any]] = {
     "pikku call": {
         "x-request-id": "0123456789abcdef0123456789abcdef",
@@ -230,6 +243,8 @@ HEADER_CASES: dict[str, dict[str, Any]] = {
     "empty name": {"": "x", "b": "y"},
     "empty value": {"a": ""},
     "percent signs": {"x%y": "50%", "b": "%s %d %%", "%s": "v"},
+    "str enum value": {"x-tenant": Tenant.ACME, "b": "1"},
+    "str subclass value": {"x-a": Disguised("ok"), "b": "1"},
 }
 
 
@@ -600,6 +615,21 @@ async def test_reply_without_msgpack_form_is_error(mesh: Mesh) -> None:
 
     assert failed.value.status == 500
     assert after == 8
+
+
+def test_packer_renewed_after_large_message() -> None:
+    # A msgpack packer keeps its buffer at the largest size it packed, so a large message renews it.
+    first = nats_transport._packer.packer
+    nats_transport._encode_request(CallRequest(name="f", data="x" * 1000))
+    kept = nats_transport._packer.packer
+    nats_transport._encode_request(CallRequest(name="f", data="x" * (2 * 1024 * 1024)))
+    renewed = nats_transport._packer.packer
+    with pytest.raises(BadRequestError, match="cannot be serialised to msgpack"):
+        nats_transport._encode_request(CallRequest(name="f", data=2**70))
+
+    assert kept is first
+    assert renewed is not first
+    assert nats_transport._packer.packer is not renewed, "a failed pack renews the packer too"
 
 
 def test_reply_header_bound_holds() -> None:

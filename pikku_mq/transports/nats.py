@@ -154,8 +154,8 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NATS_USES_MAIL_PARSER = getattr(nats_client, "parse_email", None) is not None
 """nats-py parses header lines with fast_mail_parser where that package is installed; then its own code runs."""
 
-_MAX_HEADER_TEMPLATES = 256
-"""Header blocks a client keeps: templates by tuple of names, and whole blocks of a single header."""
+_MAX_HEADER_PREFIXES = 256
+"""Header names whose encoded ``name: `` prefix a client keeps."""
 
 _COMMAND_LINE_BYTES = 4096
 """Max bytes of an HPUB line besides its headers and body: nats-server (2.9) rejects a longer protocol line."""
@@ -226,8 +226,7 @@ class _Client(NatsClient):
     def __init__(self) -> None:
         super().__init__()
         self._ps = _Parser(self)
-        self._header_templates: dict[tuple[Any, ...], str] = {}
-        """A %-format template of the header block for each tuple of names, in order, that passed the checks."""
+        self._header_prefixes: dict[str, bytes] = {}
         self._single_header_blocks: dict[tuple[Any, Any], bytes] = {}
         """Header blocks of one header, by name and value."""
         self._direct: dict[int, Deliver] = {}
@@ -405,34 +404,30 @@ class _Client(NatsClient):
             if block is None:
                 block = self._build_header_block(headers)
                 if block is not None:
-                    if len(self._single_header_blocks) >= _MAX_HEADER_TEMPLATES:
+                    if len(self._single_header_blocks) >= _MAX_HEADER_PREFIXES:
                         self._single_header_blocks.clear()
                     self._single_header_blocks[name, value] = block
             return block
         return self._build_header_block(headers)
 
     def _build_header_block(self, headers: dict[str, Any]) -> bytes | None:
-        names = tuple(headers)
-        template = self._header_templates.get(names)
-        if template is None:
-            template = _header_template(names)
-            if template is None:
+        prefixes = self._header_prefixes
+        parts = [b"NATS/1.0\r\n"]
+        for name, value in headers.items():
+            prefix = prefixes.get(name)
+            if prefix is None:
+                if not isinstance(name, str) or name.strip() != name or not _HEADER_NAME.fullmatch(name):
+                    return None
+                prefix = name.encode() + b": "
+                if len(prefixes) < _MAX_HEADER_PREFIXES:
+                    prefixes[name] = prefix
+            if not (isinstance(value, str) and value.isascii() and value.isprintable()) or value.strip() != value:
                 return None
-            if len(self._header_templates) >= _MAX_HEADER_TEMPLATES:
-                self._header_templates.clear()
-            self._header_templates[names] = template
-        # All values are checked at once. Printable ASCII has no whitespace but the space, so only a
-        # value with a space needs the strip check.
-        values = tuple(headers.values())
-        try:
-            text = "".join(values)
-        except TypeError:
-            return None
-        if not (text.isascii() and text.isprintable()):
-            return None
-        if " " in text and any(value.strip() != value for value in values):
-            return None
-        return (template % values).encode()
+            parts.append(prefix)
+            parts.append(value.encode())
+            parts.append(b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
 
     def _decode_subjects(self, subject: bytes, reply: bytes) -> tuple[str, str] | None:
         """Return the subject and the reply subject as text, or None for a message to drop, as nats-py drops it."""
@@ -450,17 +445,6 @@ class _Client(NatsClient):
         except UnicodeDecodeError:
             subject_text = subject.decode(errors="replace")
         return subject_text, reply_text
-
-
-def _header_template(names: tuple[Any, ...]) -> str | None:
-    """Return the header block for ``names`` with ``%s`` for each value, or None if nats-py would change a name."""
-    lines = ["NATS/1.0\r\n"]
-    for name in names:
-        if not isinstance(name, str) or name.strip() != name or not _HEADER_NAME.fullmatch(name):
-            return None
-        lines.append(name.replace("%", "%%") + ": %s\r\n")
-    lines.append("\r\n")
-    return "".join(lines)
 
 
 def _hpub_command(subject: str, reply: str, block: bytes, payload: bytes) -> bytes:
@@ -1122,6 +1106,8 @@ class _Packer(threading.local):
     """A msgpack packer per thread, since ``msgpack.packb`` builds one for each call.
 
     msgpack (1.2.4, checked) resets a packer's buffer when packing fails, so an error leaves it clean.
+    The buffer keeps the largest size it has grown to, so the users of this packer call
+    :func:`_renew_packer` after a message of over ``_PACKER_KEPT_BYTES`` and after a failure.
     """
 
     def __init__(self) -> None:
@@ -1130,12 +1116,24 @@ class _Packer(threading.local):
 
 _packer = _Packer()
 
+_PACKER_KEPT_BYTES = 1024 * 1024
+"""Bytes of a message up to which the thread's packer is kept: msgpack gives a new packer a buffer of 1 MiB."""
+
+
+def _renew_packer() -> None:
+    """Give this thread a new packer, so that the memory of the old one's grown buffer is freed."""
+    _packer.packer = msgpack.Packer()
+
 
 def _encode_request(request: CallRequest) -> bytes:
     try:
-        return _packer.packer.pack({"data": pydantic_core.to_jsonable_python(request.data)})  # type: ignore[no-any-return]
+        packed: bytes = _packer.packer.pack({"data": pydantic_core.to_jsonable_python(request.data)})
     except (pydantic_core.PydanticSerializationError, ValueError, TypeError, OverflowError) as exc:
+        _renew_packer()
         raise BadRequestError(f"data for function '{request.name}' cannot be serialised to msgpack: {exc}") from None
+    if len(packed) > _PACKER_KEPT_BYTES:
+        _renew_packer()
+    return packed
 
 
 def _decode_reply(data: bytes, headers: dict[str, str] | None, name: str, subject: str, addresses: str) -> Reply:
@@ -1365,8 +1363,11 @@ class NatsServer(ServerTransport):
         try:
             payload: bytes = _packer.packer.pack(body)
         except (ValueError, TypeError, OverflowError) as exc:
+            _renew_packer()
             error = OutputValidationError(f"the result of function '{name}' cannot be serialised to msgpack: {exc}")
             status, payload = error.http_status, msgpack.packb(error.to_envelope())
+        if len(payload) > _PACKER_KEPT_BYTES:
+            _renew_packer()
         headers = _reply_headers(status, error, rejected)
         # The header block of a reply takes at most _MAX_REPLY_HEADER_BYTES, so only a large body needs a count.
         if len(payload) + _MAX_REPLY_HEADER_BYTES > nc.max_payload and (
