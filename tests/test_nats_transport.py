@@ -621,13 +621,13 @@ def test_packer_renewed_after_large_message() -> None:
     # A msgpack packer keeps its buffer at the largest size it packed, so a large message renews it.
     first = nats_transport._packer.packer
     nats_transport._encode_request(CallRequest(name="f", data="x" * 1000))
-    kept = nats_transport._packer.packer
+    after_small = nats_transport._packer.packer
     nats_transport._encode_request(CallRequest(name="f", data="x" * (2 * 1024 * 1024)))
     renewed = nats_transport._packer.packer
     with pytest.raises(BadRequestError, match="cannot be serialised to msgpack"):
         nats_transport._encode_request(CallRequest(name="f", data=2**70))
 
-    assert kept is first
+    assert after_small is first
     assert renewed is not first
     assert nats_transport._packer.packer is not renewed, "a failed pack renews the packer too"
 
