@@ -1105,9 +1105,8 @@ class NatsTransport(ClientTransport):
 class _Packer(threading.local):
     """A msgpack packer per thread, since ``msgpack.packb`` builds one for each call.
 
-    msgpack (1.2.4, checked) resets a packer's buffer when packing fails, so an error leaves it clean.
-    The buffer keeps the largest size it has grown to, so the users of this packer call
-    :func:`_renew_packer` after a message of over ``_PACKER_KEPT_BYTES`` and after a failure.
+    A packer's buffer keeps the largest size it has grown to (msgpack 1.2.4), so :func:`_pack` gives
+    the thread a new packer after a message of over ``_PACKER_KEPT_BYTES`` and after a failure.
     """
 
     def __init__(self) -> None:
@@ -1117,23 +1116,29 @@ class _Packer(threading.local):
 _packer = _Packer()
 
 _PACKER_KEPT_BYTES = 1024 * 1024
-"""Bytes of a message up to which the thread's packer is kept: msgpack gives a new packer a buffer of 1 MiB."""
+"""Bytes of a message up to which the thread's packer is kept, so each kept packer holds at most about 1 MiB.
+
+A new packer starts with a buffer of 256 KiB (msgpack 1.2.4, ``buf_size``).
+"""
 
 
-def _renew_packer() -> None:
-    """Give this thread a new packer, so that the memory of the old one's grown buffer is freed."""
-    _packer.packer = msgpack.Packer()
+def _pack(value: Any) -> bytes:
+    """Pack ``value`` with this thread's packer, which is replaced after a failure or a large message."""
+    try:
+        packed: bytes = _packer.packer.pack(value)
+    except BaseException:
+        _packer.packer = msgpack.Packer()
+        raise
+    if len(packed) > _PACKER_KEPT_BYTES:
+        _packer.packer = msgpack.Packer()  # frees the grown buffer of the old one
+    return packed
 
 
 def _encode_request(request: CallRequest) -> bytes:
     try:
-        packed: bytes = _packer.packer.pack({"data": pydantic_core.to_jsonable_python(request.data)})
+        return _pack({"data": pydantic_core.to_jsonable_python(request.data)})
     except (pydantic_core.PydanticSerializationError, ValueError, TypeError, OverflowError) as exc:
-        _renew_packer()
         raise BadRequestError(f"data for function '{request.name}' cannot be serialised to msgpack: {exc}") from None
-    if len(packed) > _PACKER_KEPT_BYTES:
-        _renew_packer()
-    return packed
 
 
 def _decode_reply(data: bytes, headers: dict[str, str] | None, name: str, subject: str, addresses: str) -> Reply:
@@ -1361,13 +1366,10 @@ class NatsServer(ServerTransport):
         if nc is None:
             return
         try:
-            payload: bytes = _packer.packer.pack(body)
+            payload = _pack(body)
         except (ValueError, TypeError, OverflowError) as exc:
-            _renew_packer()
             error = OutputValidationError(f"the result of function '{name}' cannot be serialised to msgpack: {exc}")
             status, payload = error.http_status, msgpack.packb(error.to_envelope())
-        if len(payload) > _PACKER_KEPT_BYTES:
-            _renew_packer()
         headers = _reply_headers(status, error, rejected)
         # The header block of a reply takes at most _MAX_REPLY_HEADER_BYTES, so only a large body needs a count.
         if len(payload) + _MAX_REPLY_HEADER_BYTES > nc.max_payload and (
