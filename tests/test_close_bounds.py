@@ -66,6 +66,15 @@ class StubbornHeartbeatService(MemoryDeploymentService):
         return await super()._heartbeat(config, functions)
 
 
+async def _timed_close(service: MemoryDeploymentService, caplog: pytest.LogCaptureFixture) -> float:
+    """Close ``service`` with its warnings captured, within 5 s, and return the seconds it took."""
+    with caplog.at_level(logging.WARNING, logger="pikku_mq"):
+        started = time.monotonic()
+        async with asyncio.timeout(5):
+            await service.close()
+        return time.monotonic() - started
+
+
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
 
@@ -78,11 +87,7 @@ async def test_close_cancels_feed_again(monkeypatch: pytest.MonkeyPatch, caplog:
     feed = service._feed_task
     assert feed is not None
 
-    with caplog.at_level(logging.WARNING, logger="pikku_mq"):
-        started = time.monotonic()
-        async with asyncio.timeout(5):
-            await service.close()
-        elapsed = time.monotonic() - started
+    elapsed = await _timed_close(service, caplog)
 
     assert feed.cancelled()
     assert service.cancellations == 2
@@ -102,11 +107,7 @@ async def test_close_leaves_feed_ignoring_cancellations(
     assert feed is not None
 
     try:
-        with caplog.at_level(logging.WARNING, logger="pikku_mq"):
-            started = time.monotonic()
-            async with asyncio.timeout(5):
-                await service.close()
-            elapsed = time.monotonic() - started
+        elapsed = await _timed_close(service, caplog)
 
         assert not feed.done()
         assert service.cancellations == 2
@@ -130,11 +131,7 @@ async def test_close_bounds_hung_heartbeat(monkeypatch: pytest.MonkeyPatch, capl
     await wait_until(lambda: service.heartbeat_hanging, timeout=5)
 
     try:
-        with caplog.at_level(logging.WARNING, logger="pikku_mq"):
-            started = time.monotonic()
-            async with asyncio.timeout(5):
-                await service.close()
-            elapsed = time.monotonic() - started
+        elapsed = await _timed_close(service, caplog)
 
         assert not heartbeats.done()
         assert service.cancellations == 1
