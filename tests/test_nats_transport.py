@@ -911,19 +911,34 @@ async def test_draining_group_member_hands_calls_over(mesh: Mesh) -> None:
     prefix = new_prefix()
     caller = mesh.service(routing_cache_ttl=60)
     draining = make_worker(mesh, shared_endpoint(prefix), "n-a")
-    async with make_worker(mesh, shared_endpoint(prefix), "n-b"):
+    async with make_worker(mesh, shared_endpoint(prefix), "n-b") as serving:
         await draining.start()
-        slow = [asyncio.create_task(caller.invoke("nap", 1.5, timeout=10)) for _ in range(4)]
-        await wait_until(lambda: draining.dispatcher.in_flight > 0, timeout=5)
-        stopping = asyncio.create_task(draining.stop())
-        await wait_until(lambda: draining.dispatcher.draining, timeout=5)
+        try:
+            # NATS picks a member at random for each message, so a few calls can all land on n-b.
+            # Send slow calls in fours until n-a holds one; 2**-40 is the chance that it never does.
+            slow: list[asyncio.Task[Any]] = []
 
-        answers = []
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:
-            answers.append(await caller.invoke("nap", 0.0, timeout=5))
-        await stopping
-        assert set(await asyncio.gather(*slow)) <= {"n-a", "n-b"}
+            def all_arrived() -> bool:
+                running = sum(not task.done() for task in slow)
+                return draining.dispatcher.in_flight + serving.dispatcher.in_flight == running
+
+            for _ in range(10):
+                slow += [asyncio.create_task(caller.invoke("nap", 1.5, timeout=10)) for _ in range(4)]
+                await wait_until(all_arrived, timeout=5)
+                if draining.dispatcher.in_flight:
+                    break
+            assert draining.dispatcher.in_flight > 0
+            stopping = asyncio.create_task(draining.stop())
+            await wait_until(lambda: draining.dispatcher.draining, timeout=5)
+
+            answers = []
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                answers.append(await caller.invoke("nap", 0.0, timeout=5))
+            await stopping
+            assert set(await asyncio.gather(*slow)) <= {"n-a", "n-b"}
+        finally:
+            await draining.stop()
 
     assert len(answers) > 20
     assert set(answers) == {"n-b"}
