@@ -37,6 +37,7 @@ from pikku_mq import (
 )
 from pikku_mq._dispatch import Dispatcher
 from pikku_mq._types import CallRequest
+from pikku_mq.transports import http as http_transport
 from pikku_mq.transports.http import MAX_NESTING, PikkuASGIApp, _decode_call_body
 
 MAX_BODY_SIZE = 4096
@@ -411,6 +412,61 @@ async def test_get_is_405(worker: PikkuWorker, client: aiohttp.ClientSession) ->
     async with client.get(f"{worker.endpoint}/remote/rpc/greet") as response:
         assert response.status == 405
         assert envelope(await response.read())["name"] == "MethodNotAllowedError"
+
+
+async def call_app(
+    app: PikkuASGIApp, method: str, path: str, raw_path: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """Call the ASGI app directly with one request and return the status and the JSON body of its reply."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b'{"data": {"name": "Ada"}}', "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "raw_path": raw_path,
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", JSON.encode()), *(headers or [])],
+    }
+    await app(scope, receive, send)
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
+async def test_cached_route_keeps_checks() -> None:
+    app = PikkuASGIApp(Dispatcher(functions))
+    rpc = "/remote/rpc/greet"
+
+    status, body = await call_app(app, "POST", rpc, rpc.encode())
+    assert status == 200
+    assert body == {"greeting": "Hello, Ada!"}
+    # The same raw path again, as a GET and after a middleware rewrote the path without the raw path.
+    status, body = await call_app(app, "GET", rpc, rpc.encode())
+    assert status == 405
+    assert body["name"] == "MethodNotAllowedError"
+    status, body = await call_app(app, "POST", "/elsewhere", rpc.encode())
+    assert status == 404
+    assert body["name"] == "NotFoundError"
+
+
+async def test_route_and_header_caches_bounded() -> None:
+    app = PikkuASGIApp(Dispatcher(functions))
+    for number in range(http_transport._MAX_CACHED_NAMES + 200):
+        path = f"/remote/rpc/missing-{number}"
+        headers = [(f"X-Custom-{number}".encode(), b"1")]
+        status, body = await call_app(app, "POST", path, path.encode(), headers)
+        assert status == 404
+        assert body["name"] == "FunctionNotFoundError"
+
+    assert len(app._names) <= http_transport._MAX_CACHED_NAMES
+    assert len(http_transport._HEADER_NAMES) <= http_transport._MAX_CACHED_NAMES
+    assert "x-custom-0" in http_transport._HEADER_NAMES.values()
 
 
 async def test_path_outside_rpc_is_404(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:

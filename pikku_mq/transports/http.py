@@ -18,7 +18,7 @@ import logging
 import math
 import re
 import socket
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import SplitResult, quote, unquote, urlsplit, urlunsplit
 
@@ -26,6 +26,7 @@ import aiohttp
 import msgpack
 import pydantic_core
 import uvicorn
+import yarl
 
 from .._dispatch import Dispatcher
 from .._durable import HEADER_ONE_WAY
@@ -61,6 +62,15 @@ DEFAULT_BODY_TIMEOUT = 10.0
 
 _MAX_CACHED_URLS = 10_000
 """Request URLs a client transport remembers; past that it starts over, so the cache stays bounded."""
+
+_MAX_CACHED_NAMES = 1_000
+"""Header names, and request paths with their function names, that the ASGI app remembers.
+
+Past that it stops adding (header names) or starts over (paths), so a client that sends new ones
+cannot grow the caches."""
+
+_HEADER_NAMES: dict[bytes, str] = {}
+"""Request header names as received, by their text in lower case."""
 
 _LARGE_BODY = 1024 * 1024
 """Request bodies over this many bytes are handed to aiohttp as a file object (its own threshold)."""
@@ -121,6 +131,8 @@ class PikkuASGIApp:
         self.max_body_size = max_body_size
         self.rpc_prefix = path_prefix.rstrip("/") + RPC_PREFIX
         self.metrics_path = path_prefix.rstrip("/") + METRICS_PATH
+        self._names: dict[bytes, tuple[str, str]] = {}
+        """The path and the function name of each raw request path, for requests without a root path."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -133,7 +145,7 @@ class PikkuASGIApp:
             await _send_metrics(send, scope["method"], telemetry.metrics.render)
             return
 
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = _decode_headers(scope["headers"])
         content_type = _content_type(headers)
         binary = content_type == MSGPACK
         try:
@@ -159,8 +171,26 @@ class PikkuASGIApp:
             await _send(send, status, raw, JSON, rejected=outcome.rejected)
 
     def _function_name(self, scope: Scope) -> str:
-        path: str = scope["path"]
+        raw_path: bytes | None = scope.get("raw_path")
         root_path: str = scope.get("root_path", "")
+        if not raw_path or root_path:
+            return self._name_from_paths(scope, root_path, raw_path)
+        # Only paths that name a function are cached, with the path they came with, in case a
+        # middleware rewrote the path and not the raw path.
+        path: str = scope["path"]
+        cached = self._names.get(raw_path)
+        if cached is None or cached[0] != path:
+            name = self._name_from_paths(scope, root_path, raw_path)
+            if len(self._names) >= _MAX_CACHED_NAMES:
+                self._names.clear()
+            self._names[raw_path] = (path, name)
+            return name
+        if scope["method"] != "POST":
+            raise MethodNotAllowedError(f"{scope['method']} is not allowed; call functions with POST")
+        return cached[1]
+
+    def _name_from_paths(self, scope: Scope, root_path: str, raw_path: bytes | None) -> str:
+        path: str = scope["path"]
         if root_path and path.startswith(root_path):
             path = path[len(root_path) :]
         prefix = self.rpc_prefix
@@ -170,7 +200,6 @@ class PikkuASGIApp:
             raise MethodNotAllowedError(f"{scope['method']} is not allowed; call functions with POST")
 
         # Take the name from the raw path, so an encoded slash stays part of the name.
-        raw_path: bytes | None = scope.get("raw_path")
         if raw_path:
             encoded = raw_path.decode("latin-1").split("?", 1)[0]
             index = encoded.find(prefix)
@@ -228,6 +257,20 @@ class PikkuASGIApp:
             f"request body is larger than the limit of {self.max_body_size} bytes",
             payload={"max_body_size": self.max_body_size},
         )
+
+
+def _decode_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Decode the ASGI headers of a request, with the names in lower case; of repeated names the last one counts."""
+    names = _HEADER_NAMES
+    headers = {}
+    for raw_name, value in raw:
+        name = names.get(raw_name)
+        if name is None:
+            name = raw_name.decode("latin-1").lower()
+            if len(names) < _MAX_CACHED_NAMES:
+                names[raw_name] = name
+        headers[name] = value.decode("latin-1")
+    return headers
 
 
 def _decode_call_body(body: bytes, binary: bool) -> Any:
@@ -417,8 +460,9 @@ class AiohttpTransport(ClientTransport):
         self._limit = limit
         self._keepalive_timeout = keepalive_timeout
         self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[tuple[str, str], str] = {}
-        """Request URLs by endpoint and function name, so a call does not percent-encode its name again."""
+        self._urls: dict[tuple[str, str], yarl.URL] = {}
+        """Parsed request URLs by endpoint and function name, so a call neither percent-encodes its name
+        again nor has aiohttp parse the URL's text."""
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -429,7 +473,7 @@ class AiohttpTransport(ClientTransport):
     async def call(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
         url = self._urls.get((endpoint, request.name))
         if url is None:
-            url = endpoint.rstrip("/") + rpc_path(request.name)
+            url = yarl.URL(endpoint.rstrip("/") + rpc_path(request.name))
             if len(self._urls) >= _MAX_CACHED_URLS:
                 self._urls.clear()
             self._urls[endpoint, request.name] = url
