@@ -12,6 +12,9 @@ the report gives instructions per call:
   reply's encoding, but no system call;
 - ``dispatcher``: ``Dispatcher.handle`` and the msgpack-ready encoding of its outcome, as a broker
   worker runs them;
+- ``http-app``: pikku_mq's ASGI app serving one HTTP request at a time, called directly with the
+  scope, headers and JSON body that uvicorn passes on for the benchmark's call. The count covers the
+  headers, the route, the body, the dispatcher and the reply, but neither uvicorn nor a socket;
 - ``required``: only the steps that the worker's design requires for each call, written plainly. That
   is the msgpack body, the fingerprint, input and output validation, the function, the reply's
   encoding and a deadline timer;
@@ -50,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 NATS_URL = "nats://127.0.0.1:4222"
-PARTS = ("worker", "dispatcher", "required", "caller")
+PARTS = ("worker", "dispatcher", "required", "caller", "http-app")
 RAW_PARTS = ("raw-worker", "raw-caller")
 CALL_HEADERS = {"x-request-id": "a" * 32, "pikku-hop": "1", "pikku-deadline-ms": "29999"}
 
@@ -62,7 +65,7 @@ def main() -> None:
         nargs="+",
         choices=PARTS + RAW_PARTS,
         default=list(PARTS),
-        help="what to count (default: the first four)",
+        help="what to count (default: all but the raw parts)",
     )
     parser.add_argument("--calls", type=int, default=1984, help="calls counted in each part")
     parser.add_argument("--batch", type=int, default=64, help="worker: requests per read")
@@ -216,6 +219,51 @@ async def dispatcher_part(args: argparse.Namespace) -> None:
 
     await handle(headers[:200])
     await counted(lambda: handle(headers[200:]))
+
+
+async def http_app_part(args: argparse.Namespace) -> None:
+    import json
+
+    from rpc_echo import echo, make_payload
+
+    from pikku_mq import FunctionRegistry
+    from pikku_mq._dispatch import Dispatcher
+    from pikku_mq.transports.http import JSON, PikkuASGIApp
+
+    registry = FunctionRegistry()
+    registry.add(echo.__pikku__)
+    app = PikkuASGIApp(Dispatcher(registry))
+    body = json.dumps({"data": make_payload(100)}).encode()
+    # The headers that pikku_mq's aiohttp client sends, as uvicorn passes them on: names in lower case,
+    # new bytes objects for each request, and a fresh call id.
+    sent = {
+        "host": "127.0.0.1:8000",
+        "accept": "*/*",
+        "accept-encoding": "gzip, deflate",
+        "content-type": JSON,
+        "content-length": str(len(body)),
+        **CALL_HEADERS,
+    }
+
+    def scope() -> dict[str, Any]:
+        headers = [(name.encode(), value.encode()) for name, value in sent.items()]
+        headers.append((b"pikku-call-id", uuid.uuid4().hex.encode()))
+        path = "/remote/rpc/echo"
+        return {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "headers": headers}
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    async def serve(scopes: list[dict[str, Any]]) -> None:
+        for request in scopes:
+            await app(request, receive, send)
+
+    await serve([scope() for _ in range(200)])
+    scopes = [scope() for _ in range(args.calls)]
+    await counted(lambda: serve(scopes))
 
 
 async def required_part(args: argparse.Namespace) -> None:
@@ -393,6 +441,7 @@ async def raw_caller_part(args: argparse.Namespace) -> None:
 CHILDREN: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
     "worker": worker_part,
     "dispatcher": dispatcher_part,
+    "http-app": http_app_part,
     "required": required_part,
     "caller": caller_part,
     "raw-worker": raw_worker_part,

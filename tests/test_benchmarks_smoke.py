@@ -85,12 +85,13 @@ def test_feature_floor_quick_run() -> None:
 def test_instruction_count_run() -> None:
     # valgrind is a Debian package of every machine this project's CI runs on.
     counts = _instruction_counts([], timeout=230)
-    assert list(counts) == ["worker", "dispatcher", "required", "caller"]
+    assert list(counts) == ["worker", "dispatcher", "required", "caller", "http-app"]
     # Each part runs the benchmark's echo call, which takes thousands of instructions. A part whose
     # measured loop did not run would count almost none.
     for part, count in counts.items():
         assert 10_000 < count < 10_000_000, (part, count)
     assert counts["worker"] > counts["dispatcher"] > counts["required"]
+    assert counts["http-app"] > counts["dispatcher"]
 
 
 @pytest.mark.timeout(120)

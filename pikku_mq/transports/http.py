@@ -70,7 +70,7 @@ Past that it stops adding (header names) or starts over (paths), so a client tha
 cannot grow the caches."""
 
 _HEADER_NAMES: dict[bytes, str] = {}
-"""Request header names as received, by their text in lower case."""
+"""The lower-case text of each request header name, by the name's bytes as received."""
 
 _LARGE_BODY = 1024 * 1024
 """Request bodies over this many bytes are handed to aiohttp as a file object (its own threshold)."""
@@ -93,6 +93,8 @@ METRICS_PATH = "/metrics"
 HEADER_REJECTED = "pikku-rejected"
 JSON = "application/json"
 MSGPACK = "application/msgpack"
+_CONTENT_TYPE_HEADERS = {JSON: (b"content-type", JSON.encode()), MSGPACK: (b"content-type", MSGPACK.encode())}
+"""The encoded content-type header of each kind of call reply."""
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -175,8 +177,8 @@ class PikkuASGIApp:
         root_path: str = scope.get("root_path", "")
         if not raw_path or root_path:
             return self._name_from_paths(scope, root_path, raw_path)
-        # Only paths that name a function are cached, with the path they came with, in case a
-        # middleware rewrote the path and not the raw path.
+        # Only paths under the RPC prefix are cached, each with the path it came with, in case a
+        # middleware rewrote the path but not the raw path.
         path: str = scope["path"]
         cached = self._names.get(raw_path)
         if cached is None or cached[0] != path:
@@ -260,7 +262,7 @@ class PikkuASGIApp:
 
 
 def _decode_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
-    """Decode the ASGI headers of a request, with the names in lower case; of repeated names the last one counts."""
+    """Decode the ASGI headers of a request, with the names in lower case. Of repeated names, the last one counts."""
     names = _HEADER_NAMES
     headers = {}
     for raw_name, value in raw:
@@ -317,7 +319,10 @@ def _decode_failure(exc: Exception) -> str:
 
 
 def _content_type(headers: dict[str, str]) -> str:
-    return headers.get("content-type", JSON).split(";", 1)[0].strip().lower()
+    value = headers.get("content-type", JSON)
+    if value in (JSON, MSGPACK):
+        return value
+    return value.split(";", 1)[0].strip().lower()
 
 
 def _reject_constant(constant: str) -> Any:
@@ -398,7 +403,8 @@ async def _send_error(send: Send, error: PikkuMQError, *, binary: bool) -> None:
 
 
 async def _send(send: Send, status: int, body: bytes, content_type: str, *, rejected: bool) -> None:
-    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+    type_header = _CONTENT_TYPE_HEADERS.get(content_type) or (b"content-type", content_type.encode())
+    headers = [type_header, (b"content-length", str(len(body)).encode())]
     if rejected:
         # A rejection means this worker is draining: close the connection so the caller's pool drops it.
         headers.append((HEADER_REJECTED.encode(), b"1"))
