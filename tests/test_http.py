@@ -31,6 +31,7 @@ from pikku_mq import (
     MemoryRegistry,
     PikkuWorker,
     ProtocolError,
+    TransportError,
     TransportSet,
     deployment_service_from_url,
     pikku_sessionless_func,
@@ -455,8 +456,16 @@ async def test_cached_route_keeps_checks() -> None:
     assert body["name"] == "NotFoundError"
 
 
-async def test_route_and_header_caches_bounded() -> None:
+async def test_route_and_header_caches_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_transport, "_HEADER_NAMES", {})
     app = PikkuASGIApp(Dispatcher(functions))
+    long_path = "/remote/rpc/" + "x" * 300
+    status, _ = await call_app(app, "POST", long_path, long_path.encode(), [(b"x-" + b"y" * 300, b"1")])
+    assert status == 404
+    # Long names and paths are decoded for each request, not kept.
+    assert app._names == {}
+    assert http_transport._HEADER_NAMES == {b"content-type": "content-type"}
+
     for number in range(http_transport._MAX_CACHED_NAMES + 200):
         path = f"/remote/rpc/missing-{number}"
         headers = [(f"X-Custom-{number}".encode(), b"1")]
@@ -467,6 +476,15 @@ async def test_route_and_header_caches_bounded() -> None:
     assert len(app._names) <= http_transport._MAX_CACHED_NAMES
     assert len(http_transport._HEADER_NAMES) <= http_transport._MAX_CACHED_NAMES
     assert "x-custom-0" in http_transport._HEADER_NAMES.values()
+
+
+async def test_invalid_endpoint_is_transport_error() -> None:
+    transport = AiohttpTransport()
+    try:
+        with pytest.raises(TransportError, match="the URL is invalid"):
+            await transport.call("http://127.0.0.1:99999", CallRequest(name="greet", data=None), 5.0)
+    finally:
+        await transport.close()
 
 
 async def test_path_outside_rpc_is_404(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:

@@ -160,3 +160,16 @@ async def test_connections_bounded_and_closed(tmp_path: Path) -> None:
     with pytest.raises(DiscoveryError, match="is closed"):
         await service.find_function("greet")
     assert open_files(path) == []
+
+
+async def test_concurrent_close_deregisters(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    service = SqliteDeploymentService(path)
+    await service.start(CONFIG)
+    await asyncio.gather(service.close(), service.close())
+
+    other = SqliteDeploymentService(path)
+    try:
+        assert await other.list_deployments() == []
+    finally:
+        await other.close()

@@ -23,11 +23,17 @@ logger = logging.getLogger(__name__)
 _BUSY_TIMEOUT_MS = 15_000
 """How long a writer waits for another process's write lock before failing."""
 
-_CLOSE_WAIT = 5.0
-"""Seconds close() waits for the operations still running before it closes the connections."""
-
 _MAX_CONNECTIONS = 16
 """Connections one service opens to the file at once; operations beyond that wait for one to return."""
+
+_POOL_TIMEOUT = 5.0
+"""Seconds an operation waits for one of those connections before it fails."""
+
+_POOL_OPTIONS = {"pool_size": 1, "max_overflow": _MAX_CONNECTIONS - 1, "pool_timeout": _POOL_TIMEOUT}
+"""One connection stays in the pool, and the others close when their operation ends."""
+
+_CLOSE_WAIT = 5.0
+"""Seconds close() waits for the operations still running before it closes the connections."""
 
 
 class SqliteDeploymentService(SqlAlchemyDeploymentService):
@@ -48,6 +54,9 @@ class SqliteDeploymentService(SqlAlchemyDeploymentService):
     NOTE: to reset the registry while services run, delete the file together with its ``-wal`` and
     ``-shm`` files. A new file next to the old ``-shm`` fails with "disk I/O error" in every process
     until each service that still holds the old file has run an operation (a heartbeat or a lookup).
+    Do not restore a copy by renaming it over the file while services run: they keep reading the old
+    WAL, and its pages can overwrite the copy. Restore with SQLite's backup API (the ``.restore``
+    command of the ``sqlite3`` shell) or with every service stopped.
 
     NOTE: when each operation opened its own connection, one process sustained about 70 heartbeats
     per second on a 2-core VM (``benchmarks/registry.py``), which suits meshes of tens of instances at
@@ -62,15 +71,16 @@ class SqliteDeploymentService(SqlAlchemyDeploymentService):
         memory = str(path) == ":memory:"
         engine = create_async_engine(
             f"sqlite+aiosqlite:///{self.path}",
-            # One connection stays in the pool, and the others close when their operation ends.
             poolclass=NullPool if memory else AsyncAdaptedQueuePool,
             connect_args={"timeout": _BUSY_TIMEOUT_MS / 1000},
-            **({} if memory else {"pool_size": 1, "max_overflow": _MAX_CONNECTIONS - 1}),
+            **({} if memory else _POOL_OPTIONS),
         )
         event.listen(engine.sync_engine, "connect", self._on_connect)
         event.listen(engine.sync_engine, "begin", _begin_immediate)
         if not memory:
             event.listen(engine.sync_engine, "checkout", self._on_checkout)
+            event.listen(engine.sync_engine, "checkin", self._on_checkin)
+        self._closing: asyncio.Task[None] | None = None
         super().__init__(engine, **options)
         self._owns_engine = True
 
@@ -91,10 +101,23 @@ class SqliteDeploymentService(SqlAlchemyDeploymentService):
         if record.info.get("pikku_file") != _file_identity(self.path):
             raise exc.DisconnectionError(f"{self.path} was deleted or replaced since this connection opened it")
 
+    def _on_checkin(self, _dbapi_connection: Any, record: Any) -> None:
+        # A connection that an operation returns after close() gave up waiting for it would stay open
+        # in the disposed pool.
+        if self._closed and record.dbapi_connection is not None:
+            record.invalidate()
+
+    async def close(self) -> None:
+        # A second close() while the first runs waits for it, so it cannot refuse the first one's
+        # deregistration.
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(super().close())
+        await asyncio.shield(self._closing)
+
     async def _close_store(self) -> None:
         self._closed = True
-        # Disposing of the pool closes the connections in it, not those that operations still use, and
-        # the pool would keep one of those when it comes back.
+        # Disposing of the pool closes the connections in it, not those that operations still use, so
+        # close() waits for those first. One that comes back later is closed by _on_checkin().
         pool = self.engine.pool
         deadline = time.monotonic() + _CLOSE_WAIT
         # The pool has no event for the return of its last connection, so close() polls it.

@@ -66,8 +66,11 @@ _MAX_CACHED_URLS = 10_000
 _MAX_CACHED_NAMES = 1_000
 """Header names, and request paths with their function names, that the ASGI app remembers.
 
-Past that it stops adding (header names) or starts over (paths), so a client that sends new ones
-cannot grow the caches."""
+Past that it stops adding (header names) or starts over (paths). Only names and paths up to
+``_MAX_CACHED_KEY_BYTES`` are kept, so a client that sends long new ones cannot make the caches large."""
+
+_MAX_CACHED_KEY_BYTES = 256
+"""Length of the longest header name or raw request path that the ASGI app's caches keep."""
 
 _HEADER_NAMES: dict[bytes, str] = {}
 """The lower-case text of each request header name, by the name's bytes as received."""
@@ -175,7 +178,7 @@ class PikkuASGIApp:
     def _function_name(self, scope: Scope) -> str:
         raw_path: bytes | None = scope.get("raw_path")
         root_path: str = scope.get("root_path", "")
-        if not raw_path or root_path:
+        if not raw_path or root_path or len(raw_path) > _MAX_CACHED_KEY_BYTES:
             return self._name_from_paths(scope, root_path, raw_path)
         # Only paths under the RPC prefix are cached, each with the path it came with, in case a
         # middleware rewrote the path but not the raw path.
@@ -269,7 +272,7 @@ def _decode_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
         name = names.get(raw_name)
         if name is None:
             name = raw_name.decode("latin-1").lower()
-            if len(names) < _MAX_CACHED_NAMES:
+            if len(names) < _MAX_CACHED_NAMES and len(raw_name) <= _MAX_CACHED_KEY_BYTES:
                 names[raw_name] = name
         headers[name] = value.decode("latin-1")
     return headers
@@ -479,7 +482,13 @@ class AiohttpTransport(ClientTransport):
     async def call(self, endpoint: str, request: CallRequest, timeout: float) -> Reply:
         url = self._urls.get((endpoint, request.name))
         if url is None:
-            url = yarl.URL(endpoint.rstrip("/") + rpc_path(request.name))
+            try:
+                url = yarl.URL(endpoint.rstrip("/") + rpc_path(request.name))
+            except ValueError as exc:
+                # As aiohttp's InvalidURL would be, had it parsed the text.
+                raise TransportError(
+                    f"call to '{request.name}' at {endpoint} failed: the URL is invalid: {exc}"
+                ) from exc
             if len(self._urls) >= _MAX_CACHED_URLS:
                 self._urls.clear()
             self._urls[endpoint, request.name] = url
