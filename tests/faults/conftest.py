@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,23 @@ async def make_drill(tmp_path: Path) -> AsyncIterator[MakeDrill]:
     A test requests the fixture of a private server before this one, so its drills close before the server stops.
     """
     drills: list[Drill] = []
+    # The last connection to close an SQLite file in WAL mode takes its exclusive lock, and a worker
+    # stopped at that moment would hold up every lookup until it resumes (see SqliteDeploymentService).
+    # The drills test what a stopped worker does to calls, so this connection stays open throughout.
+    registry = tmp_path / "registry.db"
+    holder = sqlite3.connect(registry, isolation_level=None)
+    holder.execute("PRAGMA journal_mode = WAL")
+    holder.execute("SELECT count(*) FROM sqlite_master").fetchall()
 
     def make(name: str, wiring: Wiring, discovery_url: str | None = None, **options: Any) -> Drill:
-        url = discovery_url or f"sqlite:///{tmp_path / 'registry.db'}"
+        url = discovery_url or f"sqlite:///{registry}"
         drill = Drill(name, wiring, tmp_path, url, **options)
         drills.append(drill)
         return drill
 
-    yield make
-    for drill in drills:
-        await drill.close()
+    try:
+        yield make
+        for drill in drills:
+            await drill.close()
+    finally:
+        holder.close()
