@@ -915,7 +915,7 @@ async def test_draining_group_member_hands_calls_over(mesh: Mesh) -> None:
         await draining.start()
         try:
             # NATS picks a member at random for each message, so a few calls can all land on n-b.
-            # Send slow calls in fours until n-a holds one; 2**-40 is the chance that it never does.
+            # Send slow calls in fours until n-a is running one. The chance that it never gets one is 2**-40.
             slow: list[asyncio.Task[Any]] = []
 
             def all_arrived() -> bool:

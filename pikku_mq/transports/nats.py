@@ -1116,7 +1116,7 @@ class _Packer(threading.local):
 _packer = _Packer()
 
 _PACKER_KEPT_BYTES = 1024 * 1024
-"""Bytes of a message up to which the thread's packer is kept, so each kept packer holds at most about 1 MiB.
+"""Bytes of a message up to which the thread's packer is kept, so no kept packer uses more than about 1 MiB.
 
 A new packer starts with a buffer of 256 KiB (msgpack 1.2.4, ``buf_size``).
 """
