@@ -86,8 +86,12 @@ class FunctionDefinition:
         """Serialise a validated result to JSON bytes, or raise :class:`OutputValidationError`."""
         try:
             body = self._to_json(result)
-            # pydantic writes NaN and Infinity as null; look closer only when a null is there at all.
-            non_finite = b"null" in body and _has_non_finite((self.output_adapter or _ANY_ADAPTER).dump_python(result))
+            # pydantic writes NaN and Infinity as null; look closer only when a null is there at all. find(),
+            # not "in": bytes.__contains__ first tries its operand as an int, and clearing that TypeError costs
+            # more than the search.
+            non_finite = body.find(b"null") >= 0 and _has_non_finite(
+                (self.output_adapter or _ANY_ADAPTER).dump_python(result)
+            )
         except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
             raise OutputValidationError(f"the result of function '{self.name}' cannot be serialised: {exc}") from None
         if non_finite:
@@ -317,7 +321,7 @@ def _core_method(adapter: pydantic.TypeAdapter[Any], name: str) -> Callable[[Any
 
 def _has_non_finite(value: Any) -> bool:
     text = pydantic_core.to_json(value, inf_nan_mode="constants", fallback=str)
-    if b"NaN" not in text and b"Infinity" not in text:
+    if text.find(b"NaN") < 0 and text.find(b"Infinity") < 0:
         return False
     try:
         json.loads(text, parse_constant=_raise_constant)

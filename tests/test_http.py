@@ -7,7 +7,9 @@ import contextlib
 import json
 import logging
 import math
+import random
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import quote
@@ -15,6 +17,7 @@ from urllib.parse import quote
 import aiohttp
 import httpx
 import msgpack
+import pydantic_core
 import pytest
 import uvicorn
 from pydantic import BaseModel
@@ -24,6 +27,7 @@ from starlette.routing import Mount
 from pikku_mq import (
     AiohttpTransport,
     BadRequestError,
+    DeadlineExceededError,
     DeploymentConfig,
     FunctionRegistry,
     HttpxTransport,
@@ -629,6 +633,58 @@ async def test_aiohttp_transport_call(worker: PikkuWorker) -> None:
     assert error_reply.body["name"] == "TooManyGreetingsError"
 
 
+async def test_aiohttp_transport_names_itself_and_reads_media_type_parameters() -> None:
+    seen: list[dict[bytes, bytes]] = []
+
+    async def peer(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        seen.append(dict(scope["headers"]))
+        while (await receive()).get("more_body"):
+            pass
+        headers = [(b"content-type", b"Application/MsgPack; charset=binary")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": msgpack.packb({"ok": [1, 2]})})
+
+    transport = AiohttpTransport()
+    try:
+        async with serve_asgi(peer) as endpoint:
+            reply = await transport.call(endpoint, CallRequest("echo", {"a": 1}, {"x-request-id": "r1"}), timeout=5)
+    finally:
+        await transport.close()
+
+    assert reply.body == {"ok": [1, 2]}
+    assert seen[0][b"user-agent"] == b"pikku-mq"
+    assert seen[0][b"x-request-id"] == b"r1"
+    assert seen[0][b"content-type"] == JSON.encode()
+
+
+async def test_aiohttp_deadline_of_over_five_seconds_is_kept() -> None:
+    # aiohttp rounds its own timeouts of 5 s or more up to a whole second of the loop's clock, so a call
+    # could end up to a second after its deadline; the transport's own timeout ends it on time.
+    disconnected = asyncio.Event()
+
+    async def silent_peer(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        disconnected.set()
+
+    transport = AiohttpTransport()
+    try:
+        async with serve_asgi(silent_peer) as endpoint:
+            # Start just after a whole second of the loop's clock, where rounding up would add 0.65 s.
+            loop = asyncio.get_running_loop()
+            await asyncio.sleep(math.ceil(loop.time()) - loop.time() + 0.05)
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceededError):
+                await transport.call(endpoint, CallRequest("slow", None), timeout=5.3)
+            elapsed = time.monotonic() - started
+            async with asyncio.timeout(5):
+                await disconnected.wait()
+    finally:
+        await transport.close()
+
+    assert 5.3 <= elapsed < 5.6
+
+
 async def test_httpx_transport_user_client() -> None:
     shared = MemoryRegistry()
     async with httpx.AsyncClient() as user_client:
@@ -882,10 +938,50 @@ def test_msgpack_body_accepts_json_values(data: Any) -> None:
         b'{"data": {"a": 1, "a": 2}}',
         b'\xef\xbb\xbf{"data": "after a byte order mark"}',
         b'{"data": "' + b"x" * 70000 + b'"}',
+        b'{"data": [' + b"9" * 308 + b".5, " + b"1" * 309 + b".0, " + b"7" * 400 + b"]}",
+        b'{"data": {"note": "1e400 in a string", "n": 2.5e-3}}',
     ],
 )
 def test_json_body_decodes_as_json_module(raw: bytes) -> None:
     assert repr(_decode_call_body(raw, binary=False)) == repr(json.loads(raw)["data"])
+
+
+def _random_json(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.random()
+    if depth > 5 or kind < 0.5:
+        leaf = rng.random()
+        if leaf < 0.2:
+            return rng.randint(-(10 ** rng.randint(0, 30)), 10 ** rng.randint(0, 30))
+        if leaf < 0.45:
+            return rng.uniform(-1e6, 1e6) * rng.choice([1, 1e-3, 1e12, 1e-12, 0])
+        if leaf < 0.8:
+            return "".join(
+                chr(rng.choice([rng.randint(0, 0x7F), rng.randint(0x80, 0xD7FF), rng.randint(0x10000, 0x10FFFF)]))
+                for _ in range(rng.randint(0, 8))
+            )
+        return rng.choice([True, False, None])
+    if kind < 0.75:
+        return [_random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return {str(rng.random())[: rng.randint(0, 6)]: _random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+
+
+def test_json_bodies_decode_as_json_module_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Bodies without an exponent go to pydantic_core's parser, the others to the json module's: both
+    # must give what json.loads gives, types and key order included.
+    parsed = []
+    from_json = pydantic_core.from_json
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        parsed.append(1)
+        return from_json(*args, **kwargs)
+
+    monkeypatch.setattr(pydantic_core, "from_json", counted)
+    rng = random.Random(7)
+    for _ in range(3000):
+        raw = json.dumps({"data": _random_json(rng)}, ensure_ascii=rng.random() < 0.5).encode()
+        assert repr(_decode_call_body(raw, binary=False)) == repr(json.loads(raw)["data"]), raw
+
+    assert 1000 < len(parsed) < 3000  # both paths were taken
 
 
 @pytest.mark.parametrize(
@@ -944,6 +1040,10 @@ def test_json_body_without_unknown_fields(raw: bytes, data: Any) -> None:
         (b'{"data": NaN}', "NaN is not valid JSON"),
         (b'{"data": [Infinity]}', "Infinity is not valid JSON"),
         (b'{"data": "\\ud800"}', "lone surrogates"),
+        (b'{"data": "\\ude00\\ud83d"}', "lone surrogates"),
+        (b'{"data": {"\\udfff": 1}}', "lone surrogates"),
+        (b'{"data": [1, ' + b"9" * 309 + b".0]}", "out of the range of a 64-bit float"),
+        (b'{"data": 1e400, "n": "no exponent elsewhere"}', "out of the range of a 64-bit float"),
         (b'{"data": ' + b"[" * MAX_NESTING + b"]" * MAX_NESTING + b"}", "nested too deeply"),
     ],
 )
