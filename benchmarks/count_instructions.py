@@ -24,37 +24,51 @@ the report gives instructions per call:
 - ``raw-worker`` and ``raw-caller``, counted only when named: the benchmark's raw NATS floor in the
   same harnesses. That is a plain nats-py subscriber that sends each body back, fed ``--batch``
   requests per read without headers, and nats-py's ``request()`` with ``--in-flight`` calls in
-  flight.
+  flight;
+- ``http-caller``, ``http-server``, ``raw-http-caller`` and ``raw-http-server``, counted only when
+  named: one HTTP call at a time over a real connection on 127.0.0.1, as the benchmark's
+  sequential phase makes them, with the other end in a process that is not counted. The callers are
+  ``rpc.remote`` and the raw floor's aiohttp client, both calling a PikkuWorker, so they read the
+  same replies. The servers are a PikkuWorker and the raw floor's bare ASGI app on uvicorn, both
+  called by an aiohttp client that sends the headers of pikku_mq's caller. Their counts cover
+  uvicorn, the app and the event loop, and the callers' counts cover aiohttp and the event loop.
 
 The ``worker`` and ``caller`` parts connect to NATS on 127.0.0.1:4222 for their set-up, under a
-subject prefix of their own. Counts are those of the Python, uvloop and libraries installed here.
-Under valgrind OpenSSL may take another code path than on the bare CPU, so compare counts with
-counts, not with timings. To compare two trees, run this file with ``PYTHONPATH`` set to each.
+subject prefix of their own, and the HTTP parts listen on free ports of 127.0.0.1. Counts are those
+of the Python, uvloop and libraries installed here. Under valgrind OpenSSL may take another code
+path than on the bare CPU, so compare counts with counts, not with timings. To compare two trees,
+run this file with ``PYTHONPATH`` set to each.
 
 Run from the repository root: ``python benchmarks/count_instructions.py [--parts worker caller]
 [--calls 1984] [--batch 64] [--in-flight 64]``; ``--batch 1`` and ``--in-flight 1`` count one
-call at a time. Needs valgrind (Debian's ``valgrind`` package); each part takes about 10 to 30 s.
+call at a time (the HTTP parts always make one call at a time). Needs valgrind (Debian's
+``valgrind`` package); each part takes about 10 to 60 s.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
+
+import uvloop
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 NATS_URL = "nats://127.0.0.1:4222"
 PARTS = ("worker", "dispatcher", "required", "caller", "http-app")
-RAW_PARTS = ("raw-worker", "raw-caller")
+RAW_PARTS = ("raw-worker", "raw-caller", "http-caller", "http-server", "raw-http-caller", "raw-http-server")
+"""The parts counted only when named: the raw floors, and the HTTP call parts, which start a second process."""
 CALL_HEADERS = {"x-request-id": "a" * 32, "pikku-hop": "1", "pikku-deadline-ms": "29999"}
 
 
@@ -65,16 +79,22 @@ def main() -> None:
         nargs="+",
         choices=PARTS + RAW_PARTS,
         default=list(PARTS),
-        help="what to count (default: all but the raw parts)",
+        help="what to count (default: all but the raw and the HTTP call parts)",
     )
     parser.add_argument("--calls", type=int, default=1984, help="calls counted in each part")
     parser.add_argument("--batch", type=int, default=64, help="worker: requests per read")
     parser.add_argument("--in-flight", type=int, default=64, help="caller: calls in flight")
     parser.add_argument("--child", choices=PARTS + RAW_PARTS, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-http", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--drive-http", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_http is not None:
+        uvloop.run(serve_http(args.serve_http))
+        return
+    if args.drive_http is not None:
+        uvloop.run(drive_http(args.drive_http, args.calls))
+        return
     if args.child:
-        import uvloop
-
         uvloop.run(CHILDREN[args.child](args))
         return
 
@@ -438,6 +458,191 @@ async def raw_caller_part(args: argparse.Namespace) -> None:
         await nc.close()
 
 
+# -- HTTP, one call at a time over a real connection -------------------------------------------------
+
+WARM_UP_CALLS = 200
+"""Calls made before counting starts, so that connections, caches and lookups are in place."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def start_helper(*argv: str) -> asyncio.subprocess.Process:
+    """Start this file in a process that valgrind does not count (it follows no children)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, __file__, *argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+
+
+async def read_line(helper: asyncio.subprocess.Process, expected: bytes) -> None:
+    assert helper.stdout is not None
+    line = await asyncio.wait_for(helper.stdout.readline(), 300)
+    if line.strip() != expected:
+        raise SystemExit(f"the helper process wrote {line!r} where {expected!r} was expected")
+
+
+async def stop_helper(helper: asyncio.subprocess.Process) -> None:
+    if helper.returncode is None:
+        helper.terminate()
+    await asyncio.wait_for(helper.wait(), 30)
+
+
+async def serve_http(port: int) -> None:
+    """Serve the benchmark's ``echo`` with a PikkuWorker on ``port`` until stdin closes."""
+    from rpc_echo import echo
+
+    from pikku_mq import MemoryDeploymentService, PikkuWorker
+
+    worker = PikkuWorker(
+        endpoint=f"http://127.0.0.1:{port}", functions=[echo], deployment_service=MemoryDeploymentService()
+    )
+    async with worker:
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+
+async def drive_http(url: str, calls: int) -> None:
+    """Post ``echo`` calls to ``url`` one at a time with the headers of pikku_mq's caller: a warm-up, then ``calls``."""
+    import json
+
+    import aiohttp
+    from rpc_echo import make_payload
+
+    body = json.dumps({"data": make_payload(100)}).encode()
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession(headers={"User-Agent": "pikku-mq"}) as session:
+
+        async def call_all(count: int) -> None:
+            for _ in range(count):
+                headers = {
+                    **CALL_HEADERS,
+                    "pikku-call-id": uuid.uuid4().hex,
+                    "content-type": "application/json",
+                }
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    if response.status != 200:
+                        raise SystemExit(f"the server replied {response.status} to a call")
+
+        await call_all(WARM_UP_CALLS)
+        print("warm", flush=True)
+        await loop.run_in_executor(None, sys.stdin.readline)
+        await call_all(calls)
+        print("done", flush=True)
+
+
+async def count_served(args: argparse.Namespace, url: str) -> None:
+    """Count what this process does while a helper process makes ``args.calls`` calls to ``url``."""
+    helper = await start_helper("--drive-http", url, "--calls", str(args.calls))
+    assert helper.stdin is not None
+    try:
+        await read_line(helper, b"warm")
+        toggle("on")
+        helper.stdin.write(b"go\n")
+        await helper.stdin.drain()
+        await read_line(helper, b"done")
+        toggle("off")
+    finally:
+        await stop_helper(helper)
+
+
+async def http_server_part(args: argparse.Namespace) -> None:
+    from rpc_echo import echo
+
+    from pikku_mq import MemoryDeploymentService, PikkuWorker
+
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    worker = PikkuWorker(endpoint=endpoint, functions=[echo], deployment_service=MemoryDeploymentService())
+    async with worker:
+        await count_served(args, f"{endpoint}/remote/rpc/echo")
+
+
+async def raw_http_server_part(args: argparse.Namespace) -> None:
+    import uvicorn
+    from raw_echo_server import app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise SystemExit("uvicorn exited during startup")
+            await asyncio.sleep(0.01)
+        await count_served(args, f"http://127.0.0.1:{port}/remote/rpc/echo")
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def count_http_calls(args: argparse.Namespace, call: Callable[[], Awaitable[Any]]) -> None:
+    """Count ``args.calls`` sequential calls of ``call`` in this process, after a warm-up."""
+
+    async def call_all(count: int) -> None:
+        for _ in range(count):
+            await call()
+
+    await call_all(WARM_UP_CALLS)
+    await counted(lambda: call_all(args.calls))
+
+
+@contextlib.asynccontextmanager
+async def http_worker_process() -> AsyncIterator[str]:
+    """Run a PikkuWorker serving ``echo`` in a helper process and yield its endpoint."""
+    port = free_port()
+    helper = await start_helper("--serve-http", str(port))
+    try:
+        await read_line(helper, b"ready")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        assert helper.stdin is not None
+        helper.stdin.close()
+        await stop_helper(helper)
+
+
+async def http_caller_part(args: argparse.Namespace) -> None:
+    from rpc_echo import make_payload
+
+    from pikku_mq import RPC, DeploymentConfig, MemoryDeploymentService, MemoryRegistry
+
+    payload = make_payload(100)
+    registry = MemoryRegistry()
+    async with http_worker_process() as endpoint:
+        # The worker registers in its own process, so its endpoint is registered here on its behalf.
+        peer = MemoryDeploymentService(registry)
+        await peer.start(DeploymentConfig("count-worker", endpoint, functions=["echo"]))
+        # A long-lived routing cache, since valgrind slows the counted calls past the default 5 s.
+        discovery = MemoryDeploymentService(registry, routing_cache_ttl=3600)
+        rpc = RPC(deployment_service=discovery)
+        try:
+            await count_http_calls(args, lambda: rpc.remote("echo", payload))
+        finally:
+            await discovery.close()
+            await peer.close()
+
+
+async def raw_http_caller_part(args: argparse.Namespace) -> None:
+    import json
+
+    import aiohttp
+    from rpc_echo import make_payload
+
+    payload = make_payload(100)
+    async with http_worker_process() as endpoint, aiohttp.ClientSession() as session:
+        url = f"{endpoint}/remote/rpc/echo"
+
+        async def call() -> Any:
+            body = json.dumps({"data": payload}).encode()
+            async with session.post(url, data=body, headers={"content-type": "application/json"}) as response:
+                return json.loads(await response.read())
+
+        await count_http_calls(args, call)
+
+
 CHILDREN: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
     "worker": worker_part,
     "dispatcher": dispatcher_part,
@@ -446,6 +651,10 @@ CHILDREN: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] =
     "caller": caller_part,
     "raw-worker": raw_worker_part,
     "raw-caller": raw_caller_part,
+    "http-caller": http_caller_part,
+    "http-server": http_server_part,
+    "raw-http-caller": raw_http_caller_part,
+    "raw-http-server": raw_http_server_part,
 }
 
 

@@ -103,6 +103,18 @@ def test_instruction_count_of_raw_floor() -> None:
         assert 10_000 < count < 10_000_000, (part, count)
 
 
+@pytest.mark.timeout(300)
+def test_instruction_count_of_http_calls() -> None:
+    parts = ["http-caller", "raw-http-caller", "http-server", "raw-http-server"]
+    counts = _instruction_counts(["--parts", *parts], timeout=290)
+    assert list(counts) == parts
+    for part, count in counts.items():
+        assert 10_000 < count < 10_000_000, (part, count)
+    # pikku_mq's caller and worker do what the raw floor does, and more.
+    assert counts["http-caller"] > counts["raw-http-caller"]
+    assert counts["http-server"] > counts["raw-http-server"]
+
+
 def _instruction_counts(options: list[str], timeout: float) -> dict[str, int]:
     """Run count_instructions.py with 128 calls per part and return its count per part."""
     command = [sys.executable, str(INSTRUCTION_COUNT), "--calls", "128", *options]
