@@ -615,7 +615,7 @@ class _Slots(asyncio.Semaphore):
 
 
 class _Deadline:
-    """The deadline of one function run: ``asyncio.timeout()`` without its two coroutines and state object.
+    """The deadline of a function run or an HTTP call: ``asyncio.timeout()`` without its coroutines and state object.
 
     It follows ``asyncio.timeout()`` of Python 3.11 step by step, for less CPU per call. At the
     deadline it cancels the task. On leaving, it cancels its timer, and after the deadline it takes
