@@ -996,6 +996,19 @@ def test_json_bodies_decode_as_json_module_on_both_paths(monkeypatch: pytest.Mon
     assert 1000 < len(parsed) < 3000  # both paths were taken
 
 
+@pytest.mark.parametrize("depth", [MAX_NESTING, 2_000, 100_000])
+@pytest.mark.parametrize("binary", [False, True])
+def test_too_deep_body_names_limit(depth: int, binary: bool) -> None:
+    # Python's recursion limit or the nesting check may stop a body first; the message is the same.
+    raw = b'{"data": ' + b"[" * depth + b"]" * depth + b"}"
+    if binary:
+        raw = b"\x81\xa4data" + b"\x91" * depth + b"\x90"
+    with pytest.raises(BadRequestError) as caught:
+        _decode_call_body(raw, binary=binary)
+
+    assert f"nested too deeply; the limit is {MAX_NESTING} levels" in str(caught.value)
+
+
 @pytest.mark.parametrize(
     "raw",
     [

@@ -81,6 +81,7 @@ _LARGE_BODY = 1024 * 1024
 MAX_NESTING = 200
 """Levels of arrays and objects a request body may nest, the body object included. pydantic serialises
 at most 255, so deeper data could reach a function but never come back in its result."""
+_TOO_DEEP = f"it is nested too deeply; the limit is {MAX_NESTING} levels of arrays and objects"
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _JSON_SHAPES = bytes(
     ord("0") if 0x30 <= byte <= 0x39 else ord("e") if byte in b"eE" else ord("[") if byte in b"[{" else ord(" ")
@@ -365,8 +366,11 @@ def _decode_json(body: bytes) -> Any:
 
 
 def _decode_failure(exc: Exception) -> str:
-    if isinstance(exc, RecursionError):
-        return "it is nested too deeply"
+    if isinstance(exc, RecursionError | msgpack.exceptions.StackError):
+        # The same message as the nesting check's: which of the parser's own limit (msgpack's stack,
+        # Python's recursion, which depends on how deep the stack already is) and the check ends first
+        # says nothing to the caller.
+        return _TOO_DEEP
     if isinstance(exc, UnicodeDecodeError):
         return f"a string is not UTF-8 ({exc.reason} at byte {exc.start})"
     return str(exc) or type(exc).__name__
@@ -420,7 +424,7 @@ def _reject_non_json(value: Any) -> None:
             if not math.isfinite(item):
                 raise ValueError("NaN and infinities are not accepted; send finite numbers only")
         elif depth >= MAX_NESTING:
-            raise ValueError(f"it is nested too deeply; the limit is {MAX_NESTING} levels of arrays and objects")
+            raise ValueError(_TOO_DEEP)
         elif isinstance(item, dict):
             if not all(isinstance(key, str) for key in item):
                 raise ValueError("map keys must be strings, as in JSON")
