@@ -669,6 +669,29 @@ async def test_aiohttp_transport_names_itself_and_reads_media_type_parameters() 
     assert seen[0][b"content-type"] == JSON.encode()
 
 
+@pytest.mark.parametrize("name", ["content-type", "Content-Type", "CONTENT-TYPE"])
+async def test_caller_content_type_header_ignored(name: str) -> None:
+    # The body is always JSON, so a content type among a call's own headers must not replace it.
+    shared = MemoryRegistry()
+    caller = MemoryDeploymentService(shared)
+    try:
+        async with PikkuWorker(deployment_service=MemoryDeploymentService(shared), registry=functions):
+            result = await caller.call(
+                "greet",
+                {"name": "Ada"},
+                session=None,
+                trace_id=None,
+                deadline=time.monotonic() + 5,
+                hop=1,
+                idempotent=None,
+                headers={name: "application/msgpack", "x-extra": "kept"},
+            )
+    finally:
+        await caller.close()
+
+    assert result == {"greeting": "Hello, Ada!"}
+
+
 async def test_aiohttp_deadline_of_over_five_seconds_is_kept() -> None:
     # aiohttp rounds its own timeouts of 5 s or more up to a whole second of the loop's clock, so a call
     # could end up to a second after its deadline; the transport's own timeout ends it on time.

@@ -29,7 +29,7 @@ import uvicorn
 import yarl
 
 from .._dispatch import Dispatcher, _Deadline
-from .._durable import HEADER_ONE_WAY
+from .._durable import HEADER_ONE_WAY, TRACE_HEADERS
 from .._errors import (
     BadRequestError,
     ConfigurationError,
@@ -44,7 +44,8 @@ from .._errors import (
     TransportError,
     UnsupportedMediaTypeError,
 )
-from .._types import CallRequest
+from .._security import AUTHORIZATION_HEADER
+from .._types import HEADER_CALL_ID, HEADER_DEADLINE, HEADER_HOP, HEADER_REQUEST_ID, CallRequest
 from .base import ClientTransport, Reply, ServerTransport
 
 if TYPE_CHECKING:
@@ -116,6 +117,11 @@ _SESSION_HEADERS = {"User-Agent": "pikku-mq", "Content-Type": JSON}
 """Headers of every request, which aiohttp copies in C, where the headers of each call go through a
 Python loop. aiohttp would add its own User-Agent; naming one costs less per call than asking aiohttp
 to skip it, which makes it build two header dicts more."""
+
+_METADATA_HEADERS = frozenset(
+    {HEADER_REQUEST_ID, HEADER_CALL_ID, HEADER_HOP, HEADER_DEADLINE, AUTHORIZATION_HEADER, HEADER_ONE_WAY}
+).union(TRACE_HEADERS)
+"""The headers that the router sends with a call. A call with only these has no content type of its own."""
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -497,6 +503,11 @@ def has_non_finite_number(body: bytes) -> bool:
     return False
 
 
+def _without_content_type(headers: dict[str, str]) -> dict[str, str]:
+    """Return a call's headers without any content type of the caller's, since the body is always JSON."""
+    return {name: value for name, value in headers.items() if name.lower() != "content-type"}
+
+
 def decode_reply(status: int, raw: bytes, content_type: str, *, rejected: bool = False) -> Reply:
     """Decode a reply body by its content-type header's value; Pikku's ``204`` with no body is a ``None`` result."""
     if status == 204 or (not raw and 200 <= status < 300):
@@ -552,6 +563,9 @@ class AiohttpTransport(ClientTransport):
                 self._urls.clear()
             self._urls[endpoint, request.name] = url
         body = encode_request(request)
+        headers = request.headers
+        if not headers.keys() <= _METADATA_HEADERS:  # the common case, checked in C, has only these
+            headers = _without_content_type(headers)
         # aiohttp warns that writing a body over 1 MiB from bytes blocks the loop; a file object is
         # written in chunks instead.
         data: bytes | io.BytesIO = io.BytesIO(body) if len(body) > _LARGE_BODY else body
@@ -559,7 +573,7 @@ class AiohttpTransport(ClientTransport):
         deadline = _Deadline(asyncio.current_task(), timeout)
         try:
             try:
-                async with self._client().post(url, data=data, headers=request.headers) as response:
+                async with self._client().post(url, data=data, headers=headers) as response:
                     raw = await response.read()
                     response_headers = response.headers
                     reply = decode_reply(
