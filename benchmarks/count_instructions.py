@@ -52,6 +52,7 @@ import asyncio
 import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--serve-http", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--drive-http", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # SystemExit on SIGTERM, so that subprocess.run() kills the counted child, as it does on Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.serve_http is not None:
         uvloop.run(serve_http(args.serve_http))
         return
@@ -123,7 +126,9 @@ def count_part(part: str, args: argparse.Namespace) -> int:
         "--in-flight",
         str(args.in_flight),
     ]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
+    # PIKKU_* variables would turn on signing, events or metrics in the counted processes.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PIKKU_")}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False, env=env)
     found = re.search(r"Collected : (\d+)", done.stderr)
     if done.returncode != 0 or found is None:
         raise SystemExit(f"the {part} part failed under valgrind (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -479,7 +484,10 @@ async def start_helper(*argv: str) -> asyncio.subprocess.Process:
 
 async def read_line(helper: asyncio.subprocess.Process, expected: bytes) -> None:
     assert helper.stdout is not None
-    line = await asyncio.wait_for(helper.stdout.readline(), 300)
+    try:
+        line = await asyncio.wait_for(helper.stdout.readline(), 300)
+    except TimeoutError:
+        raise SystemExit(f"the helper process did not write {expected!r} within 300 s") from None
     if line.strip() != expected:
         raise SystemExit(f"the helper process wrote {line!r} where {expected!r} was expected")
 
@@ -638,7 +646,10 @@ async def raw_http_caller_part(args: argparse.Namespace) -> None:
         async def call() -> Any:
             body = json.dumps({"data": payload}).encode()
             async with session.post(url, data=body, headers={"content-type": "application/json"}) as response:
-                return json.loads(await response.read())
+                reply = json.loads(await response.read())
+                if response.status != 200:
+                    raise SystemExit(f"the worker replied {response.status} to a call: {reply}")
+                return reply
 
         await count_http_calls(args, call)
 
