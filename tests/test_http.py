@@ -248,7 +248,7 @@ async def test_reply_headers(worker: PikkuWorker, client: aiohttp.ClientSession)
 
     assert headers["content-type"] == JSON
     assert headers["content-length"] == str(len(body))
-    assert "date" in headers  # RFC 9110 asks an origin server with a clock for it
+    assert "date" in headers  # RFC 9110 requires it of an origin server with a clock
     assert "server" not in headers  # a caller has no use for it, and it costs the worker per reply
 
 
@@ -645,7 +645,7 @@ async def test_aiohttp_transport_call(worker: PikkuWorker) -> None:
     assert error_reply.body["name"] == "TooManyGreetingsError"
 
 
-async def test_aiohttp_transport_names_itself_and_reads_media_type_parameters() -> None:
+async def test_aiohttp_user_agent_and_media_type() -> None:
     seen: list[dict[bytes, bytes]] = []
 
     async def peer(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -694,7 +694,7 @@ async def test_caller_content_type_header_ignored(name: str) -> None:
 
 async def test_aiohttp_deadline_of_over_five_seconds_is_kept() -> None:
     # aiohttp rounds its own timeouts of 5 s or more up to a whole second of the loop's clock, so a call
-    # could end up to a second after its deadline; the transport's own timeout ends it on time.
+    # could end up to a second after its deadline. The transport's own deadline scope ends it on time.
     disconnected = asyncio.Event()
 
     async def silent_peer(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -1000,7 +1000,7 @@ def _random_json(rng: random.Random, depth: int = 0) -> Any:
     return {str(rng.random())[: rng.randint(0, 6)]: _random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))}
 
 
-def test_json_bodies_decode_as_json_module_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_json_bodies_match_json_module(monkeypatch: pytest.MonkeyPatch) -> None:
     # Bodies without an exponent go to pydantic_core's parser, the others to the json module's: both
     # must give what json.loads gives, types and key order included.
     parsed = []

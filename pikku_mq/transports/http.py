@@ -84,10 +84,23 @@ MAX_NESTING = 200
 at most 255, so deeper data could reach a function but never come back in its result."""
 _TOO_DEEP = f"it is nested too deeply; the limit is {MAX_NESTING} levels of arrays and objects"
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_JSON_SHAPES = bytes(
-    ord("0") if 0x30 <= byte <= 0x39 else ord("e") if byte in b"eE" else ord("[") if byte in b"[{" else ord(" ")
-    for byte in range(256)
-)
+
+
+def _json_shapes_table() -> bytes:
+    """Build the ``bytes.translate`` table that maps digits to "0", "e" and "E" to "e", "[" and "{" to "[".
+
+    Every other byte maps to a space.
+    """
+    table = bytearray(b" " * 256)
+    table[ord("0") : ord("9") + 1] = b"0" * 10
+    for byte in b"eE":
+        table[byte] = ord("e")
+    for byte in b"[{":
+        table[byte] = ord("[")
+    return bytes(table)
+
+
+_JSON_SHAPES = _json_shapes_table()
 """The table of ``bytes.translate`` that keeps only the shapes of numbers and the openings of arrays and objects."""
 _FLOAT_OVERFLOW_DIGITS = b"0" * 309
 """A number with this many digits before its point, and no exponent, is too large for a float (over 1.8e308)."""
@@ -109,14 +122,16 @@ _CONTENT_TYPE_HEADERS = {JSON: (b"content-type", JSON.encode()), MSGPACK: (b"con
 """The encoded content-type header of each kind of call reply."""
 
 _NO_TIMEOUT = aiohttp.ClientTimeout()
-"""The client session's timeouts: none. Each call runs in a deadline scope of its own budget instead,
-because aiohttp (3.14) rounds a timeout of 5 s or more up to a whole second of the loop's clock, and
-building its frozen ``ClientTimeout`` for each call took about 9,000 instructions."""
+"""The client session's timeouts: none, because each call runs in a deadline scope of its own budget.
+
+aiohttp (3.14) rounds a timeout of 5 s or more up to a whole second of the loop's clock. Building its
+frozen ``ClientTimeout`` for each call also took about 9,000 instructions."""
 
 _SESSION_HEADERS = {"User-Agent": "pikku-mq", "Content-Type": JSON}
-"""Headers of every request, which aiohttp copies in C, where the headers of each call go through a
-Python loop. aiohttp would add its own User-Agent; naming one costs less per call than asking aiohttp
-to skip it, which makes it build two header dicts more."""
+"""Headers of every request. aiohttp copies a session's headers in C but loops over each call's in Python.
+
+Without a User-Agent here aiohttp would add its own. Naming one costs less per call than asking aiohttp
+to skip it, because skipping makes it build two more header dicts."""
 
 _METADATA_HEADERS = frozenset(
     {HEADER_REQUEST_ID, HEADER_CALL_ID, HEADER_HOP, HEADER_DEADLINE, AUTHORIZATION_HEADER, HEADER_ONE_WAY}
@@ -346,8 +361,7 @@ def _decode_json(body: bytes) -> Any:
     error message, or takes what pydantic_core refused but the old path took (a BOM, an escaped lone
     surrogate) and rejects it as before.
     """
-    # One pass maps digits to "0", "e" and "E" to "e", "[" and "{" to "[", and everything else to a space.
-    shapes = body.translate(_JSON_SHAPES)
+    shapes = body.translate(_JSON_SHAPES)  # only the shapes of numbers and of array and object openings
     too_deep = shapes.count(b"[") > MAX_NESTING  # a body with fewer cannot be nested that deeply
     # find(), not "in": bytes.__contains__ first tries its operand as an int, and clearing that TypeError
     # costs more than the search of a short body.
@@ -373,9 +387,9 @@ def _decode_json(body: bytes) -> Any:
 
 def _decode_failure(exc: Exception) -> str:
     if isinstance(exc, RecursionError | msgpack.exceptions.StackError):
-        # The same message as the nesting check's: which of the parser's own limit (msgpack's stack,
-        # Python's recursion, which depends on how deep the stack already is) and the check ends first
-        # says nothing to the caller.
+        # The same message as the nesting check's. Whether the parser's own limit (msgpack's stack, or
+        # Python's recursion, which depends on the stack's depth) or the check ends first is of no use
+        # to the caller.
         return _TOO_DEEP
     if isinstance(exc, UnicodeDecodeError):
         return f"a string is not UTF-8 ({exc.reason} at byte {exc.start})"
